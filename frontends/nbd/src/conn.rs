@@ -1,0 +1,554 @@
+//! The transmission phase of one connection: read requests, execute them on the block
+//! device, write replies.
+//!
+//! One connection is served by one thread running a single-threaded executor, so nothing on
+//! this path is shared or locked. Each turn of the loop:
+//!
+//! ```text
+//!   read what the socket has (one syscall for many requests)
+//!     -> parse + validate headers (pure: proto, request)
+//!     -> start each command on the device; poll it once: RAM and page-cache backends
+//!        finish right here, others join the in-flight set
+//!   collect in-flight completions
+//!   write every queued reply with one writev (read data is sent from its buffer, not copied)
+//!   park on socket readiness / a completion / cancellation only when nothing moved
+//! ```
+//!
+//! Buffers come from a per-connection [`BufPool`]; large write payloads are read straight
+//! into their buffer.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::io::{self, IoSlice};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use curve_blockdev::{AlignedBuf, BlockDevice, BufPool, Extent, IoError, WriteFlags, ZeroFlags};
+use futures::stream::{FuturesUnordered, StreamExt};
+use futures::FutureExt;
+use tokio_util::sync::CancellationToken;
+
+use crate::negotiate::BASE_ALLOCATION_ID;
+use crate::proto::{self, cmd, errno};
+use crate::request::{self, Command, Limits, Refusal};
+use crate::stream::Stream;
+
+/// Requests in flight plus replies waiting to be written, per connection.
+const MAX_QUEUED: usize = 512;
+const RBUF_LEN: usize = 256 * 1024;
+const MAX_IOVECS: usize = 64;
+/// Most extents in one block-status reply.
+const MAX_EXTENTS: usize = 1024;
+
+/// Why a connection ended abnormally.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ConnError {
+    #[error("socket error")]
+    Io(#[from] io::Error),
+    #[error("protocol error")]
+    Proto(#[from] proto::ProtoError),
+    #[error("write payload of {0} bytes exceeds the maximum block size")]
+    PayloadTooLarge(u32),
+}
+
+/// A command ready to run on the device.
+enum Exec {
+    Read { offset: u64, buf: AlignedBuf },
+    Write { offset: u64, buf: AlignedBuf, fua: bool },
+    Flush,
+    Trim { offset: u64, len: u64, fua: bool },
+    Zero { offset: u64, len: u64, flags: ZeroFlags },
+    BlockStatus { offset: u64, len: u64, req_one: bool },
+    Cache,
+}
+
+enum Output {
+    None,
+    Read { offset: u64, buf: AlignedBuf },
+    Written(AlignedBuf),
+    Extents { extents: Vec<Extent>, len: u64, req_one: bool },
+}
+
+struct Done {
+    cookie: u64,
+    result: Result<Output, IoError>,
+}
+
+async fn execute(dev: &dyn BlockDevice, cookie: u64, exec: Exec) -> Done {
+    let result = match exec {
+        Exec::Read { offset, mut buf } => match dev.read(offset, &mut buf).await {
+            Ok(()) => Ok(Output::Read { offset, buf }),
+            Err(e) => Err(e),
+        },
+        Exec::Write { offset, buf, fua } => dev
+            .write(offset, &buf, WriteFlags { fua })
+            .await
+            .map(|()| Output::Written(buf)),
+        Exec::Flush => dev.flush().await.map(|()| Output::None),
+        Exec::Trim { offset, len, fua } => match dev.discard(offset, len).await {
+            Ok(()) if fua => dev.flush().await.map(|()| Output::None),
+            r => r.map(|()| Output::None),
+        },
+        Exec::Zero { offset, len, flags } => {
+            dev.write_zeroes(offset, len, flags).await.map(|()| Output::None)
+        }
+        Exec::BlockStatus {
+            offset,
+            len,
+            req_one,
+        } => dev
+            .block_status(offset, len)
+            .await
+            .map(|extents| Output::Extents {
+                extents,
+                len,
+                req_one,
+            }),
+        Exec::Cache => Ok(Output::None),
+    };
+    Done { cookie, result }
+}
+
+/// A reply waiting to be written: a small header, optional variable bytes, optional data.
+struct Reply {
+    head: [u8; 28],
+    head_len: u8,
+    extra: Vec<u8>,
+    data: Option<AlignedBuf>,
+}
+
+impl Reply {
+    fn len(&self) -> usize {
+        self.head_len as usize + self.extra.len() + self.data.as_ref().map_or(0, |d| d.len())
+    }
+}
+
+/// A write whose header has been read and whose payload is still arriving.
+struct PendingWrite {
+    cookie: u64,
+    /// Where the payload goes: a buffer, or nowhere if the request was refused.
+    target: Result<(Command, AlignedBuf), Refusal>,
+    len: usize,
+    filled: usize,
+}
+
+type ExecFuture<'a> = Pin<Box<dyn Future<Output = Done> + 'a>>;
+
+/// One connection in transmission.
+pub(crate) struct Connection<'a> {
+    stream: Stream,
+    dev: &'a dyn BlockDevice,
+    limits: Limits,
+    structured: bool,
+    rbuf: Box<[u8]>,
+    rstart: usize,
+    rend: usize,
+    pending: Option<PendingWrite>,
+    out: VecDeque<Reply>,
+    /// Bytes of `out.front()` already written.
+    out_written: usize,
+    pool: BufPool,
+    /// No more requests are read (NBD_CMD_DISC, EOF or cancellation).
+    closing: bool,
+}
+
+impl<'a> Connection<'a> {
+    pub(crate) fn new(
+        stream: Stream,
+        dev: &'a dyn BlockDevice,
+        limits: Limits,
+        structured: bool,
+    ) -> Self {
+        Connection {
+            stream,
+            dev,
+            limits,
+            structured,
+            rbuf: vec![0u8; RBUF_LEN].into_boxed_slice(),
+            rstart: 0,
+            rend: 0,
+            pending: None,
+            out: VecDeque::with_capacity(MAX_QUEUED),
+            out_written: 0,
+            pool: BufPool::default(),
+            closing: false,
+        }
+    }
+
+    /// Serves requests until the client disconnects or `cancel` fires; in-flight requests
+    /// are finished and answered first.
+    pub(crate) async fn serve(mut self, cancel: &CancellationToken) -> Result<(), ConnError> {
+        let dev = self.dev;
+        let mut inflight: FuturesUnordered<ExecFuture<'a>> = FuturesUnordered::new();
+        let waker = futures::task::noop_waker();
+        let mut noop = Context::from_waker(&waker);
+        loop {
+            let mut progress = false;
+            if !self.closing && inflight.len() + self.out.len() < MAX_QUEUED {
+                progress |= self.fill()?;
+                while inflight.len() + self.out.len() < MAX_QUEUED {
+                    let Some((cookie, exec)) = self.next_exec()? else {
+                        break;
+                    };
+                    progress = true;
+                    let mut fut: ExecFuture<'a> = Box::pin(execute(dev, cookie, exec));
+                    match fut.as_mut().poll(&mut noop) {
+                        Poll::Ready(done) => self.complete(done),
+                        Poll::Pending => inflight.push(fut),
+                    }
+                }
+            }
+            while let Some(Some(done)) = inflight.next().now_or_never() {
+                self.complete(done);
+                progress = true;
+            }
+            if !self.out.is_empty() {
+                progress |= self.flush_out()?;
+            }
+            if self.closing && inflight.is_empty() && self.out.is_empty() {
+                return Ok(());
+            }
+            if progress {
+                continue;
+            }
+            let want_read = !self.closing && inflight.len() + self.out.len() < MAX_QUEUED;
+            tokio::select! {
+                biased;
+                _ = cancel.cancelled(), if !self.closing => self.closing = true,
+                Some(done) = inflight.next(), if !inflight.is_empty() => self.complete(done),
+                r = self.stream.writable(), if !self.out.is_empty() => r?,
+                r = self.stream.readable(), if want_read => r?,
+            }
+        }
+    }
+
+    /// Reads what the socket has, into the pending write's buffer or the read buffer.
+    /// Returns whether anything was read.
+    fn fill(&mut self) -> Result<bool, ConnError> {
+        let buffered = self.rend - self.rstart;
+        // Payload still to come and nothing of it buffered: read it in place.
+        let direct = matches!(&self.pending, Some(p) if buffered == 0 && p.target.is_ok());
+        let result = match if direct { self.pending.as_mut() } else { None } {
+            Some(PendingWrite {
+                target: Ok((_, buf)),
+                filled,
+                len,
+                ..
+            }) if direct => self.stream.try_read(&mut buf[*filled..*len]),
+            _ => self.read_into_rbuf(),
+        };
+        match result {
+            Ok(0) => {
+                self.closing = true;
+                Ok(true)
+            }
+            Ok(n) => {
+                if let Some(p) = self.pending.as_mut().filter(|_| direct) {
+                    p.filled += n;
+                }
+                Ok(true)
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(false),
+            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => {
+                self.closing = true;
+                Ok(true)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn read_into_rbuf(&mut self) -> io::Result<usize> {
+        if self.rstart == self.rend {
+            self.rstart = 0;
+            self.rend = 0;
+        } else if self.rbuf.len() - self.rend < proto::REQUEST_LEN {
+            self.rbuf.copy_within(self.rstart..self.rend, 0);
+            self.rend -= self.rstart;
+            self.rstart = 0;
+        }
+        let n = self.stream.try_read(&mut self.rbuf[self.rend..])?;
+        self.rend += n;
+        Ok(n)
+    }
+
+    /// The next command to execute from what has been read, answering refused ones.
+    fn next_exec(&mut self) -> Result<Option<(u64, Exec)>, ConnError> {
+        loop {
+            if let Some(p) = &mut self.pending {
+                let take = (p.len - p.filled).min(self.rend - self.rstart);
+                if let Ok((_, buf)) = &mut p.target {
+                    buf[p.filled..p.filled + take]
+                        .copy_from_slice(&self.rbuf[self.rstart..self.rstart + take]);
+                }
+                p.filled += take;
+                self.rstart += take;
+                if p.filled < p.len {
+                    return Ok(None);
+                }
+                let p = self.pending.take().expect("checked above");
+                match p.target {
+                    Ok((Command::Write { offset, fua, .. }, buf)) => {
+                        return Ok(Some((p.cookie, Exec::Write { offset, buf, fua })));
+                    }
+                    Ok((_, buf)) => self.pool.give(buf),
+                    Err(refusal) => self.refuse(p.cookie, refusal),
+                }
+                continue;
+            }
+            let Some(h) = proto::parse_request(&self.rbuf[self.rstart..self.rend])? else {
+                return Ok(None);
+            };
+            self.rstart += proto::REQUEST_LEN;
+            let validated = request::validate(&h, &self.limits);
+            if h.kind == cmd::WRITE {
+                if h.len > self.limits.max_block {
+                    // We cannot skip an arbitrarily large payload safely: end the connection.
+                    return Err(ConnError::PayloadTooLarge(h.len));
+                }
+                let len = h.len as usize;
+                self.pending = Some(PendingWrite {
+                    cookie: h.cookie,
+                    target: validated.map(|c| (c, self.pool.take(len))),
+                    len,
+                    filled: 0,
+                });
+                continue;
+            }
+            let exec = match validated {
+                Err(refusal) => {
+                    self.refuse(h.cookie, refusal);
+                    continue;
+                }
+                Ok(Command::Disconnect) => {
+                    self.closing = true;
+                    return Ok(None);
+                }
+                Ok(Command::Read { offset, len }) => Exec::Read {
+                    offset,
+                    buf: self.pool.take(len as usize),
+                },
+                Ok(Command::Flush) => Exec::Flush,
+                Ok(Command::Trim { offset, len, fua }) => Exec::Trim {
+                    offset,
+                    len: len.into(),
+                    fua,
+                },
+                Ok(Command::WriteZeroes {
+                    offset,
+                    len,
+                    fua,
+                    no_hole,
+                    fast,
+                }) => Exec::Zero {
+                    offset,
+                    len: len.into(),
+                    flags: ZeroFlags {
+                        may_unmap: !no_hole,
+                        fast_only: fast,
+                        fua,
+                    },
+                },
+                Ok(Command::BlockStatus {
+                    offset,
+                    len,
+                    req_one,
+                }) => Exec::BlockStatus {
+                    offset,
+                    len: len.into(),
+                    req_one,
+                },
+                Ok(Command::Cache) => Exec::Cache,
+                Ok(Command::Write { .. }) => unreachable!("writes are handled above"),
+            };
+            return Ok(Some((h.cookie, exec)));
+        }
+    }
+
+    fn refuse(&mut self, cookie: u64, refusal: Refusal) {
+        self.queue_error(cookie, refusal.error, refusal.message);
+    }
+
+    fn queue_error(&mut self, cookie: u64, error: u32, message: &str) {
+        let mut r = Reply {
+            head: [0; 28],
+            head_len: 0,
+            extra: Vec::new(),
+            data: None,
+        };
+        if self.structured {
+            proto::encode_structured_error(&mut r.extra, cookie, error, message);
+        } else {
+            let mut v = Vec::with_capacity(16);
+            proto::encode_simple_reply(&mut v, cookie, error);
+            r.head[..16].copy_from_slice(&v);
+            r.head_len = 16;
+        }
+        self.out.push_back(r);
+    }
+
+    fn complete(&mut self, done: Done) {
+        let cookie = done.cookie;
+        let output = match done.result {
+            Ok(o) => o,
+            Err(e) => {
+                tracing::debug!(cookie, error = %e, "request failed");
+                let message = e.to_string();
+                return self.queue_error(cookie, wire_errno(&e), &message);
+            }
+        };
+        let mut head = Vec::with_capacity(28);
+        let mut extra = Vec::new();
+        let mut data = None;
+        match output {
+            Output::Read { offset, buf } => {
+                if self.structured {
+                    proto::encode_read_chunk_header(&mut head, cookie, offset, buf.len() as u32);
+                } else {
+                    proto::encode_simple_reply(&mut head, cookie, 0);
+                }
+                data = Some(buf);
+            }
+            Output::Extents {
+                extents,
+                len,
+                req_one,
+            } => {
+                let descriptors = descriptors(&extents, len, req_one);
+                proto::encode_block_status(&mut extra, cookie, BASE_ALLOCATION_ID, &descriptors);
+            }
+            Output::Written(buf) => {
+                self.pool.give(buf);
+                proto::encode_simple_reply(&mut head, cookie, 0);
+            }
+            Output::None => proto::encode_simple_reply(&mut head, cookie, 0),
+        }
+        let mut r = Reply {
+            head: [0; 28],
+            head_len: head.len() as u8,
+            extra,
+            data,
+        };
+        r.head[..head.len()].copy_from_slice(&head);
+        self.out.push_back(r);
+    }
+
+    /// Writes as much of the queued replies as the socket takes, with one writev.
+    fn flush_out(&mut self) -> Result<bool, ConnError> {
+        let mut iov = [IoSlice::new(&[]); MAX_IOVECS];
+        let mut n_iov = 0;
+        let mut skip = self.out_written;
+        'fill: for r in &self.out {
+            let parts: [&[u8]; 3] = [
+                &r.head[..r.head_len as usize],
+                &r.extra,
+                r.data.as_deref().unwrap_or(&[]),
+            ];
+            for part in parts {
+                if skip >= part.len() {
+                    skip -= part.len();
+                    continue;
+                }
+                iov[n_iov] = IoSlice::new(&part[skip..]);
+                skip = 0;
+                n_iov += 1;
+                if n_iov == MAX_IOVECS {
+                    break 'fill;
+                }
+            }
+        }
+        let mut n = match self.stream.try_write_vectored(&iov[..n_iov]) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+            Err(e) => return Err(e.into()),
+        };
+        n += self.out_written;
+        while let Some(front) = self.out.front() {
+            let len = front.len();
+            if n < len {
+                break;
+            }
+            n -= len;
+            let r = self.out.pop_front().expect("front exists");
+            if let Some(buf) = r.data {
+                self.pool.give(buf);
+            }
+        }
+        self.out_written = n;
+        Ok(true)
+    }
+}
+
+/// Block-status descriptors for `base:allocation`, clipped to the request and to u32.
+fn descriptors(extents: &[Extent], len: u64, req_one: bool) -> Vec<(u32, u32)> {
+    let mut out: Vec<(u32, u32)> = Vec::new();
+    let mut covered = 0u64;
+    for e in extents {
+        if covered >= len || e.len == 0 {
+            break;
+        }
+        let flags = u32::from(e.hole) * proto::STATE_HOLE | u32::from(e.zero) * proto::STATE_ZERO;
+        let l = e.len.min(len - covered).min(u64::from(u32::MAX) & !4095) as u32;
+        match out.last_mut() {
+            Some((prev, f)) if *f == flags && u64::from(*prev) + u64::from(l) <= u64::from(u32::MAX) => {
+                *prev += l
+            }
+            _ => out.push((l, flags)),
+        }
+        covered += u64::from(l);
+        if out.len() >= MAX_EXTENTS {
+            break;
+        }
+    }
+    if out.is_empty() {
+        out.push((len.min(u64::from(u32::MAX)) as u32, 0));
+    }
+    if req_one {
+        out.truncate(1);
+    }
+    out
+}
+
+/// Maps a device error onto the errno values NBD defines.
+fn wire_errno(e: &IoError) -> u32 {
+    let v = e.errno() as u32;
+    match v {
+        errno::EPERM | errno::EIO | errno::ENOMEM | errno::EINVAL | errno::ENOSPC
+        | errno::EOVERFLOW | errno::ENOTSUP | errno::ESHUTDOWN => v,
+        x if x == libc::EROFS as u32 => errno::EPERM,
+        x if x == libc::EDQUOT as u32 => errno::ENOSPC,
+        x if x == libc::EOPNOTSUPP as u32 => errno::ENOTSUP,
+        _ => errno::EIO,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ext(len: u64, hole: bool) -> Extent {
+        Extent {
+            len,
+            hole,
+            zero: hole,
+        }
+    }
+
+    #[test]
+    fn descriptors_merge_and_clip() {
+        let d = descriptors(&[ext(4096, false), ext(4096, false), ext(8192, true)], 10000, false);
+        assert_eq!(d, vec![(8192, 0), (1808, proto::STATE_HOLE | proto::STATE_ZERO)]);
+        let d = descriptors(&[ext(4096, true), ext(4096, false)], 8192, true);
+        assert_eq!(d, vec![(4096, 3)]);
+        assert_eq!(descriptors(&[], 512, false), vec![(512, 0)]);
+    }
+
+    #[test]
+    fn errno_mapping() {
+        assert_eq!(wire_errno(&IoError::ReadOnly), errno::EPERM);
+        assert_eq!(
+            wire_errno(&IoError::Os(io::Error::from_raw_os_error(libc::EBADF))),
+            errno::EIO
+        );
+        assert_eq!(wire_errno(&IoError::NotSupported("x")), errno::ENOTSUP);
+    }
+}

@@ -1,0 +1,537 @@
+//! Listeners, exports and connections: the part of the NBD frontend that does I/O.
+//!
+//! ```text
+//!  NbdServer ── one Listener per address (unix:PATH | tcp:HOST:PORT)
+//!                 │  its ExportTable: name -> Export (several exports may share a socket)
+//!                 └─ accept ─> negotiation task (control runtime, 30 s limit)
+//!                                └─ GO / EXPORT_NAME ─> a thread with its own
+//!                                   single-threaded runtime serves transmission
+//! ```
+//!
+//! Removing an export cancels its connections (they finish what is in flight and close);
+//! removing the last export of a listener closes the listener and unlinks its socket.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use curve_blockdev::BlockDevice;
+use parking_lot::RwLock;
+use tokio::net::{TcpListener, UnixListener};
+use tokio_util::sync::CancellationToken;
+
+use crate::conn::Connection;
+use crate::negotiate::{ExportSummary, Exports, Negotiation, Outcome};
+use crate::proto::{self, tflag};
+use crate::request::Limits;
+use crate::stream::{StdStream, Stream};
+
+/// How long a client may take to negotiate.
+const NEGOTIATION_TIMEOUT: Duration = Duration::from_secs(30);
+/// Largest read or write we accept (the limit the NBD spec recommends clients respect).
+pub const MAX_BLOCK: u32 = 32 << 20;
+
+/// Where a listener listens.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum ListenAddr {
+    /// A Unix socket path.
+    Unix(PathBuf),
+    /// A TCP address.
+    Tcp(SocketAddr),
+}
+
+impl FromStr for ListenAddr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if let Some(path) = s.strip_prefix("unix:") {
+            if path.is_empty() {
+                return Err("unix: needs a socket path, e.g. unix:/run/curve/nbd.sock".into());
+            }
+            Ok(ListenAddr::Unix(PathBuf::from(path)))
+        } else if let Some(addr) = s.strip_prefix("tcp:") {
+            use std::net::ToSocketAddrs;
+            let a = addr
+                .to_socket_addrs()
+                .map_err(|e| format!("bad TCP address {addr:?}: {e}"))?
+                .next()
+                .ok_or_else(|| format!("TCP address {addr:?} resolves to nothing"))?;
+            Ok(ListenAddr::Tcp(a))
+        } else {
+            Err(format!("bad NBD address {s:?}: expected unix:PATH or tcp:HOST:PORT"))
+        }
+    }
+}
+
+impl fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ListenAddr::Unix(p) => write!(f, "unix:{}", p.display()),
+            ListenAddr::Tcp(a) => write!(f, "tcp:{a}"),
+        }
+    }
+}
+
+impl ListenAddr {
+    /// The NBD URI (as nbdinfo, qemu and fio take it) of export `name` at this address.
+    pub fn uri(&self, name: &str) -> String {
+        match self {
+            ListenAddr::Unix(p) => format!("nbd+unix:///{name}?socket={}", p.display()),
+            ListenAddr::Tcp(a) => format!("nbd://{a}/{name}"),
+        }
+    }
+}
+
+/// Errors of export management.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// Binding the listener failed.
+    #[error("cannot listen on {addr}")]
+    Bind {
+        /// Address.
+        addr: ListenAddr,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Another process serves the socket path.
+    #[error("{0} is in use by another server")]
+    InUse(ListenAddr),
+    /// The name is taken.
+    #[error("an export named {0:?} already exists")]
+    Exists(String),
+    /// No export with this name.
+    #[error("no export named {0:?}")]
+    NotFound(String),
+}
+
+/// A volume offered under a name.
+#[derive(Debug)]
+pub struct Export {
+    name: String,
+    description: String,
+    device: Arc<dyn BlockDevice>,
+    read_only: bool,
+    cancel: CancellationToken,
+    connections: AtomicUsize,
+}
+
+impl Export {
+    /// An export of `device` under `name`.
+    pub fn new(
+        name: impl Into<String>,
+        description: impl Into<String>,
+        device: Arc<dyn BlockDevice>,
+        read_only: bool,
+    ) -> Arc<Self> {
+        Arc::new(Export {
+            name: name.into(),
+            description: description.into(),
+            read_only: read_only || device.info().read_only,
+            device,
+            cancel: CancellationToken::new(),
+            connections: AtomicUsize::new(0),
+        })
+    }
+
+    /// Export name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Whether writes are refused.
+    pub fn read_only(&self) -> bool {
+        self.read_only
+    }
+
+    /// The device it serves.
+    pub fn device(&self) -> &Arc<dyn BlockDevice> {
+        &self.device
+    }
+
+    /// Connections in transmission now.
+    pub fn connections(&self) -> usize {
+        self.connections.load(Ordering::Relaxed)
+    }
+
+    fn summary(&self) -> ExportSummary {
+        let info = self.device.info();
+        let mut flags = tflag::HAS_FLAGS
+            | tflag::SEND_FLUSH
+            | tflag::SEND_FUA
+            | tflag::CAN_MULTI_CONN
+            | tflag::SEND_CACHE;
+        if self.read_only {
+            flags |= tflag::READ_ONLY;
+        } else {
+            flags |= tflag::SEND_TRIM | tflag::SEND_WRITE_ZEROES | tflag::SEND_FAST_ZERO;
+        }
+        let min_block = info.alignment.max(1);
+        ExportSummary {
+            name: self.name.clone(),
+            description: self.description.clone(),
+            size: info.size,
+            flags,
+            min_block,
+            preferred_block: info.optimal_io_size.max(min_block),
+            max_block: info.max_io_size.clamp(min_block, MAX_BLOCK),
+        }
+    }
+}
+
+type ExportTable = RwLock<HashMap<String, Arc<Export>>>;
+
+struct TableView<'a>(&'a HashMap<String, Arc<Export>>);
+
+impl Exports for TableView<'_> {
+    type Export = Arc<Export>;
+
+    fn find(&self, name: &str) -> Option<(Arc<Export>, ExportSummary)> {
+        let e = match self.0.get(name) {
+            Some(e) => e,
+            // The default export "" is the only export, when there is exactly one.
+            None if name.is_empty() && self.0.len() == 1 => self.0.values().next()?,
+            None => return None,
+        };
+        Some((e.clone(), e.summary()))
+    }
+
+    fn list(&self) -> Vec<(String, String)> {
+        let mut v: Vec<_> = self
+            .0
+            .values()
+            .map(|e| (e.name.clone(), e.description.clone()))
+            .collect();
+        v.sort();
+        v
+    }
+}
+
+struct Listener {
+    table: Arc<ExportTable>,
+    cancel: CancellationToken,
+}
+
+/// The NBD server of one process: its listeners and their exports.
+#[derive(Debug)]
+pub struct NbdServer {
+    inner: tokio::sync::Mutex<HashMap<ListenAddr, Listener>>,
+    shutdown: CancellationToken,
+    threads: Arc<AtomicUsize>,
+}
+
+impl fmt::Debug for Listener {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Listener")
+            .field("exports", &self.table.read().len())
+            .finish()
+    }
+}
+
+impl Default for NbdServer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl NbdServer {
+    /// A server with no listeners. Call from within a tokio runtime.
+    pub fn new() -> Self {
+        NbdServer {
+            inner: Default::default(),
+            shutdown: CancellationToken::new(),
+            threads: Arc::new(AtomicUsize::new(0)),
+        }
+    }
+
+    /// Offers `export` at `addr`, binding the address if no export uses it yet.
+    pub async fn add_export(&self, addr: &ListenAddr, export: Arc<Export>) -> Result<(), ServerError> {
+        let mut listeners = self.inner.lock().await;
+        for l in listeners.values() {
+            if l.table.read().contains_key(&export.name) {
+                return Err(ServerError::Exists(export.name.clone()));
+            }
+        }
+        if let Some(l) = listeners.get(addr) {
+            l.table.write().insert(export.name.clone(), export);
+            return Ok(());
+        }
+        let table = Arc::new(RwLock::new(HashMap::from([(export.name.clone(), export)])));
+        let cancel = self.shutdown.child_token();
+        self.spawn_listener(addr, table.clone(), cancel.clone()).await?;
+        listeners.insert(addr.clone(), Listener { table, cancel });
+        Ok(())
+    }
+
+    /// Withdraws an export: its connections finish their in-flight requests and close.
+    pub async fn remove_export(&self, name: &str) -> Result<(), ServerError> {
+        let mut listeners = self.inner.lock().await;
+        let mut emptied = None;
+        let mut found = false;
+        for (addr, l) in listeners.iter() {
+            let mut table = l.table.write();
+            if let Some(e) = table.remove(name) {
+                e.cancel.cancel();
+                found = true;
+                if table.is_empty() {
+                    emptied = Some(addr.clone());
+                }
+                break;
+            }
+        }
+        if !found {
+            return Err(ServerError::NotFound(name.to_owned()));
+        }
+        if let Some(addr) = emptied {
+            if let Some(l) = listeners.remove(&addr) {
+                l.cancel.cancel();
+            }
+            if let ListenAddr::Unix(path) = &addr {
+                let _ = std::fs::remove_file(path);
+            }
+        }
+        Ok(())
+    }
+
+    /// Closes every listener and connection; waits up to `grace` for connections to finish
+    /// what they have in flight.
+    pub async fn shutdown(&self, grace: Duration) {
+        self.shutdown.cancel();
+        let listeners = std::mem::take(&mut *self.inner.lock().await);
+        for (addr, _) in listeners {
+            if let ListenAddr::Unix(path) = &addr {
+                let _ = std::fs::remove_file(path);
+            }
+        }
+        let deadline = tokio::time::Instant::now() + grace;
+        while self.threads.load(Ordering::Acquire) > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    async fn spawn_listener(
+        &self,
+        addr: &ListenAddr,
+        table: Arc<ExportTable>,
+        cancel: CancellationToken,
+    ) -> Result<(), ServerError> {
+        let bind_err = |source| ServerError::Bind {
+            addr: addr.clone(),
+            source,
+        };
+        match addr {
+            ListenAddr::Unix(path) => {
+                if path.exists() {
+                    // A live server answers; a stale socket left by a killed one refuses.
+                    if tokio::net::UnixStream::connect(path).await.is_ok() {
+                        return Err(ServerError::InUse(addr.clone()));
+                    }
+                    std::fs::remove_file(path).map_err(bind_err)?;
+                }
+                let listener = UnixListener::bind(path).map_err(bind_err)?;
+                let threads = self.threads.clone();
+                tokio::spawn(async move {
+                    loop {
+                        let accepted = tokio::select! {
+                            _ = cancel.cancelled() => break,
+                            a = listener.accept() => a,
+                        };
+                        match accepted {
+                            Ok((s, _)) => spawn_negotiation(
+                                Stream::Unix(s),
+                                table.clone(),
+                                cancel.clone(),
+                                threads.clone(),
+                            ),
+                            Err(e) => {
+                                tracing::warn!(error = %e, "accept failed");
+                                tokio::time::sleep(Duration::from_millis(50)).await;
+                            }
+                        }
+                    }
+                });
+            }
+            ListenAddr::Tcp(sa) => {
+                let listener = TcpListener::bind(sa).await.map_err(bind_err)?;
+                let threads = self.threads.clone();
+                tokio::spawn(async move {
+                    loop {
+                        let accepted = tokio::select! {
+                            _ = cancel.cancelled() => break,
+                            a = listener.accept() => a,
+                        };
+                        match accepted {
+                            Ok((s, _)) => {
+                                let _ = s.set_nodelay(true);
+                                spawn_negotiation(
+                                    Stream::Tcp(s),
+                                    table.clone(),
+                                    cancel.clone(),
+                                    threads.clone(),
+                                )
+                            }
+                            Err(e) => {
+                                tracing::warn!(error = %e, "accept failed");
+                                tokio::time::sleep(Duration::from_millis(50)).await;
+                            }
+                        }
+                    }
+                });
+            }
+        }
+        tracing::info!(%addr, "NBD listener started");
+        Ok(())
+    }
+}
+
+fn spawn_negotiation(
+    stream: Stream,
+    table: Arc<ExportTable>,
+    cancel: CancellationToken,
+    threads: Arc<AtomicUsize>,
+) {
+    tokio::spawn(async move {
+        let negotiated = tokio::select! {
+            _ = cancel.cancelled() => return,
+            r = tokio::time::timeout(NEGOTIATION_TIMEOUT, negotiate(stream, &table)) => r,
+        };
+        let (stream, t) = match negotiated {
+            Ok(Ok(Some(x))) => x,
+            Ok(Ok(None)) => return,
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "negotiation ended");
+                return;
+            }
+            Err(_) => {
+                tracing::info!("client did not finish negotiating in time");
+                return;
+            }
+        };
+        let std_stream = match stream.into_std() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot detach connection");
+                return;
+            }
+        };
+        threads.fetch_add(1, Ordering::AcqRel);
+        let spawned = std::thread::Builder::new()
+            .name(format!("nbd-{}", t.export.name))
+            .spawn({
+                let threads = threads.clone();
+                move || {
+                    transmit(std_stream, t, cancel);
+                    threads.fetch_sub(1, Ordering::AcqRel);
+                }
+            });
+        if let Err(e) = spawned {
+            threads.fetch_sub(1, Ordering::AcqRel);
+            tracing::error!(error = %e, "cannot start a connection thread");
+        }
+    });
+}
+
+type Negotiated = (Stream, crate::negotiate::Transmission<Arc<Export>>);
+
+/// Runs negotiation on `stream`: `Ok(None)` when the client ended it without transmission.
+async fn negotiate(mut stream: Stream, table: &ExportTable) -> Result<Option<Negotiated>, std::io::Error> {
+    let mut out = Vec::with_capacity(256);
+    proto::encode_greeting(&mut out);
+    stream.write_all(&out).await?;
+    let mut flags = [0u8; 4];
+    stream.read_exact(&mut flags).await?;
+    let flags = proto::parse_client_flags(flags).map_err(invalid)?;
+    let mut n = Negotiation::new(flags);
+    let mut data = Vec::new();
+    loop {
+        let mut h = [0u8; proto::OPTION_HEADER_LEN];
+        stream.read_exact(&mut h).await?;
+        let header = proto::parse_option_header(&h).map_err(invalid)?;
+        data.resize(header.len as usize, 0);
+        stream.read_exact(&mut data).await?;
+        out.clear();
+        let outcome = {
+            let table = table.read();
+            n.handle(header.option, &data, &TableView(&table), &mut out)
+        };
+        stream.write_all(&out).await?;
+        match outcome {
+            Outcome::Continue => {}
+            Outcome::Close => return Ok(None),
+            Outcome::Transmit(t) => return Ok(Some((stream, t))),
+        }
+    }
+}
+
+fn invalid(e: proto::ProtoError) -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::InvalidData, e)
+}
+
+fn transmit(
+    stream: StdStream,
+    t: crate::negotiate::Transmission<Arc<Export>>,
+    listener_cancel: CancellationToken,
+) {
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot build a connection runtime");
+            return;
+        }
+    };
+    let export = t.export;
+    export.connections.fetch_add(1, Ordering::Relaxed);
+    rt.block_on(async {
+        let stream = match stream.into_tokio() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot register connection");
+                return;
+            }
+        };
+        let limits = Limits {
+            size: t.summary.size,
+            min_block: t.summary.min_block,
+            max_block: t.summary.max_block,
+            read_only: export.read_only,
+            block_status: t.base_allocation,
+        };
+        // Cancelled by the export's removal or by the listener's (server shutdown).
+        let cancel = export.cancel.child_token();
+        let _forward = {
+            let cancel = cancel.clone();
+            let listener_cancel = listener_cancel.clone();
+            tokio::spawn(async move {
+                listener_cancel.cancelled().await;
+                cancel.cancel();
+            })
+        };
+        tracing::debug!(export = %export.name, structured = t.structured, "transmission started");
+        let conn = Connection::new(stream, export.device.as_ref(), limits, t.structured);
+        if let Err(e) = conn.serve(&cancel).await {
+            tracing::info!(export = %export.name, error = %e, "connection closed");
+        }
+    });
+    export.connections.fetch_sub(1, Ordering::Relaxed);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses() {
+        let a: ListenAddr = "unix:/tmp/x.sock".parse().unwrap();
+        assert_eq!(a.to_string(), "unix:/tmp/x.sock");
+        assert_eq!(a.uri("vol"), "nbd+unix:///vol?socket=/tmp/x.sock");
+        let t: ListenAddr = "tcp:127.0.0.1:10809".parse().unwrap();
+        assert_eq!(t.uri("vol"), "nbd://127.0.0.1:10809/vol");
+        assert!("unix:".parse::<ListenAddr>().is_err());
+        assert!("http://x".parse::<ListenAddr>().is_err());
+        assert!("tcp:nohost".parse::<ListenAddr>().is_err());
+    }
+}
