@@ -1,0 +1,171 @@
+//! The nebd-server process: run directory, control socket, shutdown.
+//!
+//! ```text
+//!  <run-dir>/nebd-server.pid   flock'ed for the life of the process (one server per dir)
+//!  <run-dir>/control.sock      control protocol (crate::control), served here
+//! ```
+
+use std::fs::{File, OpenOptions};
+use std::future::Future;
+use std::io::{Read, Seek, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio_util::sync::CancellationToken;
+
+use crate::control::{self, Request, Response};
+use crate::exports::ExportManager;
+
+/// Default run directory.
+pub const DEFAULT_RUN_DIR: &str = "/run/curve";
+
+/// How nebd-server runs.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Directory of the control socket and pid file.
+    pub run_dir: PathBuf,
+}
+
+/// Holds the run directory's lock for the life of the process.
+#[derive(Debug)]
+struct RunDirLock {
+    _file: File,
+    path: PathBuf,
+}
+
+impl Drop for RunDirLock {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+fn lock_run_dir(run_dir: &Path) -> anyhow::Result<RunDirLock> {
+    std::fs::create_dir_all(run_dir)
+        .with_context(|| format!("cannot create run dir {}", run_dir.display()))?;
+    let path = run_dir.join(control::PID_FILE);
+    let mut file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    // SAFETY: flock on a descriptor we own.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let mut pid = String::new();
+        let _ = file.read_to_string(&mut pid);
+        bail!(
+            "another nebd-server (pid {}) is running with run dir {}",
+            pid.trim(),
+            run_dir.display()
+        );
+    }
+    file.set_len(0)?;
+    file.rewind()?;
+    writeln!(file, "{}", std::process::id())?;
+    Ok(RunDirLock { _file: file, path })
+}
+
+/// Runs nebd-server until `shutdown` completes; then closes every export cleanly.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let _lock = lock_run_dir(&config.run_dir)?;
+    let socket = control::control_socket(&config.run_dir);
+    // We hold the lock, so a socket file left here belongs to a dead server.
+    let _ = std::fs::remove_file(&socket);
+    let listener = UnixListener::bind(&socket)
+        .with_context(|| format!("cannot bind control socket {}", socket.display()))?;
+    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o660))?;
+    let manager = Arc::new(ExportManager::new());
+    let stop = CancellationToken::new();
+    tracing::info!(run_dir = %config.run_dir.display(), pid = std::process::id(), "nebd-server started");
+
+    let accept = {
+        let manager = manager.clone();
+        let stop = stop.clone();
+        async move {
+            loop {
+                let (stream, _) = tokio::select! {
+                    _ = stop.cancelled() => break,
+                    r = listener.accept() => match r {
+                        Ok(x) => x,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "control accept failed");
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            continue;
+                        }
+                    },
+                };
+                let manager = manager.clone();
+                let stop = stop.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = serve_control(stream, &manager, &stop).await {
+                        tracing::debug!(error = %e, "control connection ended");
+                    }
+                });
+            }
+        }
+    };
+    tokio::select! {
+        _ = accept => {}
+        _ = shutdown => tracing::info!("shutting down"),
+    }
+    stop.cancel();
+    let _ = std::fs::remove_file(&socket);
+    manager.shutdown(Duration::from_secs(5)).await;
+    tracing::info!("nebd-server stopped");
+    Ok(())
+}
+
+async fn serve_control(
+    stream: UnixStream,
+    manager: &ExportManager,
+    stop: &CancellationToken,
+) -> std::io::Result<()> {
+    let (r, mut w) = stream.into_split();
+    let mut r = BufReader::new(r);
+    let mut line = String::new();
+    loop {
+        line.clear();
+        let mut limited = (&mut r).take(control::MAX_LINE as u64 + 1);
+        let n = tokio::select! {
+            _ = stop.cancelled() => return Ok(()),
+            n = limited.read_line(&mut line) => n?,
+        };
+        if n == 0 {
+            return Ok(());
+        }
+        if line.len() > control::MAX_LINE {
+            let mut reply = serde_json::to_string(&Response::error("request line too long"))?;
+            reply.push('\n');
+            w.write_all(reply.as_bytes()).await?;
+            return Ok(());
+        }
+        let response = match control::parse_request(line.trim()) {
+            Err(e) => Response::error(e),
+            Ok(req) => handle(manager, req).await,
+        };
+        let mut reply = serde_json::to_string(&response)?;
+        reply.push('\n');
+        w.write_all(reply.as_bytes()).await?;
+    }
+}
+
+async fn handle(manager: &ExportManager, req: Request) -> Response {
+    match req {
+        Request::AddExport(spec) => match manager.add(spec).await {
+            Ok(status) => Response::ok(vec![status]),
+            Err(e) => Response::error(e),
+        },
+        Request::RemoveExport { name } => match manager.remove(&name).await {
+            Ok(()) => Response::ok(Vec::new()),
+            Err(e) => Response::error(e),
+        },
+        Request::ListExports => Response::ok(manager.list().await),
+    }
+}

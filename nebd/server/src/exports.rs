@@ -1,0 +1,151 @@
+//! The exports part2 serves: each is a volume opened through the block-device seam and
+//! offered by one frontend. Names are unique across frontends.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use curve_nbd::{Export, ListenAddr, NbdServer};
+
+use crate::control::{ExportSpec, ExportStatus, Frontend};
+use crate::volume::VolumeSpec;
+
+struct Entry {
+    spec: ExportSpec,
+    addr: ListenAddr,
+    export: Arc<Export>,
+}
+
+/// Every export of this nebd-server.
+pub struct ExportManager {
+    nbd: NbdServer,
+    entries: tokio::sync::Mutex<BTreeMap<String, Entry>>,
+}
+
+impl std::fmt::Debug for ExportManager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ExportManager").finish_non_exhaustive()
+    }
+}
+
+impl Default for ExportManager {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Checks an export name: 1–128 characters of `A-Z a-z 0-9 . _ -`, so that it can appear in
+/// URIs and paths unescaped.
+pub fn validate_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 128
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "bad export name {name:?}: use 1-128 characters of A-Z a-z 0-9 . _ -"
+        ))
+    }
+}
+
+impl ExportManager {
+    /// No exports yet.
+    pub fn new() -> Self {
+        ExportManager {
+            nbd: NbdServer::new(),
+            entries: Default::default(),
+        }
+    }
+
+    /// Opens the volume and starts serving it.
+    pub async fn add(&self, mut spec: ExportSpec) -> Result<ExportStatus, String> {
+        validate_name(&spec.name)?;
+        let volume: VolumeSpec = spec.volume.parse().map_err(|e| format!("{e}"))?;
+        let Frontend::Nbd { address } = &spec.frontend;
+        let addr: ListenAddr = address.parse()?;
+        let mut entries = self.entries.lock().await;
+        if entries.contains_key(&spec.name) {
+            return Err(format!("an export named {:?} already exists", spec.name));
+        }
+        spec.volume = volume.to_string();
+        spec.frontend = Frontend::Nbd {
+            address: addr.to_string(),
+        };
+        let read_only = spec.read_only;
+        let device = tokio::task::spawn_blocking(move || volume.open(read_only))
+            .await
+            .map_err(|e| format!("volume open panicked: {e}"))?
+            .map_err(|e| error_chain(&e))?;
+        let export = Export::new(spec.name.clone(), spec.volume.clone(), device, read_only);
+        self.nbd
+            .add_export(&addr, export.clone())
+            .await
+            .map_err(|e| error_chain(&e))?;
+        tracing::info!(name = %spec.name, volume = %spec.volume, %addr, read_only, "export added");
+        let entry = Entry { spec, addr, export };
+        let status = status(&entry);
+        entries.insert(entry.spec.name.clone(), entry);
+        Ok(status)
+    }
+
+    /// Stops serving an export and closes its volume once its connections are gone.
+    pub async fn remove(&self, name: &str) -> Result<(), String> {
+        let mut entries = self.entries.lock().await;
+        if entries.remove(name).is_none() {
+            return Err(format!("no export named {name:?}"));
+        }
+        self.nbd.remove_export(name).await.map_err(|e| e.to_string())?;
+        tracing::info!(name, "export removed");
+        Ok(())
+    }
+
+    /// Every export, by name.
+    pub async fn list(&self) -> Vec<ExportStatus> {
+        self.entries.lock().await.values().map(status).collect()
+    }
+
+    /// Closes every frontend, giving connections `grace` to finish.
+    pub async fn shutdown(&self, grace: Duration) {
+        self.nbd.shutdown(grace).await;
+        self.entries.lock().await.clear();
+    }
+}
+
+fn status(e: &Entry) -> ExportStatus {
+    let info = e.export.device().info();
+    ExportStatus {
+        spec: e.spec.clone(),
+        uri: e.addr.uri(&e.spec.name),
+        size: info.size,
+        block_size: info.block_size,
+        connections: e.export.connections(),
+    }
+}
+
+/// An error with its causes, for messages that go back to the CLI.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        assert!(validate_name("vol-0.a_b").is_ok());
+        for bad in ["", "a b", "a/b", "ü", &"x".repeat(129)] {
+            assert!(validate_name(bad).is_err(), "{bad}");
+        }
+    }
+}

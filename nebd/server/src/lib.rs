@@ -1,0 +1,14 @@
+//! NEBD part2 (`nebd-server`): the daemon that holds volumes open and serves them to their
+//! consumers through frontends, and that can be restarted without them seeing errors.
+//!
+//! ```text
+//!   curve CLI ──control.sock (JSON lines)──> daemon ──> ExportManager
+//!                                                          │ VolumeSpec::open (File Manager)
+//!                                                          v
+//!                                   Arc<dyn BlockDevice> ──> frontends (NBD ...)
+//! ```
+
+pub mod control;
+pub mod daemon;
+pub mod exports;
+pub mod volume;

@@ -1,0 +1,42 @@
+//! `nebd-server`: NEBD part2.
+
+use std::path::PathBuf;
+
+use clap::Parser;
+use nebd_server::daemon::{self, Config, DEFAULT_RUN_DIR};
+
+/// NEBD part2: serves Curve-rs volumes to NBD (and later vhost-user-blk and ublk) consumers.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    /// Directory of the control socket and pid file.
+    #[arg(long, env = "CURVE_RUN_DIR", default_value = DEFAULT_RUN_DIR)]
+    run_dir: PathBuf,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("nebd-ctl")
+        .enable_all()
+        .build()?;
+    rt.block_on(daemon::run(Config { run_dir: args.run_dir }, shutdown_signal()))
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
