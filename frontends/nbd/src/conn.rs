@@ -11,8 +11,12 @@
 //!        finish right here, others join the in-flight set
 //!   collect in-flight completions
 //!   write every queued reply with one writev (read data is sent from its buffer, not copied)
-//!   park on socket readiness / a completion / cancellation only when nothing moved
+//!   park in poll(2) on the socket and the connection's eventfd only when nothing moved
 //! ```
+//!
+//! The thread is its own executor: device futures are polled with a waker that signals the
+//! connection's eventfd ([`crate::wake`]), so a backend that completes on another thread (the
+//! cluster client) wakes exactly this thread, and one that completes at once costs nothing.
 //!
 //! Buffers come from a per-connection [`BufPool`]; large write payloads are read straight
 //! into their buffer.
@@ -24,19 +28,35 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use curve_blockdev::{AlignedBuf, BlockDevice, BufPool, Extent, IoError, WriteFlags, ZeroFlags};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::task::Waker;
+use std::time::{Duration, Instant};
+
 use futures::stream::{FuturesUnordered, StreamExt};
-use futures::FutureExt;
-use tokio_util::sync::CancellationToken;
 
 use crate::negotiate::BASE_ALLOCATION_ID;
 use crate::proto::{self, cmd, errno};
 use crate::request::{self, Command, Limits, Refusal};
-use crate::stream::Stream;
+use crate::stream::StdStream;
+use crate::wake::{self, Notifier};
 
 /// Requests in flight plus replies waiting to be written, per connection.
 const MAX_QUEUED: usize = 512;
 const RBUF_LEN: usize = 256 * 1024;
 const MAX_IOVECS: usize = 64;
+/// How long a connection keeps polling its socket after the last request before it sleeps
+/// (`CURVE_NBD_POLL_US`, default 50; 0 turns polling off).
+fn spin_window() -> Duration {
+    static SPIN: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
+    *SPIN.get_or_init(|| {
+        let us = std::env::var("CURVE_NBD_POLL_US")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(50);
+        Duration::from_micros(us)
+    })
+}
 /// Most extents in one block-status reply.
 const MAX_EXTENTS: usize = 1024;
 
@@ -136,7 +156,7 @@ type ExecFuture<'a> = Pin<Box<dyn Future<Output = Done> + 'a>>;
 
 /// One connection in transmission.
 pub(crate) struct Connection<'a> {
-    stream: Stream,
+    stream: StdStream,
     dev: &'a dyn BlockDevice,
     limits: Limits,
     structured: bool,
@@ -154,7 +174,7 @@ pub(crate) struct Connection<'a> {
 
 impl<'a> Connection<'a> {
     pub(crate) fn new(
-        stream: Stream,
+        stream: StdStream,
         dev: &'a dyn BlockDevice,
         limits: Limits,
         structured: bool,
@@ -175,14 +195,19 @@ impl<'a> Connection<'a> {
         }
     }
 
-    /// Serves requests until the client disconnects or `cancel` fires; in-flight requests
-    /// are finished and answered first.
-    pub(crate) async fn serve(mut self, cancel: &CancellationToken) -> Result<(), ConnError> {
+    /// Serves requests until the client disconnects or `notifier` is cancelled; in-flight
+    /// requests are finished and answered first.
+    pub(crate) fn serve(mut self, notifier: &Arc<Notifier>) -> Result<(), ConnError> {
         let dev = self.dev;
         let mut inflight: FuturesUnordered<ExecFuture<'a>> = FuturesUnordered::new();
-        let waker = futures::task::noop_waker();
-        let mut noop = Context::from_waker(&waker);
+        let waker = Waker::from(notifier.clone());
+        let mut cx = Context::from_waker(&waker);
+        let spin = spin_window();
+        let mut last_progress = Instant::now();
         loop {
+            if notifier.cancelled.load(Ordering::Acquire) {
+                self.closing = true;
+            }
             let mut progress = false;
             if !self.closing && inflight.len() + self.out.len() < MAX_QUEUED {
                 progress |= self.fill()?;
@@ -192,15 +217,20 @@ impl<'a> Connection<'a> {
                     };
                     progress = true;
                     let mut fut: ExecFuture<'a> = Box::pin(execute(dev, cookie, exec));
-                    match fut.as_mut().poll(&mut noop) {
+                    match fut.as_mut().poll(&mut cx) {
                         Poll::Ready(done) => self.complete(done),
                         Poll::Pending => inflight.push(fut),
                     }
                 }
             }
-            while let Some(Some(done)) = inflight.next().now_or_never() {
-                self.complete(done);
-                progress = true;
+            while !inflight.is_empty() {
+                match inflight.poll_next_unpin(&mut cx) {
+                    Poll::Ready(Some(done)) => {
+                        self.complete(done);
+                        progress = true;
+                    }
+                    _ => break,
+                }
             }
             if !self.out.is_empty() {
                 progress |= self.flush_out()?;
@@ -209,15 +239,15 @@ impl<'a> Connection<'a> {
                 return Ok(());
             }
             if progress {
-                continue;
-            }
-            let want_read = !self.closing && inflight.len() + self.out.len() < MAX_QUEUED;
-            tokio::select! {
-                biased;
-                _ = cancel.cancelled(), if !self.closing => self.closing = true,
-                Some(done) = inflight.next(), if !inflight.is_empty() => self.complete(done),
-                r = self.stream.writable(), if !self.out.is_empty() => r?,
-                r = self.stream.readable(), if want_read => r?,
+                last_progress = Instant::now();
+            } else if last_progress.elapsed() < spin {
+                // Adaptive polling: right after traffic, the next request usually follows
+                // within microseconds; looking for it beats a sleep and a cross-CPU wakeup.
+                // Yielding keeps a client that shares this CPU running.
+                std::thread::yield_now();
+            } else {
+                let want_read = !self.closing && inflight.len() + self.out.len() < MAX_QUEUED;
+                wake::park(notifier, self.stream.fd(), want_read, !self.out.is_empty())?;
             }
         }
     }
@@ -248,7 +278,7 @@ impl<'a> Connection<'a> {
                 }
                 Ok(true)
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(false),
+            Err(e) if is_transient(&e) => Ok(false),
             Err(e) if e.kind() == io::ErrorKind::ConnectionReset => {
                 self.closing = true;
                 Ok(true)
@@ -458,7 +488,7 @@ impl<'a> Connection<'a> {
         }
         let mut n = match self.stream.try_write_vectored(&iov[..n_iov]) {
             Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+            Err(e) if is_transient(&e) => return Ok(false),
             Err(e) => return Err(e.into()),
         };
         n += self.out_written;
@@ -506,6 +536,10 @@ fn descriptors(extents: &[Extent], len: u64, req_one: bool) -> Vec<(u32, u32)> {
         out.truncate(1);
     }
     out
+}
+
+fn is_transient(e: &io::Error) -> bool {
+    matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted)
 }
 
 /// Maps a device error onto the errno values NBD defines.

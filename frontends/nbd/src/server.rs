@@ -30,6 +30,7 @@ use crate::negotiate::{ExportSummary, Exports, Negotiation, Outcome};
 use crate::proto::{self, tflag};
 use crate::request::Limits;
 use crate::stream::{StdStream, Stream};
+use crate::wake::Notifier;
 
 /// How long a client may take to negotiate.
 const NEGOTIATION_TIMEOUT: Duration = Duration::from_secs(30);
@@ -418,17 +419,42 @@ fn spawn_negotiation(
                 return;
             }
         };
+        let notifier = match Notifier::new() {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot create a connection eventfd");
+                return;
+            }
+        };
+        // Forward the listener's and the export's cancellation to the connection thread;
+        // `finished` retires this watcher when the connection ends on its own.
+        let finished = CancellationToken::new();
+        let export_cancel = t.export.cancel.clone();
+        tokio::spawn({
+            let notifier = notifier.clone();
+            let finished = finished.clone();
+            async move {
+                tokio::select! {
+                    _ = cancel.cancelled() => notifier.cancel(),
+                    _ = export_cancel.cancelled() => notifier.cancel(),
+                    _ = finished.cancelled() => {}
+                }
+            }
+        });
         threads.fetch_add(1, Ordering::AcqRel);
         let spawned = std::thread::Builder::new()
             .name(format!("nbd-{}", t.export.name))
             .spawn({
                 let threads = threads.clone();
+                let finished = finished.clone();
                 move || {
-                    transmit(std_stream, t, cancel);
+                    transmit(std_stream, t, notifier);
+                    finished.cancel();
                     threads.fetch_sub(1, Ordering::AcqRel);
                 }
             });
         if let Err(e) = spawned {
+            finished.cancel();
             threads.fetch_sub(1, Ordering::AcqRel);
             tracing::error!(error = %e, "cannot start a connection thread");
         }
@@ -474,48 +500,22 @@ fn invalid(e: proto::ProtoError) -> std::io::Error {
 fn transmit(
     stream: StdStream,
     t: crate::negotiate::Transmission<Arc<Export>>,
-    listener_cancel: CancellationToken,
+    notifier: Arc<Notifier>,
 ) {
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-        Ok(rt) => rt,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot build a connection runtime");
-            return;
-        }
-    };
     let export = t.export;
     export.connections.fetch_add(1, Ordering::Relaxed);
-    rt.block_on(async {
-        let stream = match stream.into_tokio() {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot register connection");
-                return;
-            }
-        };
-        let limits = Limits {
-            size: t.summary.size,
-            min_block: t.summary.min_block,
-            max_block: t.summary.max_block,
-            read_only: export.read_only,
-            block_status: t.base_allocation,
-        };
-        // Cancelled by the export's removal or by the listener's (server shutdown).
-        let cancel = export.cancel.child_token();
-        let _forward = {
-            let cancel = cancel.clone();
-            let listener_cancel = listener_cancel.clone();
-            tokio::spawn(async move {
-                listener_cancel.cancelled().await;
-                cancel.cancel();
-            })
-        };
-        tracing::debug!(export = %export.name, structured = t.structured, "transmission started");
-        let conn = Connection::new(stream, export.device.as_ref(), limits, t.structured);
-        if let Err(e) = conn.serve(&cancel).await {
-            tracing::info!(export = %export.name, error = %e, "connection closed");
-        }
-    });
+    let limits = Limits {
+        size: t.summary.size,
+        min_block: t.summary.min_block,
+        max_block: t.summary.max_block,
+        read_only: export.read_only,
+        block_status: t.base_allocation,
+    };
+    tracing::debug!(export = %export.name, structured = t.structured, "transmission started");
+    let conn = Connection::new(stream, export.device.as_ref(), limits, t.structured);
+    if let Err(e) = conn.serve(&notifier) {
+        tracing::info!(export = %export.name, error = %e, "connection closed");
+    }
     export.connections.fetch_sub(1, Ordering::Relaxed);
 }
 

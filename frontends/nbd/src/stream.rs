@@ -1,58 +1,42 @@
-//! A connected socket, Unix or TCP, with the readiness-based calls the data path uses.
+//! A connected socket, Unix or TCP: async for negotiation (on the control runtime), then
+//! detached into a non-blocking std socket for the connection's own thread.
 
-use std::io::{self, IoSlice};
+use std::io::{self, IoSlice, Read, Write};
+use std::os::fd::{AsRawFd, RawFd};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixStream};
 
-/// A client connection.
+/// A client connection during negotiation.
 #[derive(Debug)]
 pub(crate) enum Stream {
     Unix(UnixStream),
     Tcp(TcpStream),
 }
 
-/// A connection detached from any runtime, to move to the thread that serves it.
+/// A client connection in transmission: non-blocking, owned by one thread.
 #[derive(Debug)]
 pub(crate) enum StdStream {
     Unix(std::os::unix::net::UnixStream),
     Tcp(std::net::TcpStream),
 }
 
-macro_rules! each {
-    ($self:expr, $s:ident => $e:expr) => {
-        match $self {
-            Stream::Unix($s) => $e,
-            Stream::Tcp($s) => $e,
-        }
-    };
-}
-
 impl Stream {
     pub(crate) async fn read_exact(&mut self, buf: &mut [u8]) -> io::Result<()> {
-        each!(self, s => s.read_exact(buf).await.map(|_| ()))
+        match self {
+            Stream::Unix(s) => s.read_exact(buf).await.map(|_| ()),
+            Stream::Tcp(s) => s.read_exact(buf).await.map(|_| ()),
+        }
     }
 
     pub(crate) async fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
-        each!(self, s => s.write_all(buf).await)
+        match self {
+            Stream::Unix(s) => s.write_all(buf).await,
+            Stream::Tcp(s) => s.write_all(buf).await,
+        }
     }
 
-    pub(crate) async fn readable(&self) -> io::Result<()> {
-        each!(self, s => s.readable().await)
-    }
-
-    pub(crate) async fn writable(&self) -> io::Result<()> {
-        each!(self, s => s.writable().await)
-    }
-
-    pub(crate) fn try_read(&self, buf: &mut [u8]) -> io::Result<usize> {
-        each!(self, s => s.try_read(buf))
-    }
-
-    pub(crate) fn try_write_vectored(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
-        each!(self, s => s.try_write_vectored(bufs))
-    }
-
+    /// Detaches the socket from the runtime; it stays non-blocking.
     pub(crate) fn into_std(self) -> io::Result<StdStream> {
         Ok(match self {
             Stream::Unix(s) => StdStream::Unix(s.into_std()?),
@@ -62,11 +46,24 @@ impl Stream {
 }
 
 impl StdStream {
-    /// Registers the connection with the runtime of the calling thread.
-    pub(crate) fn into_tokio(self) -> io::Result<Stream> {
-        Ok(match self {
-            StdStream::Unix(s) => Stream::Unix(UnixStream::from_std(s)?),
-            StdStream::Tcp(s) => Stream::Tcp(TcpStream::from_std(s)?),
-        })
+    pub(crate) fn try_read(&self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            StdStream::Unix(s) => (&*s).read(buf),
+            StdStream::Tcp(s) => (&*s).read(buf),
+        }
+    }
+
+    pub(crate) fn try_write_vectored(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        match self {
+            StdStream::Unix(s) => (&*s).write_vectored(bufs),
+            StdStream::Tcp(s) => (&*s).write_vectored(bufs),
+        }
+    }
+
+    pub(crate) fn fd(&self) -> RawFd {
+        match self {
+            StdStream::Unix(s) => s.as_raw_fd(),
+            StdStream::Tcp(s) => s.as_raw_fd(),
+        }
     }
 }
