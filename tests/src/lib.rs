@@ -1,0 +1,222 @@
+//! Harness for the integration tests: run the real binaries (`nebd-server`, `curve`) as
+//! separate processes in temporary directories, drive them with real consumers (nbdinfo,
+//! qemu-io, nbdcopy, fio) or with the raw NBD client in [`nbd`], and always stop what was
+//! started, by PID, even when a test fails.
+//!
+//! The binaries are taken from the directory of the test executable's parent
+//! (`target/debug`), or from `CURVE_BIN_DIR`. `tests/run.sh` builds them first.
+
+pub mod nbd;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// Path of one of our binaries.
+pub fn bin(name: &str) -> PathBuf {
+    let dir = match std::env::var_os("CURVE_BIN_DIR") {
+        Some(d) => PathBuf::from(d),
+        None => {
+            let exe = std::env::current_exe().expect("test executable path");
+            // target/<profile>/deps/<test> -> target/<profile>
+            exe.parent().and_then(Path::parent).expect("target dir").to_owned()
+        }
+    };
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build --workspace --bins` first (tests/run.sh does)",
+        path.display()
+    );
+    path
+}
+
+/// Fails the test with a clear message when a consumer tool is missing.
+pub fn require_tool(tool: &str) -> PathBuf {
+    let found = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|p| p.join(tool))
+            .find(|p| p.exists())
+    });
+    found.unwrap_or_else(|| {
+        panic!("{tool} is not installed: tests/run.sh installs the packages the suite needs")
+    })
+}
+
+/// Polls `cond` every 10 ms until it holds or `timeout` passes.
+pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    cond()
+}
+
+/// A child process that is killed (by its PID) when dropped.
+#[derive(Debug)]
+pub struct Daemon {
+    child: Option<Child>,
+}
+
+impl Daemon {
+    /// Starts `cmd` with stderr captured into `log`.
+    pub fn spawn(mut cmd: Command, log: &Path) -> Self {
+        let log = std::fs::File::create(log).expect("log file");
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
+        Daemon { child: Some(child) }
+    }
+
+    /// Process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// Sends `signal` to the process.
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: kill(2) on the pid of a child we started and have not reaped.
+        unsafe { libc::kill(self.pid() as i32, signal) };
+    }
+
+    /// Whether it is still running.
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+
+    /// Waits up to `timeout` for it to exit; returns its exit code (None if killed by a
+    /// signal or still running).
+    pub fn wait(&mut self, timeout: Duration) -> Option<i32> {
+        let child = self.child.as_mut()?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                self.child = None;
+                return status.code();
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A nebd-server in its own temporary run directory.
+#[derive(Debug)]
+pub struct Part2 {
+    /// The process (killed on drop).
+    pub daemon: Daemon,
+    /// Temporary directory holding the run dir, logs and test files.
+    pub dir: tempfile::TempDir,
+}
+
+impl Part2 {
+    /// Starts nebd-server and waits for its control socket.
+    pub fn start() -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("curve-test-")
+            .tempdir()
+            .expect("temp dir");
+        let mut cmd = Command::new(bin("nebd-server"));
+        cmd.arg("--run-dir")
+            .arg(dir.path().join("run"))
+            .env("RUST_LOG", "info,curve_nbd=debug");
+        let mut daemon = Daemon::spawn(cmd, &dir.path().join("nebd-server.log"));
+        let sock = dir.path().join("run/control.sock");
+        let up = wait_until(Duration::from_secs(20), || sock.exists() || !daemon.running());
+        assert!(up && daemon.running(), "nebd-server did not start:\n{}", read_log(dir.path()));
+        Part2 { daemon, dir }
+    }
+
+    /// The run directory.
+    pub fn run_dir(&self) -> PathBuf {
+        self.dir.path().join("run")
+    }
+
+    /// A path inside the test's temporary directory.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Runs `curve --run-dir <run dir> ARGS`.
+    pub fn curve(&self, args: &[&str]) -> Output {
+        Command::new(bin("curve"))
+            .arg("--run-dir")
+            .arg(self.run_dir())
+            .args(args)
+            .output()
+            .expect("run curve")
+    }
+
+    /// Runs `curve ARGS` and returns stdout; panics with stderr and the server log on failure.
+    pub fn curve_ok(&self, args: &[&str]) -> String {
+        let out = self.curve(args);
+        assert!(
+            out.status.success(),
+            "curve {args:?} failed: {}\nserver log:\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            read_log(self.dir.path())
+        );
+        String::from_utf8(out.stdout).expect("utf-8")
+    }
+
+    /// Adds an NBD export on a Unix socket in the run dir and returns its URI.
+    pub fn export_mem(&self, name: &str, size: &str) -> String {
+        let sock = self.run_dir().join(format!("{name}.sock"));
+        self.curve_ok(&[
+            "export",
+            "add",
+            "--volume",
+            &format!("mem:{size}"),
+            "--nbd",
+            &format!("unix:{}", sock.display()),
+            "--name",
+            name,
+        ])
+        .trim()
+        .to_owned()
+    }
+
+    /// Socket path of an export created by [`Part2::export_mem`].
+    pub fn socket(&self, name: &str) -> PathBuf {
+        self.run_dir().join(format!("{name}.sock"))
+    }
+
+    /// The server's log so far.
+    pub fn log(&self) -> String {
+        read_log(self.dir.path())
+    }
+}
+
+fn read_log(dir: &Path) -> String {
+    std::fs::read_to_string(dir.join("nebd-server.log")).unwrap_or_default()
+}
+
+/// Runs a consumer command; panics with its output when it fails.
+pub fn run_ok(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}):\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
