@@ -19,7 +19,10 @@ pub fn bin(name: &str) -> PathBuf {
         None => {
             let exe = std::env::current_exe().expect("test executable path");
             // target/<profile>/deps/<test> -> target/<profile>
-            exe.parent().and_then(Path::parent).expect("target dir").to_owned()
+            exe.parent()
+                .and_then(Path::parent)
+                .expect("target dir")
+                .to_owned()
         }
     };
     let path = dir.join(name);
@@ -139,8 +142,14 @@ impl Part2 {
             .env("RUST_LOG", "info,curve_nbd=debug");
         let mut daemon = Daemon::spawn(cmd, &dir.path().join("nebd-server.log"));
         let sock = dir.path().join("run/control.sock");
-        let up = wait_until(Duration::from_secs(20), || sock.exists() || !daemon.running());
-        assert!(up && daemon.running(), "nebd-server did not start:\n{}", read_log(dir.path()));
+        let up = wait_until(Duration::from_secs(20), || {
+            sock.exists() || !daemon.running()
+        });
+        assert!(
+            up && daemon.running(),
+            "nebd-server did not start:\n{}",
+            read_log(dir.path())
+        );
         Part2 { daemon, dir }
     }
 
@@ -210,7 +219,9 @@ fn read_log(dir: &Path) -> String {
 
 /// Runs a consumer command; panics with its output when it fails.
 pub fn run_ok(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
     assert!(
         out.status.success(),
         "{cmd:?} failed ({}):\nstdout: {}\nstderr: {}",

@@ -127,7 +127,15 @@ impl Client {
     }
 
     /// Sends a request (and its payload).
-    pub fn request(&mut self, kind: u16, flags: u16, cookie: u64, offset: u64, len: u32, payload: &[u8]) -> io::Result<()> {
+    pub fn request(
+        &mut self,
+        kind: u16,
+        flags: u16,
+        cookie: u64,
+        offset: u64,
+        len: u32,
+        payload: &[u8],
+    ) -> io::Result<()> {
         let mut b = Vec::with_capacity(28 + payload.len());
         proto::encode_request(
             &mut b,
@@ -155,7 +163,11 @@ impl Client {
                 let cookie = u64::from_be_bytes(h[4..12].try_into().expect("8"));
                 let mut data = vec![0u8; if error == 0 { read_len } else { 0 }];
                 self.sock.read_exact(&mut data)?;
-                Ok(Reply { cookie, error, data })
+                Ok(Reply {
+                    cookie,
+                    error,
+                    data,
+                })
             }
             proto::STRUCTURED_REPLY_MAGIC => {
                 let mut h = [0u8; 16];
@@ -167,12 +179,22 @@ impl Client {
                 self.sock.read_exact(&mut payload)?;
                 let (error, data) = match kind {
                     proto::reply::OFFSET_DATA => (0, payload[8..].to_vec()),
-                    proto::reply::ERROR => (u32::from_be_bytes(payload[..4].try_into().expect("4")), Vec::new()),
+                    proto::reply::ERROR => (
+                        u32::from_be_bytes(payload[..4].try_into().expect("4")),
+                        Vec::new(),
+                    ),
                     _ => (0, payload),
                 };
-                Ok(Reply { cookie, error, data })
+                Ok(Reply {
+                    cookie,
+                    error,
+                    data,
+                })
             }
-            other => Err(io::Error::new(io::ErrorKind::InvalidData, format!("bad reply magic {other:#x}"))),
+            other => Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("bad reply magic {other:#x}"),
+            )),
         }
     }
 

@@ -45,7 +45,11 @@ impl AlignedBuf {
     /// # Panics
     /// If `len` exceeds the capacity.
     pub fn set_len(&mut self, len: usize) {
-        assert!(len <= self.cap, "length {len} exceeds capacity {}", self.cap);
+        assert!(
+            len <= self.cap,
+            "length {len} exceeds capacity {}",
+            self.cap
+        );
         self.len = len;
     }
 }

@@ -301,7 +301,10 @@ mod tests {
         let err = block_on(dev.write(0, &[1], WriteFlags::default())).unwrap_err();
         assert_eq!(err.errno(), libc::EPERM);
         let mut b = [0u8; 2];
-        assert_eq!(block_on(dev.read(4095, &mut b)).unwrap_err().errno(), libc::EINVAL);
+        assert_eq!(
+            block_on(dev.read(4095, &mut b)).unwrap_err().errno(),
+            libc::EINVAL
+        );
         assert!(FileDevice::open(Path::new("/nonexistent/x"), FileOptions::default()).is_err());
     }
 
@@ -309,7 +312,10 @@ mod tests {
     fn direct_io_is_aligned() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("img");
-        std::fs::File::create(&path).unwrap().set_len(1 << 20).unwrap();
+        std::fs::File::create(&path)
+            .unwrap()
+            .set_len(1 << 20)
+            .unwrap();
         let Ok(dev) = FileDevice::open(
             &path,
             FileOptions {

@@ -159,9 +159,13 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
     let digits_end = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, unit) = t.split_at(digits_end);
     if num.is_empty() {
-        return Err(format!("invalid size {text:?}: expected a number such as 1G or 4096"));
+        return Err(format!(
+            "invalid size {text:?}: expected a number such as 1G or 4096"
+        ));
     }
-    let n: u64 = num.parse().map_err(|e| format!("invalid size {text:?}: {e}"))?;
+    let n: u64 = num
+        .parse()
+        .map_err(|e| format!("invalid size {text:?}: {e}"))?;
     let shift = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 0,
         "k" | "kb" | "kib" => 10,
@@ -197,10 +201,19 @@ mod tests {
         let i = info(8192, 1);
         assert!(check_range(&i, 0, 8192).is_ok());
         assert!(check_range(&i, 8191, 1).is_ok());
-        assert!(matches!(check_range(&i, 8192, 1), Err(IoError::OutOfRange { .. })));
-        assert!(matches!(check_range(&i, u64::MAX, 2), Err(IoError::OutOfRange { .. })));
+        assert!(matches!(
+            check_range(&i, 8192, 1),
+            Err(IoError::OutOfRange { .. })
+        ));
+        assert!(matches!(
+            check_range(&i, u64::MAX, 2),
+            Err(IoError::OutOfRange { .. })
+        ));
         let i = info(8192, 512);
-        assert!(matches!(check_range(&i, 1, 512), Err(IoError::Unaligned { .. })));
+        assert!(matches!(
+            check_range(&i, 1, 512),
+            Err(IoError::Unaligned { .. })
+        ));
         assert!(check_range(&i, 512, 1024).is_ok());
     }
 

@@ -29,7 +29,9 @@ unsafe impl Sync for MemDevice {}
 
 impl std::fmt::Debug for MemDevice {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("MemDevice").field("size", &self.info.size).finish()
+        f.debug_struct("MemDevice")
+            .field("size", &self.info.size)
+            .finish()
     }
 }
 

@@ -73,20 +73,46 @@ pub(crate) enum ConnError {
 
 /// A command ready to run on the device.
 enum Exec {
-    Read { offset: u64, buf: AlignedBuf },
-    Write { offset: u64, buf: AlignedBuf, fua: bool },
+    Read {
+        offset: u64,
+        buf: AlignedBuf,
+    },
+    Write {
+        offset: u64,
+        buf: AlignedBuf,
+        fua: bool,
+    },
     Flush,
-    Trim { offset: u64, len: u64, fua: bool },
-    Zero { offset: u64, len: u64, flags: ZeroFlags },
-    BlockStatus { offset: u64, len: u64, req_one: bool },
+    Trim {
+        offset: u64,
+        len: u64,
+        fua: bool,
+    },
+    Zero {
+        offset: u64,
+        len: u64,
+        flags: ZeroFlags,
+    },
+    BlockStatus {
+        offset: u64,
+        len: u64,
+        req_one: bool,
+    },
     Cache,
 }
 
 enum Output {
     None,
-    Read { offset: u64, buf: AlignedBuf },
+    Read {
+        offset: u64,
+        buf: AlignedBuf,
+    },
     Written(AlignedBuf),
-    Extents { extents: Vec<Extent>, len: u64, req_one: bool },
+    Extents {
+        extents: Vec<Extent>,
+        len: u64,
+        req_one: bool,
+    },
 }
 
 struct Done {
@@ -109,9 +135,10 @@ async fn execute(dev: &dyn BlockDevice, cookie: u64, exec: Exec) -> Done {
             Ok(()) if fua => dev.flush().await.map(|()| Output::None),
             r => r.map(|()| Output::None),
         },
-        Exec::Zero { offset, len, flags } => {
-            dev.write_zeroes(offset, len, flags).await.map(|()| Output::None)
-        }
+        Exec::Zero { offset, len, flags } => dev
+            .write_zeroes(offset, len, flags)
+            .await
+            .map(|()| Output::None),
         Exec::BlockStatus {
             offset,
             len,
@@ -516,10 +543,13 @@ fn descriptors(extents: &[Extent], len: u64, req_one: bool) -> Vec<(u32, u32)> {
         if covered >= len || e.len == 0 {
             break;
         }
-        let flags = u32::from(e.hole) * proto::STATE_HOLE | u32::from(e.zero) * proto::STATE_ZERO;
+        let flags =
+            (u32::from(e.hole) * proto::STATE_HOLE) | (u32::from(e.zero) * proto::STATE_ZERO);
         let l = e.len.min(len - covered).min(u64::from(u32::MAX) & !4095) as u32;
         match out.last_mut() {
-            Some((prev, f)) if *f == flags && u64::from(*prev) + u64::from(l) <= u64::from(u32::MAX) => {
+            Some((prev, f))
+                if *f == flags && u64::from(*prev) + u64::from(l) <= u64::from(u32::MAX) =>
+            {
                 *prev += l
             }
             _ => out.push((l, flags)),
@@ -539,15 +569,24 @@ fn descriptors(extents: &[Extent], len: u64, req_one: bool) -> Vec<(u32, u32)> {
 }
 
 fn is_transient(e: &io::Error) -> bool {
-    matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted)
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+    )
 }
 
 /// Maps a device error onto the errno values NBD defines.
 fn wire_errno(e: &IoError) -> u32 {
     let v = e.errno() as u32;
     match v {
-        errno::EPERM | errno::EIO | errno::ENOMEM | errno::EINVAL | errno::ENOSPC
-        | errno::EOVERFLOW | errno::ENOTSUP | errno::ESHUTDOWN => v,
+        errno::EPERM
+        | errno::EIO
+        | errno::ENOMEM
+        | errno::EINVAL
+        | errno::ENOSPC
+        | errno::EOVERFLOW
+        | errno::ENOTSUP
+        | errno::ESHUTDOWN => v,
         x if x == libc::EROFS as u32 => errno::EPERM,
         x if x == libc::EDQUOT as u32 => errno::ENOSPC,
         x if x == libc::EOPNOTSUPP as u32 => errno::ENOTSUP,
@@ -569,8 +608,15 @@ mod tests {
 
     #[test]
     fn descriptors_merge_and_clip() {
-        let d = descriptors(&[ext(4096, false), ext(4096, false), ext(8192, true)], 10000, false);
-        assert_eq!(d, vec![(8192, 0), (1808, proto::STATE_HOLE | proto::STATE_ZERO)]);
+        let d = descriptors(
+            &[ext(4096, false), ext(4096, false), ext(8192, true)],
+            10000,
+            false,
+        );
+        assert_eq!(
+            d,
+            vec![(8192, 0), (1808, proto::STATE_HOLE | proto::STATE_ZERO)]
+        );
         let d = descriptors(&[ext(4096, true), ext(4096, false)], 8192, true);
         assert_eq!(d, vec![(4096, 3)]);
         assert_eq!(descriptors(&[], 512, false), vec![(512, 0)]);

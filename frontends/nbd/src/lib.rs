@@ -16,6 +16,7 @@
 //! FAST_ZERO), CACHE, BLOCK_STATUS (REQ_ONE), DISC; CAN_MULTI_CONN.
 
 mod conn;
+pub mod fuzzing;
 pub mod negotiate;
 pub mod proto;
 pub mod request;

@@ -135,7 +135,12 @@ impl Negotiation {
             }
             NbdOption::Info { go, name, requests } => {
                 let Some((export, summary)) = exports.find(&name) else {
-                    error(out, option, rep::ERR_UNKNOWN, &format!("no export named {name:?}"));
+                    error(
+                        out,
+                        option,
+                        rep::ERR_UNKNOWN,
+                        &format!("no export named {name:?}"),
+                    );
                     return Outcome::Continue;
                 };
                 let mut d = info::EXPORT.to_be_bytes().to_vec();
@@ -170,11 +175,21 @@ impl Negotiation {
                 queries,
             } => {
                 if !self.structured {
-                    error(out, option, rep::ERR_INVALID, "negotiate structured replies first");
+                    error(
+                        out,
+                        option,
+                        rep::ERR_INVALID,
+                        "negotiate structured replies first",
+                    );
                     return Outcome::Continue;
                 }
                 let Some((_, summary)) = exports.find(&export) else {
-                    error(out, option, rep::ERR_UNKNOWN, &format!("no export named {export:?}"));
+                    error(
+                        out,
+                        option,
+                        rep::ERR_UNKNOWN,
+                        &format!("no export named {export:?}"),
+                    );
                     return Outcome::Continue;
                 };
                 let matches = |q: &String| {
@@ -260,7 +275,10 @@ mod tests {
     fn replies(mut b: &[u8]) -> Vec<(u32, u32, Vec<u8>)> {
         let mut v = Vec::new();
         while !b.is_empty() {
-            assert_eq!(u64::from_be_bytes(b[..8].try_into().unwrap()), proto::OPTION_REPLY_MAGIC);
+            assert_eq!(
+                u64::from_be_bytes(b[..8].try_into().unwrap()),
+                proto::OPTION_REPLY_MAGIC
+            );
             let o = u32::from_be_bytes(b[8..12].try_into().unwrap());
             let t = u32::from_be_bytes(b[12..16].try_into().unwrap());
             let l = u32::from_be_bytes(b[16..20].try_into().unwrap()) as usize;
@@ -292,12 +310,25 @@ mod tests {
         let mut n = Negotiation::new(proto::CLIENT_FIXED_NEWSTYLE | proto::CLIENT_NO_ZEROES);
         let mut out = Vec::new();
         // Meta contexts before structured replies: invalid.
-        let o = n.handle(opt::SET_META_CONTEXT, &meta("vol", proto::BASE_ALLOCATION), &One, &mut out);
+        let o = n.handle(
+            opt::SET_META_CONTEXT,
+            &meta("vol", proto::BASE_ALLOCATION),
+            &One,
+            &mut out,
+        );
         assert_eq!(o, Outcome::Continue);
         assert_eq!(replies(&out)[0].1, rep::ERR_INVALID);
         out.clear();
-        assert_eq!(n.handle(opt::STRUCTURED_REPLY, &[], &One, &mut out), Outcome::Continue);
-        n.handle(opt::SET_META_CONTEXT, &meta("vol", proto::BASE_ALLOCATION), &One, &mut out);
+        assert_eq!(
+            n.handle(opt::STRUCTURED_REPLY, &[], &One, &mut out),
+            Outcome::Continue
+        );
+        n.handle(
+            opt::SET_META_CONTEXT,
+            &meta("vol", proto::BASE_ALLOCATION),
+            &One,
+            &mut out,
+        );
         let r = replies(&out);
         assert_eq!(r[1].1, rep::META_CONTEXT);
         assert_eq!(&r[1].2[..4], &BASE_ALLOCATION_ID.to_be_bytes());
@@ -309,8 +340,10 @@ mod tests {
         assert_eq!(t.export, 7);
         assert!(t.structured && t.base_allocation);
         let r = replies(&out);
-        let types: Vec<u16> =
-            r[..r.len() - 1].iter().map(|x| u16::from_be_bytes([x.2[0], x.2[1]])).collect();
+        let types: Vec<u16> = r[..r.len() - 1]
+            .iter()
+            .map(|x| u16::from_be_bytes([x.2[0], x.2[1]]))
+            .collect();
         assert_eq!(types, vec![info::EXPORT, info::NAME, info::BLOCK_SIZE]);
         let flags = u16::from_be_bytes(r[0].2[10..12].try_into().unwrap());
         assert_ne!(flags & proto::tflag::SEND_DF, 0);
@@ -321,22 +354,34 @@ mod tests {
     fn unknown_names_and_options() {
         let mut n = Negotiation::new(0);
         let mut out = Vec::new();
-        assert_eq!(n.handle(opt::GO, &go("nope"), &One, &mut out), Outcome::Continue);
+        assert_eq!(
+            n.handle(opt::GO, &go("nope"), &One, &mut out),
+            Outcome::Continue
+        );
         assert_eq!(replies(&out)[0].1, rep::ERR_UNKNOWN);
         out.clear();
-        assert_eq!(n.handle(opt::GO, &[1, 2], &One, &mut out), Outcome::Continue);
+        assert_eq!(
+            n.handle(opt::GO, &[1, 2], &One, &mut out),
+            Outcome::Continue
+        );
         assert_eq!(replies(&out)[0].1, rep::ERR_INVALID);
         out.clear();
         assert_eq!(n.handle(4242, &[], &One, &mut out), Outcome::Continue);
         assert_eq!(replies(&out)[0].1, rep::ERR_UNSUP);
         out.clear();
-        assert_eq!(n.handle(opt::STARTTLS, &[], &One, &mut out), Outcome::Continue);
+        assert_eq!(
+            n.handle(opt::STARTTLS, &[], &One, &mut out),
+            Outcome::Continue
+        );
         assert_eq!(replies(&out)[0].1, rep::ERR_UNSUP);
         out.clear();
         assert_eq!(n.handle(opt::LIST, &[1], &One, &mut out), Outcome::Continue);
         assert_eq!(replies(&out)[0].1, rep::ERR_INVALID);
         out.clear();
-        assert_eq!(n.handle(opt::EXPORT_NAME, b"nope", &One, &mut out), Outcome::Close);
+        assert_eq!(
+            n.handle(opt::EXPORT_NAME, b"nope", &One, &mut out),
+            Outcome::Close
+        );
         assert_eq!(n.handle(opt::ABORT, &[], &One, &mut out), Outcome::Close);
         assert_eq!(replies(&out)[0].1, rep::ACK);
     }

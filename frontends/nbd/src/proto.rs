@@ -243,10 +243,14 @@ impl<'a> Reader<'a> {
         Ok(head)
     }
     fn u16(&mut self, what: &'static str) -> Result<u16, ProtoError> {
-        Ok(u16::from_be_bytes(self.take(2, what)?.try_into().expect("2")))
+        Ok(u16::from_be_bytes(
+            self.take(2, what)?.try_into().expect("2"),
+        ))
     }
     fn u32(&mut self, what: &'static str) -> Result<u32, ProtoError> {
-        Ok(u32::from_be_bytes(self.take(4, what)?.try_into().expect("4")))
+        Ok(u32::from_be_bytes(
+            self.take(4, what)?.try_into().expect("4"),
+        ))
     }
     fn string(&mut self, what: &'static str) -> Result<String, ProtoError> {
         let len = self.u32(what)?;
@@ -489,7 +493,10 @@ mod tests {
         d.extend_from_slice(&u32::MAX.to_be_bytes());
         assert!(parse_option(opt::LIST_META_CONTEXT, &d).is_err());
         assert_eq!(parse_option(99, b"x"), Ok(NbdOption::Unknown(99)));
-        assert_eq!(parse_option(opt::EXPORT_NAME, b"a"), Ok(NbdOption::ExportName("a".into())));
+        assert_eq!(
+            parse_option(opt::EXPORT_NAME, b"a"),
+            Ok(NbdOption::ExportName("a".into()))
+        );
     }
 
     #[test]
@@ -498,7 +505,10 @@ mod tests {
         h[..8].copy_from_slice(&IHAVEOPT.to_be_bytes());
         h[8..12].copy_from_slice(&opt::GO.to_be_bytes());
         h[12..16].copy_from_slice(&(MAX_OPTION_LEN + 1).to_be_bytes());
-        assert!(matches!(parse_option_header(&h), Err(ProtoError::OptionTooLarge(_))));
+        assert!(matches!(
+            parse_option_header(&h),
+            Err(ProtoError::OptionTooLarge(_))
+        ));
         h[12..16].copy_from_slice(&7u32.to_be_bytes());
         assert_eq!(
             parse_option_header(&h),

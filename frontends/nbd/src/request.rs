@@ -119,7 +119,10 @@ pub fn validate(h: &RequestHeader, l: &Limits) -> Result<Command, Refusal> {
         return Err(refuse(errno::EINVAL, "zero-length request"));
     }
     if matches!(h.kind, cmd::READ | cmd::WRITE) && h.len > l.max_block {
-        return Err(refuse(errno::EINVAL, "request larger than the maximum block size"));
+        return Err(refuse(
+            errno::EINVAL,
+            "request larger than the maximum block size",
+        ));
     }
     let end = h.offset.checked_add(u64::from(h.len));
     if end.is_none_or(|end| end > l.size) {
@@ -132,7 +135,10 @@ pub fn validate(h: &RequestHeader, l: &Limits) -> Result<Command, Refusal> {
     }
     let align = u64::from(l.min_block.max(1));
     if h.offset % align != 0 || u64::from(h.len) % align != 0 {
-        return Err(refuse(errno::EINVAL, "request not aligned to the minimum block size"));
+        return Err(refuse(
+            errno::EINVAL,
+            "request not aligned to the minimum block size",
+        ));
     }
     let (offset, len) = (h.offset, h.len);
     Ok(match h.kind {
@@ -187,7 +193,15 @@ mod tests {
             })
         );
         assert_eq!(
-            validate(&h(cmd::WRITE_ZEROES, cflag::NO_HOLE | cflag::FAST_ZERO, 0, 1 << 20), &L),
+            validate(
+                &h(
+                    cmd::WRITE_ZEROES,
+                    cflag::NO_HOLE | cflag::FAST_ZERO,
+                    0,
+                    1 << 20
+                ),
+                &L
+            ),
             Ok(Command::WriteZeroes {
                 offset: 0,
                 len: 1 << 20,
@@ -202,13 +216,25 @@ mod tests {
     #[test]
     fn refuses_invalid() {
         let e = |r: Result<Command, Refusal>| r.unwrap_err().error;
-        assert_eq!(e(validate(&h(cmd::READ, 0, (1 << 20) - 1, 2), &L)), errno::EINVAL);
-        assert_eq!(e(validate(&h(cmd::WRITE, 0, 1 << 20, 1), &L)), errno::ENOSPC);
-        assert_eq!(e(validate(&h(cmd::WRITE, 0, u64::MAX, 1), &L)), errno::ENOSPC);
+        assert_eq!(
+            e(validate(&h(cmd::READ, 0, (1 << 20) - 1, 2), &L)),
+            errno::EINVAL
+        );
+        assert_eq!(
+            e(validate(&h(cmd::WRITE, 0, 1 << 20, 1), &L)),
+            errno::ENOSPC
+        );
+        assert_eq!(
+            e(validate(&h(cmd::WRITE, 0, u64::MAX, 1), &L)),
+            errno::ENOSPC
+        );
         assert_eq!(e(validate(&h(cmd::READ, 0, 0, 1 << 17), &L)), errno::EINVAL);
         assert_eq!(e(validate(&h(cmd::READ, 0, 0, 0), &L)), errno::EINVAL);
         assert_eq!(e(validate(&h(99, 0, 0, 1), &L)), errno::EINVAL);
-        assert_eq!(e(validate(&h(cmd::READ, cflag::NO_HOLE, 0, 1), &L)), errno::EINVAL);
+        assert_eq!(
+            e(validate(&h(cmd::READ, cflag::NO_HOLE, 0, 1), &L)),
+            errno::EINVAL
+        );
         let ro = Limits {
             read_only: true,
             block_status: false,
@@ -216,7 +242,10 @@ mod tests {
             ..L
         };
         assert_eq!(e(validate(&h(cmd::TRIM, 0, 0, 512), &ro)), errno::EPERM);
-        assert_eq!(e(validate(&h(cmd::BLOCK_STATUS, 0, 0, 512), &ro)), errno::EINVAL);
+        assert_eq!(
+            e(validate(&h(cmd::BLOCK_STATUS, 0, 0, 512), &ro)),
+            errno::EINVAL
+        );
         assert_eq!(e(validate(&h(cmd::READ, 0, 1, 512), &ro)), errno::EINVAL);
     }
 }

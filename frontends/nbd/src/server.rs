@@ -63,7 +63,9 @@ impl FromStr for ListenAddr {
                 .ok_or_else(|| format!("TCP address {addr:?} resolves to nothing"))?;
             Ok(ListenAddr::Tcp(a))
         } else {
-            Err(format!("bad NBD address {s:?}: expected unix:PATH or tcp:HOST:PORT"))
+            Err(format!(
+                "bad NBD address {s:?}: expected unix:PATH or tcp:HOST:PORT"
+            ))
         }
     }
 }
@@ -250,7 +252,11 @@ impl NbdServer {
     }
 
     /// Offers `export` at `addr`, binding the address if no export uses it yet.
-    pub async fn add_export(&self, addr: &ListenAddr, export: Arc<Export>) -> Result<(), ServerError> {
+    pub async fn add_export(
+        &self,
+        addr: &ListenAddr,
+        export: Arc<Export>,
+    ) -> Result<(), ServerError> {
         let mut listeners = self.inner.lock().await;
         for l in listeners.values() {
             if l.table.read().contains_key(&export.name) {
@@ -263,7 +269,8 @@ impl NbdServer {
         }
         let table = Arc::new(RwLock::new(HashMap::from([(export.name.clone(), export)])));
         let cancel = self.shutdown.child_token();
-        self.spawn_listener(addr, table.clone(), cancel.clone()).await?;
+        self.spawn_listener(addr, table.clone(), cancel.clone())
+            .await?;
         listeners.insert(addr.clone(), Listener { table, cancel });
         Ok(())
     }
@@ -464,7 +471,10 @@ fn spawn_negotiation(
 type Negotiated = (Stream, crate::negotiate::Transmission<Arc<Export>>);
 
 /// Runs negotiation on `stream`: `Ok(None)` when the client ended it without transmission.
-async fn negotiate(mut stream: Stream, table: &ExportTable) -> Result<Option<Negotiated>, std::io::Error> {
+async fn negotiate(
+    mut stream: Stream,
+    table: &ExportTable,
+) -> Result<Option<Negotiated>, std::io::Error> {
     let mut out = Vec::with_capacity(256);
     proto::encode_greeting(&mut out);
     stream.write_all(&out).await?;

@@ -180,12 +180,18 @@ impl ControlClient {
         };
         let mut line = serde_json::to_string(request).expect("requests serialise");
         line.push('\n');
-        self.reader.get_mut().write_all(line.as_bytes()).map_err(io)?;
+        self.reader
+            .get_mut()
+            .write_all(line.as_bytes())
+            .map_err(io)?;
         let mut answer = String::new();
-        let n = self.reader.read_line(&mut answer).map_err(|source| ClientError::Io {
-            path: self.socket.clone(),
-            source,
-        })?;
+        let n = self
+            .reader
+            .read_line(&mut answer)
+            .map_err(|source| ClientError::Io {
+                path: self.socket.clone(),
+                source,
+            })?;
         if n == 0 {
             return Err(ClientError::Malformed("connection closed".into()));
         }
@@ -213,8 +219,15 @@ mod tests {
             r#"{"op":"add_export","name":"v","volume":"mem:1G","frontend":{"type":"nbd","address":"unix:/x"},"read_only":false}"#
         );
         assert_eq!(parse_request(&line), Ok(r));
-        assert_eq!(parse_request(r#"{"op":"list_exports"}"#), Ok(Request::ListExports));
-        assert!(parse_request("garbage").unwrap_err().starts_with("bad request"));
+        assert_eq!(
+            parse_request(r#"{"op":"list_exports"}"#),
+            Ok(Request::ListExports)
+        );
+        assert!(
+            parse_request("garbage")
+                .unwrap_err()
+                .starts_with("bad request")
+        );
         assert!(parse_request(r#"{"op":"explode"}"#).is_err());
         let resp = serde_json::to_string(&Response::error("nope")).unwrap();
         assert_eq!(resp, r#"{"ok":false,"error":"nope"}"#);

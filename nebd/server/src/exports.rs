@@ -97,7 +97,10 @@ impl ExportManager {
         if entries.remove(name).is_none() {
             return Err(format!("no export named {name:?}"));
         }
-        self.nbd.remove_export(name).await.map_err(|e| e.to_string())?;
+        self.nbd
+            .remove_export(name)
+            .await
+            .map_err(|e| e.to_string())?;
         tracing::info!(name, "export removed");
         Ok(())
     }

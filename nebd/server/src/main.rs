@@ -28,7 +28,12 @@ fn main() -> anyhow::Result<()> {
         .thread_name("nebd-ctl")
         .enable_all()
         .build()?;
-    rt.block_on(daemon::run(Config { run_dir: args.run_dir }, shutdown_signal()))
+    rt.block_on(daemon::run(
+        Config {
+            run_dir: args.run_dir,
+        },
+        shutdown_signal(),
+    ))
 }
 
 async fn shutdown_signal() {

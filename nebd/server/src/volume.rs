@@ -73,7 +73,9 @@ impl FromStr for VolumeSpec {
                 direct,
             })
         } else {
-            Err(bad("expected mem:SIZE (e.g. mem:1G) or file:PATH[?direct]".into()))
+            Err(bad(
+                "expected mem:SIZE (e.g. mem:1G) or file:PATH[?direct]".into()
+            ))
         }
     }
 }
@@ -83,7 +85,12 @@ impl fmt::Display for VolumeSpec {
         match self {
             VolumeSpec::Mem { size } => write!(f, "mem:{size}"),
             VolumeSpec::File { path, direct } => {
-                write!(f, "file:{}{}", path.display(), if *direct { "?direct" } else { "" })
+                write!(
+                    f,
+                    "file:{}{}",
+                    path.display(),
+                    if *direct { "?direct" } else { "" }
+                )
             }
         }
     }

@@ -1,0 +1,208 @@
+//! The `curve` CLI and the nebd-server daemon: errors, listing, removal, shutdown, run dir.
+
+use std::process::Command;
+use std::time::Duration;
+
+use curve_nbd::proto::cmd;
+use curve_tests::nbd::Client;
+use curve_tests::{Daemon, Part2, bin, wait_until};
+
+fn stderr_of(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn no_server_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(bin("curve"))
+        .args(["export", "list"])
+        .env("CURVE_RUN_DIR", dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr_of(&out);
+    assert!(
+        err.contains("cannot reach nebd-server") && err.contains("control.sock"),
+        "{err}"
+    );
+}
+
+#[test]
+fn bad_requests_get_messages_and_the_server_keeps_serving() {
+    let p2 = Part2::start();
+    let sock = format!("unix:{}", p2.path("a.sock").display());
+    let cases: [(&[&str], &str); 6] = [
+        (
+            &["--volume", "mem:lots", "--nbd", &sock, "--name", "a"],
+            "bad volume",
+        ),
+        (
+            &["--volume", "rbd:pool/img", "--nbd", &sock, "--name", "a"],
+            "expected mem:SIZE",
+        ),
+        (
+            &["--volume", "mem:1M", "--nbd", "http://x", "--name", "a"],
+            "expected unix:PATH or tcp:HOST:PORT",
+        ),
+        (
+            &["--volume", "mem:1M", "--nbd", &sock, "--name", "a b"],
+            "bad export name",
+        ),
+        (
+            &[
+                "--volume",
+                "file:/nonexistent/img",
+                "--nbd",
+                &sock,
+                "--name",
+                "a",
+            ],
+            "/nonexistent/img",
+        ),
+        (
+            &[
+                "--volume",
+                "mem:1M",
+                "--nbd",
+                "tcp:203.0.113.1:1",
+                "--name",
+                "a",
+            ],
+            "cannot listen",
+        ),
+    ];
+    for (args, want) in cases {
+        let mut full = vec!["export", "add"];
+        full.extend_from_slice(args);
+        let out = p2.curve(&full);
+        assert_eq!(out.status.code(), Some(1), "{full:?}");
+        assert!(
+            stderr_of(&out).contains(want),
+            "{full:?}: {}",
+            stderr_of(&out)
+        );
+    }
+    p2.export_mem("a", "1M");
+    let out = p2.curve(&[
+        "export", "add", "--volume", "mem:1M", "--nbd", &sock, "--name", "a",
+    ]);
+    assert!(
+        stderr_of(&out).contains("already exists"),
+        "{}",
+        stderr_of(&out)
+    );
+    let out = p2.curve(&["export", "remove", "zzz"]);
+    assert!(
+        stderr_of(&out).contains("no export named \"zzz\""),
+        "{}",
+        stderr_of(&out)
+    );
+    // Garbage on the control socket gets an error line, not a crash.
+    let mut c = nebd_server::control::ControlClient::connect(&p2.run_dir()).unwrap();
+    let r = c.call(&nebd_server::control::Request::ListExports).unwrap();
+    assert_eq!(r.exports.len(), 1);
+    {
+        use std::io::{BufRead, BufReader, Write};
+        let mut s =
+            std::os::unix::net::UnixStream::connect(p2.run_dir().join("control.sock")).unwrap();
+        s.write_all(b"{not json\n").unwrap();
+        let mut line = String::new();
+        BufReader::new(&s).read_line(&mut line).unwrap();
+        assert!(
+            line.contains("\"ok\":false") && line.contains("bad request"),
+            "{line}"
+        );
+    }
+    let list = p2.curve_ok(&["export", "list", "--format", "json"]);
+    let j: serde_json::Value = serde_json::from_str(&list).unwrap();
+    assert_eq!(j.as_array().unwrap().len(), 1);
+    assert_eq!(j[0]["volume"], "mem:1048576");
+    assert_eq!(j[0]["frontend"]["type"], "nbd");
+}
+
+#[test]
+fn several_exports_share_a_socket_and_remove_closes_clients() {
+    let p2 = Part2::start();
+    let sock = p2.path("shared.sock");
+    for name in ["one", "two"] {
+        p2.curve_ok(&[
+            "export",
+            "add",
+            "--volume",
+            "mem:1M",
+            "--nbd",
+            &format!("unix:{}", sock.display()),
+            "--name",
+            name,
+        ]);
+    }
+    let (mut c1, size, _) = Client::open(&sock, "one", false).unwrap();
+    assert_eq!(size, 1 << 20);
+    let (mut c2, _, _) = Client::open(&sock, "two", false).unwrap();
+    assert!(wait_until(Duration::from_secs(5), || p2
+        .curve_ok(&["export", "list"])
+        .contains("  1  ")));
+    p2.curve_ok(&["export", "remove", "one"]);
+    // The client of the removed export is disconnected; the other keeps working.
+    assert!(c1.closed_by_server());
+    c2.request(cmd::READ, 0, 7, 0, 512, &[]).unwrap();
+    assert_eq!(c2.reply(512).unwrap().error, 0);
+    assert!(sock.exists());
+    p2.curve_ok(&["export", "remove", "two"]);
+    assert!(c2.closed_by_server());
+    assert!(!sock.exists(), "the socket goes with the last export on it");
+    assert_eq!(
+        p2.curve_ok(&["export", "list", "--format", "json"]).trim(),
+        "[]"
+    );
+}
+
+#[test]
+fn sigterm_shuts_down_cleanly() {
+    let mut p2 = Part2::start();
+    p2.export_mem("vol", "1M");
+    let (_client, _, _) = Client::open(&p2.socket("vol"), "vol", false).unwrap();
+    p2.daemon.signal(libc::SIGTERM);
+    assert_eq!(
+        p2.daemon.wait(Duration::from_secs(10)),
+        Some(0),
+        "{}",
+        p2.log()
+    );
+    assert!(!p2.run_dir().join("control.sock").exists());
+    assert!(!p2.run_dir().join("nebd-server.pid").exists());
+    assert!(!p2.socket("vol").exists());
+    assert!(p2.log().contains("nebd-server stopped"));
+}
+
+#[test]
+fn one_server_per_run_dir_and_stale_sockets_are_replaced() {
+    let mut p2 = Part2::start();
+    // A second server on the same run dir is refused.
+    let out = Command::new(bin("nebd-server"))
+        .env("CURVE_RUN_DIR", p2.run_dir())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = stderr_of(&out);
+    assert!(
+        err.contains("another nebd-server") && err.contains(&p2.daemon.pid().to_string()),
+        "{err}"
+    );
+    // kill -9 leaves the sockets behind; a new server on the same dir replaces them.
+    p2.export_mem("vol", "1M");
+    p2.daemon.signal(libc::SIGKILL);
+    p2.daemon.wait(Duration::from_secs(10));
+    assert!(p2.socket("vol").exists() && p2.run_dir().join("control.sock").exists());
+    let mut cmd = Command::new(bin("nebd-server"));
+    cmd.env("CURVE_RUN_DIR", p2.run_dir());
+    let _second = Daemon::spawn(cmd, &p2.path("second.log"));
+    assert!(wait_until(Duration::from_secs(10), || p2
+        .curve(&["export", "list"])
+        .status
+        .success()));
+    p2.export_mem("vol", "1M");
+    let (mut c, _, _) = Client::open(&p2.socket("vol"), "vol", false).unwrap();
+    c.request(cmd::READ, 0, 1, 0, 512, &[]).unwrap();
+    assert_eq!(c.reply(512).unwrap().error, 0);
+}
