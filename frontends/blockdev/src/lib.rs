@@ -29,6 +29,7 @@
 
 mod buf;
 mod error;
+pub mod exec;
 mod file;
 mod mem;
 

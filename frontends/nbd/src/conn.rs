@@ -15,7 +15,7 @@
 //! ```
 //!
 //! The thread is its own executor: device futures are polled with a waker that signals the
-//! connection's eventfd ([`crate::wake`]), so a backend that completes on another thread (the
+//! connection's eventfd ([`curve_blockdev::exec`]), so a backend that completes on another thread (the
 //! cluster client) wakes exactly this thread, and one that completes at once costs nothing.
 //!
 //! Buffers come from a per-connection [`BufPool`]; large write payloads are read straight
@@ -39,7 +39,7 @@ use crate::negotiate::BASE_ALLOCATION_ID;
 use crate::proto::{self, cmd, errno};
 use crate::request::{self, Command, Limits, Refusal};
 use crate::stream::StdStream;
-use crate::wake::{self, Notifier};
+use curve_blockdev::exec::{self as wake, Notifier};
 
 /// Requests in flight plus replies waiting to be written, per connection.
 const MAX_QUEUED: usize = 512;

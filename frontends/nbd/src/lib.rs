@@ -6,7 +6,6 @@
 //!  negotiate  fixed-newstyle option negotiation, a pure state machine (fuzzed)
 //!  request    request validation: header -> Command | NBD error     (pure)
 //!  conn       transmission loop of one connection (one thread, no locks)
-//!  wake       the connection thread's executor: eventfd waker + poll(2)
 //!  server     listeners, export tables, connection threads
 //! ```
 //!
@@ -22,6 +21,5 @@ pub mod proto;
 pub mod request;
 mod server;
 mod stream;
-mod wake;
 
 pub use server::{Export, ListenAddr, MAX_BLOCK, NbdServer, ServerError};

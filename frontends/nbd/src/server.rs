@@ -30,7 +30,7 @@ use crate::negotiate::{ExportSummary, Exports, Negotiation, Outcome};
 use crate::proto::{self, tflag};
 use crate::request::Limits;
 use crate::stream::{StdStream, Stream};
-use crate::wake::Notifier;
+use curve_blockdev::exec::Notifier;
 
 /// How long a client may take to negotiate.
 const NEGOTIATION_TIMEOUT: Duration = Duration::from_secs(30);

@@ -11,4 +11,5 @@
 pub mod control;
 pub mod daemon;
 pub mod exports;
+pub mod metafile;
 pub mod volume;

@@ -1,6 +1,7 @@
-//! Parking and waking a connection thread: an eventfd that wakers signal, and a poll(2) on
-//! it together with the socket. This is the whole executor of a connection: device futures
-//! that do not complete at once wake it through their [`Waker`], the socket through poll.
+//! The executor of a frontend queue or connection thread: an eventfd that wakers signal, and
+//! a poll(2) on it together with the thread's socket. Device futures that do not complete at
+//! once wake the thread through their [`std::task::Waker`] (made from the [`Notifier`]); the
+//! socket wakes it through poll. No runtime, no cross-thread hand-off on the data path.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -10,15 +11,15 @@ use std::task::Wake;
 
 /// An eventfd plus a flag that collapses repeated wakes into one write.
 #[derive(Debug)]
-pub(crate) struct Notifier {
+pub struct Notifier {
     fd: OwnedFd,
     armed: AtomicBool,
     /// Set when the connection must stop taking requests.
-    pub(crate) cancelled: AtomicBool,
+    pub cancelled: AtomicBool,
 }
 
 impl Notifier {
-    pub(crate) fn new() -> io::Result<Arc<Self>> {
+    pub fn new() -> io::Result<Arc<Self>> {
         // SAFETY: eventfd creates a new descriptor; the result is checked.
         let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
         if fd < 0 {
@@ -33,7 +34,7 @@ impl Notifier {
     }
 
     /// Wakes the thread parked in [`park`].
-    pub(crate) fn notify(&self) {
+    pub fn notify(&self) {
         if !self.armed.swap(true, Ordering::AcqRel) {
             let one: u64 = 1;
             // SAFETY: writes 8 bytes from a valid u64 to our eventfd.
@@ -42,7 +43,7 @@ impl Notifier {
     }
 
     /// Consumes a pending notification (called by the parked thread after waking).
-    fn reset(&self) {
+    pub fn reset(&self) {
         self.armed.store(false, Ordering::Release);
         let mut v: u64 = 0;
         // SAFETY: reads 8 bytes into a valid u64 from our non-blocking eventfd.
@@ -50,7 +51,7 @@ impl Notifier {
     }
 
     /// Stops the connection: it finishes what is in flight and closes.
-    pub(crate) fn cancel(&self) {
+    pub fn cancel(&self) {
         self.cancelled.store(true, Ordering::Release);
         self.notify();
     }
@@ -66,7 +67,7 @@ impl Wake for Notifier {
 }
 
 /// Sleeps until `sock` is readable (if `read`), writable (if `write`), or `n` is notified.
-pub(crate) fn park(n: &Notifier, sock: RawFd, read: bool, write: bool) -> io::Result<()> {
+pub fn park(n: &Notifier, sock: RawFd, read: bool, write: bool) -> io::Result<()> {
     let mut events = 0;
     if read {
         events |= libc::POLLIN;
