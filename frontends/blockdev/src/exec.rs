@@ -103,3 +103,140 @@ pub fn park(n: &Notifier, sock: RawFd, read: bool, write: bool) -> io::Result<()
     }
     Ok(())
 }
+
+/// A reply waiting to be written: a small header, optional variable bytes, optional data.
+#[derive(Debug)]
+pub struct Reply {
+    head: [u8; 32],
+    head_len: u8,
+    extra: Vec<u8>,
+    data: Option<crate::AlignedBuf>,
+}
+
+impl Reply {
+    /// A reply made of `head` (at most 32 bytes).
+    pub fn new(head: &[u8]) -> Self {
+        let mut r = Reply {
+            head: [0; 32],
+            head_len: head.len() as u8,
+            extra: Vec::new(),
+            data: None,
+        };
+        r.head[..head.len()].copy_from_slice(head);
+        r
+    }
+
+    /// Adds variable bytes after the header.
+    pub fn with_extra(mut self, extra: Vec<u8>) -> Self {
+        self.extra = extra;
+        self
+    }
+
+    /// Adds a data buffer, sent from where it is (no copy) and then returned to the pool.
+    pub fn with_data(mut self, data: crate::AlignedBuf) -> Self {
+        self.data = Some(data);
+        self
+    }
+
+    fn len(&self) -> usize {
+        self.head_len as usize + self.extra.len() + self.data.as_ref().map_or(0, |d| d.len())
+    }
+}
+
+/// Replies queued on a connection, written with one `writev` per call to [`OutQueue::flush`].
+#[derive(Debug, Default)]
+pub struct OutQueue {
+    q: std::collections::VecDeque<Reply>,
+    /// Bytes of the front reply already written.
+    written: usize,
+}
+
+const MAX_IOVECS: usize = 64;
+
+impl OutQueue {
+    /// Queues a reply.
+    pub fn push(&mut self, r: Reply) {
+        self.q.push_back(r);
+    }
+
+    /// Replies not yet fully written.
+    pub fn len(&self) -> usize {
+        self.q.len()
+    }
+
+    /// Whether everything has been written.
+    pub fn is_empty(&self) -> bool {
+        self.q.is_empty()
+    }
+
+    /// Writes as much as `writev` takes; data buffers of written replies go back to `pool`.
+    /// Returns whether anything was written (false when the socket would block).
+    pub fn flush(
+        &mut self,
+        writev: impl FnOnce(&[io::IoSlice<'_>]) -> io::Result<usize>,
+        pool: &mut crate::BufPool,
+    ) -> io::Result<bool> {
+        let mut iov = [io::IoSlice::new(&[]); MAX_IOVECS];
+        let mut n_iov = 0;
+        let mut skip = self.written;
+        'fill: for r in &self.q {
+            let parts: [&[u8]; 3] = [
+                &r.head[..r.head_len as usize],
+                &r.extra,
+                r.data.as_deref().unwrap_or(&[]),
+            ];
+            for part in parts {
+                if skip >= part.len() {
+                    skip -= part.len();
+                    continue;
+                }
+                iov[n_iov] = io::IoSlice::new(&part[skip..]);
+                skip = 0;
+                n_iov += 1;
+                if n_iov == MAX_IOVECS {
+                    break 'fill;
+                }
+            }
+        }
+        let mut n = match writev(&iov[..n_iov]) {
+            Ok(n) => n,
+            Err(e) if is_transient(&e) => return Ok(false),
+            Err(e) => return Err(e),
+        };
+        n += self.written;
+        while let Some(front) = self.q.front() {
+            let len = front.len();
+            if n < len {
+                break;
+            }
+            n -= len;
+            let r = self.q.pop_front().expect("front exists");
+            if let Some(buf) = r.data {
+                pool.give(buf);
+            }
+        }
+        self.written = n;
+        Ok(true)
+    }
+}
+
+/// Whether a socket error only means "not now" (would block, interrupted).
+pub fn is_transient(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+    )
+}
+
+/// How long a connection keeps polling its socket after the last request before it sleeps
+/// (`CURVE_NBD_POLL_US`, default 50 µs; 0 turns polling off).
+pub fn poll_window() -> std::time::Duration {
+    static SPIN: std::sync::OnceLock<std::time::Duration> = std::sync::OnceLock::new();
+    *SPIN.get_or_init(|| {
+        let us = std::env::var("CURVE_NBD_POLL_US")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(50);
+        std::time::Duration::from_micros(us)
+    })
+}

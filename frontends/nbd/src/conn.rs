@@ -21,9 +21,8 @@
 //! Buffers come from a per-connection [`BufPool`]; large write payloads are read straight
 //! into their buffer.
 
-use std::collections::VecDeque;
 use std::future::Future;
-use std::io::{self, IoSlice};
+use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
@@ -31,7 +30,7 @@ use curve_blockdev::{AlignedBuf, BlockDevice, BufPool, Extent, IoError, WriteFla
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::task::Waker;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use futures::stream::{FuturesUnordered, StreamExt};
 
@@ -39,24 +38,11 @@ use crate::negotiate::BASE_ALLOCATION_ID;
 use crate::proto::{self, cmd, errno};
 use crate::request::{self, Command, Limits, Refusal};
 use crate::stream::StdStream;
-use curve_blockdev::exec::{self as wake, Notifier};
+use curve_blockdev::exec::{self as wake, Notifier, OutQueue, Reply, is_transient};
 
 /// Requests in flight plus replies waiting to be written, per connection.
 const MAX_QUEUED: usize = 512;
 const RBUF_LEN: usize = 256 * 1024;
-const MAX_IOVECS: usize = 64;
-/// How long a connection keeps polling its socket after the last request before it sleeps
-/// (`CURVE_NBD_POLL_US`, default 50; 0 turns polling off).
-fn spin_window() -> Duration {
-    static SPIN: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
-    *SPIN.get_or_init(|| {
-        let us = std::env::var("CURVE_NBD_POLL_US")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(50);
-        Duration::from_micros(us)
-    })
-}
 /// Most extents in one block-status reply.
 const MAX_EXTENTS: usize = 1024;
 
@@ -156,20 +142,6 @@ async fn execute(dev: &dyn BlockDevice, cookie: u64, exec: Exec) -> Done {
     Done { cookie, result }
 }
 
-/// A reply waiting to be written: a small header, optional variable bytes, optional data.
-struct Reply {
-    head: [u8; 28],
-    head_len: u8,
-    extra: Vec<u8>,
-    data: Option<AlignedBuf>,
-}
-
-impl Reply {
-    fn len(&self) -> usize {
-        self.head_len as usize + self.extra.len() + self.data.as_ref().map_or(0, |d| d.len())
-    }
-}
-
 /// A write whose header has been read and whose payload is still arriving.
 struct PendingWrite {
     cookie: u64,
@@ -191,9 +163,7 @@ pub(crate) struct Connection<'a> {
     rstart: usize,
     rend: usize,
     pending: Option<PendingWrite>,
-    out: VecDeque<Reply>,
-    /// Bytes of `out.front()` already written.
-    out_written: usize,
+    out: OutQueue,
     pool: BufPool,
     /// No more requests are read (NBD_CMD_DISC, EOF or cancellation).
     closing: bool,
@@ -215,8 +185,7 @@ impl<'a> Connection<'a> {
             rstart: 0,
             rend: 0,
             pending: None,
-            out: VecDeque::with_capacity(MAX_QUEUED),
-            out_written: 0,
+            out: OutQueue::default(),
             pool: BufPool::default(),
             closing: false,
         }
@@ -229,7 +198,7 @@ impl<'a> Connection<'a> {
         let mut inflight: FuturesUnordered<ExecFuture<'a>> = FuturesUnordered::new();
         let waker = Waker::from(notifier.clone());
         let mut cx = Context::from_waker(&waker);
-        let spin = spin_window();
+        let spin = wake::poll_window();
         let mut last_progress = Instant::now();
         loop {
             if notifier.cancelled.load(Ordering::Acquire) {
@@ -260,7 +229,10 @@ impl<'a> Connection<'a> {
                 }
             }
             if !self.out.is_empty() {
-                progress |= self.flush_out()?;
+                let stream = &self.stream;
+                progress |= self
+                    .out
+                    .flush(|iov| stream.try_write_vectored(iov), &mut self.pool)?;
             }
             if self.closing && inflight.is_empty() && self.out.is_empty() {
                 return Ok(());
@@ -426,21 +398,15 @@ impl<'a> Connection<'a> {
     }
 
     fn queue_error(&mut self, cookie: u64, error: u32, message: &str) {
-        let mut r = Reply {
-            head: [0; 28],
-            head_len: 0,
-            extra: Vec::new(),
-            data: None,
-        };
-        if self.structured {
-            proto::encode_structured_error(&mut r.extra, cookie, error, message);
+        let mut v = Vec::with_capacity(32);
+        let r = if self.structured {
+            proto::encode_structured_error(&mut v, cookie, error, message);
+            Reply::new(&[]).with_extra(v)
         } else {
-            let mut v = Vec::with_capacity(16);
             proto::encode_simple_reply(&mut v, cookie, error);
-            r.head[..16].copy_from_slice(&v);
-            r.head_len = 16;
-        }
-        self.out.push_back(r);
+            Reply::new(&v)
+        };
+        self.out.push(r);
     }
 
     fn complete(&mut self, done: Done) {
@@ -479,59 +445,11 @@ impl<'a> Connection<'a> {
             }
             Output::None => proto::encode_simple_reply(&mut head, cookie, 0),
         }
-        let mut r = Reply {
-            head: [0; 28],
-            head_len: head.len() as u8,
-            extra,
-            data,
-        };
-        r.head[..head.len()].copy_from_slice(&head);
-        self.out.push_back(r);
-    }
-
-    /// Writes as much of the queued replies as the socket takes, with one writev.
-    fn flush_out(&mut self) -> Result<bool, ConnError> {
-        let mut iov = [IoSlice::new(&[]); MAX_IOVECS];
-        let mut n_iov = 0;
-        let mut skip = self.out_written;
-        'fill: for r in &self.out {
-            let parts: [&[u8]; 3] = [
-                &r.head[..r.head_len as usize],
-                &r.extra,
-                r.data.as_deref().unwrap_or(&[]),
-            ];
-            for part in parts {
-                if skip >= part.len() {
-                    skip -= part.len();
-                    continue;
-                }
-                iov[n_iov] = IoSlice::new(&part[skip..]);
-                skip = 0;
-                n_iov += 1;
-                if n_iov == MAX_IOVECS {
-                    break 'fill;
-                }
-            }
+        let mut r = Reply::new(&head).with_extra(extra);
+        if let Some(d) = data {
+            r = r.with_data(d);
         }
-        let mut n = match self.stream.try_write_vectored(&iov[..n_iov]) {
-            Ok(n) => n,
-            Err(e) if is_transient(&e) => return Ok(false),
-            Err(e) => return Err(e.into()),
-        };
-        n += self.out_written;
-        while let Some(front) = self.out.front() {
-            let len = front.len();
-            if n < len {
-                break;
-            }
-            n -= len;
-            let r = self.out.pop_front().expect("front exists");
-            if let Some(buf) = r.data {
-                self.pool.give(buf);
-            }
-        }
-        self.out_written = n;
-        Ok(true)
+        self.out.push(r);
     }
 }
 
@@ -566,13 +484,6 @@ fn descriptors(extents: &[Extent], len: u64, req_one: bool) -> Vec<(u32, u32)> {
         out.truncate(1);
     }
     out
-}
-
-fn is_transient(e: &io::Error) -> bool {
-    matches!(
-        e.kind(),
-        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
-    )
 }
 
 /// Maps a device error onto the errno values NBD defines.

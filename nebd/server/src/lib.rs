@@ -11,5 +11,6 @@
 pub mod control;
 pub mod daemon;
 pub mod exports;
+pub mod files;
 pub mod metafile;
 pub mod volume;
