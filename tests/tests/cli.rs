@@ -176,7 +176,7 @@ fn sigterm_shuts_down_cleanly() {
 }
 
 #[test]
-fn one_server_per_run_dir_and_stale_sockets_are_replaced() {
+fn one_server_per_run_dir_and_exports_come_back_after_kill_9() {
     let mut p2 = Part2::start();
     // A second server on the same run dir is refused.
     let out = Command::new(bin("nebd-server"))
@@ -189,7 +189,8 @@ fn one_server_per_run_dir_and_stale_sockets_are_replaced() {
         err.contains("another nebd-server") && err.contains(&p2.daemon.pid().to_string()),
         "{err}"
     );
-    // kill -9 leaves the sockets behind; a new server on the same dir replaces them.
+    // kill -9 leaves the sockets behind; a new server on the same dir replaces them and
+    // re-creates the export from its metafile, on the same socket.
     p2.export_mem("vol", "1M");
     p2.daemon.signal(libc::SIGKILL);
     p2.daemon.wait(Duration::from_secs(10));

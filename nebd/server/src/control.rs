@@ -82,6 +82,8 @@ pub enum Request {
     },
     /// Every export.
     ListExports,
+    /// Every file part1 has open.
+    ListFiles,
 }
 
 /// A control response.
@@ -95,6 +97,9 @@ pub struct Response {
     /// Exports the request concerns (added one, or all for a listing).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub exports: Vec<ExportStatus>,
+    /// Files part1 has open (for a file listing).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub files: Vec<crate::files::FileStatus>,
 }
 
 impl Response {
@@ -102,8 +107,8 @@ impl Response {
     pub fn ok(exports: Vec<ExportStatus>) -> Self {
         Response {
             ok: true,
-            error: None,
             exports,
+            ..Default::default()
         }
     }
 
@@ -112,7 +117,7 @@ impl Response {
         Response {
             ok: false,
             error: Some(message.into()),
-            exports: Vec::new(),
+            ..Default::default()
         }
     }
 }

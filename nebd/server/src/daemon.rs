@@ -3,7 +3,13 @@
 //! ```text
 //!  <run-dir>/nebd-server.pid   flock'ed for the life of the process (one server per dir)
 //!  <run-dir>/control.sock      control protocol (crate::control), served here
+//!  <run-dir>/nebd.sock         part1 service (crate::part1): File, Heartbeat, IO
+//!  <run-dir>/nebd-server.meta  open files and exports (crate::metafile), restored on start
 //! ```
+//!
+//! Start-up order: lock, load the metafile (a corrupt one stops the start), reopen files,
+//! re-create exports on their old sockets, then open the part1 and control sockets, so
+//! that a restarted part2 is complete when its clients find it again.
 
 use std::fs::{File, OpenOptions};
 use std::future::Future;
@@ -17,10 +23,68 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
+use curve_blockdev::exec::Notifier;
 use tokio_util::sync::CancellationToken;
 
 use crate::control::{self, Request, Response};
 use crate::exports::ExportManager;
+use crate::files::FileManager;
+use crate::metafile::Metafile;
+use crate::part1::{PART1_SOCKET, Part1Conn};
+
+/// Listens for part1 connections; each gets its own thread (see [`crate::part1`]).
+fn spawn_part1_service(
+    run_dir: &Path,
+    files: Arc<FileManager>,
+    stop: CancellationToken,
+) -> anyhow::Result<()> {
+    let path = run_dir.join(PART1_SOCKET);
+    // We hold the run dir lock: a socket file here is left by a dead server.
+    let _ = std::fs::remove_file(&path);
+    let listener = UnixListener::bind(&path)
+        .with_context(|| format!("cannot bind part1 socket {}", path.display()))?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o660))?;
+    tokio::spawn(async move {
+        loop {
+            let stream = tokio::select! {
+                _ = stop.cancelled() => break,
+                r = listener.accept() => match r {
+                    Ok((s, _)) => s,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "part1 accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            let (Ok(sock), Ok(notifier)) = (stream.into_std(), Notifier::new()) else {
+                tracing::warn!("cannot take over a part1 connection");
+                continue;
+            };
+            let finished = CancellationToken::new();
+            tokio::spawn({
+                let (notifier, stop, finished) = (notifier.clone(), stop.clone(), finished.clone());
+                async move {
+                    tokio::select! {
+                        _ = stop.cancelled() => notifier.cancel(),
+                        _ = finished.cancelled() => {}
+                    }
+                }
+            });
+            let files = files.clone();
+            let spawned = std::thread::Builder::new().name("nebd-part1".into()).spawn(move || {
+                if let Err(e) = Part1Conn::new(sock, files).serve(&notifier) {
+                    tracing::info!(error = %e, "part1 connection closed");
+                }
+                finished.cancel();
+            });
+            if let Err(e) = spawned {
+                tracing::error!(error = %e, "cannot start a part1 connection thread");
+            }
+        }
+    });
+    Ok(())
+}
 
 /// Default run directory.
 pub const DEFAULT_RUN_DIR: &str = "/run/curve";
@@ -28,8 +92,27 @@ pub const DEFAULT_RUN_DIR: &str = "/run/curve";
 /// How nebd-server runs.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// Directory of the control socket and pid file.
+    /// Directory of the sockets, pid file and metafile.
     pub run_dir: PathBuf,
+    /// A file part1 has not sent a heartbeat for this long is closed (and reopened on its
+    /// next request).
+    pub heartbeat_timeout: Duration,
+}
+
+impl Config {
+    /// Defaults for `run_dir`.
+    pub fn new(run_dir: PathBuf) -> Self {
+        Config {
+            run_dir,
+            heartbeat_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// What the control handlers work on.
+struct State {
+    exports: ExportManager,
+    files: Arc<FileManager>,
 }
 
 /// Holds the run directory's lock for the life of the process.
@@ -81,12 +164,32 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     let listener = UnixListener::bind(&socket)
         .with_context(|| format!("cannot bind control socket {}", socket.display()))?;
     std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o660))?;
-    let manager = Arc::new(ExportManager::new());
+    let meta = Arc::new(Metafile::open(&config.run_dir)?);
+    let files = Arc::new(FileManager::restore(meta.clone()));
+    let state = Arc::new(State {
+        exports: ExportManager::new(Some(meta)),
+        files: files.clone(),
+    });
+    state.exports.restore().await;
     let stop = CancellationToken::new();
+    spawn_part1_service(&config.run_dir, files.clone(), stop.clone())?;
+    let timeout = config.heartbeat_timeout;
+    tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            let mut tick = tokio::time::interval((timeout / 4).max(Duration::from_millis(10)));
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tick.tick() => { files.expire(timeout); }
+                }
+            }
+        }
+    });
     tracing::info!(run_dir = %config.run_dir.display(), pid = std::process::id(), "nebd-server started");
 
     let accept = {
-        let manager = manager.clone();
+        let state = state.clone();
         let stop = stop.clone();
         async move {
             loop {
@@ -101,10 +204,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
                         }
                     },
                 };
-                let manager = manager.clone();
+                let state = state.clone();
                 let stop = stop.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = serve_control(stream, &manager, &stop).await {
+                    if let Err(e) = serve_control(stream, &state, &stop).await {
                         tracing::debug!(error = %e, "control connection ended");
                     }
                 });
@@ -117,14 +220,15 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     }
     stop.cancel();
     let _ = std::fs::remove_file(&socket);
-    manager.shutdown(Duration::from_secs(5)).await;
+    let _ = std::fs::remove_file(config.run_dir.join(PART1_SOCKET));
+    state.exports.shutdown(Duration::from_secs(5)).await;
     tracing::info!("nebd-server stopped");
     Ok(())
 }
 
 async fn serve_control(
     stream: UnixStream,
-    manager: &ExportManager,
+    state: &State,
     stop: &CancellationToken,
 ) -> std::io::Result<()> {
     let (r, mut w) = stream.into_split();
@@ -148,7 +252,7 @@ async fn serve_control(
         }
         let response = match control::parse_request(line.trim()) {
             Err(e) => Response::error(e),
-            Ok(req) => handle(manager, req).await,
+            Ok(req) => handle(state, req).await,
         };
         let mut reply = serde_json::to_string(&response)?;
         reply.push('\n');
@@ -156,16 +260,21 @@ async fn serve_control(
     }
 }
 
-async fn handle(manager: &ExportManager, req: Request) -> Response {
+async fn handle(state: &State, req: Request) -> Response {
     match req {
-        Request::AddExport(spec) => match manager.add(spec).await {
+        Request::AddExport(spec) => match state.exports.add(spec).await {
             Ok(status) => Response::ok(vec![status]),
             Err(e) => Response::error(e),
         },
-        Request::RemoveExport { name } => match manager.remove(&name).await {
+        Request::RemoveExport { name } => match state.exports.remove(&name).await {
             Ok(()) => Response::ok(Vec::new()),
             Err(e) => Response::error(e),
         },
-        Request::ListExports => Response::ok(manager.list().await),
+        Request::ListExports => Response::ok(state.exports.list().await),
+        Request::ListFiles => Response {
+            ok: true,
+            files: state.files.list(),
+            ..Default::default()
+        },
     }
 }

@@ -8,6 +8,7 @@ use std::time::Duration;
 use curve_nbd::{Export, ListenAddr, NbdServer};
 
 use crate::control::{ExportSpec, ExportStatus, Frontend};
+use crate::metafile::Metafile;
 use crate::volume::VolumeSpec;
 
 struct Entry {
@@ -20,17 +21,12 @@ struct Entry {
 pub struct ExportManager {
     nbd: NbdServer,
     entries: tokio::sync::Mutex<BTreeMap<String, Entry>>,
+    meta: Option<Arc<Metafile>>,
 }
 
 impl std::fmt::Debug for ExportManager {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ExportManager").finish_non_exhaustive()
-    }
-}
-
-impl Default for ExportManager {
-    fn default() -> Self {
-        Self::new()
     }
 }
 
@@ -52,16 +48,34 @@ pub fn validate_name(name: &str) -> Result<(), String> {
 }
 
 impl ExportManager {
-    /// No exports yet.
-    pub fn new() -> Self {
+    /// No exports yet; when `meta` is given, exports are persisted there.
+    pub fn new(meta: Option<Arc<Metafile>>) -> Self {
         ExportManager {
             nbd: NbdServer::new(),
             entries: Default::default(),
+            meta,
         }
     }
 
-    /// Opens the volume and starts serving it.
-    pub async fn add(&self, mut spec: ExportSpec) -> Result<ExportStatus, String> {
+    /// Re-creates the exports recorded in the metafile (after a restart), on the same
+    /// addresses. Failures are logged; the record stays for the next start.
+    pub async fn restore(&self) {
+        let Some(meta) = &self.meta else { return };
+        for spec in meta.state().exports {
+            let name = spec.name.clone();
+            match self.add_inner(spec, false).await {
+                Ok(s) => tracing::info!(name, uri = %s.uri, "export restored"),
+                Err(e) => tracing::error!(name, error = %e, "cannot restore export"),
+            }
+        }
+    }
+
+    /// Opens the volume, starts serving it and records it in the metafile.
+    pub async fn add(&self, spec: ExportSpec) -> Result<ExportStatus, String> {
+        self.add_inner(spec, true).await
+    }
+
+    async fn add_inner(&self, mut spec: ExportSpec, persist: bool) -> Result<ExportStatus, String> {
         validate_name(&spec.name)?;
         let volume: VolumeSpec = spec.volume.parse().map_err(|e| format!("{e}"))?;
         let Frontend::Nbd { address } = &spec.frontend;
@@ -84,6 +98,13 @@ impl ExportManager {
             .add_export(&addr, export.clone())
             .await
             .map_err(|e| error_chain(&e))?;
+        if let (true, Some(meta)) = (persist, &self.meta) {
+            let record = spec.clone();
+            if let Err(e) = meta.update(|s| s.exports.push(record)) {
+                let _ = self.nbd.remove_export(&spec.name).await;
+                return Err(format!("cannot write the metafile: {e}"));
+            }
+        }
         tracing::info!(name = %spec.name, volume = %spec.volume, %addr, read_only, "export added");
         let entry = Entry { spec, addr, export };
         let status = status(&entry);

@@ -9,9 +9,13 @@ use nebd_server::daemon::{self, Config, DEFAULT_RUN_DIR};
 #[derive(Debug, Parser)]
 #[command(version)]
 struct Args {
-    /// Directory of the control socket and pid file.
+    /// Directory of the sockets (control.sock, nebd.sock), pid file and metafile.
     #[arg(long, env = "CURVE_RUN_DIR", default_value = DEFAULT_RUN_DIR)]
     run_dir: PathBuf,
+    /// Close a file part1 has sent no heartbeat for in this many milliseconds (it is
+    /// reopened on its next request).
+    #[arg(long, default_value_t = 30_000)]
+    heartbeat_timeout_ms: u64,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -28,12 +32,11 @@ fn main() -> anyhow::Result<()> {
         .thread_name("nebd-ctl")
         .enable_all()
         .build()?;
-    rt.block_on(daemon::run(
-        Config {
-            run_dir: args.run_dir,
-        },
-        shutdown_signal(),
-    ))
+    let config = Config {
+        heartbeat_timeout: std::time::Duration::from_millis(args.heartbeat_timeout_ms),
+        ..Config::new(args.run_dir)
+    };
+    rt.block_on(daemon::run(config, shutdown_signal()))
 }
 
 async fn shutdown_signal() {
