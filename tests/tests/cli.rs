@@ -202,7 +202,7 @@ fn one_server_per_run_dir_and_exports_come_back_after_kill_9() {
         .curve(&["export", "list"])
         .status
         .success()));
-    p2.export_mem("vol", "1M");
+    assert!(p2.curve_ok(&["export", "list"]).contains("vol"));
     let (mut c, _, _) = Client::open(&p2.socket("vol"), "vol", false).unwrap();
     c.request(cmd::READ, 0, 1, 0, 512, &[]).unwrap();
     assert_eq!(c.reply(512).unwrap().error, 0);
