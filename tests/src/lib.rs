@@ -127,30 +127,46 @@ pub struct Part2 {
     pub daemon: Daemon,
     /// Temporary directory holding the run dir, logs and test files.
     pub dir: tempfile::TempDir,
+    args: Vec<String>,
+    incarnation: u32,
 }
 
 impl Part2 {
     /// Starts nebd-server and waits for its control socket.
     pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// Starts nebd-server with extra arguments.
+    pub fn start_with(args: &[&str]) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("curve-test-")
             .tempdir()
             .expect("temp dir");
-        let mut cmd = Command::new(bin("nebd-server"));
-        cmd.arg("--run-dir")
-            .arg(dir.path().join("run"))
-            .env("RUST_LOG", "info,curve_nbd=debug");
-        let mut daemon = Daemon::spawn(cmd, &dir.path().join("nebd-server.log"));
-        let sock = dir.path().join("run/control.sock");
-        let up = wait_until(Duration::from_secs(20), || {
-            sock.exists() || !daemon.running()
-        });
-        assert!(
-            up && daemon.running(),
-            "nebd-server did not start:\n{}",
-            read_log(dir.path())
-        );
-        Part2 { daemon, dir }
+        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        let daemon = spawn_part2(dir.path(), &args, 0);
+        Part2 {
+            daemon,
+            dir,
+            args,
+            incarnation: 0,
+        }
+    }
+
+    /// Plays the supervisor after a crash: kill -9, then start a new nebd-server on the same
+    /// run dir at once. Returns how long the new one took to answer on its control socket.
+    pub fn kill9_and_restart(&mut self) -> Duration {
+        self.daemon.signal(libc::SIGKILL);
+        self.daemon.wait(Duration::from_secs(10));
+        let t = Instant::now();
+        self.incarnation += 1;
+        self.daemon = spawn_part2(self.dir.path(), &self.args, self.incarnation);
+        t.elapsed()
+    }
+
+    /// The part1 socket.
+    pub fn part1_socket(&self) -> PathBuf {
+        self.run_dir().join("nebd.sock")
     }
 
     /// The run directory.
@@ -213,8 +229,37 @@ impl Part2 {
     }
 }
 
+fn log_name(incarnation: u32) -> String {
+    if incarnation == 0 {
+        "nebd-server.log".into()
+    } else {
+        format!("nebd-server.{incarnation}.log")
+    }
+}
+
+fn spawn_part2(dir: &Path, args: &[String], incarnation: u32) -> Daemon {
+    let mut cmd = Command::new(bin("nebd-server"));
+    cmd.arg("--run-dir")
+        .arg(dir.join("run"))
+        .args(args)
+        .env("RUST_LOG", "info,curve_nbd=debug");
+    let mut daemon = Daemon::spawn(cmd, &dir.join(log_name(incarnation)));
+    let sock = dir.join("run/control.sock");
+    let up = wait_until(Duration::from_secs(20), || {
+        std::os::unix::net::UnixStream::connect(&sock).is_ok() || !daemon.running()
+    });
+    assert!(up && daemon.running(), "nebd-server did not start:\n{}", read_log(dir));
+    daemon
+}
+
+/// Every log of every incarnation, in order.
 fn read_log(dir: &Path) -> String {
-    std::fs::read_to_string(dir.join("nebd-server.log")).unwrap_or_default()
+    (0..)
+        .map(|i| dir.join(log_name(i)))
+        .take_while(|p| p.exists())
+        .map(|p| std::fs::read_to_string(p).unwrap_or_default())
+        .collect::<Vec<_>>()
+        .join("\n--- restart ---\n")
 }
 
 /// Runs a consumer command; panics with its output when it fails.
