@@ -25,7 +25,7 @@ cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
 echo "== build"
-cargo build --workspace --bins --locked
+cargo build --workspace --locked
 
 echo "== tests"
 if cargo nextest --version >/dev/null 2>&1; then
