@@ -164,6 +164,11 @@ impl Part2 {
         t.elapsed()
     }
 
+    /// The log of one incarnation (0: the first start, 1: after the first restart, ...).
+    pub fn log_of(&self, incarnation: u32) -> String {
+        std::fs::read_to_string(self.dir.path().join(log_name(incarnation))).unwrap_or_default()
+    }
+
     /// The part1 socket.
     pub fn part1_socket(&self) -> PathBuf {
         self.run_dir().join("nebd.sock")
@@ -248,7 +253,11 @@ fn spawn_part2(dir: &Path, args: &[String], incarnation: u32) -> Daemon {
     let up = wait_until(Duration::from_secs(20), || {
         std::os::unix::net::UnixStream::connect(&sock).is_ok() || !daemon.running()
     });
-    assert!(up && daemon.running(), "nebd-server did not start:\n{}", read_log(dir));
+    assert!(
+        up && daemon.running(),
+        "nebd-server did not start:\n{}",
+        read_log(dir)
+    );
     daemon
 }
 

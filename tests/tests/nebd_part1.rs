@@ -19,7 +19,9 @@ fn image(p2: &Part2, name: &str, size: u64) -> String {
 
 fn files(p2: &Part2) -> Vec<nebd_server::files::FileStatus> {
     let mut c = nebd_server::control::ControlClient::connect(&p2.run_dir()).unwrap();
-    c.call(&nebd_server::control::Request::ListFiles).unwrap().files
+    c.call(&nebd_server::control::Request::ListFiles)
+        .unwrap()
+        .files
 }
 
 #[test]
@@ -29,7 +31,11 @@ fn api_roundtrip() {
     let nebd = Nebd::new(Options::new(p2.part1_socket()));
     let info = nebd.open(&name).unwrap();
     assert_eq!((info.size, info.block_size), (4 << 20, 512));
-    assert_eq!(nebd.open(&name).unwrap().fd, info.fd, "reopening the same volume");
+    assert_eq!(
+        nebd.open(&name).unwrap().fd,
+        info.fd,
+        "reopening the same volume"
+    );
     let fd = info.fd;
     let data: Vec<u8> = (0..65536u32).map(|i| (i * 7) as u8).collect();
     nebd.pwrite(fd, &data, 4096, true).unwrap();
@@ -40,14 +46,19 @@ fn api_roundtrip() {
     let (tx, rx) = std::sync::mpsc::channel();
     for i in 0..32u64 {
         let tx = tx.clone();
-        nebd.aio_write(fd, i * 4096, &[i as u8; 4096], false, move |r| tx.send(r.map(|_| i)).unwrap());
+        nebd.aio_write(fd, i * 4096, &[i as u8; 4096], false, move |r| {
+            tx.send(r.map(|_| i)).unwrap()
+        });
     }
     for _ in 0..32 {
         rx.recv_timeout(Duration::from_secs(10)).unwrap().unwrap();
     }
     let (tx, rx) = std::sync::mpsc::channel();
     nebd.aio_read(fd, 31 * 4096, 4096, move |r| tx.send(r).unwrap());
-    assert_eq!(rx.recv_timeout(Duration::from_secs(10)).unwrap().unwrap(), vec![31u8; 4096]);
+    assert_eq!(
+        rx.recv_timeout(Duration::from_secs(10)).unwrap().unwrap(),
+        vec![31u8; 4096]
+    );
     nebd.discard(fd, 0, 4096).unwrap();
     nebd.flush(fd).unwrap();
     let mut z = vec![1u8; 4096];
@@ -58,7 +69,9 @@ fn api_roundtrip() {
     // Errors from part2 come back at once.
     let e = nebd.pread(fd, &mut [0u8; 512], 8 << 20).unwrap_err();
     assert_eq!(e.errno(), libc::EINVAL);
-    assert!(matches!(nebd.pread(999, &mut [0u8; 1], 0), Err(NebdError::Status { errno, .. }) if errno == libc::EBADF));
+    assert!(
+        matches!(nebd.pread(999, &mut [0u8; 1], 0), Err(NebdError::Status { errno, .. }) if errno == libc::EBADF)
+    );
     assert_eq!(nebd.open("bogus:thing").unwrap_err().errno(), libc::EINVAL);
     nebd.close(fd).unwrap();
     assert_eq!(nebd.close(fd).unwrap_err().errno(), libc::EBADF);
@@ -118,19 +131,35 @@ fn bad_input_on_the_part1_socket() {
     let mut s = UnixStream::connect(p2.part1_socket()).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let cases: [(Vec<u8>, i32); 6] = [
-        (raw_request(Op::Read as u8, 4242, 1, 0, 512, &[]), -libc::EBADF),
-        (raw_request(Op::Read as u8, fd, 2, (1 << 20) - 100, 512, &[]), -libc::EINVAL),
-        (raw_request(Op::Write as u8, fd, 3, 1 << 20, 0, &[7u8; 64]), -libc::EINVAL),
+        (
+            raw_request(Op::Read as u8, 4242, 1, 0, 512, &[]),
+            -libc::EBADF,
+        ),
+        (
+            raw_request(Op::Read as u8, fd, 2, (1 << 20) - 100, 512, &[]),
+            -libc::EINVAL,
+        ),
+        (
+            raw_request(Op::Write as u8, fd, 3, 1 << 20, 0, &[7u8; 64]),
+            -libc::EINVAL,
+        ),
         (raw_request(200, fd, 4, 0, 0, b"xyz"), -libc::EINVAL),
-        (raw_request(Op::Heartbeat as u8, 0, 5, 0, 0, &[1, 2, 3]), -libc::EINVAL),
-        (raw_request(Op::Read as u8, fd, 6, 0, u64::MAX, &[]), -libc::EINVAL),
+        (
+            raw_request(Op::Heartbeat as u8, 0, 5, 0, 0, &[1, 2, 3]),
+            -libc::EINVAL,
+        ),
+        (
+            raw_request(Op::Read as u8, fd, 6, 0, u64::MAX, &[]),
+            -libc::EINVAL,
+        ),
     ];
     for (frame, want) in cases {
         s.write_all(&frame).unwrap();
         let (status, id, _) = raw_response(&mut s);
         assert_eq!(status, want, "request {id}");
     }
-    s.write_all(&raw_request(Op::Read as u8, fd, 7, 0, 16, &[])).unwrap();
+    s.write_all(&raw_request(Op::Read as u8, fd, 7, 0, 16, &[]))
+        .unwrap();
     let (status, id, data) = raw_response(&mut s);
     assert_eq!((status, id, data.len()), (0, 7, 16));
     // The well-behaved client never noticed.
@@ -170,7 +199,11 @@ fn heartbeat_timeout_closes_and_the_next_request_reopens() {
     let name2 = image(&p2, "h2.img", 1 << 20);
     let fd2 = beating.open(&name2).unwrap().fd;
     std::thread::sleep(Duration::from_millis(900));
-    assert!(files(&p2).iter().find(|f| f.fd == fd2).unwrap().open, "{}", p2.log());
+    assert!(
+        files(&p2).iter().find(|f| f.fd == fd2).unwrap().open,
+        "{}",
+        p2.log()
+    );
 }
 
 /// Writes a block, reads it back, verifies, over and over; returns (ios, errors, longest I/O).
@@ -238,7 +271,9 @@ fn the_c_example_survives_kill_9_of_part2() {
     curve_tests::require_tool("cc");
     let mut p2 = Part2::start();
     let name = image(&p2, "c.img", 1 << 20);
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap();
     let lib_dir = curve_tests::bin("libnebd.so").parent().unwrap().to_owned();
     let exe = p2.path("nebd_verify");
     curve_tests::run_ok(

@@ -141,7 +141,12 @@ pub extern "C" fn nebd_lib_close(fd: c_int) -> c_int {
 /// # Safety
 /// `buf` must be valid for `length` bytes of writes.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn nebd_lib_pread(fd: c_int, buf: *mut c_void, offset: libc::off_t, length: libc::size_t) -> libc::ssize_t {
+pub unsafe extern "C" fn nebd_lib_pread(
+    fd: c_int,
+    buf: *mut c_void,
+    offset: libc::off_t,
+    length: libc::size_t,
+) -> libc::ssize_t {
     let (c, fd) = match (client(), fd_of(fd)) {
         (Ok(c), Ok(fd)) => (c, fd),
         (Err(e), _) | (_, Err(e)) => return e as libc::ssize_t,
@@ -162,7 +167,12 @@ pub unsafe extern "C" fn nebd_lib_pread(fd: c_int, buf: *mut c_void, offset: lib
 /// # Safety
 /// `buf` must be valid for `length` bytes of reads.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn nebd_lib_pwrite(fd: c_int, buf: *const c_void, offset: libc::off_t, length: libc::size_t) -> libc::ssize_t {
+pub unsafe extern "C" fn nebd_lib_pwrite(
+    fd: c_int,
+    buf: *const c_void,
+    offset: libc::off_t,
+    length: libc::size_t,
+) -> libc::ssize_t {
     let (c, fd) = match (client(), fd_of(fd)) {
         (Ok(c), Ok(fd)) => (c, fd),
         (Err(e), _) | (_, Err(e)) => return e as libc::ssize_t,
@@ -194,7 +204,9 @@ fn aio(fd: c_int, ctx: *mut NebdClientAioContext, op: LibAioOp) -> c_int {
     // SAFETY: as above; op is written before the request is submitted.
     unsafe { (*ctx).op = op };
     let ctx = Ctx(ctx);
-    let unit = |ctx: Ctx| move |r: Result<(), NebdError>| ctx.finish(r.map_or_else(|e| neg(&e), |()| 0), None);
+    let unit = |ctx: Ctx| {
+        move |r: Result<(), NebdError>| ctx.finish(r.map_or_else(|e| neg(&e), |()| 0), None)
+    };
     match op {
         LibAioOp::Read => c.aio_read(fd, offset as u64, length, move |r| match r {
             Ok(data) => ctx.finish(0, Some(&data)),
@@ -240,7 +252,9 @@ pub extern "C" fn nebd_lib_flush(fd: c_int, context: *mut NebdClientAioContext) 
 #[unsafe(no_mangle)]
 pub extern "C" fn nebd_lib_filesize(fd: c_int) -> i64 {
     match (client(), fd_of(fd)) {
-        (Ok(c), Ok(fd)) => c.info(fd).map_or_else(|e| i64::from(neg(&e)), |i| i.size as i64),
+        (Ok(c), Ok(fd)) => c
+            .info(fd)
+            .map_or_else(|e| i64::from(neg(&e)), |i| i.size as i64),
         (Err(e), _) | (_, Err(e)) => i64::from(e),
     }
 }
@@ -249,7 +263,9 @@ pub extern "C" fn nebd_lib_filesize(fd: c_int) -> i64 {
 #[unsafe(no_mangle)]
 pub extern "C" fn nebd_lib_blocksize(fd: c_int) -> i64 {
     match (client(), fd_of(fd)) {
-        (Ok(c), Ok(fd)) => c.info(fd).map_or_else(|e| i64::from(neg(&e)), |i| i64::from(i.block_size)),
+        (Ok(c), Ok(fd)) => c
+            .info(fd)
+            .map_or_else(|e| i64::from(neg(&e)), |i| i64::from(i.block_size)),
         (Err(e), _) | (_, Err(e)) => i64::from(e),
     }
 }

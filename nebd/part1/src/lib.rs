@@ -118,7 +118,16 @@ struct Inner {
 
 impl Inner {
     #[allow(clippy::too_many_arguments)]
-    fn submit(&self, op: Op, fd: u32, offset: u64, length: u64, flags: u8, payload: &[u8], done: Completion) {
+    fn submit(
+        &self,
+        op: Op,
+        fd: u32,
+        offset: u64,
+        length: u64,
+        flags: u8,
+        payload: &[u8],
+        done: Completion,
+    ) {
         if self.shutdown.load(Ordering::Acquire) {
             return done(Err(NebdError::Shutdown));
         }
@@ -164,7 +173,6 @@ impl Inner {
             let _ = stream.shutdown(std::net::Shutdown::Both);
         }
     }
-
 }
 
 /// A part1 client. Cheap to clone; the threads stop when the last clone is dropped.
@@ -248,12 +256,30 @@ impl Nebd {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn submit(&self, op: Op, fd: u32, offset: u64, length: u64, flags: u8, payload: &[u8], done: Completion) {
-        self.inner.submit(op, fd, offset, length, flags, payload, done);
+    fn submit(
+        &self,
+        op: Op,
+        fd: u32,
+        offset: u64,
+        length: u64,
+        flags: u8,
+        payload: &[u8],
+        done: Completion,
+    ) {
+        self.inner
+            .submit(op, fd, offset, length, flags, payload, done);
     }
 
     /// Submits and waits for the answer.
-    fn call(&self, op: Op, fd: u32, offset: u64, length: u64, flags: u8, payload: &[u8]) -> Result<Vec<u8>, NebdError> {
+    fn call(
+        &self,
+        op: Op,
+        fd: u32,
+        offset: u64,
+        length: u64,
+        flags: u8,
+        payload: &[u8],
+    ) -> Result<Vec<u8>, NebdError> {
         let slot = Arc::new((Mutex::new(None::<Answer>), Condvar::new()));
         let s = slot.clone();
         self.submit(
@@ -307,7 +333,8 @@ impl Nebd {
     /// Writes `buf` at `offset` (`fua`: durable when it returns).
     pub fn pwrite(&self, fd: u32, buf: &[u8], offset: u64, fua: bool) -> Result<(), NebdError> {
         let flags = if fua { proto::FLAG_FUA } else { 0 };
-        self.call(Op::Write, fd, offset, buf.len() as u64, flags, buf).map(|_| ())
+        self.call(Op::Write, fd, offset, buf.len() as u64, flags, buf)
+            .map(|_| ())
     }
 
     /// Discards a range.
@@ -333,24 +360,75 @@ impl Nebd {
     }
 
     /// Reads asynchronously; `done` runs on the reader thread with the data.
-    pub fn aio_read(&self, fd: u32, offset: u64, len: usize, done: impl FnOnce(Result<Vec<u8>, NebdError>) + Send + 'static) {
-        self.submit(Op::Read, fd, offset, len as u64, 0, &[], Box::new(move |a| done(status(Op::Read, a))));
+    pub fn aio_read(
+        &self,
+        fd: u32,
+        offset: u64,
+        len: usize,
+        done: impl FnOnce(Result<Vec<u8>, NebdError>) + Send + 'static,
+    ) {
+        self.submit(
+            Op::Read,
+            fd,
+            offset,
+            len as u64,
+            0,
+            &[],
+            Box::new(move |a| done(status(Op::Read, a))),
+        );
     }
 
     /// Writes asynchronously; `done` runs on the reader thread.
-    pub fn aio_write(&self, fd: u32, offset: u64, data: &[u8], fua: bool, done: impl FnOnce(Result<(), NebdError>) + Send + 'static) {
+    pub fn aio_write(
+        &self,
+        fd: u32,
+        offset: u64,
+        data: &[u8],
+        fua: bool,
+        done: impl FnOnce(Result<(), NebdError>) + Send + 'static,
+    ) {
         let flags = if fua { proto::FLAG_FUA } else { 0 };
-        self.submit(Op::Write, fd, offset, data.len() as u64, flags, data, Box::new(move |a| done(status(Op::Write, a).map(|_| ()))));
+        self.submit(
+            Op::Write,
+            fd,
+            offset,
+            data.len() as u64,
+            flags,
+            data,
+            Box::new(move |a| done(status(Op::Write, a).map(|_| ()))),
+        );
     }
 
     /// Discards asynchronously.
-    pub fn aio_discard(&self, fd: u32, offset: u64, len: u64, done: impl FnOnce(Result<(), NebdError>) + Send + 'static) {
-        self.submit(Op::Discard, fd, offset, len, 0, &[], Box::new(move |a| done(status(Op::Discard, a).map(|_| ()))));
+    pub fn aio_discard(
+        &self,
+        fd: u32,
+        offset: u64,
+        len: u64,
+        done: impl FnOnce(Result<(), NebdError>) + Send + 'static,
+    ) {
+        self.submit(
+            Op::Discard,
+            fd,
+            offset,
+            len,
+            0,
+            &[],
+            Box::new(move |a| done(status(Op::Discard, a).map(|_| ()))),
+        );
     }
 
     /// Flushes asynchronously.
     pub fn aio_flush(&self, fd: u32, done: impl FnOnce(Result<(), NebdError>) + Send + 'static) {
-        self.submit(Op::Flush, fd, 0, 0, 0, &[], Box::new(move |a| done(status(Op::Flush, a).map(|_| ()))));
+        self.submit(
+            Op::Flush,
+            fd,
+            0,
+            0,
+            0,
+            &[],
+            Box::new(move |a| done(status(Op::Flush, a).map(|_| ()))),
+        );
     }
 }
 
@@ -477,6 +555,14 @@ fn heartbeat_loop(inner: &Inner) {
         if fds.is_empty() {
             continue;
         }
-        inner.submit(Op::Heartbeat, 0, 0, 0, 0, &proto::encode_fds(&fds), Box::new(|_| {}));
+        inner.submit(
+            Op::Heartbeat,
+            0,
+            0,
+            0,
+            0,
+            &proto::encode_fds(&fds),
+            Box::new(|_| {}),
+        );
     }
 }

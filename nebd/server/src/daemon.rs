@@ -21,9 +21,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use curve_blockdev::exec::Notifier;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
-use curve_blockdev::exec::Notifier;
 use tokio_util::sync::CancellationToken;
 
 use crate::control::{self, Request, Response};
@@ -72,12 +72,14 @@ fn spawn_part1_service(
                 }
             });
             let files = files.clone();
-            let spawned = std::thread::Builder::new().name("nebd-part1".into()).spawn(move || {
-                if let Err(e) = Part1Conn::new(sock, files).serve(&notifier) {
-                    tracing::info!(error = %e, "part1 connection closed");
-                }
-                finished.cancel();
-            });
+            let spawned = std::thread::Builder::new()
+                .name("nebd-part1".into())
+                .spawn(move || {
+                    if let Err(e) = Part1Conn::new(sock, files).serve(&notifier) {
+                        tracing::info!(error = %e, "part1 connection closed");
+                    }
+                    finished.cancel();
+                });
             if let Err(e) = spawned {
                 tracing::error!(error = %e, "cannot start a part1 connection thread");
             }

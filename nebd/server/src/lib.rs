@@ -12,6 +12,6 @@ pub mod control;
 pub mod daemon;
 pub mod exports;
 pub mod files;
-pub mod part1;
 pub mod metafile;
+pub mod part1;
 pub mod volume;

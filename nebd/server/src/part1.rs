@@ -123,16 +123,19 @@ impl Part1Conn {
                 std::thread::yield_now();
             } else {
                 let want_read = !self.closing && inflight.len() + self.out.len() < MAX_QUEUED;
-                exec::park(notifier, self.sock.as_raw_fd(), want_read, !self.out.is_empty())?;
+                exec::park(
+                    notifier,
+                    self.sock.as_raw_fd(),
+                    want_read,
+                    !self.out.is_empty(),
+                )?;
             }
         }
     }
 
     fn fill(&mut self) -> io::Result<bool> {
-        let result = if let Some((h, buf, filled)) = self
-            .pending
-            .as_mut()
-            .filter(|_| self.rstart == self.rend)
+        let result = if let Some((h, buf, filled)) =
+            self.pending.as_mut().filter(|_| self.rstart == self.rend)
         {
             let n = (&self.sock).read(&mut buf[*filled..h.payload as usize]);
             if let Ok(n) = n {
@@ -205,7 +208,8 @@ impl Part1Conn {
             status,
             payload: payload.len() as u32,
         });
-        self.out.push(Reply::new(&head).with_extra(payload.to_vec()));
+        self.out
+            .push(Reply::new(&head).with_extra(payload.to_vec()));
     }
 
     fn refuse(&mut self, id: u64, e: &FileError) {
@@ -232,7 +236,11 @@ impl Part1Conn {
                     .map(|i| proto::encode_file_info(&i).to_vec()),
             ),
             Op::Close => Some(files.close(h.fd).map(|()| Vec::new())),
-            Op::GetInfo => Some(files.info(h.fd).map(|i| proto::encode_file_info(&i).to_vec())),
+            Op::GetInfo => Some(
+                files
+                    .info(h.fd)
+                    .map(|i| proto::encode_file_info(&i).to_vec()),
+            ),
             Op::Resize => Some(
                 files
                     .resize(h.fd, h.offset)
@@ -324,7 +332,10 @@ async fn execute(
             let r = dev.write(h.offset, &payload, WriteFlags { fua }).await;
             (r.map(|()| None), Some(payload))
         }
-        (Op::Discard, _) => (dev.discard(h.offset, h.length).await.map(|()| None), Some(payload)),
+        (Op::Discard, _) => (
+            dev.discard(h.offset, h.length).await.map(|()| None),
+            Some(payload),
+        ),
         _ => (dev.flush().await.map(|()| None), Some(payload)),
     };
     Done {
