@@ -9,14 +9,41 @@ cd "$(dirname "$0")/.."
 dir=${1:-/tmp/curve-playground}
 cargo build --release --bins -q
 mkdir -p "$dir"
-target/release/nebd-server --run-dir "$dir/run" 2>>"$dir/nebd-server.log" &
-pid=$!
-trap 'kill -TERM $pid 2>/dev/null; wait $pid 2>/dev/null; exit 0' INT TERM
-for _ in $(seq 100); do [ -S "$dir/run/control.sock" ] && break; sleep 0.1; done
-uri=$(target/release/curve --run-dir "$dir/run" export add --volume mem:1G \
-      --nbd "unix:$dir/run/nbd.sock" --name vol0)
+# Supervise part2: if it dies it is restarted at once, and restores its exports from its
+# metafile (a mem: volume comes back empty: it is RAM).
+supervise() {
+  trap 'exit 0' TERM
+  while true; do
+    target/release/nebd-server --run-dir "$dir/run" 2>>"$dir/nebd-server.log" &
+    echo $! >"$dir/nebd-server.pid.current"
+    wait $! || true
+    echo "nebd-server exited; restarting" >>"$dir/nebd-server.log"
+  done
+}
+supervise &
+sup=$!
+stop() {
+  trap - INT TERM
+  kill -TERM $sup 2>/dev/null || true          # first the supervisor, so it restarts nothing
+  wait $sup 2>/dev/null || true
+  kill -TERM "$(cat "$dir/nebd-server.pid.current" 2>/dev/null)" 2>/dev/null || true
+  wait 2>/dev/null || true
+  exit 0
+}
+trap stop INT TERM
+for _ in $(seq 100); do
+  target/release/curve --run-dir "$dir/run" export list >/dev/null 2>&1 && break
+  sleep 0.1
+done
+if target/release/curve --run-dir "$dir/run" export list | grep -q '^vol0 '; then
+  uri=$(target/release/curve --run-dir "$dir/run" export list --format json |
+        python3 -c 'import json,sys; print(json.load(sys.stdin)[0]["uri"])')
+else
+  uri=$(target/release/curve --run-dir "$dir/run" export add --volume mem:1G \
+        --nbd "unix:$dir/run/nbd.sock" --name vol0)
+fi
 cat <<MSG
-nebd-server (pid $pid) serves vol0, 1 GiB of RAM, at:
+nebd-server (supervised) serves vol0, 1 GiB of RAM, at:
   $uri
 
 Attach with:
@@ -25,6 +52,8 @@ Attach with:
   fio --name=t --ioengine=nbd --uri='$uri' --rw=randrw --bs=4k --iodepth=32 --time_based --runtime=10
   qemu-system-x86_64 ... -drive driver=nbd,server.type=unix,server.path=$dir/run/nbd.sock,export=vol0,if=virtio
   curve --run-dir $dir/run export list
+  libnebd (part1): socket $dir/run/nebd.sock
 Logs: $dir/nebd-server.log. Ctrl-C stops.
 MSG
-wait $pid
+wait $sup || true
+stop
