@@ -207,3 +207,28 @@ fn one_server_per_run_dir_and_exports_come_back_after_kill_9() {
     c.request(cmd::READ, 0, 1, 0, 512, &[]).unwrap();
     assert_eq!(c.reply(512).unwrap().error, 0);
 }
+
+#[test]
+fn a_corrupt_metafile_is_refused_with_a_clear_error() {
+    let mut p2 = Part2::start();
+    p2.export_mem("vol", "1M");
+    p2.daemon.signal(libc::SIGKILL);
+    p2.daemon.wait(Duration::from_secs(10));
+    let meta = p2.run_dir().join("nebd-server.meta");
+    let mut bytes = std::fs::read(&meta).unwrap();
+    bytes[5] ^= 0x20; // one flipped bit inside the JSON
+    std::fs::write(&meta, &bytes).unwrap();
+    let out = Command::new(bin("nebd-server"))
+        .arg("--run-dir")
+        .arg(p2.run_dir())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = stderr_of(&out);
+    assert!(
+        err.contains("nebd-server.meta is corrupt") && err.contains("checksum"),
+        "{err}"
+    );
+    // Nothing was silently replaced.
+    assert_eq!(std::fs::read(&meta).unwrap(), bytes);
+}
