@@ -30,7 +30,6 @@ use curve_blockdev::{AlignedBuf, BlockDevice, BufPool, Extent, IoError, WriteFla
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::task::Waker;
-use std::time::Instant;
 
 use futures::stream::{FuturesUnordered, StreamExt};
 
@@ -198,8 +197,7 @@ impl<'a> Connection<'a> {
         let mut inflight: FuturesUnordered<ExecFuture<'a>> = FuturesUnordered::new();
         let waker = Waker::from(notifier.clone());
         let mut cx = Context::from_waker(&waker);
-        let spin = wake::poll_window();
-        let mut last_progress = Instant::now();
+        let mut poller = wake::Poller::default();
         loop {
             if notifier.cancelled.load(Ordering::Acquire) {
                 self.closing = true;
@@ -238,13 +236,8 @@ impl<'a> Connection<'a> {
                 return Ok(());
             }
             if progress {
-                last_progress = Instant::now();
-            } else if last_progress.elapsed() < spin {
-                // Adaptive polling: right after traffic, the next request usually follows
-                // within microseconds; looking for it beats a sleep and a cross-CPU wakeup.
-                // Yielding keeps a client that shares this CPU running.
-                std::thread::yield_now();
-            } else {
+                poller.progressed();
+            } else if !poller.keep_polling() {
                 let want_read = !self.closing && inflight.len() + self.out.len() < MAX_QUEUED;
                 wake::park(notifier, self.stream.fd(), want_read, !self.out.is_empty())?;
             }

@@ -512,6 +512,7 @@ fn transmit(
     t: crate::negotiate::Transmission<Arc<Export>>,
     notifier: Arc<Notifier>,
 ) {
+    curve_blockdev::exec::batch_scheduling();
     let export = t.export;
     export.connections.fetch_add(1, Ordering::Relaxed);
     let limits = Limits {

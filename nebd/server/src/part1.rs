@@ -15,7 +15,6 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::task::{Context, Poll, Waker};
-use std::time::Instant;
 
 use curve_blockdev::exec::{self, Notifier, OutQueue, Reply, is_transient};
 use curve_blockdev::{AlignedBuf, BlockDevice, BufPool, IoError, WriteFlags, check_range};
@@ -81,11 +80,11 @@ impl Part1Conn {
 
     /// Serves the connection until part1 hangs up or `notifier` is cancelled.
     pub fn serve(mut self, notifier: &Arc<Notifier>) -> io::Result<()> {
+        exec::batch_scheduling();
         let mut inflight: FuturesUnordered<ExecFuture> = FuturesUnordered::new();
         let waker = Waker::from(notifier.clone());
         let mut cx = Context::from_waker(&waker);
-        let spin = exec::poll_window();
-        let mut last_progress = Instant::now();
+        let mut poller = exec::Poller::default();
         loop {
             if notifier.cancelled.load(Ordering::Acquire) {
                 self.closing = true;
@@ -118,10 +117,8 @@ impl Part1Conn {
                 return Ok(());
             }
             if progress {
-                last_progress = Instant::now();
-            } else if last_progress.elapsed() < spin {
-                std::thread::yield_now();
-            } else {
+                poller.progressed();
+            } else if !poller.keep_polling() {
                 let want_read = !self.closing && inflight.len() + self.out.len() < MAX_QUEUED;
                 exec::park(
                     notifier,
