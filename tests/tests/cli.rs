@@ -232,3 +232,21 @@ fn a_corrupt_metafile_is_refused_with_a_clear_error() {
     // Nothing was silently replaced.
     assert_eq!(std::fs::read(&meta).unwrap(), bytes);
 }
+
+#[test]
+fn removed_exports_stay_removed_after_a_restart() {
+    let mut p2 = Part2::start();
+    p2.export_mem("keep", "1M");
+    p2.export_mem("gone", "1M");
+    p2.curve_ok(&["export", "remove", "gone"]);
+    p2.kill9_and_restart();
+    let list = p2.curve_ok(&["export", "list", "--format", "json"]);
+    let j: serde_json::Value = serde_json::from_str(&list).unwrap();
+    let names: Vec<&str> = j
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, vec!["keep"], "{}", p2.log());
+}

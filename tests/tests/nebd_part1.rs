@@ -73,6 +73,13 @@ fn api_roundtrip() {
         matches!(nebd.pread(999, &mut [0u8; 1], 0), Err(NebdError::Status { errno, .. }) if errno == libc::EBADF)
     );
     assert_eq!(nebd.open("bogus:thing").unwrap_err().errno(), libc::EINVAL);
+    // A request part2 could never take is refused here, not sent (and replayed) forever.
+    let huge = vec![0u8; (proto::MAX_PAYLOAD + 1) as usize];
+    assert_eq!(
+        nebd.pwrite(fd, &huge, 0, false).unwrap_err().errno(),
+        libc::EINVAL
+    );
+    nebd.pread(fd, &mut back, 4096).unwrap();
     nebd.close(fd).unwrap();
     assert_eq!(nebd.close(fd).unwrap_err().errno(), libc::EBADF);
     assert!(files(&p2).is_empty());

@@ -43,11 +43,16 @@ impl Notifier {
     }
 
     /// Consumes a pending notification (called by the parked thread after waking).
+    ///
+    /// The eventfd is drained before the flag is cleared: a `notify` racing with this either
+    /// finds the flag still set (and the caller, which polls everything after waking, sees
+    /// its work) or writes again after the drain. Clearing first could let the drain swallow
+    /// a write whose flag then stays set, muting every later `notify`.
     pub fn reset(&self) {
-        self.armed.store(false, Ordering::Release);
         let mut v: u64 = 0;
         // SAFETY: reads 8 bytes into a valid u64 from our non-blocking eventfd.
         unsafe { libc::read(self.fd.as_raw_fd(), (&raw mut v).cast(), 8) };
+        self.armed.store(false, Ordering::Release);
     }
 
     /// Stops the connection: it finishes what is in flight and closes.

@@ -133,6 +133,10 @@ impl FileDevice {
 
     fn do_zero(&self, offset: u64, len: u64, flags: ZeroFlags) -> IoResult<()> {
         self.writable(offset, len)?;
+        if flags.fast_only && !self.info.fast_zero {
+            // A block device may zero by writing; the caller asked not to wait for that.
+            return Err(IoError::NotSupported("fast zeroing"));
+        }
         let mode = if flags.may_unmap {
             libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
         } else {

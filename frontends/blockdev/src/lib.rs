@@ -144,7 +144,7 @@ pub fn check_range(info: &DeviceInfo, offset: u64, len: u64) -> IoResult<()> {
         });
     }
     let align = u64::from(info.alignment.max(1));
-    if offset % align != 0 || len % align != 0 {
+    if !offset.is_multiple_of(align) || !len.is_multiple_of(align) {
         return Err(IoError::Unaligned {
             offset,
             len,

@@ -143,6 +143,16 @@ impl Negotiation {
                     );
                     return Outcome::Continue;
                 };
+                // A client that does not ask for block sizes assumes a minimum of 1.
+                if go && summary.min_block > 1 && !requests.contains(&info::BLOCK_SIZE) {
+                    error(
+                        out,
+                        option,
+                        rep::ERR_BLOCK_SIZE_REQD,
+                        "this export needs aligned requests: ask for NBD_INFO_BLOCK_SIZE",
+                    );
+                    return Outcome::Continue;
+                }
                 let mut d = info::EXPORT.to_be_bytes().to_vec();
                 d.extend_from_slice(&summary.size.to_be_bytes());
                 d.extend_from_slice(&self.flags(&summary).to_be_bytes());
@@ -384,6 +394,49 @@ mod tests {
         );
         assert_eq!(n.handle(opt::ABORT, &[], &One, &mut out), Outcome::Close);
         assert_eq!(replies(&out)[0].1, rep::ACK);
+    }
+
+    /// An export whose requests must be 4 KiB aligned.
+    struct Aligned;
+    impl Exports for Aligned {
+        type Export = u8;
+        fn find(&self, name: &str) -> Option<(u8, ExportSummary)> {
+            One.find(name).map(|(e, s)| {
+                (
+                    e,
+                    ExportSummary {
+                        min_block: 4096,
+                        ..s
+                    },
+                )
+            })
+        }
+        fn list(&self) -> Vec<(String, String)> {
+            One.list()
+        }
+    }
+
+    #[test]
+    fn block_size_constraints_must_be_asked_for() {
+        let mut n = Negotiation::new(0);
+        let mut out = Vec::new();
+        let mut d = 3u32.to_be_bytes().to_vec();
+        d.extend_from_slice(b"vol");
+        d.extend_from_slice(&0u16.to_be_bytes());
+        assert_eq!(n.handle(opt::GO, &d, &Aligned, &mut out), Outcome::Continue);
+        assert_eq!(replies(&out)[0].1, rep::ERR_BLOCK_SIZE_REQD);
+        out.clear();
+        let d = go("vol"); // asks for NAME only
+        assert_eq!(n.handle(opt::GO, &d, &Aligned, &mut out), Outcome::Continue);
+        let mut d = 3u32.to_be_bytes().to_vec();
+        d.extend_from_slice(b"vol");
+        d.extend_from_slice(&1u16.to_be_bytes());
+        d.extend_from_slice(&info::BLOCK_SIZE.to_be_bytes());
+        out.clear();
+        assert!(matches!(
+            n.handle(opt::GO, &d, &Aligned, &mut out),
+            Outcome::Transmit(_)
+        ));
     }
 
     #[test]

@@ -91,6 +91,10 @@ fn refuse(error: u32, message: &'static str) -> Refusal {
 
 /// Validates a request header against the connection's limits.
 pub fn validate(h: &RequestHeader, l: &Limits) -> Result<Command, Refusal> {
+    // NBD_CMD_DISC is never answered, whatever its flags.
+    if h.kind == cmd::DISC {
+        return Ok(Command::Disconnect);
+    }
     let allowed = match h.kind {
         cmd::READ => cflag::FUA | cflag::DF,
         cmd::WRITE | cmd::TRIM => cflag::FUA,
@@ -103,10 +107,8 @@ pub fn validate(h: &RequestHeader, l: &Limits) -> Result<Command, Refusal> {
         return Err(refuse(errno::EINVAL, "flag not valid for this command"));
     }
     let fua = h.flags & cflag::FUA != 0;
-    match h.kind {
-        cmd::FLUSH => return Ok(Command::Flush),
-        cmd::DISC => return Ok(Command::Disconnect),
-        _ => {}
+    if h.kind == cmd::FLUSH {
+        return Ok(Command::Flush);
     }
     let modifies = matches!(h.kind, cmd::WRITE | cmd::TRIM | cmd::WRITE_ZEROES);
     if modifies && l.read_only {
@@ -134,7 +136,7 @@ pub fn validate(h: &RequestHeader, l: &Limits) -> Result<Command, Refusal> {
         return Err(refuse(error, "request past the end of the export"));
     }
     let align = u64::from(l.min_block.max(1));
-    if h.offset % align != 0 || u64::from(h.len) % align != 0 {
+    if !h.offset.is_multiple_of(align) || u64::from(h.len) % align != 0 {
         return Err(refuse(
             errno::EINVAL,
             "request not aligned to the minimum block size",
@@ -211,6 +213,10 @@ mod tests {
             })
         );
         assert_eq!(validate(&h(cmd::FLUSH, 0, 0, 0), &L), Ok(Command::Flush));
+        assert_eq!(
+            validate(&h(cmd::DISC, 0xffff, 0, 0), &L),
+            Ok(Command::Disconnect)
+        );
     }
 
     #[test]

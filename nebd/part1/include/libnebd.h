@@ -26,7 +26,8 @@ typedef enum LIBAIO_OP {
 struct NebdClientAioContext;
 typedef void (*LibAioCallBack)(struct NebdClientAioContext *context);
 
-/* Owned by the caller until cb runs (once, on a library thread). */
+/* Owned by the caller until cb runs (once, on a library thread). The callback must not wait
+ * for another libnebd call to complete: that answer would be delivered by the thread it blocks. */
 struct NebdClientAioContext {
     off_t offset;
     size_t length;

@@ -209,7 +209,8 @@ fn aio(fd: c_int, ctx: *mut NebdClientAioContext, op: LibAioOp) -> c_int {
     };
     match op {
         LibAioOp::Read => c.aio_read(fd, offset as u64, length, move |r| match r {
-            Ok(data) => ctx.finish(0, Some(&data)),
+            Ok(data) if data.len() == length => ctx.finish(0, Some(&data)),
+            Ok(_) => ctx.finish(-libc::EIO, None),
             Err(e) => ctx.finish(neg(&e), None),
         }),
         LibAioOp::Write => {

@@ -17,6 +17,9 @@
 //!  heartbeat thread: every interval, HEARTBEAT(open fds)
 //! ```
 //!
+//! Completion callbacks run on the reader thread: they must not wait for another libnebd
+//! call to complete (that answer could only be delivered by the thread they block).
+//!
 //! Replayed requests are safe: reads, writes of the same data, discards, flushes and opens
 //! are idempotent; a replayed CLOSE that finds the fd already gone counts as done.
 
@@ -102,6 +105,9 @@ struct Pending {
 struct Writer {
     stream: Option<UnixStream>,
     generation: u64,
+    /// A resender thread is replaying unanswered requests on this connection: submitters
+    /// leave their frames to it, so frames never interleave and old ones go out first.
+    resending: bool,
 }
 
 struct Inner {
@@ -131,6 +137,14 @@ impl Inner {
         if self.shutdown.load(Ordering::Acquire) {
             return done(Err(NebdError::Shutdown));
         }
+        // part2 would drop the connection for such a frame, and it would be replayed forever.
+        let too_big = |n: u64| n > u64::from(proto::MAX_PAYLOAD);
+        if too_big(payload.len() as u64) || (op == Op::Read && too_big(length)) {
+            return done(Err(NebdError::Status {
+                op,
+                errno: libc::EINVAL,
+            }));
+        }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let mut frame = Vec::with_capacity(proto::REQUEST_LEN + payload.len());
         proto::encode_request(
@@ -158,6 +172,9 @@ impl Inner {
             },
         );
         let w = self.writer.lock();
+        if w.resending {
+            return; // the resender sends it after the replayed ones
+        }
         let Some(stream) = &w.stream else {
             return; // the reader sends it when it connects
         };
@@ -203,7 +220,10 @@ impl Drop for Threads {
         }
         self.inner.wake.1.notify_all();
         for h in self.handles.lock().drain(..) {
-            let _ = h.join();
+            // The last handle may be dropped by a callback, on the reader thread itself.
+            if h.thread().id() != std::thread::current().id() {
+                let _ = h.join();
+            }
         }
         for (_, p) in self.inner.pending.lock().drain() {
             (p.done)(Err(NebdError::Shutdown));
@@ -221,6 +241,7 @@ impl Nebd {
             writer: Mutex::new(Writer {
                 stream: None,
                 generation: 0,
+                resending: false,
             }),
             shutdown: AtomicBool::new(false),
             open_fds: Mutex::new(BTreeSet::new()),
@@ -440,8 +461,8 @@ fn status(op: Op, a: Answer) -> Result<Vec<u8>, NebdError> {
     Ok(data)
 }
 
-/// Connects, then resends every unanswered request on the new connection.
-fn connect(inner: &Inner) -> Option<UnixStream> {
+/// Connects, then has every unanswered request resent on the new connection.
+fn connect(inner: &Arc<Inner>) -> Option<UnixStream> {
     let mut backoff = Duration::from_millis(5);
     loop {
         if inner.shutdown.load(Ordering::Acquire) {
@@ -453,30 +474,23 @@ fn connect(inner: &Inner) -> Option<UnixStream> {
                     continue;
                 };
                 let mut w = inner.writer.lock();
+                // Shutdown sets its flag before it takes this lock to close the stream.
+                if inner.shutdown.load(Ordering::Acquire) {
+                    return None;
+                }
                 w.generation += 1;
                 let generation = w.generation;
-                let frames: Vec<Arc<Vec<u8>>> = {
-                    let mut p = inner.pending.lock();
-                    let mut ids: Vec<u64> = p.keys().copied().collect();
-                    ids.sort_unstable();
-                    ids.iter()
-                        .map(|id| {
-                            let e = p.get_mut(id).expect("listed");
-                            e.replayed |= e.sent_gen != 0;
-                            e.sent_gen = generation;
-                            e.frame.clone()
-                        })
-                        .collect()
-                };
                 w.stream = Some(write_half);
+                w.resending = !inner.pending.lock().is_empty();
                 if generation > 1 {
                     inner.reconnects.fetch_add(1, Ordering::Relaxed);
                 }
-                // Resend from another thread: the reader must keep reading answers while
-                // these go out, or a full socket in each direction would block both sides.
-                drop(w);
-                if !frames.is_empty() {
-                    resend(inner, generation, frames);
+                if w.resending {
+                    // From another thread: the reader must keep reading answers while the
+                    // replayed frames go out, or full sockets in both directions would block
+                    // both sides.
+                    let inner = inner.clone();
+                    std::thread::spawn(move || resend(&inner, generation));
                 }
                 return Some(s);
             }
@@ -488,25 +502,50 @@ fn connect(inner: &Inner) -> Option<UnixStream> {
     }
 }
 
-fn resend(inner: &Inner, generation: u64, frames: Vec<Arc<Vec<u8>>>) {
-    let w = inner.writer.lock();
-    if w.generation != generation {
-        return;
-    }
-    let Some(stream) = w.stream.as_ref().and_then(|s| s.try_clone().ok()) else {
-        return;
-    };
-    drop(w);
-    std::thread::spawn(move || {
+/// Writes every request not yet sent on connection `generation`, oldest first, until none
+/// is left; then lets submitters write again.
+fn resend(inner: &Inner, generation: u64) {
+    loop {
+        let (frames, stream) = {
+            let mut w = inner.writer.lock();
+            if w.generation != generation {
+                return;
+            }
+            let frames: Vec<Arc<Vec<u8>>> = {
+                let mut p = inner.pending.lock();
+                let mut ids: Vec<u64> = p
+                    .iter()
+                    .filter(|(_, e)| e.sent_gen != generation)
+                    .map(|(id, _)| *id)
+                    .collect();
+                ids.sort_unstable();
+                ids.iter()
+                    .map(|id| {
+                        let e = p.get_mut(id).expect("listed");
+                        e.replayed |= e.sent_gen != 0;
+                        e.sent_gen = generation;
+                        e.frame.clone()
+                    })
+                    .collect()
+            };
+            if frames.is_empty() {
+                w.resending = false;
+                return;
+            }
+            let Some(stream) = w.stream.as_ref().and_then(|s| s.try_clone().ok()) else {
+                return;
+            };
+            (frames, stream)
+        };
         for f in frames {
             if (&stream).write_all(&f).is_err() {
-                break;
+                return; // the reader reconnects and starts over
             }
         }
-    });
+    }
 }
 
-fn reader_loop(inner: &Inner) {
+fn reader_loop(inner: &Arc<Inner>) {
     let mut payload = Vec::new();
     while !inner.shutdown.load(Ordering::Acquire) {
         let Some(mut stream) = connect(inner) else {

@@ -230,7 +230,7 @@ pub fn parse_file_info(b: &[u8]) -> Result<FileInfo, FrameError> {
 
 /// Parses a HEARTBEAT payload: a list of u32 fds.
 pub fn parse_fds(b: &[u8]) -> Result<Vec<u32>, FrameError> {
-    if b.len() % 4 != 0 {
+    if !b.len().is_multiple_of(4) {
         return Err(FrameError::Malformed);
     }
     Ok(b.chunks_exact(4).map(|c| u32_at(c, 0)).collect())

@@ -122,6 +122,10 @@ impl ExportManager {
             .remove_export(name)
             .await
             .map_err(|e| e.to_string())?;
+        if let Some(meta) = &self.meta {
+            meta.update(|s| s.exports.retain(|e| e.name != name))
+                .map_err(|e| format!("cannot write the metafile: {e}"))?;
+        }
         tracing::info!(name, "export removed");
         Ok(())
     }

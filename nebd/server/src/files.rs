@@ -56,6 +56,8 @@ pub struct FileStatus {
 /// Every file part1 has open.
 pub struct FileManager {
     files: RwLock<HashMap<u32, Entry>>,
+    /// Serialises opens, closes and metafile writes (control path only).
+    control: parking_lot::Mutex<()>,
     next_fd: AtomicU32,
     meta: Arc<Metafile>,
     epoch: Instant,
@@ -110,6 +112,7 @@ impl FileManager {
         }
         FileManager {
             files: RwLock::new(files),
+            control: parking_lot::Mutex::new(()),
             next_fd: AtomicU32::new(max_fd + 1),
             meta,
             epoch,
@@ -120,6 +123,8 @@ impl FileManager {
         self.epoch.elapsed().as_millis() as u64
     }
 
+    /// Writes the current set of files to the metafile; callers hold `control`, so records
+    /// are collected and written in the order of the changes they reflect.
     fn persist(&self) -> Result<(), FileError> {
         let mut records: Vec<FileRecord> = self
             .files
@@ -141,6 +146,7 @@ impl FileManager {
         let spec: VolumeSpec = name
             .parse()
             .map_err(|e| err(-libc::EINVAL, format!("{e}")))?;
+        let _control = self.control.lock();
         let existing = self
             .files
             .read()
@@ -165,13 +171,18 @@ impl FileManager {
                 last_beat: AtomicU64::new(self.now_ms()),
             },
         );
-        self.persist()?;
+        if let Err(e) = self.persist() {
+            // Not recorded, so not opened: a restart would not know this fd.
+            self.files.write().remove(&fd);
+            return Err(e);
+        }
         tracing::info!(fd, name, "file opened");
         Ok(i)
     }
 
     /// Closes and forgets a file.
     pub fn close(&self, fd: u32) -> Result<(), FileError> {
+        let _control = self.control.lock();
         if self.files.write().remove(&fd).is_none() {
             return Err(err(-libc::EBADF, format!("no open file with fd {fd}")));
         }
@@ -260,7 +271,9 @@ impl FileManager {
         let mut files = self.files.write();
         for (fd, e) in files.iter_mut() {
             let age = now.saturating_sub(e.last_beat.load(Ordering::Relaxed));
-            if e.device.is_some() && age > limit {
+            // Closing a RAM volume would destroy its data: it stays open.
+            let is_ram = matches!(e.spec, VolumeSpec::Mem { .. });
+            if e.device.is_some() && age > limit && !is_ram {
                 e.device = None;
                 closed.push(*fd);
                 tracing::info!(fd, name = %e.name, age_ms = age, "file closed: heartbeat timeout");

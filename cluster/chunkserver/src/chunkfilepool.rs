@@ -1,0 +1,231 @@
+//! ChunkFilePool: chunk files formatted in advance, so that creating a chunk is a rename.
+//!
+//! A chunk file written for the first time would allocate its blocks (file-system metadata
+//! updates on every first write). The pool holds files already written end to end once with
+//! zeroes: taking one is a `rename` into the copyset's directory, deleting a chunk renames it
+//! back (after clearing its meta page). A background thread keeps the pool at its target size;
+//! when the pool is empty a file is formatted synchronously.
+//!
+//! Files are named `<n>` inside the pool directory; formatting writes `<n>.tmp` and renames it
+//! when complete, so a crash never leaves a half-formatted file in the pool.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use parking_lot::{Condvar, Mutex};
+
+/// How a pool is sized.
+#[derive(Debug, Clone)]
+pub struct PoolOptions {
+    /// Size of each file: chunk size plus the meta page.
+    pub file_size: u64,
+    /// Files the pool keeps ready.
+    pub target: usize,
+}
+
+/// A pool of preformatted chunk files in one directory.
+#[derive(Debug)]
+pub struct ChunkFilePool {
+    dir: PathBuf,
+    opts: PoolOptions,
+    free: Mutex<Vec<PathBuf>>,
+    next: AtomicU64,
+    stop: AtomicBool,
+    wake: Condvar,
+    refill: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl ChunkFilePool {
+    /// Opens (or creates) the pool in `dir`, collects the files already there and starts the
+    /// background refill.
+    pub fn open(dir: &Path, opts: PoolOptions) -> io::Result<Arc<Self>> {
+        std::fs::create_dir_all(dir)?;
+        let mut free = Vec::new();
+        let mut max = 0u64;
+        for entry in std::fs::read_dir(dir)? {
+            let entry = entry?;
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            if name.ends_with(".tmp") {
+                // Formatting was interrupted: start that file again.
+                std::fs::remove_file(entry.path())?;
+                continue;
+            }
+            let Ok(n) = name.parse::<u64>() else {
+                continue;
+            };
+            if entry.metadata()?.len() != opts.file_size {
+                std::fs::remove_file(entry.path())?;
+                continue;
+            }
+            max = max.max(n + 1);
+            free.push(entry.path());
+        }
+        let pool = Arc::new(ChunkFilePool {
+            dir: dir.to_owned(),
+            opts,
+            free: Mutex::new(free),
+            next: AtomicU64::new(max),
+            stop: AtomicBool::new(false),
+            wake: Condvar::new(),
+            refill: Mutex::new(None),
+        });
+        let worker = Arc::downgrade(&pool);
+        let handle = std::thread::Builder::new()
+            .name("chunkfilepool".into())
+            .spawn(move || {
+                while let Some(pool) = worker.upgrade() {
+                    if pool.stop.load(Ordering::Acquire) {
+                        return;
+                    }
+                    if pool.len() < pool.opts.target {
+                        match pool.format_one() {
+                            Ok(path) => pool.free.lock().push(path),
+                            Err(e) => {
+                                tracing::error!(error = %e, "cannot format a chunk file");
+                                std::thread::sleep(Duration::from_secs(1));
+                            }
+                        }
+                        continue;
+                    }
+                    let mut g = pool.free.lock();
+                    pool.wake.wait_for(&mut g, Duration::from_millis(500));
+                }
+            })?;
+        *pool.refill.lock() = Some(handle);
+        Ok(pool)
+    }
+
+    /// Files ready now.
+    pub fn len(&self) -> usize {
+        self.free.lock().len()
+    }
+
+    /// Whether no file is ready.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Size of every file of the pool.
+    pub fn file_size(&self) -> u64 {
+        self.opts.file_size
+    }
+
+    fn format_one(&self) -> io::Result<PathBuf> {
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        let tmp = self.dir.join(format!("{n}.tmp"));
+        let path = self.dir.join(n.to_string());
+        let mut f = File::create(&tmp)?;
+        let zeroes = vec![0u8; 1 << 20];
+        let mut left = self.opts.file_size;
+        while left > 0 {
+            let k = left.min(zeroes.len() as u64) as usize;
+            f.write_all(&zeroes[..k])?;
+            left -= k as u64;
+        }
+        f.sync_all()?;
+        std::fs::rename(&tmp, &path)?;
+        Ok(path)
+    }
+
+    /// Moves a formatted file to `dest` (which must not exist), formatting one now if the
+    /// pool is empty.
+    pub fn take(&self, dest: &Path) -> io::Result<()> {
+        let src = self.free.lock().pop();
+        self.wake.notify_one();
+        let src = match src {
+            Some(p) => p,
+            None => self.format_one()?,
+        };
+        std::fs::rename(&src, dest)?;
+        sync_dir(dest)?;
+        Ok(())
+    }
+
+    /// Takes a chunk file back: its meta page is cleared and it rejoins the pool.
+    pub fn give(&self, path: &Path, meta_page: u64) -> io::Result<()> {
+        {
+            let f = OpenOptions::new().write(true).open(path)?;
+            f.write_all_at(&vec![0u8; meta_page as usize], 0)?;
+            f.sync_data()?;
+        }
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        let dest = self.dir.join(n.to_string());
+        std::fs::rename(path, &dest)?;
+        sync_dir(path)?;
+        self.free.lock().push(dest);
+        Ok(())
+    }
+}
+
+impl Drop for ChunkFilePool {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        self.wake.notify_all();
+        if let Some(h) = self.refill.lock().take()
+            && h.thread().id() != std::thread::current().id()
+        {
+            let _ = h.join();
+        }
+    }
+}
+
+/// fsyncs the directory holding `path`, making a rename into or out of it durable.
+pub fn sync_dir(path: &Path) -> io::Result<()> {
+    match path.parent() {
+        Some(dir) => File::open(dir)?.sync_all(),
+        None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fills_takes_and_recycles() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = PoolOptions {
+            file_size: 64 << 10,
+            target: 3,
+        };
+        let pool = ChunkFilePool::open(&dir.path().join("pool"), opts.clone()).unwrap();
+        let filled = (0..500).any(|_| {
+            std::thread::sleep(Duration::from_millis(10));
+            pool.len() == 3
+        });
+        assert!(filled, "the pool refills in the background");
+        let dest = dir.path().join("chunk_1");
+        pool.take(&dest).unwrap();
+        assert_eq!(std::fs::metadata(&dest).unwrap().len(), 64 << 10);
+        std::fs::write(dir.path().join("junk"), b"x").unwrap();
+        {
+            let f = OpenOptions::new().write(true).open(&dest).unwrap();
+            f.write_all_at(b"meta", 0).unwrap();
+        }
+        pool.give(&dest, 4096).unwrap();
+        assert!(!dest.exists());
+        drop(pool);
+        // Reopened, it finds its files again; a leftover .tmp is discarded.
+        std::fs::write(dir.path().join("pool/99.tmp"), b"half").unwrap();
+        let pool = ChunkFilePool::open(&dir.path().join("pool"), opts).unwrap();
+        assert!(pool.len() >= 3);
+        assert!(!dir.path().join("pool/99.tmp").exists());
+        // Every file in the pool starts with a zeroed meta page.
+        for _ in 0..pool.len() {
+            let d = dir.path().join("c");
+            pool.take(&d).unwrap();
+            let b = std::fs::read(&d).unwrap();
+            assert!(b[..4096].iter().all(|&x| x == 0));
+            std::fs::remove_file(&d).unwrap();
+        }
+        // Empty: take formats synchronously.
+        pool.take(&dir.path().join("sync")).unwrap();
+    }
+}
