@@ -32,13 +32,19 @@ pub struct PoolOptions {
 /// A pool of preformatted chunk files in one directory.
 #[derive(Debug)]
 pub struct ChunkFilePool {
+    shared: Arc<Shared>,
+    refill: Mutex<Option<JoinHandle<()>>>,
+}
+
+/// What the pool and its refill thread share.
+#[derive(Debug)]
+struct Shared {
     dir: PathBuf,
     opts: PoolOptions,
     free: Mutex<Vec<PathBuf>>,
     next: AtomicU64,
     stop: AtomicBool,
     wake: Condvar,
-    refill: Mutex<Option<JoinHandle<()>>>,
 }
 
 impl ChunkFilePool {
@@ -67,20 +73,19 @@ impl ChunkFilePool {
             max = max.max(n + 1);
             free.push(entry.path());
         }
-        let pool = Arc::new(ChunkFilePool {
+        let shared = Arc::new(Shared {
             dir: dir.to_owned(),
             opts,
             free: Mutex::new(free),
             next: AtomicU64::new(max),
             stop: AtomicBool::new(false),
             wake: Condvar::new(),
-            refill: Mutex::new(None),
         });
-        let worker = Arc::downgrade(&pool);
+        let pool = shared.clone();
         let handle = std::thread::Builder::new()
             .name("chunkfilepool".into())
             .spawn(move || {
-                while let Some(pool) = worker.upgrade() {
+                loop {
                     if pool.stop.load(Ordering::Acquire) {
                         return;
                     }
@@ -98,13 +103,15 @@ impl ChunkFilePool {
                     pool.wake.wait_for(&mut g, Duration::from_millis(500));
                 }
             })?;
-        *pool.refill.lock() = Some(handle);
-        Ok(pool)
+        Ok(Arc::new(ChunkFilePool {
+            shared,
+            refill: Mutex::new(Some(handle)),
+        }))
     }
 
     /// Files ready now.
     pub fn len(&self) -> usize {
-        self.free.lock().len()
+        self.shared.len()
     }
 
     /// Whether no file is ready.
@@ -114,7 +121,24 @@ impl ChunkFilePool {
 
     /// Size of every file of the pool.
     pub fn file_size(&self) -> u64 {
-        self.opts.file_size
+        self.shared.opts.file_size
+    }
+
+    /// Moves a formatted file to `dest` (which must not exist), formatting one now if the
+    /// pool is empty.
+    pub fn take(&self, dest: &Path) -> io::Result<()> {
+        self.shared.take(dest)
+    }
+
+    /// Takes a chunk file back: its meta page is cleared and it rejoins the pool.
+    pub fn give(&self, path: &Path, meta_page: u64) -> io::Result<()> {
+        self.shared.give(path, meta_page)
+    }
+}
+
+impl Shared {
+    fn len(&self) -> usize {
+        self.free.lock().len()
     }
 
     fn format_one(&self) -> io::Result<PathBuf> {
@@ -134,9 +158,7 @@ impl ChunkFilePool {
         Ok(path)
     }
 
-    /// Moves a formatted file to `dest` (which must not exist), formatting one now if the
-    /// pool is empty.
-    pub fn take(&self, dest: &Path) -> io::Result<()> {
+    fn take(&self, dest: &Path) -> io::Result<()> {
         let src = self.free.lock().pop();
         self.wake.notify_one();
         let src = match src {
@@ -148,8 +170,7 @@ impl ChunkFilePool {
         Ok(())
     }
 
-    /// Takes a chunk file back: its meta page is cleared and it rejoins the pool.
-    pub fn give(&self, path: &Path, meta_page: u64) -> io::Result<()> {
+    fn give(&self, path: &Path, meta_page: u64) -> io::Result<()> {
         {
             let f = OpenOptions::new().write(true).open(path)?;
             f.write_all_at(&vec![0u8; meta_page as usize], 0)?;
@@ -166,11 +187,10 @@ impl ChunkFilePool {
 
 impl Drop for ChunkFilePool {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Release);
-        self.wake.notify_all();
-        if let Some(h) = self.refill.lock().take()
-            && h.thread().id() != std::thread::current().id()
-        {
+        self.shared.stop.store(true, Ordering::Release);
+        self.shared.wake.notify_all();
+        // The refill thread holds only the shared part: this never runs on it.
+        if let Some(h) = self.refill.lock().take() {
             let _ = h.join();
         }
     }

@@ -1,0 +1,520 @@
+//! RaftLog: the raft log of one copyset, of our own.
+//!
+//! ```text
+//!  <copyset>/raft/log_<first index, 20 digits>   segments, preallocated to `segment_size`
+//!      record: len u32 | crc32 u32 | index u64 | entry (bincode, len bytes)
+//!      a zero `len` ends a segment's records (preallocated space reads as zeroes)
+//!  <copyset>/raft/raft_meta                       vote and last purged log id (bincode + crc32,
+//!                                                 written tmp + fsync + rename)
+//! ```
+//!
+//! `append` writes the records of a batch with one `pwrite` and hands the fsync to a flusher
+//! thread, which syncs once for every append queued since its last sync and only then
+//! reports them flushed: fsyncs are batched across requests, and an entry is never reported
+//! durable before it is. `truncate` writes a terminator at the cut and syncs it, so entries
+//! past it cannot come back after a crash. Recovery scans the segments up to the first
+//! terminator, bad checksum or gap.
+
+use std::collections::BTreeMap;
+use std::fmt::Debug;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::ops::RangeBounds;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::mpsc;
+
+use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
+use openraft::{Entry, LogId, OptionalSend, RaftLogReader, StorageIOError, Vote};
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+
+use crate::chunkfilepool::sync_dir;
+use crate::raft::{StorageError, TypeConfig};
+
+const HEADER: u64 = 16;
+const META: &str = "raft_meta";
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct MetaRecord {
+    vote: Option<Vote<u64>>,
+    last_purged: Option<LogId<u64>>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Loc {
+    segment: u64,
+    offset: u64,
+    len: u32,
+    log_id: LogId<u64>,
+}
+
+#[derive(Debug)]
+struct Segment {
+    file: Arc<File>,
+    write_at: u64,
+    size: u64,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    /// Segments by the index of their first record.
+    segments: BTreeMap<u64, Segment>,
+    entries: BTreeMap<u64, Loc>,
+    meta: MetaRecord,
+}
+
+struct FlushRequest {
+    files: Vec<Arc<File>>,
+    callback: LogFlushed<TypeConfig>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    dir: PathBuf,
+    segment_size: u64,
+    state: Mutex<State>,
+    flusher: Mutex<mpsc::Sender<FlushRequest>>,
+}
+
+/// The raft log of one copyset. Clones share the same log (a clone is its reader).
+#[derive(Debug, Clone)]
+pub struct RaftLog {
+    inner: Arc<Inner>,
+}
+
+fn io_err(e: impl std::error::Error + 'static) -> StorageError {
+    StorageIOError::write_logs(&e).into()
+}
+
+fn segment_path(dir: &Path, first: u64) -> PathBuf {
+    dir.join(format!("log_{first:020}"))
+}
+
+impl RaftLog {
+    /// Opens (or creates) the log in `dir`, recovering what a previous run wrote.
+    pub fn open(dir: &Path, segment_size: u64) -> io::Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let mut state = State::default();
+        if let Ok(bytes) = std::fs::read(dir.join(META)) {
+            state.meta = decode_meta(&bytes).ok_or_else(|| {
+                io::Error::new(io::ErrorKind::InvalidData, "raft_meta is corrupt")
+            })?;
+        }
+        let mut firsts: Vec<u64> = std::fs::read_dir(dir)?
+            .filter_map(|e| e.ok())
+            .filter_map(|e| {
+                e.file_name()
+                    .to_str()
+                    .and_then(|n| n.strip_prefix("log_"))
+                    .and_then(|n| n.parse().ok())
+            })
+            .collect();
+        firsts.sort_unstable();
+        let purged = state.meta.last_purged.map(|l| l.index);
+        let mut expect: Option<u64> = None;
+        for first in firsts {
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(segment_path(dir, first))?;
+            let size = file.metadata()?.len();
+            let mut at = 0u64;
+            let mut header = [0u8; HEADER as usize];
+            while at + HEADER <= size {
+                file.read_exact_at(&mut header, at)?;
+                let len = u32::from_le_bytes(header[0..4].try_into().expect("4"));
+                let crc = u32::from_le_bytes(header[4..8].try_into().expect("4"));
+                let index = u64::from_le_bytes(header[8..16].try_into().expect("8"));
+                if len == 0 || at + HEADER + u64::from(len) > size {
+                    break;
+                }
+                let mut payload = vec![0u8; len as usize];
+                file.read_exact_at(&mut payload, at + HEADER)?;
+                let mut h = crc32fast::Hasher::new();
+                h.update(&header[8..16]);
+                h.update(&payload);
+                if h.finalize() != crc || expect.is_some_and(|e| e != index) {
+                    break;
+                }
+                let Ok(entry) = bincode::deserialize::<Entry<TypeConfig>>(&payload) else {
+                    break;
+                };
+                if purged.is_none_or(|p| index > p) {
+                    state.entries.insert(
+                        index,
+                        Loc {
+                            segment: first,
+                            offset: at,
+                            len,
+                            log_id: entry.log_id,
+                        },
+                    );
+                }
+                expect = Some(index + 1);
+                at += HEADER + u64::from(len);
+            }
+            state.segments.insert(
+                first,
+                Segment {
+                    file: Arc::new(file),
+                    write_at: at,
+                    size,
+                },
+            );
+        }
+        let (tx, rx) = mpsc::channel::<FlushRequest>();
+        std::thread::Builder::new()
+            .name("raftlog-flush".into())
+            .spawn(move || flusher(rx))?;
+        Ok(RaftLog {
+            inner: Arc::new(Inner {
+                dir: dir.to_owned(),
+                segment_size,
+                state: Mutex::new(state),
+                flusher: Mutex::new(tx),
+            }),
+        })
+    }
+
+    fn save_meta(&self, meta: &MetaRecord) -> io::Result<()> {
+        let path = self.inner.dir.join(META);
+        let tmp = self.inner.dir.join("raft_meta.tmp");
+        std::fs::write(&tmp, encode_meta(meta))?;
+        File::open(&tmp)?.sync_all()?;
+        std::fs::rename(&tmp, &path)?;
+        sync_dir(&path)
+    }
+
+    /// Writes the records of `entries` (one pwrite per segment touched) and returns the files
+    /// that need a sync before they are durable.
+    fn write_records(
+        &self,
+        entries: impl IntoIterator<Item = Entry<TypeConfig>>,
+    ) -> Result<Vec<Arc<File>>, StorageError> {
+        let mut touched: Vec<Arc<File>> = Vec::new();
+        {
+            let mut st = self.inner.state.lock();
+            // Records of the batch for the current segment, written with one pwrite.
+            let mut buf: Vec<u8> = Vec::new();
+            let mut buf_seg: Option<(u64, u64)> = None; // (segment, offset of buf)
+            for entry in entries {
+                let payload = bincode::serialize(&entry).map_err(io_err)?;
+                let need = HEADER + payload.len() as u64;
+                let index = entry.log_id.index;
+                let fits = st
+                    .segments
+                    .last_key_value()
+                    .is_some_and(|(_, s)| s.write_at + need + HEADER <= s.size);
+                if !fits {
+                    if let Some((seg, off)) = buf_seg.take() {
+                        let file = st.segments[&seg].file.clone();
+                        file.write_all_at(&buf, off).map_err(io_err)?;
+                        buf.clear();
+                    }
+                    let size = self.inner.segment_size.max(need + HEADER);
+                    let path = segment_path(&self.inner.dir, index);
+                    let file = OpenOptions::new()
+                        .read(true)
+                        .write(true)
+                        .create(true)
+                        .truncate(true)
+                        .open(&path)
+                        .map_err(io_err)?;
+                    file.set_len(size).map_err(io_err)?;
+                    sync_dir(&path).map_err(io_err)?;
+                    st.segments.insert(
+                        index,
+                        Segment {
+                            file: Arc::new(file),
+                            write_at: 0,
+                            size,
+                        },
+                    );
+                }
+                let (&first, seg) = st.segments.last_key_value().expect("a segment exists");
+                let offset = seg.write_at;
+                if buf_seg.is_none() {
+                    buf_seg = Some((first, offset));
+                }
+                let mut h = crc32fast::Hasher::new();
+                h.update(&index.to_le_bytes());
+                h.update(&payload);
+                buf.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+                buf.extend_from_slice(&h.finalize().to_le_bytes());
+                buf.extend_from_slice(&index.to_le_bytes());
+                buf.extend_from_slice(&payload);
+                let seg = st.segments.get_mut(&first).expect("just looked up");
+                seg.write_at += need;
+                if !touched.iter().any(|f| Arc::ptr_eq(f, &seg.file)) {
+                    touched.push(seg.file.clone());
+                }
+                st.entries.insert(
+                    index,
+                    Loc {
+                        segment: first,
+                        offset,
+                        len: payload.len() as u32,
+                        log_id: entry.log_id,
+                    },
+                );
+            }
+            if let Some((seg, off)) = buf_seg {
+                let file = st.segments[&seg].file.clone();
+                file.write_all_at(&buf, off).map_err(io_err)?;
+            }
+        }
+        Ok(touched)
+    }
+
+    /// Reads entries in `range` (only those present).
+    fn read(&self, range: impl RangeBounds<u64>) -> Result<Vec<Entry<TypeConfig>>, StorageError> {
+        let locs: Vec<(Arc<File>, Loc)> = {
+            let st = self.inner.state.lock();
+            st.entries
+                .range(range)
+                .map(|(_, l)| (st.segments[&l.segment].file.clone(), *l))
+                .collect()
+        };
+        let mut out = Vec::with_capacity(locs.len());
+        for (file, l) in locs {
+            let mut payload = vec![0u8; l.len as usize];
+            file.read_exact_at(&mut payload, l.offset + HEADER)
+                .map_err(|e| StorageError::from(StorageIOError::read_logs(&e)))?;
+            out.push(
+                bincode::deserialize(&payload)
+                    .map_err(|e| StorageError::from(StorageIOError::read_logs(&e)))?,
+            );
+        }
+        Ok(out)
+    }
+}
+
+fn encode_meta(m: &MetaRecord) -> Vec<u8> {
+    let mut b = bincode::serialize(m).expect("meta serialises");
+    let crc = crc32fast::hash(&b);
+    b.extend_from_slice(&crc.to_le_bytes());
+    b
+}
+
+fn decode_meta(b: &[u8]) -> Option<MetaRecord> {
+    let (body, crc) = b.split_at_checked(b.len().checked_sub(4)?)?;
+    (crc32fast::hash(body) == u32::from_le_bytes(crc.try_into().ok()?))
+        .then(|| bincode::deserialize(body).ok())
+        .flatten()
+}
+
+/// Syncs the files of every queued append once, then reports them all flushed.
+fn flusher(rx: mpsc::Receiver<FlushRequest>) {
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
+        while let Ok(more) = rx.try_recv() {
+            batch.push(more);
+        }
+        let mut files: Vec<Arc<File>> = Vec::new();
+        for f in batch.iter().flat_map(|r| r.files.iter()) {
+            if !files.iter().any(|g| Arc::ptr_eq(g, f)) {
+                files.push(f.clone());
+            }
+        }
+        let result = files.iter().try_for_each(|f| f.sync_data());
+        for r in batch {
+            r.callback.log_io_completed(match &result {
+                Ok(()) => Ok(()),
+                Err(e) => Err(io::Error::new(e.kind(), e.to_string())),
+            });
+        }
+    }
+}
+
+impl RaftLogReader<TypeConfig> for RaftLog {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry<TypeConfig>>, StorageError> {
+        self.read(range)
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for RaftLog {
+    type LogReader = Self;
+
+    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
+        let st = self.inner.state.lock();
+        let last_purged_log_id = st.meta.last_purged;
+        let last_log_id = st
+            .entries
+            .last_key_value()
+            .map(|(_, l)| l.log_id)
+            .or(last_purged_log_id);
+        Ok(LogState {
+            last_purged_log_id,
+            last_log_id,
+        })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote<u64>) -> Result<(), StorageError> {
+        let meta = {
+            let mut st = self.inner.state.lock();
+            st.meta.vote = Some(*vote);
+            st.meta.clone()
+        };
+        self.save_meta(&meta)
+            .map_err(|e| StorageIOError::write_vote(&e).into())
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote<u64>>, StorageError> {
+        Ok(self.inner.state.lock().meta.vote)
+    }
+
+    async fn append<I>(
+        &mut self,
+        entries: I,
+        callback: LogFlushed<TypeConfig>,
+    ) -> Result<(), StorageError>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let touched = self.write_records(entries)?;
+        let sent = self.inner.flusher.lock().send(FlushRequest {
+            files: touched,
+            callback,
+        });
+        if let Err(mpsc::SendError(req)) = sent {
+            req.callback
+                .log_io_completed(Err(io::Error::other("raft log flusher stopped")));
+        }
+        Ok(())
+    }
+
+    async fn truncate(&mut self, log_id: LogId<u64>) -> Result<(), StorageError> {
+        let mut st = self.inner.state.lock();
+        let Some(cut) = st.entries.get(&log_id.index).copied() else {
+            return Ok(());
+        };
+        st.entries.split_off(&log_id.index);
+        let seg = st
+            .segments
+            .get_mut(&cut.segment)
+            .expect("segment of a record");
+        seg.write_at = cut.offset;
+        seg.file
+            .write_all_at(&[0u8; HEADER as usize], cut.offset)
+            .and_then(|()| seg.file.sync_data())
+            .map_err(io_err)?;
+        let later: Vec<u64> = st
+            .segments
+            .range(cut.segment + 1..)
+            .map(|(k, _)| *k)
+            .collect();
+        for first in later {
+            st.segments.remove(&first);
+            std::fs::remove_file(segment_path(&self.inner.dir, first)).map_err(io_err)?;
+        }
+        Ok(())
+    }
+
+    async fn purge(&mut self, log_id: LogId<u64>) -> Result<(), StorageError> {
+        let meta = {
+            let mut st = self.inner.state.lock();
+            st.meta.last_purged = Some(log_id);
+            st.entries = st.entries.split_off(&(log_id.index + 1));
+            st.meta.clone()
+        };
+        self.save_meta(&meta).map_err(io_err)?;
+        let mut st = self.inner.state.lock();
+        // A segment whose successor starts at or before the purge point holds only purged
+        // records.
+        let firsts: Vec<u64> = st.segments.keys().copied().collect();
+        for pair in firsts.windows(2) {
+            if pair[1] <= log_id.index + 1 {
+                st.segments.remove(&pair[0]);
+                std::fs::remove_file(segment_path(&self.inner.dir, pair[0])).map_err(io_err)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use futures::executor::block_on;
+    use openraft::testing::log_id;
+
+    use super::*;
+
+    fn blank(index: u64) -> Entry<TypeConfig> {
+        openraft::testing::blank_ent::<TypeConfig>(1, 1, index)
+    }
+
+    fn write(log: &RaftLog, range: std::ops::Range<u64>) {
+        for f in log.write_records(range.map(blank)).unwrap() {
+            f.sync_data().unwrap();
+        }
+    }
+
+    fn indexes(log: &mut RaftLog) -> Vec<u64> {
+        block_on(log.try_get_log_entries(0..u64::MAX))
+            .unwrap()
+            .iter()
+            .map(|e| e.log_id.index)
+            .collect()
+    }
+
+    #[test]
+    fn recovers_truncates_and_purges_across_segments() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = RaftLog::open(dir.path(), 256).unwrap();
+        write(&log, 1..40);
+        block_on(log.save_vote(&Vote::new(3, 2))).unwrap();
+        let segments = std::fs::read_dir(dir.path()).unwrap().count();
+        assert!(segments > 3, "small segments roll over: {segments}");
+        drop(log);
+        let mut log = RaftLog::open(dir.path(), 256).unwrap();
+        assert_eq!(indexes(&mut log), (1..40).collect::<Vec<_>>());
+        assert_eq!(block_on(log.read_vote()).unwrap(), Some(Vote::new(3, 2)));
+        // Truncate in the middle: the tail never comes back, even after a restart.
+        block_on(log.truncate(log_id(1, 1, 25))).unwrap();
+        write(&log, 25..30);
+        drop(log);
+        let mut log = RaftLog::open(dir.path(), 256).unwrap();
+        assert_eq!(indexes(&mut log), (1..30).collect::<Vec<_>>());
+        // Purge: gone from reads, remembered as last purged, old segments deleted.
+        block_on(log.purge(log_id(1, 1, 20))).unwrap();
+        drop(log);
+        let mut log = RaftLog::open(dir.path(), 256).unwrap();
+        assert_eq!(indexes(&mut log), (21..30).collect::<Vec<_>>());
+        let st = block_on(log.get_log_state()).unwrap();
+        assert_eq!(st.last_purged_log_id, Some(log_id(1, 1, 20)));
+        assert_eq!(st.last_log_id, Some(log_id(1, 1, 29)));
+        assert!(std::fs::read_dir(dir.path()).unwrap().count() < segments);
+    }
+
+    #[test]
+    fn a_torn_tail_is_cut_at_the_last_whole_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = RaftLog::open(dir.path(), 1 << 20).unwrap();
+        write(&log, 1..6);
+        drop(log);
+        // Damage the last record's payload.
+        let seg = segment_path(dir.path(), 1);
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&seg)
+            .unwrap();
+        let st = RaftLog::open(dir.path(), 1 << 20).unwrap();
+        let last = st.inner.state.lock().entries[&5];
+        drop(st);
+        f.write_all_at(b"garbage", last.offset + HEADER + 1)
+            .unwrap();
+        let mut log = RaftLog::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!(indexes(&mut log), vec![1, 2, 3, 4]);
+    }
+}
