@@ -15,9 +15,12 @@
 #![allow(clippy::result_large_err)]
 
 pub mod chunkfilepool;
+pub mod copyset;
 pub mod datastore;
+pub mod network;
 pub mod raft;
 pub mod raftlog;
+pub mod service;
 pub mod statemachine;
 
 #[cfg(test)]

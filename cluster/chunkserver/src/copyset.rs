@@ -1,0 +1,244 @@
+//! CopysetNode (one raft group: RaftLog + CopysetStateMachine over a DataStore) and the
+//! CopysetNodeManager that creates them and rebuilds them from the data directory on restart.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use openraft::{BasicNode, Raft};
+use parking_lot::RwLock;
+
+use crate::chunkfilepool::ChunkFilePool;
+use crate::datastore::DataStore;
+use crate::network::CopysetNetwork;
+use crate::raft::TypeConfig;
+use crate::raftlog::RaftLog;
+use crate::statemachine::CopysetStateMachine;
+
+/// Sizes and timings of copysets.
+#[derive(Debug, Clone)]
+pub struct CopysetOptions {
+    /// Chunk size in bytes.
+    pub chunk_size: u64,
+    /// I/O alignment (4096 or 512).
+    pub page_size: u64,
+    /// Raft log segment size.
+    pub segment_size: u64,
+    /// Raft heartbeat interval, ms.
+    pub heartbeat_ms: u64,
+    /// Raft election timeout range, ms.
+    pub election_ms: (u64, u64),
+}
+
+impl Default for CopysetOptions {
+    fn default() -> Self {
+        CopysetOptions {
+            chunk_size: 16 << 20,
+            page_size: 4096,
+            segment_size: 64 << 20,
+            heartbeat_ms: 100,
+            election_ms: (500, 1000),
+        }
+    }
+}
+
+/// One copyset on this chunkserver.
+pub struct CopysetNode {
+    /// Logical pool.
+    pub pool: u32,
+    /// Copyset id.
+    pub copyset: u32,
+    /// Its raft group.
+    pub raft: Raft<TypeConfig>,
+    sm: CopysetStateMachine,
+}
+
+impl std::fmt::Debug for CopysetNode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CopysetNode")
+            .field("pool", &self.pool)
+            .field("copyset", &self.copyset)
+            .finish_non_exhaustive()
+    }
+}
+
+impl CopysetNode {
+    async fn open(
+        dir: &Path,
+        node_id: u64,
+        pool: u32,
+        copyset: u32,
+        chunk_pool: Arc<ChunkFilePool>,
+        opts: &CopysetOptions,
+    ) -> Result<Self, String> {
+        let store = DataStore::open(
+            &dir.join("data"),
+            opts.chunk_size,
+            opts.page_size,
+            chunk_pool,
+        )
+        .map_err(|e| e.to_string())?;
+        let log = RaftLog::open(&dir.join("raft"), opts.segment_size).map_err(|e| e.to_string())?;
+        let sm = CopysetStateMachine::open(Arc::new(store), &dir.join("sm"))
+            .map_err(|e| e.to_string())?;
+        let config = openraft::Config {
+            cluster_name: format!("copyset-{pool}-{copyset}"),
+            heartbeat_interval: opts.heartbeat_ms,
+            election_timeout_min: opts.election_ms.0,
+            election_timeout_max: opts.election_ms.1,
+            ..Default::default()
+        }
+        .validate()
+        .map_err(|e| e.to_string())?;
+        let raft = Raft::new(
+            node_id,
+            Arc::new(config),
+            CopysetNetwork { pool, copyset },
+            log,
+            sm.clone(),
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        Ok(CopysetNode {
+            pool,
+            copyset,
+            raft,
+            sm,
+        })
+    }
+
+    /// The chunks of this copyset on this replica.
+    pub fn store(&self) -> &Arc<DataStore> {
+        self.sm.store()
+    }
+}
+
+/// Why a copyset could not be created.
+#[derive(Debug, thiserror::Error)]
+pub enum CreateError {
+    /// It exists already.
+    #[error("copyset {0}_{1} exists")]
+    Exists(u32, u32),
+    /// Opening or initialising it failed.
+    #[error("cannot create copyset: {0}")]
+    Failed(String),
+}
+
+/// Every copyset of this chunkserver.
+#[derive(Debug)]
+pub struct CopysetNodeManager {
+    node_id: u64,
+    dir: PathBuf,
+    chunk_pool: Arc<ChunkFilePool>,
+    opts: CopysetOptions,
+    nodes: RwLock<HashMap<(u32, u32), Arc<CopysetNode>>>,
+    creating: tokio::sync::Mutex<()>,
+}
+
+fn copyset_dir(dir: &Path, pool: u32, copyset: u32) -> PathBuf {
+    dir.join(format!("{pool}_{copyset}"))
+}
+
+impl CopysetNodeManager {
+    /// A manager for copysets under `dir` (`<data-dir>/copysets`), as raft node `node_id`.
+    pub fn new(
+        node_id: u64,
+        dir: &Path,
+        chunk_pool: Arc<ChunkFilePool>,
+        opts: CopysetOptions,
+    ) -> Self {
+        CopysetNodeManager {
+            node_id,
+            dir: dir.to_owned(),
+            chunk_pool,
+            opts,
+            nodes: RwLock::new(HashMap::new()),
+            creating: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// Reopens every copyset found in the data directory (after a restart): each finds its
+    /// raft state, log and chunks on disk.
+    pub async fn rebuild(&self) -> Result<usize, String> {
+        std::fs::create_dir_all(&self.dir).map_err(|e| e.to_string())?;
+        let mut n = 0;
+        for entry in std::fs::read_dir(&self.dir).map_err(|e| e.to_string())? {
+            let entry = entry.map_err(|e| e.to_string())?;
+            let name = entry.file_name();
+            let Some((pool, copyset)) = name
+                .to_str()
+                .and_then(|n| n.split_once('_'))
+                .and_then(|(p, c)| Some((p.parse().ok()?, c.parse().ok()?)))
+            else {
+                continue;
+            };
+            let node = CopysetNode::open(
+                &entry.path(),
+                self.node_id,
+                pool,
+                copyset,
+                self.chunk_pool.clone(),
+                &self.opts,
+            )
+            .await?;
+            self.nodes.write().insert((pool, copyset), Arc::new(node));
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// Creates a copyset replica with the given peers (chunkserver id -> address).
+    pub async fn create(
+        &self,
+        pool: u32,
+        copyset: u32,
+        peers: BTreeMap<u64, BasicNode>,
+    ) -> Result<(), CreateError> {
+        let _one_at_a_time = self.creating.lock().await;
+        if self.nodes.read().contains_key(&(pool, copyset)) {
+            return Err(CreateError::Exists(pool, copyset));
+        }
+        let dir = copyset_dir(&self.dir, pool, copyset);
+        let node = CopysetNode::open(
+            &dir,
+            self.node_id,
+            pool,
+            copyset,
+            self.chunk_pool.clone(),
+            &self.opts,
+        )
+        .await
+        .map_err(CreateError::Failed)?;
+        // Every replica initialises with the same membership: openraft accepts that, and
+        // whichever wins the first election leads.
+        if let Err(e) = node.raft.initialize(peers).await {
+            tracing::debug!(pool, copyset, error = %e, "initialize (already initialised?)");
+        }
+        self.nodes.write().insert((pool, copyset), Arc::new(node));
+        tracing::info!(pool, copyset, "copyset created");
+        Ok(())
+    }
+
+    /// A copyset by key.
+    pub fn get(&self, pool: u32, copyset: u32) -> Option<Arc<CopysetNode>> {
+        self.nodes.read().get(&(pool, copyset)).cloned()
+    }
+
+    /// Every copyset.
+    pub fn list(&self) -> Vec<Arc<CopysetNode>> {
+        self.nodes.read().values().cloned().collect()
+    }
+
+    /// Page size requests must be aligned to, and chunk size.
+    pub fn options(&self) -> &CopysetOptions {
+        &self.opts
+    }
+
+    /// Stops every raft group.
+    pub async fn shutdown(&self) {
+        let nodes: Vec<_> = self.nodes.write().drain().map(|(_, n)| n).collect();
+        for n in nodes {
+            let _ = n.raft.shutdown().await;
+        }
+    }
+}

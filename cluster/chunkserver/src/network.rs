@@ -1,0 +1,139 @@
+//! Raft transport between chunkservers: openraft's messages, serialised with bincode, carried
+//! by the `RaftService` gRPC service (proto/raft.proto) and addressed to one copyset.
+
+use openraft::BasicNode;
+use openraft::error::{
+    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
+};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use curve_proto::raft::RaftRequest;
+use curve_proto::raft::raft_service_client::RaftServiceClient;
+
+use crate::raft::TypeConfig;
+
+/// Creates connections to the peers of one copyset.
+#[derive(Debug, Clone)]
+pub struct CopysetNetwork {
+    /// Logical pool of the copyset.
+    pub pool: u32,
+    /// Copyset id.
+    pub copyset: u32,
+}
+
+/// A connection to one peer of a copyset.
+#[derive(Debug)]
+pub struct PeerConnection {
+    pool: u32,
+    copyset: u32,
+    target: u64,
+    addr: String,
+    client: Option<RaftServiceClient<tonic::transport::Channel>>,
+}
+
+impl RaftNetworkFactory<TypeConfig> for CopysetNetwork {
+    type Network = PeerConnection;
+
+    async fn new_client(&mut self, target: u64, node: &BasicNode) -> Self::Network {
+        PeerConnection {
+            pool: self.pool,
+            copyset: self.copyset,
+            target,
+            addr: node.addr.clone(),
+            client: None,
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Kind {
+    Append,
+    Vote,
+    Snapshot,
+}
+
+impl PeerConnection {
+    async fn call<Req, Resp, E>(
+        &mut self,
+        kind: Kind,
+        req: &Req,
+    ) -> Result<Resp, RPCError<u64, BasicNode, E>>
+    where
+        Req: Serialize,
+        Resp: DeserializeOwned,
+        E: std::error::Error + DeserializeOwned,
+    {
+        if self.client.is_none() {
+            let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{}", self.addr))
+                .map_err(|e| RPCError::Unreachable(Unreachable::new(&e)))?;
+            let channel = endpoint
+                .connect()
+                .await
+                .map_err(|e| RPCError::Unreachable(Unreachable::new(&e)))?;
+            self.client = Some(RaftServiceClient::new(channel));
+        }
+        let client = self.client.as_mut().expect("connected above");
+        let payload =
+            bincode::serialize(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let request = RaftRequest {
+            logical_pool_id: self.pool,
+            copyset_id: self.copyset,
+            payload,
+        };
+        let sent = match kind {
+            Kind::Append => client.append_entries(request).await,
+            Kind::Vote => client.vote(request).await,
+            Kind::Snapshot => client.install_snapshot(request).await,
+        };
+        let reply = match sent {
+            Ok(r) => r.into_inner(),
+            Err(status) => {
+                self.client = None;
+                return Err(RPCError::Unreachable(Unreachable::new(&status)));
+            }
+        };
+        if !reply.error.is_empty() {
+            return Err(RPCError::Network(NetworkError::new(
+                &std::io::Error::other(reply.error),
+            )));
+        }
+        let answer: Result<Resp, E> = bincode::deserialize(&reply.payload)
+            .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        answer.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+    }
+}
+
+impl RaftNetwork<TypeConfig> for PeerConnection {
+    async fn append_entries(
+        &mut self,
+        req: AppendEntriesRequest<TypeConfig>,
+        _option: RPCOption,
+    ) -> Result<AppendEntriesResponse<u64>, RPCError<u64, BasicNode, RaftError<u64>>> {
+        self.call(Kind::Append, &req).await
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        req: InstallSnapshotRequest<TypeConfig>,
+        _option: RPCOption,
+    ) -> Result<
+        InstallSnapshotResponse<u64>,
+        RPCError<u64, BasicNode, RaftError<u64, InstallSnapshotError>>,
+    > {
+        self.call(Kind::Snapshot, &req).await
+    }
+
+    async fn vote(
+        &mut self,
+        req: VoteRequest<u64>,
+        _option: RPCOption,
+    ) -> Result<VoteResponse<u64>, RPCError<u64, BasicNode, RaftError<u64>>> {
+        self.call(Kind::Vote, &req).await
+    }
+}

@@ -1,0 +1,365 @@
+//! The chunkserver's gRPC services: RaftService (between replicas), ChunkService (client I/O,
+//! served by the leader: writes through raft, reads after a read-index check so a deposed
+//! leader never serves stale data) and CopysetService (creation, status).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use curve_proto::chunk::chunk_service_server::ChunkService;
+use curve_proto::chunk::{
+    ChunkRequest, ChunkResponse, ChunkStatus, GetChunkInfoRequest, GetChunkInfoResponse,
+};
+use curve_proto::common::Peer;
+use curve_proto::copyset::copyset_service_server::CopysetService;
+use curve_proto::copyset::{
+    CopysetStatus, CreateCopysetRequest, CreateCopysetResponse, GetCopysetStatusRequest,
+    GetCopysetStatusResponse,
+};
+use curve_proto::raft::raft_service_server::RaftService;
+use curve_proto::raft::{RaftRequest, RaftResponse};
+use openraft::BasicNode;
+use openraft::error::{CheckIsLeaderError, ClientWriteError, ForwardToLeader, RaftError};
+use tonic::{Request, Response, Status};
+
+use crate::copyset::{CopysetNode, CopysetNodeManager, CreateError};
+use crate::datastore::DataStoreError;
+use crate::raft::ChunkCommand;
+
+/// The services of one chunkserver, over its copysets.
+#[derive(Debug, Clone)]
+pub struct ChunkServerServices {
+    manager: Arc<CopysetNodeManager>,
+}
+
+impl ChunkServerServices {
+    /// Services over `manager`'s copysets.
+    pub fn new(manager: Arc<CopysetNodeManager>) -> Self {
+        ChunkServerServices { manager }
+    }
+
+    fn node(&self, pool: u32, copyset: u32) -> Option<Arc<CopysetNode>> {
+        self.manager.get(pool, copyset)
+    }
+}
+
+fn reply(status: ChunkStatus) -> ChunkResponse {
+    ChunkResponse {
+        status: status as i32,
+        ..Default::default()
+    }
+}
+
+fn redirect(f: &ForwardToLeader<u64, BasicNode>) -> ChunkResponse {
+    ChunkResponse {
+        status: ChunkStatus::Redirected as i32,
+        redirect: f.leader_id.map(|id| Peer {
+            chunkserver_id: id as u32,
+            address: f
+                .leader_node
+                .as_ref()
+                .map(|n| n.addr.clone())
+                .unwrap_or_default(),
+        }),
+        ..Default::default()
+    }
+}
+
+impl ChunkServerServices {
+    /// Checks alignment and bounds before anything reaches raft.
+    fn check(&self, offset: u64, size: u64) -> bool {
+        let o = self.manager.options();
+        size > 0
+            && offset.is_multiple_of(o.page_size)
+            && size.is_multiple_of(o.page_size)
+            && offset
+                .checked_add(size)
+                .is_some_and(|end| end <= o.chunk_size)
+    }
+
+    async fn write(&self, req: ChunkRequest, cmd: ChunkCommand) -> ChunkResponse {
+        let Some(node) = self.node(req.logical_pool_id, req.copyset_id) else {
+            return reply(ChunkStatus::CopysetNotexist);
+        };
+        match node.raft.client_write(cmd).await {
+            Ok(r) => ChunkResponse {
+                status: r.data.status,
+                applied_index: r.log_id.index,
+                ..Default::default()
+            },
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => redirect(&f),
+            Err(e) => {
+                tracing::warn!(error = %e, "write failed");
+                reply(ChunkStatus::FailureUnknown)
+            }
+        }
+    }
+
+    /// Waits until this replica is the leader and has applied everything committed before
+    /// the call (read index): only then may it answer reads.
+    async fn linearizable(&self, node: &CopysetNode) -> Result<(), ChunkResponse> {
+        match node.raft.ensure_linearizable().await {
+            Ok(_) => Ok(()),
+            Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => Err(redirect(&f)),
+            Err(e) => {
+                tracing::warn!(error = %e, "read index failed");
+                Err(reply(ChunkStatus::FailureUnknown))
+            }
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl ChunkService for ChunkServerServices {
+    async fn write_chunk(
+        &self,
+        request: Request<ChunkRequest>,
+    ) -> Result<Response<ChunkResponse>, Status> {
+        let req = request.into_inner();
+        if req.data.len() != req.size as usize || !self.check(req.offset, u64::from(req.size)) {
+            return Ok(Response::new(reply(ChunkStatus::InvalidRequest)));
+        }
+        let cmd = ChunkCommand::Write {
+            chunk_id: req.chunk_id,
+            sn: req.sn,
+            offset: req.offset,
+            data: req.data.clone(),
+            epoch: req.epoch,
+        };
+        Ok(Response::new(self.write(req, cmd).await))
+    }
+
+    async fn read_chunk(
+        &self,
+        request: Request<ChunkRequest>,
+    ) -> Result<Response<ChunkResponse>, Status> {
+        let req = request.into_inner();
+        if !self.check(req.offset, u64::from(req.size)) {
+            return Ok(Response::new(reply(ChunkStatus::InvalidRequest)));
+        }
+        let Some(node) = self.node(req.logical_pool_id, req.copyset_id) else {
+            return Ok(Response::new(reply(ChunkStatus::CopysetNotexist)));
+        };
+        if let Err(r) = self.linearizable(&node).await {
+            return Ok(Response::new(r));
+        }
+        let mut data = vec![0u8; req.size as usize];
+        let r = match node.store().read_chunk(req.chunk_id, req.offset, &mut data) {
+            Ok(()) => ChunkResponse {
+                status: ChunkStatus::Success as i32,
+                data,
+                ..Default::default()
+            },
+            Err(DataStoreError::NotExist(_)) => reply(ChunkStatus::ChunkNotexist),
+            Err(DataStoreError::Invalid(_)) => reply(ChunkStatus::InvalidRequest),
+            Err(e) => {
+                tracing::error!(error = %e, "read failed");
+                reply(ChunkStatus::DiskFail)
+            }
+        };
+        Ok(Response::new(r))
+    }
+
+    async fn delete_chunk(
+        &self,
+        request: Request<ChunkRequest>,
+    ) -> Result<Response<ChunkResponse>, Status> {
+        let req = request.into_inner();
+        let cmd = ChunkCommand::Delete {
+            chunk_id: req.chunk_id,
+        };
+        Ok(Response::new(self.write(req, cmd).await))
+    }
+
+    async fn get_chunk_info(
+        &self,
+        request: Request<GetChunkInfoRequest>,
+    ) -> Result<Response<GetChunkInfoResponse>, Status> {
+        let req = request.into_inner();
+        let Some(node) = self.node(req.logical_pool_id, req.copyset_id) else {
+            return Ok(Response::new(GetChunkInfoResponse {
+                status: ChunkStatus::CopysetNotexist as i32,
+                ..Default::default()
+            }));
+        };
+        if let Err(r) = self.linearizable(&node).await {
+            return Ok(Response::new(GetChunkInfoResponse {
+                status: r.status,
+                redirect: r.redirect,
+                ..Default::default()
+            }));
+        }
+        Ok(Response::new(GetChunkInfoResponse {
+            status: ChunkStatus::Success as i32,
+            chunk_sn: node
+                .store()
+                .chunk_meta(req.chunk_id)
+                .map(|m| m.sn)
+                .into_iter()
+                .collect(),
+            ..Default::default()
+        }))
+    }
+
+    async fn read_chunk_snapshot(
+        &self,
+        _: Request<ChunkRequest>,
+    ) -> Result<Response<ChunkResponse>, Status> {
+        Err(Status::unimplemented(
+            "chunk snapshots are reserved for the snapshot/clone work",
+        ))
+    }
+
+    async fn delete_chunk_snapshot_or_correct_sn(
+        &self,
+        _: Request<ChunkRequest>,
+    ) -> Result<Response<ChunkResponse>, Status> {
+        Err(Status::unimplemented(
+            "chunk snapshots are reserved for the snapshot/clone work",
+        ))
+    }
+
+    async fn create_clone_chunk(
+        &self,
+        _: Request<ChunkRequest>,
+    ) -> Result<Response<ChunkResponse>, Status> {
+        Err(Status::unimplemented(
+            "clone chunks are reserved for the snapshot/clone work",
+        ))
+    }
+
+    async fn recover_chunk(
+        &self,
+        _: Request<ChunkRequest>,
+    ) -> Result<Response<ChunkResponse>, Status> {
+        Err(Status::unimplemented(
+            "clone chunks are reserved for the snapshot/clone work",
+        ))
+    }
+}
+
+fn raft_reply<T: serde::Serialize>(r: &T) -> Result<Response<RaftResponse>, Status> {
+    let payload = bincode::serialize(r).map_err(|e| Status::internal(e.to_string()))?;
+    Ok(Response::new(RaftResponse {
+        payload,
+        error: String::new(),
+    }))
+}
+
+impl ChunkServerServices {
+    fn raft_target(&self, req: &RaftRequest) -> Result<Arc<CopysetNode>, Response<RaftResponse>> {
+        self.node(req.logical_pool_id, req.copyset_id)
+            .ok_or_else(|| {
+                Response::new(RaftResponse {
+                    payload: Vec::new(),
+                    error: format!(
+                        "copyset {}_{} does not exist here",
+                        req.logical_pool_id, req.copyset_id
+                    ),
+                })
+            })
+    }
+}
+
+fn decode<T: serde::de::DeserializeOwned>(req: &RaftRequest) -> Result<T, Status> {
+    bincode::deserialize(&req.payload).map_err(|e| Status::invalid_argument(e.to_string()))
+}
+
+#[tonic::async_trait]
+impl RaftService for ChunkServerServices {
+    async fn append_entries(
+        &self,
+        request: Request<RaftRequest>,
+    ) -> Result<Response<RaftResponse>, Status> {
+        let req = request.into_inner();
+        let node = match self.raft_target(&req) {
+            Ok(n) => n,
+            Err(r) => return Ok(r),
+        };
+        raft_reply(&node.raft.append_entries(decode(&req)?).await)
+    }
+
+    async fn vote(&self, request: Request<RaftRequest>) -> Result<Response<RaftResponse>, Status> {
+        let req = request.into_inner();
+        let node = match self.raft_target(&req) {
+            Ok(n) => n,
+            Err(r) => return Ok(r),
+        };
+        raft_reply(&node.raft.vote(decode(&req)?).await)
+    }
+
+    async fn install_snapshot(
+        &self,
+        request: Request<RaftRequest>,
+    ) -> Result<Response<RaftResponse>, Status> {
+        let req = request.into_inner();
+        let node = match self.raft_target(&req) {
+            Ok(n) => n,
+            Err(r) => return Ok(r),
+        };
+        raft_reply(&node.raft.install_snapshot(decode(&req)?).await)
+    }
+}
+
+#[tonic::async_trait]
+impl CopysetService for ChunkServerServices {
+    async fn create_copyset_node(
+        &self,
+        request: Request<CreateCopysetRequest>,
+    ) -> Result<Response<CreateCopysetResponse>, Status> {
+        for spec in request.into_inner().copysets {
+            let peers: BTreeMap<u64, BasicNode> = spec
+                .peers
+                .iter()
+                .map(|p| (u64::from(p.chunkserver_id), BasicNode::new(&p.address)))
+                .collect();
+            let (status, message) = match self
+                .manager
+                .create(spec.logical_pool_id, spec.copyset_id, peers)
+                .await
+            {
+                Ok(()) => continue,
+                Err(e @ CreateError::Exists(..)) => (CopysetStatus::CopysetExist, e.to_string()),
+                Err(e) => (CopysetStatus::CopysetFailed, e.to_string()),
+            };
+            return Ok(Response::new(CreateCopysetResponse {
+                status: status as i32,
+                message,
+            }));
+        }
+        Ok(Response::new(CreateCopysetResponse {
+            status: CopysetStatus::CopysetOk as i32,
+            message: String::new(),
+        }))
+    }
+
+    async fn get_copyset_status(
+        &self,
+        request: Request<GetCopysetStatusRequest>,
+    ) -> Result<Response<GetCopysetStatusResponse>, Status> {
+        let req = request.into_inner();
+        let Some(node) = self.node(req.logical_pool_id, req.copyset_id) else {
+            return Ok(Response::new(GetCopysetStatusResponse {
+                status: CopysetStatus::CopysetNotexist as i32,
+                ..Default::default()
+            }));
+        };
+        let m = node.raft.metrics().borrow().clone();
+        let membership = m.membership_config.membership();
+        let peer = |id: &u64| Peer {
+            chunkserver_id: *id as u32,
+            address: membership
+                .get_node(id)
+                .map(|n| n.addr.clone())
+                .unwrap_or_default(),
+        };
+        Ok(Response::new(GetCopysetStatusResponse {
+            status: CopysetStatus::CopysetOk as i32,
+            leader: m.current_leader.as_ref().map(peer),
+            peers: membership.voter_ids().map(|id| peer(&id)).collect(),
+            term: m.current_term,
+            committed_index: m.last_log_index.unwrap_or(0),
+            applied_index: m.last_applied.map(|l| l.index).unwrap_or(0),
+            epoch: m.membership_config.log_id().map(|l| l.index).unwrap_or(0),
+        }))
+    }
+}

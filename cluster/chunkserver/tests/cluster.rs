@@ -1,0 +1,253 @@
+//! Three chunkservers in one process, over real loopback sockets: a copyset replicated by
+//! raft, client I/O through its leader, redirects from followers, bad input statuses.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use curve_chunkserver::chunkfilepool::{ChunkFilePool, PoolOptions};
+use curve_chunkserver::copyset::{CopysetNodeManager, CopysetOptions};
+use curve_chunkserver::datastore::META_PAGE;
+use curve_chunkserver::service::ChunkServerServices;
+use curve_proto::chunk::chunk_service_client::ChunkServiceClient;
+use curve_proto::chunk::chunk_service_server::ChunkServiceServer;
+use curve_proto::chunk::{ChunkRequest, ChunkStatus};
+use curve_proto::common::Peer;
+use curve_proto::copyset::copyset_service_client::CopysetServiceClient;
+use curve_proto::copyset::copyset_service_server::CopysetServiceServer;
+use curve_proto::copyset::{CopysetSpec, CreateCopysetRequest, GetCopysetStatusRequest};
+use curve_proto::raft::raft_service_server::RaftServiceServer;
+use tonic::transport::Channel;
+
+const CHUNK: u64 = 64 << 10;
+
+struct Node {
+    id: u32,
+    addr: String,
+    manager: Arc<CopysetNodeManager>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    _dir: tempfile::TempDir,
+}
+
+async fn start(id: u32) -> Node {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = ChunkFilePool::open(
+        &dir.path().join("pool"),
+        PoolOptions {
+            file_size: CHUNK + META_PAGE,
+            target: 4,
+        },
+    )
+    .unwrap();
+    let opts = CopysetOptions {
+        chunk_size: CHUNK,
+        page_size: 4096,
+        segment_size: 1 << 20,
+        heartbeat_ms: 50,
+        election_ms: (200, 400),
+    };
+    let manager = Arc::new(CopysetNodeManager::new(
+        u64::from(id),
+        &dir.path().join("copysets"),
+        pool,
+        opts,
+    ));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let svc = ChunkServerServices::new(manager.clone());
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(RaftServiceServer::new(svc.clone()))
+            .add_service(ChunkServiceServer::new(svc.clone()))
+            .add_service(CopysetServiceServer::new(svc))
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::TcpListenerStream::new(listener),
+                async {
+                    let _ = rx.await;
+                },
+            ),
+    );
+    Node {
+        id,
+        addr,
+        manager,
+        stop: Some(tx),
+        _dir: dir,
+    }
+}
+
+async fn chunk_client(addr: &str) -> ChunkServiceClient<Channel> {
+    ChunkServiceClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap()
+}
+
+fn write_req(copyset: u32, chunk: u64, offset: u64, data: Vec<u8>, epoch: u64) -> ChunkRequest {
+    ChunkRequest {
+        logical_pool_id: 1,
+        copyset_id: copyset,
+        chunk_id: chunk,
+        offset,
+        size: data.len() as u32,
+        data,
+        epoch,
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_replicas_serve_through_the_leader() {
+    let mut nodes = Vec::new();
+    for id in 1..=3 {
+        nodes.push(start(id).await);
+    }
+    let peers: Vec<Peer> = nodes
+        .iter()
+        .map(|n| Peer {
+            chunkserver_id: n.id,
+            address: n.addr.clone(),
+        })
+        .collect();
+    for n in &nodes {
+        let mut c = CopysetServiceClient::connect(format!("http://{}", n.addr))
+            .await
+            .unwrap();
+        let r = c
+            .create_copyset_node(CreateCopysetRequest {
+                copysets: vec![CopysetSpec {
+                    logical_pool_id: 1,
+                    copyset_id: 1,
+                    peers: peers.clone(),
+                }],
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(r.status, 0, "{}", r.message);
+    }
+    // A leader is elected.
+    let mut leader = None;
+    for _ in 0..200 {
+        leader = nodes[0]
+            .manager
+            .get(1, 1)
+            .unwrap()
+            .raft
+            .metrics()
+            .borrow()
+            .current_leader;
+        if leader.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let leader = leader.expect("a leader within 5 s") as u32;
+    let leader_node = nodes.iter().find(|n| n.id == leader).unwrap();
+    let follower = nodes.iter().find(|n| n.id != leader).unwrap();
+
+    // A follower redirects to the leader.
+    let mut fc = chunk_client(&follower.addr).await;
+    let r = fc
+        .write_chunk(write_req(1, 7, 0, vec![1; 4096], 1))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.status, ChunkStatus::Redirected as i32);
+    let to = r.redirect.unwrap();
+    assert_eq!(
+        (to.chunkserver_id, to.address.as_str()),
+        (leader, leader_node.addr.as_str())
+    );
+
+    // The leader takes writes and serves reads.
+    let mut lc = chunk_client(&leader_node.addr).await;
+    let data: Vec<u8> = (0..8192u32).map(|i| (i * 13) as u8).collect();
+    let r = lc
+        .write_chunk(write_req(1, 7, 4096, data.clone(), 5))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.status, ChunkStatus::Success as i32);
+    let mut read = write_req(1, 7, 4096, Vec::new(), 5);
+    read.size = 8192;
+    let r = lc.read_chunk(read.clone()).await.unwrap().into_inner();
+    assert_eq!(r.status, ChunkStatus::Success as i32);
+    assert_eq!(r.data, data);
+    let r = fc.read_chunk(read.clone()).await.unwrap().into_inner();
+    assert_eq!(
+        r.status,
+        ChunkStatus::Redirected as i32,
+        "followers do not serve reads"
+    );
+
+    // Every replica has the data once applied.
+    for n in &nodes {
+        let store = n.manager.get(1, 1).unwrap().store().clone();
+        let mut back = vec![0u8; 8192];
+        let mut ok = false;
+        for _ in 0..200 {
+            if store.read_chunk(7, 4096, &mut back).is_ok() && back == data {
+                ok = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(ok, "replica {} did not apply the write", n.id);
+    }
+
+    // Bad input gets status codes; the servers keep serving.
+    let bad = [
+        (
+            write_req(1, 7, 100, vec![0; 4096], 5),
+            ChunkStatus::InvalidRequest,
+        ),
+        (
+            write_req(1, 7, 0, vec![0; 100], 5),
+            ChunkStatus::InvalidRequest,
+        ),
+        (
+            write_req(1, 7, CHUNK, vec![0; 4096], 5),
+            ChunkStatus::InvalidRequest,
+        ),
+        (
+            write_req(9, 7, 0, vec![0; 4096], 5),
+            ChunkStatus::CopysetNotexist,
+        ),
+        (
+            write_req(1, 7, 0, vec![0; 4096], 3),
+            ChunkStatus::EpochTooOld,
+        ),
+    ];
+    for (req, want) in bad {
+        let r = lc.write_chunk(req).await.unwrap().into_inner();
+        assert_eq!(r.status, want as i32);
+    }
+    let mut missing = read.clone();
+    missing.chunk_id = 999;
+    assert_eq!(
+        lc.read_chunk(missing).await.unwrap().into_inner().status,
+        ChunkStatus::ChunkNotexist as i32
+    );
+    let r = lc.read_chunk(read).await.unwrap().into_inner();
+    assert_eq!(r.data, data, "the refused writes changed nothing");
+
+    // Copyset status names the leader and the three peers.
+    let mut c = CopysetServiceClient::connect(format!("http://{}", follower.addr))
+        .await
+        .unwrap();
+    let s = c
+        .get_copyset_status(GetCopysetStatusRequest {
+            logical_pool_id: 1,
+            copyset_id: 1,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(s.leader.unwrap().chunkserver_id, leader);
+    assert_eq!(s.peers.len(), 3);
+
+    for n in &mut nodes {
+        n.manager.shutdown().await;
+        let _ = n.stop.take().unwrap().send(());
+    }
+}
