@@ -16,7 +16,9 @@
 
 pub mod chunkfilepool;
 pub mod copyset;
+pub mod daemon;
 pub mod datastore;
+pub mod identity;
 pub mod network;
 pub mod raft;
 pub mod raftlog;

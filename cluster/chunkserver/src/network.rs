@@ -70,13 +70,13 @@ impl PeerConnection {
         E: std::error::Error + DeserializeOwned,
     {
         if self.client.is_none() {
+            // A lazy channel connects (and reconnects) in the background and survives RPCs
+            // that openraft abandons at their timeout, so a slow first handshake cannot make
+            // every later RPC start over.
             let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{}", self.addr))
-                .map_err(|e| RPCError::Unreachable(Unreachable::new(&e)))?;
-            let channel = endpoint
-                .connect()
-                .await
-                .map_err(|e| RPCError::Unreachable(Unreachable::new(&e)))?;
-            self.client = Some(RaftServiceClient::new(channel));
+                .map_err(|e| RPCError::Unreachable(Unreachable::new(&e)))?
+                .tcp_nodelay(true);
+            self.client = Some(RaftServiceClient::new(endpoint.connect_lazy()));
         }
         let client = self.client.as_mut().expect("connected above");
         let payload =
@@ -93,10 +93,7 @@ impl PeerConnection {
         };
         let reply = match sent {
             Ok(r) => r.into_inner(),
-            Err(status) => {
-                self.client = None;
-                return Err(RPCError::Unreachable(Unreachable::new(&status)));
-            }
+            Err(status) => return Err(RPCError::Unreachable(Unreachable::new(&status))),
         };
         if !reply.error.is_empty() {
             return Err(RPCError::Network(NetworkError::new(

@@ -42,8 +42,8 @@ async fn start(id: u32) -> Node {
         chunk_size: CHUNK,
         page_size: 4096,
         segment_size: 1 << 20,
-        heartbeat_ms: 50,
-        election_ms: (200, 400),
+        heartbeat_ms: 100,
+        election_ms: (500, 1000),
     };
     let manager = Arc::new(CopysetNodeManager::new(
         u64::from(id),
@@ -125,23 +125,34 @@ async fn three_replicas_serve_through_the_leader() {
             .into_inner();
         assert_eq!(r.status, 0, "{}", r.message);
     }
-    // A leader is elected.
+    // A leader is elected, and every replica agrees on it (twice, 300 ms apart).
+    let agreed = || {
+        let seen: Vec<Option<u64>> = nodes
+            .iter()
+            .map(|n| {
+                n.manager
+                    .get(1, 1)
+                    .unwrap()
+                    .raft
+                    .metrics()
+                    .borrow()
+                    .current_leader
+            })
+            .collect();
+        seen[0].filter(|l| seen.iter().all(|s| *s == Some(*l)))
+    };
     let mut leader = None;
-    for _ in 0..200 {
-        leader = nodes[0]
-            .manager
-            .get(1, 1)
-            .unwrap()
-            .raft
-            .metrics()
-            .borrow()
-            .current_leader;
-        if leader.is_some() {
-            break;
+    for _ in 0..400 {
+        if let Some(l) = agreed() {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            if agreed() == Some(l) {
+                leader = Some(l);
+                break;
+            }
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
-    let leader = leader.expect("a leader within 5 s") as u32;
+    let leader = leader.expect("a leader within 10 s") as u32;
     let leader_node = nodes.iter().find(|n| n.id == leader).unwrap();
     let follower = nodes.iter().find(|n| n.id != leader).unwrap();
 

@@ -1,0 +1,319 @@
+//! The chunkserver process: data directory, identity (registration), copyset rebuild, the
+//! gRPC services, and heartbeats to the MDS that carry copyset state and bring back
+//! configuration changes to execute.
+//!
+//! ```text
+//!  <data-dir>/chunkserver.pid    flock'ed: one process per data directory (disk)
+//!  <data-dir>/chunkserver.dat    id + token from registration (identity)
+//!  <data-dir>/chunkfilepool/     ChunkFilePool
+//!  <data-dir>/copysets/<pool>_<copyset>/{data,raft,sm}
+//! ```
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use curve_proto::chunk::chunk_service_server::ChunkServiceServer;
+use curve_proto::common::{CopysetKey, Peer};
+use curve_proto::copyset::copyset_service_server::CopysetServiceServer;
+use curve_proto::heartbeat::heartbeat_service_client::HeartbeatServiceClient;
+use curve_proto::heartbeat::{
+    ConfigChange, ConfigChangeType, CopysetInfo, HeartbeatRequest, HeartbeatStatus, RegisterRequest,
+};
+use curve_proto::raft::raft_service_server::RaftServiceServer;
+use openraft::BasicNode;
+
+use crate::chunkfilepool::{ChunkFilePool, PoolOptions};
+use crate::copyset::{CopysetNode, CopysetNodeManager, CopysetOptions};
+use crate::datastore::META_PAGE;
+use crate::identity::{self, Identity};
+use crate::service::ChunkServerServices;
+
+/// How a chunkserver runs.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Data directory (one disk).
+    pub data_dir: PathBuf,
+    /// host:port to serve on (and to advertise).
+    pub listen: String,
+    /// MDS addresses (host:port), tried in turn.
+    pub mds: Vec<String>,
+    /// Zone and server names reported at registration.
+    pub zone: String,
+    /// Server name.
+    pub server: String,
+    /// Copyset sizes and timings.
+    pub copyset: CopysetOptions,
+    /// Chunk files kept ready in the pool.
+    pub pool_target: usize,
+    /// Heartbeat interval.
+    pub heartbeat: Duration,
+}
+
+struct Mds {
+    addrs: Vec<String>,
+    current: usize,
+    client: Option<HeartbeatServiceClient<tonic::transport::Channel>>,
+}
+
+impl Mds {
+    /// A client of the current MDS; rotates to the next address when one is unreachable.
+    async fn client(&mut self) -> Option<&mut HeartbeatServiceClient<tonic::transport::Channel>> {
+        if self.client.is_none() {
+            let addr = &self.addrs[self.current % self.addrs.len()];
+            match HeartbeatServiceClient::connect(format!("http://{addr}")).await {
+                Ok(c) => self.client = Some(c),
+                Err(e) => {
+                    tracing::warn!(mds = %addr, error = %e, "MDS unreachable");
+                    self.failover();
+                    return None;
+                }
+            }
+        }
+        self.client.as_mut()
+    }
+
+    fn failover(&mut self) {
+        self.client = None;
+        self.current += 1;
+    }
+
+    /// Follows a "not leader" answer naming the leader.
+    fn redirect(&mut self, leader: &str) {
+        self.client = None;
+        match self.addrs.iter().position(|a| a == leader) {
+            Some(i) => self.current = i,
+            None => self.current += 1,
+        }
+    }
+}
+
+fn lock_data_dir(dir: &std::path::Path) -> anyhow::Result<std::fs::File> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let path = dir.join("chunkserver.pid");
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)?;
+    // SAFETY: flock on a descriptor we own.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        bail!("another chunkserver is running on {}", dir.display());
+    }
+    f.set_len(0)?;
+    writeln!(f, "{}", std::process::id())?;
+    Ok(f)
+}
+
+fn disk_usage(dir: &std::path::Path) -> (u64, u64) {
+    let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()) else {
+        return (0, 0);
+    };
+    // SAFETY: statvfs writes into the zeroed struct we pass, for a valid C string.
+    unsafe {
+        let mut s: libc::statvfs = std::mem::zeroed();
+        if libc::statvfs(c.as_ptr(), &mut s) != 0 {
+            return (0, 0);
+        }
+        let total = s.f_blocks * s.f_frsize;
+        (total, total - s.f_bavail * s.f_frsize)
+    }
+}
+
+async fn register(cfg: &Config, mds: &mut Mds) -> anyhow::Result<Identity> {
+    let (capacity, _) = disk_usage(&cfg.data_dir);
+    loop {
+        if let Some(c) = mds.client().await {
+            let req = RegisterRequest {
+                address: cfg.listen.clone(),
+                data_dir: cfg.data_dir.display().to_string(),
+                zone: cfg.zone.clone(),
+                server: cfg.server.clone(),
+                disk_capacity: capacity,
+            };
+            match c.register(req).await.map(|r| r.into_inner()) {
+                Ok(r) if r.status == HeartbeatStatus::HbOk as i32 => {
+                    return Ok(Identity {
+                        id: r.chunkserver_id,
+                        token: r.token,
+                    });
+                }
+                Ok(r) if r.status == HeartbeatStatus::HbNotLeader as i32 => mds.redirect(&r.leader),
+                Ok(r) => bail!("the MDS refused the registration (status {})", r.status),
+                Err(e) => {
+                    tracing::warn!(error = %e, "registration failed; retrying");
+                    mds.failover();
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+fn copyset_info(node: &CopysetNode) -> CopysetInfo {
+    let m = node.raft.metrics().borrow().clone();
+    let membership = m.membership_config.membership();
+    let peer = |id: &u64| Peer {
+        chunkserver_id: *id as u32,
+        address: membership
+            .get_node(id)
+            .map(|n| n.addr.clone())
+            .unwrap_or_default(),
+    };
+    CopysetInfo {
+        key: Some(CopysetKey {
+            logical_pool_id: node.pool,
+            copyset_id: node.copyset,
+        }),
+        leader: m.current_leader.as_ref().map(peer),
+        peers: membership.voter_ids().map(|id| peer(&id)).collect(),
+        epoch: m.membership_config.log_id().map(|l| l.index).unwrap_or(0),
+        term: m.current_term,
+        in_progress: None,
+    }
+}
+
+/// Executes one configuration change on a copyset this chunkserver leads.
+pub async fn execute(node: &CopysetNode, change: &ConfigChange) -> Result<(), String> {
+    let m = node.raft.metrics().borrow().clone();
+    let mut voters: BTreeSet<u64> = m.membership_config.membership().voter_ids().collect();
+    let peer = change.peer.as_ref().ok_or("change without a peer")?;
+    let id = u64::from(peer.chunkserver_id);
+    match ConfigChangeType::try_from(change.r#type).map_err(|e| e.to_string())? {
+        ConfigChangeType::AddPeer => {
+            node.raft
+                .add_learner(id, BasicNode::new(&peer.address), true)
+                .await
+                .map_err(|e| e.to_string())?;
+            voters.insert(id);
+        }
+        ConfigChangeType::RemovePeer => {
+            voters.remove(&id);
+        }
+        other => return Err(format!("{other:?} is not supported yet")),
+    }
+    node.raft
+        .change_membership(voters, false)
+        .await
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+async fn heartbeat_loop(
+    cfg: Config,
+    identity: Identity,
+    manager: Arc<CopysetNodeManager>,
+    mut mds: Mds,
+) {
+    let mut tick = tokio::time::interval(cfg.heartbeat);
+    loop {
+        tick.tick().await;
+        let (capacity, used) = disk_usage(&cfg.data_dir);
+        let req = HeartbeatRequest {
+            chunkserver_id: identity.id,
+            token: identity.token.clone(),
+            address: cfg.listen.clone(),
+            disk_capacity: capacity,
+            disk_used: used,
+            copysets: manager.list().iter().map(|n| copyset_info(n)).collect(),
+        };
+        let Some(c) = mds.client().await else {
+            continue;
+        };
+        let reply = match c.heartbeat(req).await {
+            Ok(r) => r.into_inner(),
+            Err(e) => {
+                tracing::warn!(error = %e, "heartbeat failed");
+                mds.failover();
+                continue;
+            }
+        };
+        if reply.status == HeartbeatStatus::HbNotLeader as i32 {
+            mds.redirect(&reply.leader);
+            continue;
+        }
+        for change in reply.changes {
+            let Some(key) = change.key else {
+                continue;
+            };
+            let Some(node) = manager.get(key.logical_pool_id, key.copyset_id) else {
+                continue;
+            };
+            tokio::spawn(async move {
+                match execute(&node, &change).await {
+                    Ok(()) => tracing::info!(?change, "configuration change done"),
+                    Err(e) => tracing::warn!(?change, error = %e, "configuration change failed"),
+                }
+            });
+        }
+    }
+}
+
+/// Runs the chunkserver until `shutdown` completes.
+pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    if cfg.mds.is_empty() {
+        bail!("no MDS address given");
+    }
+    let _lock = lock_data_dir(&cfg.data_dir)?;
+    let mut mds = Mds {
+        addrs: cfg.mds.clone(),
+        current: 0,
+        client: None,
+    };
+    let identity = match identity::load(&cfg.data_dir).map_err(anyhow::Error::msg)? {
+        Some(id) => id,
+        None => {
+            let id = register(&cfg, &mut mds).await?;
+            identity::save(&cfg.data_dir, &id)?;
+            tracing::info!(id = id.id, "registered with the MDS");
+            id
+        }
+    };
+    let pool = ChunkFilePool::open(
+        &cfg.data_dir.join("chunkfilepool"),
+        PoolOptions {
+            file_size: cfg.copyset.chunk_size + META_PAGE,
+            target: cfg.pool_target,
+        },
+    )?;
+    let manager = Arc::new(CopysetNodeManager::new(
+        u64::from(identity.id),
+        &cfg.data_dir.join("copysets"),
+        pool,
+        cfg.copyset.clone(),
+    ));
+    let rebuilt = manager.rebuild().await.map_err(anyhow::Error::msg)?;
+    let listener = tokio::net::TcpListener::bind(&cfg.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", cfg.listen))?;
+    tracing::info!(id = identity.id, listen = %cfg.listen, copysets = rebuilt, "chunkserver started");
+    let svc = ChunkServerServices::new(manager.clone());
+    let hb = tokio::spawn(heartbeat_loop(cfg.clone(), identity, manager.clone(), mds));
+    tonic::transport::Server::builder()
+        .add_service(RaftServiceServer::new(svc.clone()))
+        .add_service(ChunkServiceServer::new(svc.clone()))
+        .add_service(CopysetServiceServer::new(svc))
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            shutdown,
+        )
+        .await?;
+    hb.abort();
+    manager.shutdown().await;
+    tracing::info!("chunkserver stopped");
+    Ok(())
+}
+
+/// Peers as openraft nodes.
+pub fn peers_of(peers: &[Peer]) -> BTreeMap<u64, BasicNode> {
+    peers
+        .iter()
+        .map(|p| (u64::from(p.chunkserver_id), BasicNode::new(&p.address)))
+        .collect()
+}

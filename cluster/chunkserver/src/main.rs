@@ -1,0 +1,87 @@
+//! `curve-chunkserver`: one per data disk.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use curve_chunkserver::copyset::CopysetOptions;
+use curve_chunkserver::daemon::{self, Config};
+
+/// Curve-rs chunkserver: serves the copysets of one data disk.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    /// Data directory (one disk).
+    #[arg(long)]
+    data_dir: PathBuf,
+    /// Address to serve on and advertise (host:port).
+    #[arg(long)]
+    listen: String,
+    /// MDS addresses, comma separated (host:port,...).
+    #[arg(long, value_delimiter = ',', required = true)]
+    mds: Vec<String>,
+    /// Zone reported at registration.
+    #[arg(long, default_value = "zone1")]
+    zone: String,
+    /// Server reported at registration.
+    #[arg(long, default_value = "server1")]
+    server: String,
+    /// Chunk size in bytes.
+    #[arg(long, default_value_t = 16 << 20)]
+    chunk_size: u64,
+    /// I/O alignment in bytes (4096 or 512).
+    #[arg(long, default_value_t = 4096)]
+    page_size: u64,
+    /// Chunk files kept formatted in the pool.
+    #[arg(long, default_value_t = 16)]
+    pool_target: usize,
+    /// Heartbeat interval to the MDS, ms.
+    #[arg(long, default_value_t = 1000)]
+    heartbeat_ms: u64,
+    /// Raft election timeout (min), ms; the max is twice it.
+    #[arg(long, default_value_t = 500)]
+    election_ms: u64,
+}
+
+fn main() -> anyhow::Result<()> {
+    let a = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    if !matches!(a.page_size, 512 | 4096) || a.chunk_size == 0 || a.chunk_size % a.page_size != 0 {
+        anyhow::bail!("--chunk-size must be a multiple of --page-size (512 or 4096)");
+    }
+    let cfg = Config {
+        data_dir: a.data_dir,
+        listen: a.listen,
+        mds: a.mds,
+        zone: a.zone,
+        server: a.server,
+        copyset: CopysetOptions {
+            chunk_size: a.chunk_size,
+            page_size: a.page_size,
+            election_ms: (a.election_ms, a.election_ms * 2),
+            heartbeat_ms: (a.election_ms / 3).max(50),
+            ..CopysetOptions::default()
+        },
+        pool_target: a.pool_target,
+        heartbeat: Duration::from_millis(a.heartbeat_ms),
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(daemon::run(cfg, async {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+        let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+    }))
+}
