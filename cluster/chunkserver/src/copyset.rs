@@ -209,9 +209,13 @@ impl CopysetNodeManager {
         )
         .await
         .map_err(CreateError::Failed)?;
-        // Every replica initialises with the same membership: openraft accepts that, and
-        // whichever wins the first election leads.
-        if let Err(e) = node.raft.initialize(peers).await {
+        // Every replica of a new copyset initialises with the same membership: openraft
+        // accepts that, and whichever wins the first election leads. A replica created with no
+        // peers is a new member of an existing copyset: it waits, empty, for AddPeer (and
+        // receives the log or a snapshot from the leader).
+        if !peers.is_empty()
+            && let Err(e) = node.raft.initialize(peers).await
+        {
             tracing::debug!(pool, copyset, error = %e, "initialize (already initialised?)");
         }
         self.nodes.write().insert((pool, copyset), Arc::new(node));

@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use curve_proto::chunk::chunk_service_server::ChunkServiceServer;
+use curve_proto::cli::cli_service_server::CliServiceServer;
 use curve_proto::common::{CopysetKey, Peer};
 use curve_proto::copyset::copyset_service_server::CopysetServiceServer;
 use curve_proto::heartbeat::heartbeat_service_client::HeartbeatServiceClient;
@@ -298,6 +299,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     tonic::transport::Server::builder()
         .add_service(RaftServiceServer::new(svc.clone()))
         .add_service(ChunkServiceServer::new(svc.clone()))
+        .add_service(CliServiceServer::new(svc.clone()))
         .add_service(CopysetServiceServer::new(svc))
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(listener),

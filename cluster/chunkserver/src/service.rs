@@ -9,6 +9,9 @@ use curve_proto::chunk::chunk_service_server::ChunkService;
 use curve_proto::chunk::{
     ChunkRequest, ChunkResponse, ChunkStatus, GetChunkInfoRequest, GetChunkInfoResponse,
 };
+use curve_proto::cli::cli_service_client::CliServiceClient;
+use curve_proto::cli::cli_service_server::CliService;
+use curve_proto::cli::{CliRequest, CliResponse, CliStatus};
 use curve_proto::common::Peer;
 use curve_proto::copyset::copyset_service_server::CopysetService;
 use curve_proto::copyset::{
@@ -361,5 +364,241 @@ impl CopysetService for ChunkServerServices {
             applied_index: m.last_applied.map(|l| l.index).unwrap_or(0),
             epoch: m.membership_config.log_id().map(|l| l.index).unwrap_or(0),
         }))
+    }
+}
+
+fn cli(status: CliStatus, message: impl Into<String>) -> CliResponse {
+    CliResponse {
+        status: status as i32,
+        message: message.into(),
+        ..Default::default()
+    }
+}
+
+impl ChunkServerServices {
+    /// The copyset and its current voters, if this replica leads it.
+    fn led(
+        &self,
+        req: &CliRequest,
+    ) -> Result<(Arc<CopysetNode>, std::collections::BTreeSet<u64>), CliResponse> {
+        let Some(node) = self.node(req.logical_pool_id, req.copyset_id) else {
+            return Err(cli(CliStatus::CliCopysetNotexist, "no such copyset here"));
+        };
+        let m = node.raft.metrics().borrow().clone();
+        if m.current_leader != Some(m.id) {
+            let mut r = cli(CliStatus::CliNotLeader, "not the leader");
+            r.leader = m.current_leader.map(|id| Peer {
+                chunkserver_id: id as u32,
+                address: m
+                    .membership_config
+                    .membership()
+                    .get_node(&id)
+                    .map(|n| n.addr.clone())
+                    .unwrap_or_default(),
+            });
+            return Err(r);
+        }
+        let voters = m.membership_config.membership().voter_ids().collect();
+        Ok((node, voters))
+    }
+
+    async fn set_voters(
+        &self,
+        node: &CopysetNode,
+        add: &[Peer],
+        voters: std::collections::BTreeSet<u64>,
+    ) -> CliResponse {
+        for p in add {
+            if let Err(e) = node
+                .raft
+                .add_learner(
+                    u64::from(p.chunkserver_id),
+                    BasicNode::new(&p.address),
+                    true,
+                )
+                .await
+            {
+                return cli(
+                    CliStatus::CliFailed,
+                    format!("cannot add {}: {e}", p.address),
+                );
+            }
+        }
+        match node.raft.change_membership(voters, false).await {
+            Ok(_) => cli(CliStatus::CliOk, ""),
+            Err(e) => cli(CliStatus::CliFailed, e.to_string()),
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl CliService for ChunkServerServices {
+    async fn get_leader(
+        &self,
+        request: Request<CliRequest>,
+    ) -> Result<Response<CliResponse>, Status> {
+        let req = request.into_inner();
+        let Some(node) = self.node(req.logical_pool_id, req.copyset_id) else {
+            return Ok(Response::new(cli(
+                CliStatus::CliCopysetNotexist,
+                "no such copyset here",
+            )));
+        };
+        let m = node.raft.metrics().borrow().clone();
+        let membership = m.membership_config.membership();
+        let peer = |id: &u64| Peer {
+            chunkserver_id: *id as u32,
+            address: membership
+                .get_node(id)
+                .map(|n| n.addr.clone())
+                .unwrap_or_default(),
+        };
+        Ok(Response::new(CliResponse {
+            status: CliStatus::CliOk as i32,
+            leader: m.current_leader.as_ref().map(peer),
+            peers: membership.voter_ids().map(|id| peer(&id)).collect(),
+            ..Default::default()
+        }))
+    }
+
+    async fn add_peer(
+        &self,
+        request: Request<CliRequest>,
+    ) -> Result<Response<CliResponse>, Status> {
+        let req = request.into_inner();
+        let (node, mut voters) = match self.led(&req) {
+            Ok(x) => x,
+            Err(r) => return Ok(Response::new(r)),
+        };
+        let Some(peer) = req.peer else {
+            return Ok(Response::new(cli(CliStatus::CliInvalid, "no peer given")));
+        };
+        voters.insert(u64::from(peer.chunkserver_id));
+        Ok(Response::new(self.set_voters(&node, &[peer], voters).await))
+    }
+
+    async fn remove_peer(
+        &self,
+        request: Request<CliRequest>,
+    ) -> Result<Response<CliResponse>, Status> {
+        let req = request.into_inner();
+        let (node, mut voters) = match self.led(&req) {
+            Ok(x) => x,
+            Err(r) => return Ok(Response::new(r)),
+        };
+        let Some(peer) = req.peer else {
+            return Ok(Response::new(cli(CliStatus::CliInvalid, "no peer given")));
+        };
+        if !voters.remove(&u64::from(peer.chunkserver_id)) || voters.is_empty() {
+            return Ok(Response::new(cli(
+                CliStatus::CliInvalid,
+                "not a removable peer",
+            )));
+        }
+        Ok(Response::new(self.set_voters(&node, &[], voters).await))
+    }
+
+    async fn change_peers(
+        &self,
+        request: Request<CliRequest>,
+    ) -> Result<Response<CliResponse>, Status> {
+        let req = request.into_inner();
+        let (node, voters) = match self.led(&req) {
+            Ok(x) => x,
+            Err(r) => return Ok(Response::new(r)),
+        };
+        if req.new_peers.is_empty() {
+            return Ok(Response::new(cli(CliStatus::CliInvalid, "no peers given")));
+        }
+        let new: Vec<Peer> = req
+            .new_peers
+            .iter()
+            .filter(|p| !voters.contains(&u64::from(p.chunkserver_id)))
+            .cloned()
+            .collect();
+        let target = req
+            .new_peers
+            .iter()
+            .map(|p| u64::from(p.chunkserver_id))
+            .collect();
+        Ok(Response::new(self.set_voters(&node, &new, target).await))
+    }
+
+    /// Sent to the leader naming the new leader. openraft has no leader transfer, so the
+    /// leader stops its heartbeats (the followers' leader leases then run out) and asks the
+    /// target to start elections until it wins; its up-to-date log makes it electable. The
+    /// leader resumes heartbeats when it has lost leadership or after the deadline.
+    async fn transfer_leader(
+        &self,
+        request: Request<CliRequest>,
+    ) -> Result<Response<CliResponse>, Status> {
+        let req = request.into_inner();
+        let Some(node) = self.node(req.logical_pool_id, req.copyset_id) else {
+            return Ok(Response::new(cli(
+                CliStatus::CliCopysetNotexist,
+                "no such copyset here",
+            )));
+        };
+        let Some(peer) = req.peer.clone() else {
+            return Ok(Response::new(cli(CliStatus::CliInvalid, "no peer given")));
+        };
+        let target = u64::from(peer.chunkserver_id);
+        let m = node.raft.metrics().borrow().clone();
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+        if target == m.id {
+            // We are the target: campaign until elected.
+            while tokio::time::Instant::now() < deadline {
+                if node.raft.metrics().borrow().current_leader == Some(target) {
+                    return Ok(Response::new(cli(CliStatus::CliOk, "")));
+                }
+                let _ = node.raft.trigger().elect().await;
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            return Ok(Response::new(cli(
+                CliStatus::CliFailed,
+                "not elected in time",
+            )));
+        }
+        if m.current_leader != Some(m.id) {
+            return Ok(Response::new(cli(
+                CliStatus::CliNotLeader,
+                "not the leader",
+            )));
+        }
+        if !m
+            .membership_config
+            .membership()
+            .voter_ids()
+            .any(|v| v == target)
+        {
+            return Ok(Response::new(cli(
+                CliStatus::CliInvalid,
+                "the target is not a voter",
+            )));
+        }
+        node.raft.runtime_config().heartbeat(false);
+        let forwarded = async {
+            let mut c = CliServiceClient::connect(format!("http://{}", peer.address)).await?;
+            Ok::<_, Box<dyn std::error::Error + Send + Sync>>(
+                c.transfer_leader(req).await?.into_inner(),
+            )
+        };
+        let r = match forwarded.await {
+            Ok(r) => r,
+            Err(e) => cli(
+                CliStatus::CliFailed,
+                format!("cannot reach {}: {e}", peer.address),
+            ),
+        };
+        node.raft.runtime_config().heartbeat(true);
+        Ok(Response::new(r))
+    }
+
+    async fn reset_peer(&self, _: Request<CliRequest>) -> Result<Response<CliResponse>, Status> {
+        Ok(Response::new(cli(
+            CliStatus::CliInvalid,
+            "ResetPeer (forcing a configuration without quorum) is not supported: raft membership \
+             changes need a quorum; restore the replicas instead",
+        )))
     }
 }

@@ -11,6 +11,9 @@ use curve_chunkserver::service::ChunkServerServices;
 use curve_proto::chunk::chunk_service_client::ChunkServiceClient;
 use curve_proto::chunk::chunk_service_server::ChunkServiceServer;
 use curve_proto::chunk::{ChunkRequest, ChunkStatus};
+use curve_proto::cli::cli_service_client::CliServiceClient;
+use curve_proto::cli::cli_service_server::CliServiceServer;
+use curve_proto::cli::{CliRequest, CliStatus};
 use curve_proto::common::Peer;
 use curve_proto::copyset::copyset_service_client::CopysetServiceClient;
 use curve_proto::copyset::copyset_service_server::CopysetServiceServer;
@@ -59,6 +62,7 @@ async fn start(id: u32) -> Node {
         tonic::transport::Server::builder()
             .add_service(RaftServiceServer::new(svc.clone()))
             .add_service(ChunkServiceServer::new(svc.clone()))
+            .add_service(CliServiceServer::new(svc.clone()))
             .add_service(CopysetServiceServer::new(svc))
             .serve_with_incoming_shutdown(
                 tokio_stream::wrappers::TcpListenerStream::new(listener),
@@ -258,6 +262,173 @@ async fn three_replicas_serve_through_the_leader() {
     assert_eq!(s.peers.len(), 3);
 
     for n in &mut nodes {
+        n.manager.shutdown().await;
+        let _ = n.stop.take().unwrap().send(());
+    }
+}
+
+async fn create(node: &Node, peers: Vec<Peer>) {
+    let mut c = CopysetServiceClient::connect(format!("http://{}", node.addr))
+        .await
+        .unwrap();
+    let r = c
+        .create_copyset_node(CreateCopysetRequest {
+            copysets: vec![CopysetSpec {
+                logical_pool_id: 1,
+                copyset_id: 1,
+                peers,
+            }],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.status, 0, "{}", r.message);
+}
+
+fn leader_seen_by(nodes: &[&Node]) -> Option<u64> {
+    let seen: Vec<Option<u64>> = nodes
+        .iter()
+        .map(|n| {
+            n.manager
+                .get(1, 1)
+                .unwrap()
+                .raft
+                .metrics()
+                .borrow()
+                .current_leader
+        })
+        .collect();
+    seen[0].filter(|l| seen.iter().all(|s| *s == Some(*l)))
+}
+
+async fn until(what: &str, mut cond: impl FnMut() -> bool) {
+    for _ in 0..500 {
+        if cond() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn add_remove_and_transfer_leader_and_data_follows() {
+    let mut nodes = Vec::new();
+    for id in 1..=3 {
+        nodes.push(start(id).await);
+    }
+    let peer = |n: &Node| Peer {
+        chunkserver_id: n.id,
+        address: n.addr.clone(),
+    };
+    let peers: Vec<Peer> = nodes.iter().map(peer).collect();
+    for n in &nodes {
+        create(n, peers.clone()).await;
+    }
+    let all: Vec<&Node> = nodes.iter().collect();
+    until("a leader", || leader_seen_by(&all).is_some()).await;
+    let leader = leader_seen_by(&all).unwrap() as u32;
+    let li = nodes.iter().position(|n| n.id == leader).unwrap();
+    let mut lc = chunk_client(&nodes[li].addr).await;
+    for chunk in 0..4u64 {
+        let r = lc
+            .write_chunk(write_req(1, chunk, 0, vec![chunk as u8 + 1; 4096], 1))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(r.status, ChunkStatus::Success as i32);
+    }
+    // Snapshot and purge the leader's log: a new peer can only catch up from the snapshot.
+    let raft = nodes[li].manager.get(1, 1).unwrap().raft.clone();
+    raft.trigger().snapshot().await.unwrap();
+    until("a snapshot", || raft.metrics().borrow().snapshot.is_some()).await;
+    let upto = raft.metrics().borrow().snapshot.unwrap().index;
+    raft.trigger().purge_log(upto).await.unwrap();
+    until("the purge", || {
+        raft.metrics()
+            .borrow()
+            .purged
+            .is_some_and(|p| p.index >= upto)
+    })
+    .await;
+
+    // AddPeer: a new, empty replica joins and receives the chunks.
+    let n4 = start(4).await;
+    create(&n4, Vec::new()).await;
+    let mut cli = CliServiceClient::connect(format!("http://{}", nodes[li].addr))
+        .await
+        .unwrap();
+    let req = |p: Peer| CliRequest {
+        logical_pool_id: 1,
+        copyset_id: 1,
+        peer: Some(p),
+        new_peers: Vec::new(),
+    };
+    let r = cli.add_peer(req(peer(&n4))).await.unwrap().into_inner();
+    assert_eq!(r.status, CliStatus::CliOk as i32, "{}", r.message);
+    let store4 = n4.manager.get(1, 1).unwrap().store().clone();
+    until("the new peer's chunks", || {
+        (0..4u64).all(|c| {
+            let mut b = vec![0u8; 4096];
+            store4.read_chunk(c, 0, &mut b).is_ok() && b == vec![c as u8 + 1; 4096]
+        })
+    })
+    .await;
+    // A follower asked to change the configuration names the leader.
+    let fi = (li + 1) % 3;
+    let mut fcli = CliServiceClient::connect(format!("http://{}", nodes[fi].addr))
+        .await
+        .unwrap();
+    let r = fcli.add_peer(req(peer(&n4))).await.unwrap().into_inner();
+    assert_eq!(r.status, CliStatus::CliNotLeader as i32);
+    assert_eq!(r.leader.unwrap().chunkserver_id, leader);
+
+    // RemovePeer: back to three voters.
+    let r = cli
+        .remove_peer(req(peer(&nodes[fi])))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.status, CliStatus::CliOk as i32, "{}", r.message);
+    let r = cli.get_leader(req(peer(&n4))).await.unwrap().into_inner();
+    let mut ids: Vec<u32> = r.peers.iter().map(|p| p.chunkserver_id).collect();
+    ids.sort_unstable();
+    let mut want: Vec<u32> = nodes
+        .iter()
+        .filter(|n| n.id != nodes[fi].id)
+        .map(|n| n.id)
+        .chain([4])
+        .collect();
+    want.sort_unstable();
+    assert_eq!(ids, want);
+
+    // TransferLeader to the new peer; it then takes writes, and they reach the others.
+    let r = cli
+        .transfer_leader(req(peer(&n4)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.status, CliStatus::CliOk as i32, "{}", r.message);
+    let voters: Vec<&Node> = nodes
+        .iter()
+        .filter(|n| n.id != nodes[fi].id)
+        .chain([&n4])
+        .collect();
+    until("the new leader", || leader_seen_by(&voters) == Some(4)).await;
+    let mut c4 = chunk_client(&n4.addr).await;
+    let r = c4
+        .write_chunk(write_req(1, 9, 0, vec![0x99; 4096], 1))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.status, ChunkStatus::Success as i32);
+    let store = nodes[li].manager.get(1, 1).unwrap().store().clone();
+    until("the old leader applies the new leader's write", || {
+        let mut b = vec![0u8; 4096];
+        store.read_chunk(9, 0, &mut b).is_ok() && b == vec![0x99; 4096]
+    })
+    .await;
+    for n in nodes.iter_mut().chain([&mut { n4 }]) {
         n.manager.shutdown().await;
         let _ = n.stop.take().unwrap().send(());
     }
