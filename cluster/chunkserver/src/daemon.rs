@@ -54,6 +54,8 @@ pub struct Config {
     pub pool_target: usize,
     /// Heartbeat interval.
     pub heartbeat: Duration,
+    /// Chunk requests in flight beyond which OVERLOAD is answered.
+    pub max_inflight: usize,
 }
 
 struct Mds {
@@ -294,7 +296,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         .await
         .with_context(|| format!("cannot listen on {}", cfg.listen))?;
     tracing::info!(id = identity.id, listen = %cfg.listen, copysets = rebuilt, "chunkserver started");
-    let svc = ChunkServerServices::new(manager.clone());
+    let svc = ChunkServerServices::with_limit(manager.clone(), cfg.max_inflight);
     let hb = tokio::spawn(heartbeat_loop(cfg.clone(), identity, manager.clone(), mds));
     tonic::transport::Server::builder()
         .add_service(RaftServiceServer::new(svc.clone()))

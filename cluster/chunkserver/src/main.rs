@@ -41,6 +41,9 @@ struct Args {
     /// Raft election timeout (min), ms; the max is twice it.
     #[arg(long, default_value_t = 500)]
     election_ms: u64,
+    /// Chunk requests in flight beyond which OVERLOAD is answered (clients back off).
+    #[arg(long, default_value_t = curve_chunkserver::service::DEFAULT_MAX_INFLIGHT)]
+    max_inflight: usize,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -71,6 +74,7 @@ fn main() -> anyhow::Result<()> {
         },
         pool_target: a.pool_target,
         heartbeat: Duration::from_millis(a.heartbeat_ms),
+        max_inflight: a.max_inflight,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

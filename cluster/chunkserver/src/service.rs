@@ -32,12 +32,44 @@ use crate::raft::ChunkCommand;
 #[derive(Debug, Clone)]
 pub struct ChunkServerServices {
     manager: Arc<CopysetNodeManager>,
+    inflight: Arc<std::sync::atomic::AtomicUsize>,
+    max_inflight: usize,
 }
+
+/// Counts one chunk request in flight while it lives.
+struct InFlight(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Default limit of chunk requests in flight before OVERLOAD.
+pub const DEFAULT_MAX_INFLIGHT: usize = 4096;
 
 impl ChunkServerServices {
     /// Services over `manager`'s copysets.
     pub fn new(manager: Arc<CopysetNodeManager>) -> Self {
-        ChunkServerServices { manager }
+        Self::with_limit(manager, DEFAULT_MAX_INFLIGHT)
+    }
+
+    /// Services that answer OVERLOAD beyond `max_inflight` chunk requests in flight.
+    pub fn with_limit(manager: Arc<CopysetNodeManager>, max_inflight: usize) -> Self {
+        ChunkServerServices {
+            manager,
+            inflight: Arc::default(),
+            max_inflight,
+        }
+    }
+
+    /// Admits a chunk request, or None when too many are in flight (the client backs off).
+    fn admit(&self) -> Option<InFlight> {
+        let n = self
+            .inflight
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let guard = InFlight(self.inflight.clone());
+        (n < self.max_inflight).then_some(guard)
     }
 
     fn node(&self, pool: u32, copyset: u32) -> Option<Arc<CopysetNode>> {
@@ -117,6 +149,9 @@ impl ChunkService for ChunkServerServices {
         &self,
         request: Request<ChunkRequest>,
     ) -> Result<Response<ChunkResponse>, Status> {
+        let Some(_admitted) = self.admit() else {
+            return Ok(Response::new(reply(ChunkStatus::Overload)));
+        };
         let req = request.into_inner();
         if req.data.len() != req.size as usize || !self.check(req.offset, u64::from(req.size)) {
             return Ok(Response::new(reply(ChunkStatus::InvalidRequest)));
@@ -135,6 +170,9 @@ impl ChunkService for ChunkServerServices {
         &self,
         request: Request<ChunkRequest>,
     ) -> Result<Response<ChunkResponse>, Status> {
+        let Some(_admitted) = self.admit() else {
+            return Ok(Response::new(reply(ChunkStatus::Overload)));
+        };
         let req = request.into_inner();
         if !self.check(req.offset, u64::from(req.size)) {
             return Ok(Response::new(reply(ChunkStatus::InvalidRequest)));

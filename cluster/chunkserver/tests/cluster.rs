@@ -32,6 +32,10 @@ struct Node {
 }
 
 async fn start(id: u32) -> Node {
+    start_with(id, curve_chunkserver::service::DEFAULT_MAX_INFLIGHT).await
+}
+
+async fn start_with(id: u32, max_inflight: usize) -> Node {
     let dir = tempfile::tempdir().unwrap();
     let pool = ChunkFilePool::open(
         &dir.path().join("pool"),
@@ -56,7 +60,7 @@ async fn start(id: u32) -> Node {
     ));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap().to_string();
-    let svc = ChunkServerServices::new(manager.clone());
+    let svc = ChunkServerServices::with_limit(manager.clone(), max_inflight);
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(
         tonic::transport::Server::builder()
@@ -432,4 +436,24 @@ async fn add_remove_and_transfer_leader_and_data_follows() {
         n.manager.shutdown().await;
         let _ = n.stop.take().unwrap().send(());
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn beyond_the_inflight_limit_requests_get_overload() {
+    // A limit of 0 refuses everything: the status a client must back off on.
+    let mut n = start_with(1, 0).await;
+    let mut c = chunk_client(&n.addr).await;
+    let r = c
+        .write_chunk(write_req(1, 1, 0, vec![0; 4096], 1))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.status, ChunkStatus::Overload as i32);
+    let mut read = write_req(1, 1, 0, Vec::new(), 1);
+    read.size = 4096;
+    assert_eq!(
+        c.read_chunk(read).await.unwrap().into_inner().status,
+        ChunkStatus::Overload as i32
+    );
+    let _ = n.stop.take().unwrap().send(());
 }
