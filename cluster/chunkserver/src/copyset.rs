@@ -35,7 +35,7 @@ impl Default for CopysetOptions {
         CopysetOptions {
             chunk_size: 16 << 20,
             page_size: 4096,
-            segment_size: 64 << 20,
+            segment_size: 8 << 20,
             heartbeat_ms: 100,
             election_ms: (500, 1000),
         }

@@ -303,10 +303,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         .add_service(ChunkServiceServer::new(svc.clone()))
         .add_service(CliServiceServer::new(svc.clone()))
         .add_service(CopysetServiceServer::new(svc))
-        .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
-            shutdown,
-        )
+        .serve_with_incoming_shutdown(crate::service::incoming(listener), shutdown)
         .await?;
     hb.abort();
     manager.shutdown().await;

@@ -640,3 +640,16 @@ impl CliService for ChunkServerServices {
         )))
     }
 }
+
+/// Accepted connections of `listener` with TCP_NODELAY set: every RPC here is a small
+/// request waiting for a small answer, which Nagle's algorithm would hold back.
+pub fn incoming(
+    listener: tokio::net::TcpListener,
+) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    use tokio_stream::StreamExt;
+    tokio_stream::wrappers::TcpListenerStream::new(listener).map(|s| {
+        let s = s?;
+        s.set_nodelay(true)?;
+        Ok(s)
+    })
+}

@@ -68,12 +68,9 @@ async fn start_with(id: u32, max_inflight: usize) -> Node {
             .add_service(ChunkServiceServer::new(svc.clone()))
             .add_service(CliServiceServer::new(svc.clone()))
             .add_service(CopysetServiceServer::new(svc))
-            .serve_with_incoming_shutdown(
-                tokio_stream::wrappers::TcpListenerStream::new(listener),
-                async {
-                    let _ = rx.await;
-                },
-            ),
+            .serve_with_incoming_shutdown(curve_chunkserver::service::incoming(listener), async {
+                let _ = rx.await;
+            }),
     );
     Node {
         id,
