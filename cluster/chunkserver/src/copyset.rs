@@ -51,6 +51,8 @@ pub struct CopysetNode {
     /// Its raft group.
     pub raft: Raft<TypeConfig>,
     sm: CopysetStateMachine,
+    /// I/O served for it.
+    pub metrics: crate::metrics::IoMetrics,
 }
 
 impl std::fmt::Debug for CopysetNode {
@@ -104,6 +106,7 @@ impl CopysetNode {
             copyset,
             raft,
             sm,
+            metrics: Default::default(),
         })
     }
 

@@ -56,6 +56,8 @@ pub struct Config {
     pub heartbeat: Duration,
     /// Chunk requests in flight beyond which OVERLOAD is answered.
     pub max_inflight: usize,
+    /// host:port of the Prometheus endpoint (`GET /metrics`), if any.
+    pub metrics_listen: Option<String>,
 }
 
 struct Mds {
@@ -296,6 +298,16 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         .await
         .with_context(|| format!("cannot listen on {}", cfg.listen))?;
     tracing::info!(id = identity.id, listen = %cfg.listen, copysets = rebuilt, "chunkserver started");
+    if let Some(addr) = &cfg.metrics_listen {
+        let l = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr} for metrics"))?;
+        let m = manager.clone();
+        tokio::spawn(crate::metrics::serve(l, move || {
+            let nodes = m.list();
+            crate::metrics::render(nodes.iter().map(|n| (n.pool, n.copyset, &n.metrics)))
+        }));
+    }
     let svc = ChunkServerServices::with_limit(manager.clone(), cfg.max_inflight);
     let hb = tokio::spawn(heartbeat_loop(cfg.clone(), identity, manager.clone(), mds));
     tonic::transport::Server::builder()

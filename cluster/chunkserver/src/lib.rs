@@ -19,6 +19,7 @@ pub mod copyset;
 pub mod daemon;
 pub mod datastore;
 pub mod identity;
+pub mod metrics;
 pub mod network;
 pub mod raft;
 pub mod raftlog;

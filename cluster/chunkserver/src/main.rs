@@ -44,6 +44,9 @@ struct Args {
     /// Chunk requests in flight beyond which OVERLOAD is answered (clients back off).
     #[arg(long, default_value_t = curve_chunkserver::service::DEFAULT_MAX_INFLIGHT)]
     max_inflight: usize,
+    /// Serve Prometheus metrics at http://ADDR/metrics (host:port).
+    #[arg(long)]
+    metrics_listen: Option<String>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -75,6 +78,7 @@ fn main() -> anyhow::Result<()> {
         pool_target: a.pool_target,
         heartbeat: Duration::from_millis(a.heartbeat_ms),
         max_inflight: a.max_inflight,
+        metrics_listen: a.metrics_listen,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -63,6 +63,27 @@ impl ChunkServerServices {
         }
     }
 
+    /// Records a served chunk request in the chunkserver's and the copyset's metrics.
+    fn record(
+        &self,
+        pool: u32,
+        copyset: u32,
+        write: bool,
+        bytes: u64,
+        r: &ChunkResponse,
+        started: std::time::Instant,
+    ) {
+        let ok = r.status == ChunkStatus::Success as i32;
+        let took = started.elapsed();
+        let pick = |m: &'_ crate::metrics::IoMetrics| {
+            if write { &m.write } else { &m.read }.record(bytes, ok, took)
+        };
+        pick(&crate::metrics::CHUNKSERVER_IO);
+        if let Some(node) = self.node(pool, copyset) {
+            pick(&node.metrics);
+        }
+    }
+
     /// Admits a chunk request, or None when too many are in flight (the client backs off).
     fn admit(&self) -> Option<InFlight> {
         let n = self
@@ -156,6 +177,8 @@ impl ChunkService for ChunkServerServices {
         if req.data.len() != req.size as usize || !self.check(req.offset, u64::from(req.size)) {
             return Ok(Response::new(reply(ChunkStatus::InvalidRequest)));
         }
+        let started = std::time::Instant::now();
+        let (pool, copyset, bytes) = (req.logical_pool_id, req.copyset_id, u64::from(req.size));
         let cmd = ChunkCommand::Write {
             chunk_id: req.chunk_id,
             sn: req.sn,
@@ -163,7 +186,9 @@ impl ChunkService for ChunkServerServices {
             data: req.data.clone(),
             epoch: req.epoch,
         };
-        Ok(Response::new(self.write(req, cmd).await))
+        let r = self.write(req, cmd).await;
+        self.record(pool, copyset, true, bytes, &r, started);
+        Ok(Response::new(r))
     }
 
     async fn read_chunk(
@@ -183,6 +208,7 @@ impl ChunkService for ChunkServerServices {
         if let Err(r) = self.linearizable(&node).await {
             return Ok(Response::new(r));
         }
+        let started = std::time::Instant::now();
         let mut data = vec![0u8; req.size as usize];
         let r = match node.store().read_chunk(req.chunk_id, req.offset, &mut data) {
             Ok(()) => ChunkResponse {
@@ -197,6 +223,14 @@ impl ChunkService for ChunkServerServices {
                 reply(ChunkStatus::DiskFail)
             }
         };
+        self.record(
+            req.logical_pool_id,
+            req.copyset_id,
+            false,
+            u64::from(req.size),
+            &r,
+            started,
+        );
         Ok(Response::new(r))
     }
 
