@@ -10,21 +10,27 @@ use std::time::{Duration, Instant};
 
 use curve_proto::chunk::chunk_service_client::ChunkServiceClient;
 use curve_proto::chunk::{ChunkRequest, ChunkStatus};
+use curve_proto::common::CopysetKey;
 use curve_proto::common::Peer;
 use curve_proto::copyset::copyset_service_client::CopysetServiceClient;
 use curve_proto::copyset::{CopysetSpec, CreateCopysetRequest, GetCopysetStatusRequest};
 use curve_proto::heartbeat::heartbeat_service_server::{HeartbeatService, HeartbeatServiceServer};
 use curve_proto::heartbeat::{
-    HeartbeatRequest, HeartbeatResponse, HeartbeatStatus, RegisterRequest, RegisterResponse,
+    ConfigChange, ConfigChangeType, HeartbeatRequest, HeartbeatResponse, HeartbeatStatus,
+    RegisterRequest, RegisterResponse,
 };
 use parking_lot::Mutex;
 use tonic::{Request, Response, Status};
 
-/// Registration and heartbeats, nothing more: ids in registration order, tokens checked.
+/// Registration and heartbeats: ids in registration order, tokens checked, and configuration
+/// changes handed to whichever chunkserver reports itself leader of the copyset.
 #[derive(Default, Clone)]
 struct FakeMds {
     registered: Arc<Mutex<Vec<(u32, String, String)>>>, // id, address, token
     heartbeats: Arc<Mutex<HashMap<u32, usize>>>,
+    changes: Arc<Mutex<Vec<ConfigChange>>>,
+    /// Copyset peers as last reported by a leader.
+    peers: Arc<Mutex<Vec<u32>>>,
 }
 
 #[tonic::async_trait]
@@ -56,8 +62,18 @@ impl HeartbeatService for FakeMds {
             .lock()
             .iter()
             .any(|(id, _, t)| *id == r.chunkserver_id && *t == r.token);
+        let mut changes = Vec::new();
         if ok {
             *self.heartbeats.lock().entry(r.chunkserver_id).or_default() += 1;
+            let leads = r.copysets.iter().find(|c| {
+                c.leader
+                    .as_ref()
+                    .is_some_and(|l| l.chunkserver_id == r.chunkserver_id)
+            });
+            if let Some(c) = leads {
+                *self.peers.lock() = c.peers.iter().map(|p| p.chunkserver_id).collect();
+                changes = std::mem::take(&mut *self.changes.lock());
+            }
         }
         Ok(Response::new(HeartbeatResponse {
             status: if ok {
@@ -65,6 +81,7 @@ impl HeartbeatService for FakeMds {
             } else {
                 HeartbeatStatus::HbUnauthorized
             } as i32,
+            changes,
             ..Default::default()
         }))
     }
@@ -356,4 +373,148 @@ async fn kill_9_of_the_leader_loses_no_acknowledged_write() {
         3,
         "a restart does not register again"
     );
+}
+
+async fn fake_mds() -> (FakeMds, String) {
+    let mds = FakeMds::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(HeartbeatServiceServer::new(mds.clone()))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    (mds, addr)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_identity_is_refused_not_re_registered() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (mds, mds_addr) = fake_mds().await;
+    let dir = tmp.path().join("cs");
+    let addr = format!("127.0.0.1:{}", free_port());
+    let mut p = Proc {
+        child: Some(spawn(
+            &dir,
+            &addr,
+            &mds_addr,
+            tmp.path().join("cs.log").to_str().unwrap(),
+        )),
+        addr,
+        dir: dir.clone(),
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while mds.registered.lock().is_empty() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(mds.registered.lock().len(), 1);
+    // The identity is saved before the first heartbeat.
+    while mds.heartbeats.lock().is_empty() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    p.kill9();
+    let dat = dir.join("chunkserver.dat");
+    let text = std::fs::read_to_string(&dat)
+        .unwrap()
+        .replace("token-1", "token-9");
+    std::fs::write(&dat, text).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_curve-chunkserver"))
+        .args([
+            "--data-dir",
+            dir.to_str().unwrap(),
+            "--listen",
+            &p.addr,
+            "--mds",
+            &mds_addr,
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("chunkserver.dat") && err.contains("corrupt"),
+        "{err}"
+    );
+    assert_eq!(mds.registered.lock().len(), 1, "it did not register again");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_leader_executes_add_peer_from_a_heartbeat_reply() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (mds, mds_addr) = fake_mds().await;
+    let procs: Vec<Proc> = (0..4)
+        .map(|i| {
+            let dir = tmp.path().join(format!("cs{i}"));
+            let addr = format!("127.0.0.1:{}", free_port());
+            let log = tmp.path().join(format!("cs{i}.log"));
+            Proc {
+                child: Some(spawn(&dir, &addr, &mds_addr, log.to_str().unwrap())),
+                addr,
+                dir,
+            }
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while mds.registered.lock().len() < 4 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let reg = mds.registered.lock().clone();
+    assert_eq!(reg.len(), 4);
+    let id_of = |addr: &str| reg.iter().find(|r| r.1 == addr).unwrap().0;
+    let peers: Vec<Peer> = procs[..3]
+        .iter()
+        .map(|p| Peer {
+            chunkserver_id: id_of(&p.addr),
+            address: p.addr.clone(),
+        })
+        .collect();
+    for (i, p) in procs.iter().enumerate() {
+        let mut c = CopysetServiceClient::connect(format!("http://{}", p.addr))
+            .await
+            .unwrap();
+        let spec = CopysetSpec {
+            logical_pool_id: 1,
+            copyset_id: 1,
+            // The fourth is created empty: it joins when the MDS has it added.
+            peers: if i < 3 { peers.clone() } else { Vec::new() },
+        };
+        let r = c
+            .create_copyset_node(CreateCopysetRequest {
+                copysets: vec![spec],
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(r.status, 0, "{}", r.message);
+    }
+    let new = &procs[3];
+    mds.changes.lock().push(ConfigChange {
+        key: Some(CopysetKey {
+            logical_pool_id: 1,
+            copyset_id: 1,
+        }),
+        r#type: ConfigChangeType::AddPeer as i32,
+        peer: Some(Peer {
+            chunkserver_id: id_of(&new.addr),
+            address: new.addr.clone(),
+        }),
+        ..Default::default()
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let want = id_of(&new.addr);
+    while !mds.peers.lock().contains(&want) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let logs: Vec<String> = (0..4)
+        .map(|k| std::fs::read_to_string(tmp.path().join(format!("cs{k}.log"))).unwrap_or_default())
+        .collect();
+    assert!(
+        mds.peers.lock().contains(&want),
+        "the copyset did not gain the peer (heartbeats {:?}, pending changes {}, reported peers {:?}, want {want}):\n{}",
+        mds.heartbeats.lock(),
+        mds.changes.lock().len(),
+        mds.peers.lock(),
+        logs.join("\n---\n")
+    );
+    assert_eq!(mds.peers.lock().len(), 4);
 }
