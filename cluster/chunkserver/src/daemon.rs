@@ -185,23 +185,52 @@ fn copyset_info(node: &CopysetNode) -> CopysetInfo {
 }
 
 /// Executes one configuration change on a copyset this chunkserver leads.
-pub async fn execute(node: &CopysetNode, change: &ConfigChange) -> Result<(), String> {
+pub async fn execute(
+    svc: &ChunkServerServices,
+    node: &CopysetNode,
+    change: &ConfigChange,
+) -> Result<(), String> {
+    use curve_proto::cli::cli_service_server::CliService;
     let m = node.raft.metrics().borrow().clone();
     let mut voters: BTreeSet<u64> = m.membership_config.membership().voter_ids().collect();
     let peer = change.peer.as_ref().ok_or("change without a peer")?;
     let id = u64::from(peer.chunkserver_id);
     match ConfigChangeType::try_from(change.r#type).map_err(|e| e.to_string())? {
-        ConfigChangeType::AddPeer => {
+        ConfigChangeType::AddPeer | ConfigChangeType::ChangePeer => {
             node.raft
                 .add_learner(id, BasicNode::new(&peer.address), true)
                 .await
                 .map_err(|e| e.to_string())?;
             voters.insert(id);
+            if let Some(old) = change
+                .old_peer
+                .as_ref()
+                .filter(|_| change.r#type == ConfigChangeType::ChangePeer as i32)
+            {
+                voters.remove(&u64::from(old.chunkserver_id));
+            }
         }
         ConfigChangeType::RemovePeer => {
             voters.remove(&id);
         }
-        other => return Err(format!("{other:?} is not supported yet")),
+        ConfigChangeType::TransferLeader => {
+            let r = svc
+                .transfer_leader(tonic::Request::new(curve_proto::cli::CliRequest {
+                    logical_pool_id: node.pool,
+                    copyset_id: node.copyset,
+                    peer: Some(peer.clone()),
+                    new_peers: Vec::new(),
+                }))
+                .await
+                .map_err(|e| e.to_string())?
+                .into_inner();
+            return if r.status == 0 {
+                Ok(())
+            } else {
+                Err(r.message)
+            };
+        }
+        ConfigChangeType::None => return Ok(()),
     }
     node.raft
         .change_membership(voters, false)
@@ -216,6 +245,7 @@ async fn heartbeat_loop(
     manager: Arc<CopysetNodeManager>,
     mut mds: Mds,
 ) {
+    let svc = ChunkServerServices::new(manager.clone());
     let mut tick = tokio::time::interval(cfg.heartbeat);
     loop {
         tick.tick().await;
@@ -250,8 +280,9 @@ async fn heartbeat_loop(
             let Some(node) = manager.get(key.logical_pool_id, key.copyset_id) else {
                 continue;
             };
+            let svc = svc.clone();
             tokio::spawn(async move {
-                match execute(&node, &change).await {
+                match execute(&svc, &node, &change).await {
                     Ok(()) => tracing::info!(?change, "configuration change done"),
                     Err(e) => tracing::warn!(?change, error = %e, "configuration change failed"),
                 }
