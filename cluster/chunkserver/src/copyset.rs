@@ -64,7 +64,55 @@ impl std::fmt::Debug for CopysetNode {
     }
 }
 
+/// A copyset as its raft group sees it now.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RaftView {
+    /// This replica's node id.
+    pub id: u64,
+    /// The leader, if known.
+    pub leader: Option<curve_proto::common::Peer>,
+    /// The voters.
+    pub peers: Vec<curve_proto::common::Peer>,
+    /// Current term.
+    pub term: u64,
+    /// Last log index.
+    pub last_log_index: u64,
+    /// Last applied index.
+    pub applied: u64,
+    /// Configuration epoch: the log index of the membership in effect.
+    pub epoch: u64,
+}
+
+impl RaftView {
+    /// Whether this replica leads.
+    pub fn is_leader(&self) -> bool {
+        self.leader.as_ref().map(|l| u64::from(l.chunkserver_id)) == Some(self.id)
+    }
+}
+
 impl CopysetNode {
+    /// Leader, voters and progress, from the raft metrics.
+    pub fn view(&self) -> RaftView {
+        let m = self.raft.metrics().borrow().clone();
+        let membership = m.membership_config.membership();
+        let peer = |id: &u64| curve_proto::common::Peer {
+            chunkserver_id: *id as u32,
+            address: membership
+                .get_node(id)
+                .map(|n| n.addr.clone())
+                .unwrap_or_default(),
+        };
+        RaftView {
+            id: m.id,
+            leader: m.current_leader.as_ref().map(peer),
+            peers: membership.voter_ids().map(|id| peer(&id)).collect(),
+            term: m.current_term,
+            last_log_index: m.last_log_index.unwrap_or(0),
+            applied: m.last_applied.map(|l| l.index).unwrap_or(0),
+            epoch: m.membership_config.log_id().map(|l| l.index).unwrap_or(0),
+        }
+    }
+
     async fn open(
         dir: &Path,
         node_id: u64,

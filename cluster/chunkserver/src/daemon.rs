@@ -162,24 +162,16 @@ async fn register(cfg: &Config, mds: &mut Mds) -> anyhow::Result<Identity> {
 }
 
 fn copyset_info(node: &CopysetNode) -> CopysetInfo {
-    let m = node.raft.metrics().borrow().clone();
-    let membership = m.membership_config.membership();
-    let peer = |id: &u64| Peer {
-        chunkserver_id: *id as u32,
-        address: membership
-            .get_node(id)
-            .map(|n| n.addr.clone())
-            .unwrap_or_default(),
-    };
+    let v = node.view();
     CopysetInfo {
         key: Some(CopysetKey {
             logical_pool_id: node.pool,
             copyset_id: node.copyset,
         }),
-        leader: m.current_leader.as_ref().map(peer),
-        peers: membership.voter_ids().map(|id| peer(&id)).collect(),
-        epoch: m.membership_config.log_id().map(|l| l.index).unwrap_or(0),
-        term: m.current_term,
+        leader: v.leader,
+        peers: v.peers,
+        epoch: v.epoch,
+        term: v.term,
         in_progress: None,
     }
 }
@@ -191,8 +183,12 @@ pub async fn execute(
     change: &ConfigChange,
 ) -> Result<(), String> {
     use curve_proto::cli::cli_service_server::CliService;
-    let m = node.raft.metrics().borrow().clone();
-    let mut voters: BTreeSet<u64> = m.membership_config.membership().voter_ids().collect();
+    let mut voters: BTreeSet<u64> = node
+        .view()
+        .peers
+        .iter()
+        .map(|p| u64::from(p.chunkserver_id))
+        .collect();
     let peer = change.peer.as_ref().ok_or("change without a peer")?;
     let id = u64::from(peer.chunkserver_id);
     match ConfigChangeType::try_from(change.r#type).map_err(|e| e.to_string())? {

@@ -418,23 +418,15 @@ impl CopysetService for ChunkServerServices {
                 ..Default::default()
             }));
         };
-        let m = node.raft.metrics().borrow().clone();
-        let membership = m.membership_config.membership();
-        let peer = |id: &u64| Peer {
-            chunkserver_id: *id as u32,
-            address: membership
-                .get_node(id)
-                .map(|n| n.addr.clone())
-                .unwrap_or_default(),
-        };
+        let v = node.view();
         Ok(Response::new(GetCopysetStatusResponse {
             status: CopysetStatus::CopysetOk as i32,
-            leader: m.current_leader.as_ref().map(peer),
-            peers: membership.voter_ids().map(|id| peer(&id)).collect(),
-            term: m.current_term,
-            committed_index: m.last_log_index.unwrap_or(0),
-            applied_index: m.last_applied.map(|l| l.index).unwrap_or(0),
-            epoch: m.membership_config.log_id().map(|l| l.index).unwrap_or(0),
+            leader: v.leader,
+            peers: v.peers,
+            term: v.term,
+            committed_index: v.last_log_index,
+            applied_index: v.applied,
+            epoch: v.epoch,
         }))
     }
 }
@@ -456,21 +448,17 @@ impl ChunkServerServices {
         let Some(node) = self.node(req.logical_pool_id, req.copyset_id) else {
             return Err(cli(CliStatus::CliCopysetNotexist, "no such copyset here"));
         };
-        let m = node.raft.metrics().borrow().clone();
-        if m.current_leader != Some(m.id) {
+        let v = node.view();
+        if !v.is_leader() {
             let mut r = cli(CliStatus::CliNotLeader, "not the leader");
-            r.leader = m.current_leader.map(|id| Peer {
-                chunkserver_id: id as u32,
-                address: m
-                    .membership_config
-                    .membership()
-                    .get_node(&id)
-                    .map(|n| n.addr.clone())
-                    .unwrap_or_default(),
-            });
+            r.leader = v.leader;
             return Err(r);
         }
-        let voters = m.membership_config.membership().voter_ids().collect();
+        let voters = v
+            .peers
+            .iter()
+            .map(|p| u64::from(p.chunkserver_id))
+            .collect();
         Ok((node, voters))
     }
 
@@ -516,19 +504,11 @@ impl CliService for ChunkServerServices {
                 "no such copyset here",
             )));
         };
-        let m = node.raft.metrics().borrow().clone();
-        let membership = m.membership_config.membership();
-        let peer = |id: &u64| Peer {
-            chunkserver_id: *id as u32,
-            address: membership
-                .get_node(id)
-                .map(|n| n.addr.clone())
-                .unwrap_or_default(),
-        };
+        let v = node.view();
         Ok(Response::new(CliResponse {
             status: CliStatus::CliOk as i32,
-            leader: m.current_leader.as_ref().map(peer),
-            peers: membership.voter_ids().map(|id| peer(&id)).collect(),
+            leader: v.leader,
+            peers: v.peers,
             ..Default::default()
         }))
     }
