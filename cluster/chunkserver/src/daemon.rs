@@ -9,7 +9,6 @@
 //!  <data-dir>/copysets/<pool>_<copyset>/{data,raft,sm}
 //! ```
 
-use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::io::Write;
 use std::os::fd::AsRawFd;
@@ -27,7 +26,6 @@ use curve_proto::heartbeat::{
     ConfigChange, ConfigChangeType, CopysetInfo, HeartbeatRequest, HeartbeatStatus, RegisterRequest,
 };
 use curve_proto::raft::raft_service_server::RaftServiceServer;
-use openraft::BasicNode;
 
 use crate::chunkfilepool::{ChunkFilePool, PoolOptions};
 use crate::copyset::{CopysetNode, CopysetNodeManager, CopysetOptions};
@@ -176,63 +174,47 @@ fn copyset_info(node: &CopysetNode) -> CopysetInfo {
     }
 }
 
-/// Executes one configuration change on a copyset this chunkserver leads.
+/// Executes one configuration change on a copyset this chunkserver leads, through the same
+/// CliService operations an operator would call.
 pub async fn execute(
     svc: &ChunkServerServices,
     node: &CopysetNode,
     change: &ConfigChange,
 ) -> Result<(), String> {
+    use curve_proto::cli::CliRequest;
     use curve_proto::cli::cli_service_server::CliService;
-    let mut voters: BTreeSet<u64> = node
-        .view()
-        .peers
-        .iter()
-        .map(|p| u64::from(p.chunkserver_id))
-        .collect();
-    let peer = change.peer.as_ref().ok_or("change without a peer")?;
-    let id = u64::from(peer.chunkserver_id);
-    match ConfigChangeType::try_from(change.r#type).map_err(|e| e.to_string())? {
-        ConfigChangeType::AddPeer | ConfigChangeType::ChangePeer => {
-            node.raft
-                .add_learner(id, BasicNode::new(&peer.address), true)
-                .await
-                .map_err(|e| e.to_string())?;
-            voters.insert(id);
-            if let Some(old) = change
-                .old_peer
-                .as_ref()
-                .filter(|_| change.r#type == ConfigChangeType::ChangePeer as i32)
-            {
-                voters.remove(&u64::from(old.chunkserver_id));
-            }
+    let peer = change.peer.clone().ok_or("change without a peer")?;
+    let req = |peer: Peer, new_peers: Vec<Peer>| {
+        tonic::Request::new(CliRequest {
+            logical_pool_id: node.pool,
+            copyset_id: node.copyset,
+            peer: Some(peer),
+            new_peers,
+        })
+    };
+    let answer = match ConfigChangeType::try_from(change.r#type).map_err(|e| e.to_string())? {
+        ConfigChangeType::AddPeer => svc.add_peer(req(peer, Vec::new())).await,
+        ConfigChangeType::RemovePeer => svc.remove_peer(req(peer, Vec::new())).await,
+        ConfigChangeType::ChangePeer => {
+            let old = change.old_peer.as_ref().map(|p| p.chunkserver_id);
+            let mut peers: Vec<Peer> = node
+                .view()
+                .peers
+                .into_iter()
+                .filter(|p| Some(p.chunkserver_id) != old)
+                .collect();
+            peers.push(peer.clone());
+            svc.change_peers(req(peer, peers)).await
         }
-        ConfigChangeType::RemovePeer => {
-            voters.remove(&id);
-        }
-        ConfigChangeType::TransferLeader => {
-            let r = svc
-                .transfer_leader(tonic::Request::new(curve_proto::cli::CliRequest {
-                    logical_pool_id: node.pool,
-                    copyset_id: node.copyset,
-                    peer: Some(peer.clone()),
-                    new_peers: Vec::new(),
-                }))
-                .await
-                .map_err(|e| e.to_string())?
-                .into_inner();
-            return if r.status == 0 {
-                Ok(())
-            } else {
-                Err(r.message)
-            };
-        }
+        ConfigChangeType::TransferLeader => svc.transfer_leader(req(peer, Vec::new())).await,
         ConfigChangeType::None => return Ok(()),
+    };
+    let r = answer.map_err(|e| e.to_string())?.into_inner();
+    if r.status == 0 {
+        Ok(())
+    } else {
+        Err(r.message)
     }
-    node.raft
-        .change_membership(voters, false)
-        .await
-        .map(|_| ())
-        .map_err(|e| e.to_string())
 }
 
 async fn heartbeat_loop(
@@ -293,6 +275,10 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         bail!("no MDS address given");
     }
     let _lock = lock_data_dir(&cfg.data_dir)?;
+    // Listen before registering: the address the MDS records must already answer.
+    let listener = tokio::net::TcpListener::bind(&cfg.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", cfg.listen))?;
     let mut mds = Mds {
         addrs: cfg.mds.clone(),
         current: 0,
@@ -321,9 +307,6 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         cfg.copyset.clone(),
     ));
     let rebuilt = manager.rebuild().await.map_err(anyhow::Error::msg)?;
-    let listener = tokio::net::TcpListener::bind(&cfg.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", cfg.listen))?;
     tracing::info!(id = identity.id, listen = %cfg.listen, copysets = rebuilt, "chunkserver started");
     if let Some(addr) = &cfg.metrics_listen {
         let l = tokio::net::TcpListener::bind(addr)
@@ -348,12 +331,4 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     manager.shutdown().await;
     tracing::info!("chunkserver stopped");
     Ok(())
-}
-
-/// Peers as openraft nodes.
-pub fn peers_of(peers: &[Peer]) -> BTreeMap<u64, BasicNode> {
-    peers
-        .iter()
-        .map(|p| (u64::from(p.chunkserver_id), BasicNode::new(&p.address)))
-        .collect()
 }
