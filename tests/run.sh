@@ -32,6 +32,8 @@ if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --workspace --locked --no-fail-fast
   cargo test --workspace --doc --locked
 else
-  cargo test --workspace --locked --no-fail-fast
+  # Without nextest's test groups, run tests one at a time: the fault-injection tests kill and
+  # restart daemons and measure pauses.
+  cargo test --workspace --locked --no-fail-fast -- --test-threads=1
 fi
 echo "== all tests passed"
