@@ -38,12 +38,18 @@ const HEADER: u64 = 16;
 
 static FSYNCS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 static FLUSHED_APPENDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+static APPENDED_ENTRIES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
-/// Raft log fsync batches and the appends they made durable, since start (all logs of the
-/// process): appends per fsync is the batching factor.
-pub fn fsync_stats() -> (u64, u64) {
+/// Raft log fsync batches, the appends they made durable and the entries appended, since
+/// start (all logs of the process): appends per fsync and entries per append are the batching
+/// factors.
+pub fn fsync_stats() -> (u64, u64, u64) {
     use std::sync::atomic::Ordering::Relaxed;
-    (FSYNCS.load(Relaxed), FLUSHED_APPENDS.load(Relaxed))
+    (
+        FSYNCS.load(Relaxed),
+        FLUSHED_APPENDS.load(Relaxed),
+        APPENDED_ENTRIES.load(Relaxed),
+    )
 }
 const META: &str = "raft_meta";
 
@@ -212,6 +218,7 @@ impl RaftLog {
             let mut buf_seg: Option<(u64, u64)> = None; // (segment, offset of buf)
             for entry in entries {
                 let payload = bincode::serialize(&entry).map_err(io_err)?;
+                APPENDED_ENTRIES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let need = HEADER + payload.len() as u64;
                 let index = entry.log_id.index;
                 let fits = st
