@@ -108,12 +108,36 @@ impl Drop for Proc {
     }
 }
 
+/// A port whose successor is free too (service + metrics), below the ephemeral range: a
+/// chunkserver restarts on the same address, and other tests binding port 0 must not grab it
+/// while it is down.
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::{AtomicU16, Ordering};
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let seed = (std::process::id() % 4000) as u16 * 2;
+    loop {
+        let port = 22000 + (seed + NEXT.fetch_add(2, Ordering::Relaxed)) % 10000;
+        let free = |p: u16| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok();
+        if free(port) && free(port + 1) {
+            return port;
+        }
+    }
+}
+
+/// The metrics endpoint sits next to the service port in these tests.
+fn metrics_addr(addr: &str) -> String {
+    let (host, port) = addr.rsplit_once(':').unwrap();
+    format!("{host}:{}", port.parse::<u16>().unwrap() + 1)
+}
+
+fn get_metrics(addr: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(metrics_addr(addr)).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).unwrap();
+    body
 }
 
 fn spawn(dir: &std::path::Path, addr: &str, mds: &str, log: &str) -> Child {
@@ -135,6 +159,7 @@ fn spawn(dir: &std::path::Path, addr: &str, mds: &str, log: &str) -> Child {
             "300",
         ])
         .args(["--heartbeat-ms", "200"])
+        .args(["--metrics-listen", &metrics_addr(addr)])
         .env("RUST_LOG", "info,openraft=warn")
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(log).unwrap())
@@ -373,6 +398,21 @@ async fn kill_9_of_the_leader_loses_no_acknowledged_write() {
         3,
         "a restart does not register again"
     );
+
+    // Prometheus metrics of the leader: its writes, per copyset, and the raft log's fsyncs.
+    let m = get_metrics(&addrs[target]);
+    assert!(m.starts_with("HTTP/1.1 200"), "{m}");
+    let writes = m
+        .lines()
+        .find(|l| l.starts_with("curve_chunkserver_ops_total{op=\"write\"}"))
+        .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .unwrap_or(0);
+    assert!(writes > 0, "{m}");
+    assert!(
+        m.contains("curve_copyset_latency_seconds_bucket{pool=\"1\",copyset=\"1\",op=\"write\""),
+        "{m}"
+    );
+    assert!(m.contains("curve_raft_log_fsync_seconds_count"), "{m}");
 }
 
 async fn fake_mds() -> (FakeMds, String) {
