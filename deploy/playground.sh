@@ -4,17 +4,24 @@
 # how to attach, and stays in the foreground. Ctrl-C (or SIGTERM) stops everything.
 #
 #   deploy/playground.sh [DIR]        (default DIR: /tmp/curve-playground)
+#
+# CURVE_BIN_DIR=DIR uses the binaries there instead of building release ones (the tests do).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 dir=${1:-/tmp/curve-playground}
-cargo build --release --bins -q
+if [ -n "${CURVE_BIN_DIR:-}" ]; then
+  bin=$CURVE_BIN_DIR
+else
+  cargo build --release --bins -q
+  bin=target/release
+fi
 mkdir -p "$dir"
 # Supervise part2: if it dies it is restarted at once, and restores its exports from its
 # metafile (a mem: volume comes back empty: it is RAM).
 supervise() {
   trap 'exit 0' TERM
   while true; do
-    target/release/nebd-server --run-dir "$dir/run" 2>>"$dir/nebd-server.log" &
+    $bin/nebd-server --run-dir "$dir/run" 2>>"$dir/nebd-server.log" &
     echo $! >"$dir/nebd-server.pid.current"
     wait $! || true
     echo "nebd-server exited; restarting" >>"$dir/nebd-server.log"
@@ -32,14 +39,14 @@ stop() {
 }
 trap stop INT TERM
 for _ in $(seq 100); do
-  target/release/curve --run-dir "$dir/run" export list >/dev/null 2>&1 && break
+  $bin/curve --run-dir "$dir/run" export list >/dev/null 2>&1 && break
   sleep 0.1
 done
-if target/release/curve --run-dir "$dir/run" export list | grep -q '^vol0 '; then
-  uri=$(target/release/curve --run-dir "$dir/run" export list --format json |
+if $bin/curve --run-dir "$dir/run" export list | grep -q '^vol0 '; then
+  uri=$($bin/curve --run-dir "$dir/run" export list --format json |
         python3 -c 'import json,sys; print(json.load(sys.stdin)[0]["uri"])')
 else
-  uri=$(target/release/curve --run-dir "$dir/run" export add --volume mem:1G \
+  uri=$($bin/curve --run-dir "$dir/run" export add --volume mem:1G \
         --nbd "unix:$dir/run/nbd.sock" --name vol0)
 fi
 cat <<MSG
