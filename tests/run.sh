@@ -12,6 +12,7 @@ command -v fio >/dev/null || need+=(fio)
 command -v nbdinfo >/dev/null || need+=(libnbd-bin)       # nbdinfo, nbdcopy
 command -v nbdcopy >/dev/null || need+=(libnbd-bin)
 command -v qemu-io >/dev/null || need+=(qemu-utils)       # qemu-io, qemu-img
+command -v cc >/dev/null || need+=(gcc)                   # builds the libnebd C example
 if ((${#need[@]})); then
   sudo=""
   [ "$(id -u)" = 0 ] || sudo=sudo
