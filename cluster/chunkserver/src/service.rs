@@ -462,6 +462,18 @@ impl ChunkServerServices {
         Ok((node, voters))
     }
 
+    /// As [`Self::led`], for requests that must name a peer.
+    fn led_with_peer(
+        &self,
+        req: CliRequest,
+    ) -> Result<(Arc<CopysetNode>, std::collections::BTreeSet<u64>, Peer), CliResponse> {
+        let (node, voters) = self.led(&req)?;
+        let peer = req
+            .peer
+            .ok_or_else(|| cli(CliStatus::CliInvalid, "no peer given"))?;
+        Ok((node, voters, peer))
+    }
+
     async fn set_voters(
         &self,
         node: &CopysetNode,
@@ -518,12 +530,9 @@ impl CliService for ChunkServerServices {
         request: Request<CliRequest>,
     ) -> Result<Response<CliResponse>, Status> {
         let req = request.into_inner();
-        let (node, mut voters) = match self.led(&req) {
+        let (node, mut voters, peer) = match self.led_with_peer(req) {
             Ok(x) => x,
             Err(r) => return Ok(Response::new(r)),
-        };
-        let Some(peer) = req.peer else {
-            return Ok(Response::new(cli(CliStatus::CliInvalid, "no peer given")));
         };
         voters.insert(u64::from(peer.chunkserver_id));
         Ok(Response::new(self.set_voters(&node, &[peer], voters).await))
@@ -534,12 +543,9 @@ impl CliService for ChunkServerServices {
         request: Request<CliRequest>,
     ) -> Result<Response<CliResponse>, Status> {
         let req = request.into_inner();
-        let (node, mut voters) = match self.led(&req) {
+        let (node, mut voters, peer) = match self.led_with_peer(req) {
             Ok(x) => x,
             Err(r) => return Ok(Response::new(r)),
-        };
-        let Some(peer) = req.peer else {
-            return Ok(Response::new(cli(CliStatus::CliInvalid, "no peer given")));
         };
         if !voters.remove(&u64::from(peer.chunkserver_id)) || voters.is_empty() {
             return Ok(Response::new(cli(

@@ -18,6 +18,11 @@ fn fd_of(fd: c_int) -> Result<u32, c_int> {
     u32::try_from(fd).map_err(|_| -libc::EBADF)
 }
 
+/// The client and a valid fd, or the -errno to return.
+fn client_fd(fd: c_int) -> Result<(Nebd, u32), c_int> {
+    Ok((client()?, fd_of(fd)?))
+}
+
 fn neg(e: &NebdError) -> c_int {
     -e.errno()
 }
@@ -130,9 +135,9 @@ pub unsafe extern "C" fn nebd_lib_open(filename: *const c_char) -> c_int {
 /// Closes an fd.
 #[unsafe(no_mangle)]
 pub extern "C" fn nebd_lib_close(fd: c_int) -> c_int {
-    match (client(), fd_of(fd)) {
-        (Ok(c), Ok(fd)) => c.close(fd).map_or_else(|e| neg(&e), |()| 0),
-        (Err(e), _) | (_, Err(e)) => e,
+    match client_fd(fd) {
+        Ok((c, fd)) => c.close(fd).map_or_else(|e| neg(&e), |()| 0),
+        Err(e) => e,
     }
 }
 
@@ -147,9 +152,9 @@ pub unsafe extern "C" fn nebd_lib_pread(
     offset: libc::off_t,
     length: libc::size_t,
 ) -> libc::ssize_t {
-    let (c, fd) = match (client(), fd_of(fd)) {
-        (Ok(c), Ok(fd)) => (c, fd),
-        (Err(e), _) | (_, Err(e)) => return e as libc::ssize_t,
+    let (c, fd) = match client_fd(fd) {
+        Ok((c, fd)) => (c, fd),
+        Err(e) => return e as libc::ssize_t,
     };
     if buf.is_null() || offset < 0 {
         return -libc::EINVAL as libc::ssize_t;
@@ -173,9 +178,9 @@ pub unsafe extern "C" fn nebd_lib_pwrite(
     offset: libc::off_t,
     length: libc::size_t,
 ) -> libc::ssize_t {
-    let (c, fd) = match (client(), fd_of(fd)) {
-        (Ok(c), Ok(fd)) => (c, fd),
-        (Err(e), _) | (_, Err(e)) => return e as libc::ssize_t,
+    let (c, fd) = match client_fd(fd) {
+        Ok((c, fd)) => (c, fd),
+        Err(e) => return e as libc::ssize_t,
     };
     if buf.is_null() || offset < 0 {
         return -libc::EINVAL as libc::ssize_t;
@@ -189,9 +194,9 @@ pub unsafe extern "C" fn nebd_lib_pwrite(
 }
 
 fn aio(fd: c_int, ctx: *mut NebdClientAioContext, op: LibAioOp) -> c_int {
-    let (c, fd) = match (client(), fd_of(fd)) {
-        (Ok(c), Ok(fd)) => (c, fd),
-        (Err(e), _) | (_, Err(e)) => return e,
+    let (c, fd) = match client_fd(fd) {
+        Ok((c, fd)) => (c, fd),
+        Err(e) => return e,
     };
     if ctx.is_null() {
         return -libc::EINVAL;
@@ -252,22 +257,22 @@ pub extern "C" fn nebd_lib_flush(fd: c_int, context: *mut NebdClientAioContext) 
 /// Size in bytes, or -errno.
 #[unsafe(no_mangle)]
 pub extern "C" fn nebd_lib_filesize(fd: c_int) -> i64 {
-    match (client(), fd_of(fd)) {
-        (Ok(c), Ok(fd)) => c
+    match client_fd(fd) {
+        Ok((c, fd)) => c
             .info(fd)
             .map_or_else(|e| i64::from(neg(&e)), |i| i.size as i64),
-        (Err(e), _) | (_, Err(e)) => i64::from(e),
+        Err(e) => i64::from(e),
     }
 }
 
 /// Logical block size, or -errno.
 #[unsafe(no_mangle)]
 pub extern "C" fn nebd_lib_blocksize(fd: c_int) -> i64 {
-    match (client(), fd_of(fd)) {
-        (Ok(c), Ok(fd)) => c
+    match client_fd(fd) {
+        Ok((c, fd)) => c
             .info(fd)
             .map_or_else(|e| i64::from(neg(&e)), |i| i64::from(i.block_size)),
-        (Err(e), _) | (_, Err(e)) => i64::from(e),
+        Err(e) => i64::from(e),
     }
 }
 
@@ -277,8 +282,8 @@ pub extern "C" fn nebd_lib_resize(fd: c_int, size: i64) -> c_int {
     let Ok(size) = u64::try_from(size) else {
         return -libc::EINVAL;
     };
-    match (client(), fd_of(fd)) {
-        (Ok(c), Ok(fd)) => c.resize(fd, size).map_or_else(|e| neg(&e), |_| 0),
-        (Err(e), _) | (_, Err(e)) => e,
+    match client_fd(fd) {
+        Ok((c, fd)) => c.resize(fd, size).map_or_else(|e| neg(&e), |_| 0),
+        Err(e) => e,
     }
 }

@@ -276,21 +276,6 @@ impl Nebd {
         self.inner.reconnects.load(Ordering::Relaxed)
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn submit(
-        &self,
-        op: Op,
-        fd: u32,
-        offset: u64,
-        length: u64,
-        flags: u8,
-        payload: &[u8],
-        done: Completion,
-    ) {
-        self.inner
-            .submit(op, fd, offset, length, flags, payload, done);
-    }
-
     /// Submits and waits for the answer.
     fn call(
         &self,
@@ -303,7 +288,7 @@ impl Nebd {
     ) -> Result<Vec<u8>, NebdError> {
         let slot = Arc::new((Mutex::new(None::<Answer>), Condvar::new()));
         let s = slot.clone();
-        self.submit(
+        self.inner.submit(
             op,
             fd,
             offset,
@@ -388,7 +373,7 @@ impl Nebd {
         len: usize,
         done: impl FnOnce(Result<Vec<u8>, NebdError>) + Send + 'static,
     ) {
-        self.submit(
+        self.inner.submit(
             Op::Read,
             fd,
             offset,
@@ -409,7 +394,7 @@ impl Nebd {
         done: impl FnOnce(Result<(), NebdError>) + Send + 'static,
     ) {
         let flags = if fua { proto::FLAG_FUA } else { 0 };
-        self.submit(
+        self.inner.submit(
             Op::Write,
             fd,
             offset,
@@ -428,7 +413,7 @@ impl Nebd {
         len: u64,
         done: impl FnOnce(Result<(), NebdError>) + Send + 'static,
     ) {
-        self.submit(
+        self.inner.submit(
             Op::Discard,
             fd,
             offset,
@@ -441,7 +426,7 @@ impl Nebd {
 
     /// Flushes asynchronously.
     pub fn aio_flush(&self, fd: u32, done: impl FnOnce(Result<(), NebdError>) + Send + 'static) {
-        self.submit(
+        self.inner.submit(
             Op::Flush,
             fd,
             0,
