@@ -114,38 +114,11 @@ async fn three_replicas_serve_through_the_leader() {
         })
         .collect();
     for n in &nodes {
-        let mut c = CopysetServiceClient::connect(format!("http://{}", n.addr))
-            .await
-            .unwrap();
-        let r = c
-            .create_copyset_node(CreateCopysetRequest {
-                copysets: vec![CopysetSpec {
-                    logical_pool_id: 1,
-                    copyset_id: 1,
-                    peers: peers.clone(),
-                }],
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        assert_eq!(r.status, 0, "{}", r.message);
+        create(n, peers.clone()).await;
     }
     // A leader is elected, and every replica agrees on it (twice, 300 ms apart).
-    let agreed = || {
-        let seen: Vec<Option<u64>> = nodes
-            .iter()
-            .map(|n| {
-                n.manager
-                    .get(1, 1)
-                    .unwrap()
-                    .raft
-                    .metrics()
-                    .borrow()
-                    .current_leader
-            })
-            .collect();
-        seen[0].filter(|l| seen.iter().all(|s| *s == Some(*l)))
-    };
+    let all: Vec<&Node> = nodes.iter().collect();
+    let agreed = || leader_seen_by(&all);
     let mut leader = None;
     for _ in 0..400 {
         if let Some(l) = agreed() {
