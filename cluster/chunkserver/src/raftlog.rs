@@ -288,10 +288,25 @@ impl RaftLog {
 
     /// Reads entries in `range` (only those present).
     fn read(&self, range: impl RangeBounds<u64>) -> Result<Vec<Entry<TypeConfig>>, StorageError> {
+        self.read_limited(range, u64::MAX)
+    }
+
+    /// Reads the entries of `range` up to about `max_bytes` of payload (always at least one).
+    fn read_limited(
+        &self,
+        range: impl RangeBounds<u64>,
+        max_bytes: u64,
+    ) -> Result<Vec<Entry<TypeConfig>>, StorageError> {
         let locs: Vec<(Arc<File>, Loc)> = {
             let st = self.inner.state.lock();
+            let mut bytes = 0u64;
             st.entries
                 .range(range)
+                .take_while(|(_, l)| {
+                    let first = bytes == 0;
+                    bytes += u64::from(l.len);
+                    first || bytes <= max_bytes
+                })
                 .map(|(_, l)| (st.segments[&l.segment].file.clone(), *l))
                 .collect()
         };
@@ -371,7 +386,21 @@ impl RaftLogReader<TypeConfig> for RaftLog {
     ) -> Result<Vec<Entry<TypeConfig>>, StorageError> {
         self.read(range)
     }
+
+    /// What the leader sends in one AppendEntries: bounded in bytes, so that catching up a
+    /// follower that was down is a stream of RPCs that each fit in openraft's timeout (the
+    /// heartbeat interval) even on a loaded machine, instead of one that never does.
+    async fn limited_get_log_entries(
+        &mut self,
+        start: u64,
+        end: u64,
+    ) -> Result<Vec<Entry<TypeConfig>>, StorageError> {
+        self.read_limited(start..end, MAX_APPEND_BYTES)
+    }
 }
+
+/// Payload bytes per AppendEntries when a follower catches up (64 blocks of 4 KiB).
+const MAX_APPEND_BYTES: u64 = 256 << 10;
 
 impl RaftLogStorage<TypeConfig> for RaftLog {
     type LogReader = Self;
@@ -530,6 +559,34 @@ mod tests {
         assert_eq!(st.last_purged_log_id, Some(log_id(1, 1, 20)));
         assert_eq!(st.last_log_id, Some(log_id(1, 1, 29)));
         assert!(std::fs::read_dir(dir.path()).unwrap().count() < segments);
+    }
+
+    #[test]
+    fn append_entries_batches_are_bounded_in_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = RaftLog::open(dir.path(), 64 << 20).unwrap();
+        let big = |index| {
+            let mut e = blank(index);
+            e.payload = openraft::EntryPayload::Normal(crate::raft::ChunkCommand::Write {
+                chunk_id: 1,
+                sn: 0,
+                offset: 0,
+                data: vec![7; 100 << 10],
+                epoch: 0,
+            });
+            e
+        };
+        for f in log.write_records((1..20).map(big)).unwrap() {
+            f.sync_data().unwrap();
+        }
+        let got = block_on(log.limited_get_log_entries(1, 20)).unwrap();
+        let n = got.len() as u64;
+        assert!((1..4).contains(&n), "{n} entries of 100 KiB in one batch");
+        assert_eq!(got.last().unwrap().log_id.index, n);
+        // Never an empty batch, however big one entry is.
+        let got = log.read_limited(5..20, 1).unwrap();
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].log_id.index, 5);
     }
 
     #[test]

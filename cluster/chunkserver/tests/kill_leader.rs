@@ -160,7 +160,10 @@ fn spawn(dir: &std::path::Path, addr: &str, mds: &str, log: &str) -> Child {
         ])
         .args(["--heartbeat-ms", "200"])
         .args(["--metrics-listen", &metrics_addr(addr)])
-        .env("RUST_LOG", "info,openraft=warn")
+        .env(
+            "RUST_LOG",
+            std::env::var("CURVE_TEST_LOG").unwrap_or("info,openraft=warn".into()),
+        )
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(log).unwrap())
         .spawn()
