@@ -9,6 +9,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/copyset.proto",
         "proto/heartbeat.proto",
         "proto/raft.proto",
+        "proto/mds.proto",
+        "proto/etcd/kv.proto",
+        "proto/etcd/rpc.proto",
+        "proto/etcd/v3election.proto",
     ];
     for f in &files {
         println!("cargo:rerun-if-changed={f}");

@@ -8,6 +8,9 @@
 //!  copyset    CopysetService: CreateCopysetNode, GetCopysetStatus
 //!  heartbeat  HeartbeatService (MDS): Register, Heartbeat (replies carry ConfigChanges)
 //!  raft       RaftService: AppendEntries, Vote, InstallSnapshot between chunkservers
+//!  mds        MdsService: namespace, OpenFile/RefreshSession/CloseFile, GetOrAllocateSegment,
+//!             GetCopysets, GetTopology
+//!  etcd       etcd v3 KV, Lease and Election (the MDS's HA store), trimmed to what is used
 //! ```
 
 #![allow(
@@ -40,6 +43,25 @@ pub mod heartbeat {
 /// Raft transport.
 pub mod raft {
     tonic::include_proto!("curve.raft");
+}
+/// Client <-> MDS: namespace, sessions, segments, topology.
+pub mod mds {
+    tonic::include_proto!("curve.mds");
+}
+/// The subset of etcd v3's API the MDS uses (its own package names, so a stock etcd answers).
+pub mod etcd {
+    /// etcd's key-value record.
+    pub mod mvccpb {
+        tonic::include_proto!("mvccpb");
+    }
+    /// KV and Lease services.
+    pub mod etcdserverpb {
+        tonic::include_proto!("etcdserverpb");
+    }
+    /// The election service.
+    pub mod v3electionpb {
+        tonic::include_proto!("v3electionpb");
+    }
 }
 
 #[cfg(test)]

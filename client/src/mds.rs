@@ -1,0 +1,324 @@
+//! The MDS client: every call goes to the MDS believed to lead; a NOT_LEADER answer moves
+//! to the leader it names, a transport error to the next address, until `deadline`.
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use curve_proto::mds::mds_service_client::MdsServiceClient;
+use curve_proto::mds::*;
+use tokio::sync::Mutex;
+use tonic::transport::Channel;
+
+/// Why an MDS call failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum MdsError {
+    /// The MDS answered with a status other than OK.
+    #[error("{status:?}: {message}")]
+    Status {
+        /// The status.
+        status: MdsStatus,
+        /// Its explanation.
+        message: String,
+    },
+    /// No MDS answered as leader before the deadline.
+    #[error("no MDS leader reachable ({0})")]
+    Unavailable(String),
+}
+
+impl MdsError {
+    /// The MDS status, if it answered.
+    pub fn status(&self) -> Option<MdsStatus> {
+        match self {
+            MdsError::Status { status, .. } => Some(*status),
+            MdsError::Unavailable(_) => None,
+        }
+    }
+}
+
+/// What every MDS reply carries.
+pub trait Reply {
+    /// Status code.
+    fn status(&self) -> i32;
+    /// Leader named in NOT_LEADER.
+    fn leader(&self) -> &str;
+    /// Explanation.
+    fn message(&self) -> &str;
+}
+
+macro_rules! reply {
+    ($($t:ty),*) => {$(
+        impl Reply for $t {
+            fn status(&self) -> i32 { self.status }
+            fn leader(&self) -> &str { &self.leader }
+            fn message(&self) -> &str { &self.message }
+        }
+    )*};
+}
+reply!(
+    FileResponse,
+    ListDirResponse,
+    OpenFileResponse,
+    SessionResponse,
+    SegmentResponse,
+    GetCopysetsResponse
+);
+
+impl Reply for TopologyResponse {
+    fn status(&self) -> i32 {
+        self.status
+    }
+    fn leader(&self) -> &str {
+        &self.leader
+    }
+    fn message(&self) -> &str {
+        ""
+    }
+}
+
+#[derive(Debug)]
+struct Current {
+    index: usize,
+    client: Option<MdsServiceClient<Channel>>,
+}
+
+/// A client of a set of MDS.
+#[derive(Debug)]
+pub struct MdsClient {
+    addrs: Vec<String>,
+    current: Mutex<Current>,
+    /// How long a call keeps trying (elections, restarts).
+    pub deadline: Duration,
+}
+
+impl MdsClient {
+    /// A client of the MDS at `addrs` (host:port).
+    pub fn new(addrs: Vec<String>) -> Self {
+        MdsClient {
+            addrs,
+            current: Mutex::new(Current {
+                index: 0,
+                client: None,
+            }),
+            deadline: Duration::from_secs(30),
+        }
+    }
+
+    /// The address currently used.
+    pub async fn current(&self) -> String {
+        let c = self.current.lock().await;
+        self.addrs[c.index % self.addrs.len()].clone()
+    }
+
+    /// Calls `f` on the leader MDS; returns its reply when OK.
+    pub async fn call<R, F, Fut>(&self, f: F) -> Result<R, MdsError>
+    where
+        R: Reply,
+        F: Fn(MdsServiceClient<Channel>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<R>, tonic::Status>>,
+    {
+        if self.addrs.is_empty() {
+            return Err(MdsError::Unavailable("no MDS address".into()));
+        }
+        let start = Instant::now();
+        let mut last = String::new();
+        let mut backoff = Duration::from_millis(50);
+        while start.elapsed() < self.deadline {
+            let client = {
+                let mut c = self.current.lock().await;
+                if c.client.is_none() {
+                    let addr = &self.addrs[c.index % self.addrs.len()];
+                    let ep = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+                        .map_err(|e| MdsError::Unavailable(e.to_string()))?
+                        .connect_timeout(Duration::from_secs(1))
+                        .timeout(Duration::from_secs(10));
+                    c.client = Some(MdsServiceClient::new(ep.connect_lazy()));
+                }
+                c.client.clone().expect("set above")
+            };
+            match f(client).await {
+                Ok(r) => {
+                    let r = r.into_inner();
+                    if r.status() == MdsStatus::NotLeader as i32 {
+                        last = format!("not leader; leader {:?}", r.leader());
+                        self.switch(Some(r.leader())).await;
+                    } else if r.status() == MdsStatus::Ok as i32 {
+                        return Ok(r);
+                    } else {
+                        return Err(MdsError::Status {
+                            status: MdsStatus::try_from(r.status()).unwrap_or(MdsStatus::Internal),
+                            message: r.message().to_string(),
+                        });
+                    }
+                }
+                Err(s) => {
+                    last = s.to_string();
+                    self.switch(None).await;
+                }
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_millis(500));
+        }
+        Err(MdsError::Unavailable(last))
+    }
+
+    async fn switch(&self, leader: Option<&str>) {
+        let mut c = self.current.lock().await;
+        c.client = None;
+        match leader.and_then(|l| self.addrs.iter().position(|a| a == l)) {
+            Some(i) if i != c.index % self.addrs.len() => c.index = i,
+            _ => c.index += 1,
+        }
+    }
+
+    /// Creates a volume (`length` bytes) or, with `FileType::Directory`, a directory.
+    pub async fn create(
+        &self,
+        path: &str,
+        kind: FileType,
+        length: u64,
+        block_size: u32,
+        owner: &str,
+    ) -> Result<FileInfo, MdsError> {
+        let req = CreateFileRequest {
+            path: path.into(),
+            r#type: kind as i32,
+            length,
+            block_size,
+            owner: owner.into(),
+        };
+        let r = self
+            .call(|mut c| {
+                let req = req.clone();
+                async move { c.create_file(req).await }
+            })
+            .await?;
+        Ok(r.info.unwrap_or_default())
+    }
+
+    /// Stats a path.
+    pub async fn stat(&self, path: &str) -> Result<FileInfo, MdsError> {
+        let req = PathRequest {
+            path: path.into(),
+            owner: String::new(),
+        };
+        let r = self
+            .call(|mut c| {
+                let req = req.clone();
+                async move { c.stat_file(req).await }
+            })
+            .await?;
+        Ok(r.info.unwrap_or_default())
+    }
+
+    /// Lists a directory.
+    pub async fn list(&self, path: &str) -> Result<Vec<FileInfo>, MdsError> {
+        let req = PathRequest {
+            path: path.into(),
+            owner: String::new(),
+        };
+        let r = self
+            .call(|mut c| {
+                let req = req.clone();
+                async move { c.list_dir(req).await }
+            })
+            .await?;
+        Ok(r.files)
+    }
+
+    /// Opens a volume (exclusive): its info and the session.
+    pub async fn open(
+        &self,
+        path: &str,
+        owner: &str,
+        client: &str,
+    ) -> Result<(FileInfo, Session), MdsError> {
+        let req = OpenFileRequest {
+            path: path.into(),
+            owner: owner.into(),
+            client: client.into(),
+        };
+        let r = self
+            .call(|mut c| {
+                let req = req.clone();
+                async move { c.open_file(req).await }
+            })
+            .await?;
+        Ok((r.info.unwrap_or_default(), r.session.unwrap_or_default()))
+    }
+
+    /// Refreshes a session's lease.
+    pub async fn refresh(&self, path: &str, session: &str) -> Result<SessionResponse, MdsError> {
+        let req = SessionRequest {
+            path: path.into(),
+            session_id: session.into(),
+        };
+        self.call(|mut c| {
+            let req = req.clone();
+            async move { c.refresh_session(req).await }
+        })
+        .await
+    }
+
+    /// Closes a session.
+    pub async fn close(&self, path: &str, session: &str) -> Result<(), MdsError> {
+        let req = SessionRequest {
+            path: path.into(),
+            session_id: session.into(),
+        };
+        self.call(|mut c| {
+            let req = req.clone();
+            async move { c.close_file(req).await }
+        })
+        .await
+        .map(|_| ())
+    }
+
+    /// The segment containing `offset` (allocated when `allocate`); `Ok(None)` when it is not
+    /// allocated (its chunks read as zeros).
+    pub async fn segment(
+        &self,
+        path: &str,
+        owner: &str,
+        offset: u64,
+        allocate: bool,
+    ) -> Result<Option<Segment>, MdsError> {
+        let req = SegmentRequest {
+            path: path.into(),
+            offset,
+            allocate,
+            owner: owner.into(),
+        };
+        match self
+            .call(|mut c| {
+                let req = req.clone();
+                async move { c.get_or_allocate_segment(req).await }
+            })
+            .await
+        {
+            Ok(r) => Ok(r.segment),
+            Err(e) if !allocate && e.status() == Some(MdsStatus::NotFound) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Peers and leaders of copysets of a pool (all when `ids` is empty).
+    pub async fn copysets(&self, pool: u32, ids: &[u32]) -> Result<Vec<CopysetLocation>, MdsError> {
+        let req = GetCopysetsRequest {
+            logical_pool_id: pool,
+            copyset_ids: ids.to_vec(),
+        };
+        let r = self
+            .call(|mut c| {
+                let req = req.clone();
+                async move { c.get_copysets(req).await }
+            })
+            .await?;
+        Ok(r.copysets)
+    }
+
+    /// Chunkservers, copysets and operators in flight.
+    pub async fn topology(&self) -> Result<TopologyResponse, MdsError> {
+        self.call(|mut c| async move { c.get_topology(TopologyRequest {}).await })
+            .await
+    }
+}

@@ -1,0 +1,298 @@
+//! The MDS process: the store (embedded, or etcd with an election), the gRPC services, and
+//! the background work of the leader: creating placed copysets on their chunkservers, the
+//! scheduler (preparing added peers), and deleting the chunks of purged volumes.
+//!
+//! ```text
+//!  <data-dir>/mds.pid     flock'ed: one MDS per data directory
+//!  <data-dir>/mds.redb    the embedded store (without --etcd)
+//! ```
+
+use std::future::Future;
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use curve_proto::chunk::ChunkRequest;
+use curve_proto::chunk::chunk_service_client::ChunkServiceClient;
+use curve_proto::common::Peer;
+use curve_proto::copyset::copyset_service_client::CopysetServiceClient;
+use curve_proto::copyset::{CopysetSpec, CopysetStatus, CreateCopysetRequest};
+use curve_proto::heartbeat::heartbeat_service_server::HeartbeatServiceServer;
+use curve_proto::mds::mds_service_server::MdsServiceServer;
+
+use crate::mds::{Mds, Options, Role, Services};
+use crate::scheduler::Change;
+use crate::store::{EmbeddedStore, MetaStore};
+
+/// How an MDS runs.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// host:port to serve on (and to advertise to the other MDS).
+    pub listen: String,
+    /// Data directory (the embedded store and the pid lock).
+    pub data_dir: PathBuf,
+    /// etcd endpoints: empty for the embedded store.
+    pub etcd: Vec<String>,
+    /// Key prefix in etcd (several clusters may share one etcd).
+    pub etcd_prefix: String,
+    /// Election lease TTL (etcd).
+    pub election_ttl: Duration,
+    /// Scheduler period.
+    pub schedule_every: Duration,
+    /// The MDS behaviour.
+    pub opts: Options,
+}
+
+fn lock_data_dir(dir: &std::path::Path) -> anyhow::Result<std::fs::File> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(dir.join("mds.pid"))?;
+    // SAFETY: flock on a descriptor we own.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        bail!("another MDS is running on {}", dir.display());
+    }
+    f.set_len(0)?;
+    writeln!(f, "{}", std::process::id())?;
+    Ok(f)
+}
+
+fn fatal(e: &crate::store::StoreError) {
+    tracing::error!(error = %e, "metadata write failed: stopping so that a fresh MDS takes over");
+    std::process::exit(3);
+}
+
+/// Runs the MDS until `shutdown` completes.
+pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let _lock = lock_data_dir(&cfg.data_dir)?;
+    let listener = tokio::net::TcpListener::bind(&cfg.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", cfg.listen))?;
+    let role = Arc::new(Role::default());
+    let services = Services::new(role.clone());
+    let server = tonic::transport::Server::builder()
+        .add_service(MdsServiceServer::new(services.clone()))
+        .add_service(HeartbeatServiceServer::new(services))
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            shutdown,
+        );
+    let leading = become_leader(cfg.clone(), role.clone());
+    tokio::select! {
+        r = server => r?,
+        r = leading => {
+            r?;
+            unreachable!("leading ends only by exiting")
+        }
+    }
+    tracing::info!("MDS stopped");
+    Ok(())
+}
+
+/// Waits to lead (at once with the embedded store), loads the state, and runs the leader's
+/// background work for as long as the process lives.
+async fn become_leader(cfg: Config, role: Arc<Role>) -> anyhow::Result<()> {
+    let store: Arc<dyn MetaStore> = if cfg.etcd.is_empty() {
+        Arc::new(EmbeddedStore::open(&cfg.data_dir.join("mds.redb"))?)
+    } else {
+        let channel = crate::etcd::connect(&cfg.etcd)?;
+        let store = crate::etcd::EtcdStore::new(channel.clone(), &cfg.etcd_prefix);
+        let election = crate::etcd::Election::new(channel, &format!("{}election", cfg.etcd_prefix));
+        let lease = loop {
+            match election
+                .lease(cfg.election_ttl, || {
+                    tracing::error!("lost the MDS lease: exiting");
+                    std::process::exit(3);
+                })
+                .await
+            {
+                Ok(l) => break l,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot reach etcd; retrying");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        };
+        // Track the leader for NOT_LEADER answers while campaigning.
+        let watcher = {
+            let (election, role) = (election.clone(), role.clone());
+            tokio::spawn(async move {
+                loop {
+                    if let Some(l) = election.leader().await {
+                        role.follow(l);
+                    }
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            })
+        };
+        tracing::info!(lease, "campaigning for the MDS leadership");
+        let key = election.campaign(lease, &cfg.listen).await?;
+        watcher.abort();
+        store.fence_with(key);
+        tracing::info!("elected MDS leader");
+        Arc::new(store)
+    };
+    let mds = Mds::load(store.clone(), cfg.opts.clone(), fatal)
+        .await
+        .map_err(anyhow::Error::msg)?;
+    role.follow(cfg.listen.clone());
+    role.lead(mds.clone());
+    tracing::info!(store = store.kind(), listen = %cfg.listen, "MDS serving");
+    let mut tick = tokio::time::interval(cfg.schedule_every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        create_pools(&mds).await;
+        schedule(&mds).await;
+    }
+}
+
+/// Places the copysets of pools whose chunkservers are all there, and creates them on the
+/// chunkservers (again after a restart, until every one accepted).
+async fn create_pools(mds: &Arc<Mds>) {
+    let (wait, pending) = {
+        let mut st = mds.state.lock();
+        let ops = st.cluster.plan_pools(Instant::now());
+        (mds.queue(ops), st.cluster.pending_creation())
+    };
+    if wait.await.is_err() {
+        return;
+    }
+    for (pool, per_cs) in pending {
+        let mut all = true;
+        for (addr, list) in per_cs {
+            let specs = list
+                .into_iter()
+                .map(|(id, peers)| CopysetSpec {
+                    logical_pool_id: pool,
+                    copyset_id: id,
+                    peers,
+                })
+                .collect();
+            if let Err(e) = create_on(&addr, specs).await {
+                tracing::warn!(chunkserver = %addr, error = %e, "copyset creation failed; will retry");
+                all = false;
+            }
+        }
+        if all {
+            let wait = {
+                let mut st = mds.state.lock();
+                let ops = st.cluster.created(pool);
+                mds.queue(ops)
+            };
+            if wait.await.is_ok() {
+                tracing::info!(pool, "copysets created on their chunkservers");
+            }
+        }
+    }
+}
+
+async fn create_on(addr: &str, copysets: Vec<CopysetSpec>) -> Result<(), String> {
+    let mut c = tokio::time::timeout(
+        Duration::from_secs(3),
+        CopysetServiceClient::connect(format!("http://{addr}")),
+    )
+    .await
+    .map_err(|_| "connect timed out".to_string())?
+    .map_err(|e| e.to_string())?;
+    let r = c
+        .create_copyset_node(CreateCopysetRequest { copysets })
+        .await
+        .map_err(|e| e.to_string())?
+        .into_inner();
+    if r.status == CopysetStatus::CopysetOk as i32 || r.status == CopysetStatus::CopysetExist as i32
+    {
+        Ok(())
+    } else {
+        Err(r.message)
+    }
+}
+
+/// One scheduler round: decide, then create the empty replicas that AddPeer needs.
+async fn schedule(mds: &Arc<Mds>) {
+    let prepare: Vec<(u32, u32, Peer)> = {
+        let mut st = mds.state.lock();
+        let decisions = st.cluster.schedule(Instant::now(), mds.opts.balance);
+        decisions
+            .iter()
+            .filter_map(|d| match d.change {
+                Change::AddPeer(t) => Some((d.pool, d.copyset, st.cluster.peer(t))),
+                _ => None,
+            })
+            .collect()
+    };
+    for (pool, copyset, target) in prepare {
+        let spec = CopysetSpec {
+            logical_pool_id: pool,
+            copyset_id: copyset,
+            peers: Vec::new(), // empty: a new replica that waits for its leader
+        };
+        let r = create_on(&target.address, vec![spec]).await;
+        let mut st = mds.state.lock();
+        match r {
+            Ok(()) => st.cluster.prepared(pool, copyset),
+            Err(e) => {
+                tracing::warn!(pool, copyset, target = %target.address, error = %e, "cannot prepare the new peer");
+                st.cluster.drop_operator(pool, copyset);
+            }
+        }
+    }
+}
+
+/// Deletes chunks of purged volumes on their copysets' leaders (best effort: a chunk that
+/// stays behind only costs space).
+pub async fn delete_chunks(work: Vec<(u32, u32, u64, Vec<Peer>)>) {
+    for (pool, copyset, chunk, peers) in work {
+        let mut target = peers.first().map(|p| p.address.clone());
+        for _ in 0..(peers.len() * 2).max(1) {
+            let Some(addr) = target.take() else {
+                break;
+            };
+            let Ok(Ok(mut c)) = tokio::time::timeout(
+                Duration::from_secs(2),
+                ChunkServiceClient::connect(format!("http://{addr}")),
+            )
+            .await
+            else {
+                target = next_peer(&peers, &addr);
+                continue;
+            };
+            let r = c
+                .delete_chunk(ChunkRequest {
+                    logical_pool_id: pool,
+                    copyset_id: copyset,
+                    chunk_id: chunk,
+                    ..Default::default()
+                })
+                .await
+                .map(|r| r.into_inner());
+            match r {
+                Ok(r)
+                    if r.status == 0
+                        || r.status == curve_proto::chunk::ChunkStatus::ChunkNotexist as i32 =>
+                {
+                    break;
+                }
+                Ok(r) => {
+                    target = r
+                        .redirect
+                        .map(|l| l.address)
+                        .filter(|a| !a.is_empty())
+                        .or_else(|| next_peer(&peers, &addr));
+                }
+                Err(_) => target = next_peer(&peers, &addr),
+            }
+        }
+    }
+}
+
+fn next_peer(peers: &[Peer], addr: &str) -> Option<String> {
+    let i = peers.iter().position(|p| p.address == addr)?;
+    peers.get((i + 1) % peers.len()).map(|p| p.address.clone())
+}

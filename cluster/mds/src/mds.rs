@@ -1,0 +1,735 @@
+//! The MDS state (namespace, cluster, sessions) behind one lock held only for in-memory
+//! decisions, written through to the store in order, and the gRPC services over it
+//! (`MdsService` for clients, `HeartbeatService` for chunkservers).
+//!
+//! A follower MDS (etcd HA) answers every request with NOT_LEADER naming the leader.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use curve_proto::common::Peer;
+use curve_proto::heartbeat::heartbeat_service_server::HeartbeatService;
+use curve_proto::heartbeat::{
+    HeartbeatRequest, HeartbeatResponse, HeartbeatStatus, RegisterRequest, RegisterResponse,
+};
+use curve_proto::mds::mds_service_server::MdsService;
+use curve_proto::mds::*;
+use parking_lot::{Mutex, RwLock};
+use tonic::{Request, Response, Status};
+
+use crate::cluster::{Cluster, Timeouts};
+use crate::namespace::{FileRecord, Geometry, Kind, Namespace, NsError, PoolCopysets};
+use crate::scheduler::Liveness;
+use crate::session::{SessionError, Sessions};
+use crate::store::{MetaStore, Op, Writer};
+use crate::topology::TopologySpec;
+
+/// How the MDS behaves.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Chunk and segment sizes of new volumes.
+    pub geometry: Geometry,
+    /// Session lease.
+    pub lease: Duration,
+    /// Liveness and operator timings.
+    pub timeouts: Timeouts,
+    /// The topology description.
+    pub topology: TopologySpec,
+    /// Whether the scheduler balances copysets and leaders (recovery always runs).
+    pub balance: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            geometry: Geometry::default(),
+            lease: Duration::from_secs(20),
+            timeouts: Timeouts::default(),
+            topology: TopologySpec::default_single_pool(),
+            balance: true,
+        }
+    }
+}
+
+/// Everything the leader MDS knows.
+#[derive(Debug)]
+pub struct State {
+    /// Namespace.
+    pub ns: Namespace,
+    /// Topology at run time.
+    pub cluster: Cluster,
+    /// Open volumes.
+    pub sessions: Sessions,
+}
+
+/// The leader MDS.
+#[derive(Debug)]
+pub struct Mds {
+    /// The state.
+    pub state: Mutex<State>,
+    writer: Writer,
+    /// Its options.
+    pub opts: Options,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl Mds {
+    /// Loads the state from `store` and starts writing through to it; `on_fatal` runs when a
+    /// write fails (the process should stop serving: memory is ahead of the store).
+    pub async fn load(
+        store: Arc<dyn MetaStore>,
+        opts: Options,
+        on_fatal: impl Fn(&crate::store::StoreError) + Send + 'static,
+    ) -> Result<Arc<Self>, String> {
+        let pairs = store.scan(b"").await.map_err(|e| e.to_string())?;
+        let now = Instant::now();
+        let mut ns = Namespace::load(&pairs, opts.geometry)?;
+        let cluster = Cluster::load(&pairs, opts.topology.clone(), opts.timeouts, now)?;
+        let sessions = Sessions::load(&pairs, opts.lease, now);
+        let boot = ns.bootstrap(now_ms());
+        let writer = Writer::start(store, on_fatal);
+        writer.queue(boot).await?;
+        tracing::info!(files = ns.len(), "metadata loaded");
+        Ok(Arc::new(Mds {
+            state: Mutex::new(State {
+                ns,
+                cluster,
+                sessions,
+            }),
+            writer,
+            opts,
+        }))
+    }
+
+    /// Applies `f` to the state and waits until what it changed is durable.
+    pub async fn update<T>(
+        &self,
+        f: impl FnOnce(&mut State) -> Result<(T, Vec<Op>), NsError>,
+    ) -> Result<Result<T, NsError>, String> {
+        let (r, wait) = {
+            let mut st = self.state.lock();
+            match f(&mut st) {
+                Ok((t, ops)) => (Ok(t), self.writer.queue(ops)),
+                Err(e) => (Err(e), self.writer.queue(Vec::new())),
+            }
+        };
+        wait.await?;
+        Ok(r)
+    }
+
+    /// Persists `ops` (already applied to memory under the lock by the caller).
+    pub fn queue(
+        &self,
+        ops: Vec<Op>,
+    ) -> impl std::future::Future<Output = Result<(), String>> + use<> {
+        self.writer.queue(ops)
+    }
+}
+
+/// Who answers requests: the leader's state, or who the leader is.
+#[derive(Debug, Default)]
+pub struct Role {
+    leader: RwLock<Option<Arc<Mds>>>,
+    leader_addr: RwLock<String>,
+}
+
+impl Role {
+    /// Becomes the leader with `mds`.
+    pub fn lead(&self, mds: Arc<Mds>) {
+        *self.leader.write() = Some(mds);
+    }
+
+    /// Records the leader's address (followers).
+    pub fn follow(&self, addr: String) {
+        *self.leader_addr.write() = addr;
+    }
+
+    /// The leader's state when this MDS leads.
+    pub fn mds(&self) -> Option<Arc<Mds>> {
+        self.leader.read().clone()
+    }
+
+    fn leader_addr(&self) -> String {
+        self.leader_addr.read().clone()
+    }
+}
+
+/// The gRPC services of one MDS process.
+#[derive(Debug, Clone)]
+pub struct Services {
+    role: Arc<Role>,
+}
+
+impl Services {
+    /// Services answering for `role`.
+    pub fn new(role: Arc<Role>) -> Self {
+        Services { role }
+    }
+}
+
+fn status_of(e: &NsError) -> MdsStatus {
+    match e {
+        NsError::Exists(_) => MdsStatus::Exists,
+        NsError::NotFound(_) => MdsStatus::NotFound,
+        NsError::Invalid(_) => MdsStatus::Invalid,
+        NsError::NotDirectory(_) => MdsStatus::NotDirectory,
+        NsError::NotAVolume(_) => MdsStatus::NotAVolume,
+        NsError::NotEmpty(_) => MdsStatus::NotEmpty,
+        NsError::ShrinkRefused(..) => MdsStatus::ShrinkRefused,
+        NsError::AuthFailed(_) => MdsStatus::AuthFailed,
+        NsError::NoSpace => MdsStatus::NoSpace,
+    }
+}
+
+fn info(ns: &Namespace, f: &FileRecord) -> FileInfo {
+    FileInfo {
+        id: f.id,
+        parent_id: f.parent,
+        name: f.name.clone(),
+        path: match &f.deleted {
+            Some(o) => o.path.clone(),
+            None => ns.path_of(f.id),
+        },
+        r#type: match f.kind {
+            Kind::Volume => FileType::Volume,
+            Kind::Directory => FileType::Directory,
+        } as i32,
+        length: f.length,
+        block_size: f.block_size,
+        chunk_size: f.chunk_size,
+        segment_size: f.segment_size,
+        owner: f.owner.clone(),
+        ctime_ms: f.ctime_ms,
+        status: if f.deleted.is_some() {
+            FileStatus::Deleted
+        } else {
+            FileStatus::Normal
+        } as i32,
+        epoch: f.epoch,
+    }
+}
+
+/// Builds a reply of type `$t` with status, leader and message.
+macro_rules! reply {
+    ($t:ident, $status:expr, $leader:expr, $msg:expr) => {
+        $t {
+            status: $status as i32,
+            leader: $leader,
+            message: $msg,
+            ..Default::default()
+        }
+    };
+}
+
+/// Runs `$body` with the leader's state `$mds`, or answers NOT_LEADER.
+macro_rules! leader_or {
+    ($self:ident, $t:ident, $mds:ident => $body:expr) => {{
+        match $self.role.mds() {
+            None => Ok(Response::new(reply!(
+                $t,
+                MdsStatus::NotLeader,
+                $self.role.leader_addr(),
+                "not the leader MDS".to_string()
+            ))),
+            Some($mds) => {
+                let r: Result<$t, String> = $body.await;
+                Ok(Response::new(r.unwrap_or_else(|e| {
+                    reply!($t, MdsStatus::Internal, String::new(), e)
+                })))
+            }
+        }
+    }};
+}
+
+fn file_reply(r: Result<FileInfo, NsError>) -> FileResponse {
+    match r {
+        Ok(i) => FileResponse {
+            info: Some(i),
+            ..Default::default()
+        },
+        Err(e) => reply!(FileResponse, status_of(&e), String::new(), e.to_string()),
+    }
+}
+
+/// Deletes the chunks of purged segments on their copysets (best effort, in the background).
+fn clean(mds: &Arc<Mds>, freed: Vec<crate::namespace::SegmentRecord>) {
+    if freed.is_empty() {
+        return;
+    }
+    let mut work = Vec::new();
+    {
+        let st = mds.state.lock();
+        for s in &freed {
+            for (chunk, cs) in &s.chunks {
+                let peers: Vec<Peer> = st
+                    .cluster
+                    .copysets(s.pool, &[*cs])
+                    .first()
+                    .map(|(r, _)| r.peers.iter().map(|p| st.cluster.peer(*p)).collect())
+                    .unwrap_or_default();
+                work.push((s.pool, *cs, *chunk, peers));
+            }
+        }
+    }
+    tokio::spawn(crate::daemon::delete_chunks(work));
+}
+
+#[tonic::async_trait]
+impl MdsService for Services {
+    async fn create_file(
+        &self,
+        r: Request<CreateFileRequest>,
+    ) -> Result<Response<FileResponse>, Status> {
+        let r = r.into_inner();
+        leader_or!(self, FileResponse, mds => async move {
+            let kind = match FileType::try_from(r.r#type) {
+                Ok(FileType::Directory) => Kind::Directory,
+                Ok(FileType::Volume) => Kind::Volume,
+                Err(_) => return Ok(reply!(FileResponse, MdsStatus::Invalid, String::new(), "unknown file type".into())),
+            };
+            let out = mds
+                .update(|st| {
+                    let (f, ops) = st.ns.create(&r.path, kind, r.length, r.block_size, &r.owner, now_ms())?;
+                    Ok((info(&st.ns, &f), ops))
+                })
+                .await?;
+            Ok(file_reply(out))
+        })
+    }
+
+    async fn stat_file(&self, r: Request<PathRequest>) -> Result<Response<FileResponse>, Status> {
+        let r = r.into_inner();
+        leader_or!(self, FileResponse, mds => async move {
+            let st = mds.state.lock();
+            let out = st.ns.lookup(&r.path).map(|id| info(&st.ns, st.ns.get(id).expect("looked up")));
+            Ok(file_reply(out))
+        })
+    }
+
+    async fn list_dir(&self, r: Request<PathRequest>) -> Result<Response<ListDirResponse>, Status> {
+        let r = r.into_inner();
+        leader_or!(self, ListDirResponse, mds => async move {
+            let st = mds.state.lock();
+            Ok(match st.ns.list(&r.path) {
+                Ok(files) => ListDirResponse {
+                    files: files.into_iter().map(|f| info(&st.ns, f)).collect(),
+                    ..Default::default()
+                },
+                Err(e) => reply!(ListDirResponse, status_of(&e), String::new(), e.to_string()),
+            })
+        })
+    }
+
+    async fn extend_file(
+        &self,
+        r: Request<ExtendFileRequest>,
+    ) -> Result<Response<FileResponse>, Status> {
+        let r = r.into_inner();
+        leader_or!(self, FileResponse, mds => async move {
+            let out = mds
+                .update(|st| {
+                    let (f, ops) = st.ns.extend(&r.path, r.new_length, &r.owner)?;
+                    Ok((info(&st.ns, &f), ops))
+                })
+                .await?;
+            Ok(file_reply(out))
+        })
+    }
+
+    async fn rename_file(
+        &self,
+        r: Request<RenameFileRequest>,
+    ) -> Result<Response<FileResponse>, Status> {
+        let r = r.into_inner();
+        leader_or!(self, FileResponse, mds => async move {
+            let out = mds
+                .update(|st| {
+                    let (f, ops) = st.ns.rename(&r.from, &r.to, &r.owner)?;
+                    Ok((info(&st.ns, &f), ops))
+                })
+                .await?;
+            Ok(file_reply(out))
+        })
+    }
+
+    async fn delete_file(
+        &self,
+        r: Request<DeleteFileRequest>,
+    ) -> Result<Response<FileResponse>, Status> {
+        let r = r.into_inner();
+        leader_or!(self, FileResponse, mds => async move {
+            let now = Instant::now();
+            let out = mds
+                .update(|st| {
+                    if let Ok(id) = st.ns.lookup(&r.path)
+                        && st.sessions.is_open(id, now)
+                    {
+                        return Ok((Err(MdsStatus::Occupied), Vec::new()));
+                    }
+                    let (f, mut ops, freed) = st.ns.delete(&r.path, &r.owner, r.force)?;
+                    if r.force {
+                        ops.extend(st.sessions.forget(f.id));
+                    }
+                    Ok((Ok((info(&st.ns, &f), freed)), ops))
+                })
+                .await?;
+            Ok(match out {
+                Ok(Ok((i, freed))) => {
+                    clean(&mds, freed);
+                    file_reply(Ok(i))
+                }
+                Ok(Err(s)) => reply!(FileResponse, s, String::new(), format!("{} is open", r.path)),
+                Err(e) => file_reply(Err(e)),
+            })
+        })
+    }
+
+    async fn recover_file(
+        &self,
+        r: Request<RecycleRequest>,
+    ) -> Result<Response<FileResponse>, Status> {
+        let r = r.into_inner();
+        leader_or!(self, FileResponse, mds => async move {
+            let out = mds
+                .update(|st| {
+                    let (f, ops) = st.ns.recover(&r.path, &r.owner)?;
+                    Ok((info(&st.ns, &f), ops))
+                })
+                .await?;
+            Ok(file_reply(out))
+        })
+    }
+
+    async fn purge_file(
+        &self,
+        r: Request<RecycleRequest>,
+    ) -> Result<Response<FileResponse>, Status> {
+        let r = r.into_inner();
+        leader_or!(self, FileResponse, mds => async move {
+            let out = mds
+                .update(|st| {
+                    let (f, mut ops, freed) = st.ns.purge(&r.path, &r.owner)?;
+                    ops.extend(st.sessions.forget(f.id));
+                    Ok(((info(&st.ns, &f), freed), ops))
+                })
+                .await?;
+            Ok(match out {
+                Ok((i, freed)) => {
+                    clean(&mds, freed);
+                    file_reply(Ok(i))
+                }
+                Err(e) => file_reply(Err(e)),
+            })
+        })
+    }
+
+    async fn open_file(
+        &self,
+        r: Request<OpenFileRequest>,
+    ) -> Result<Response<OpenFileResponse>, Status> {
+        let r = r.into_inner();
+        leader_or!(self, OpenFileResponse, mds => async move {
+            let now = Instant::now();
+            let lease = mds.opts.lease;
+            let out = mds
+                .update(|st| {
+                    let id = st.ns.lookup(&r.path)?;
+                    let f = st.ns.get(id).expect("looked up");
+                    if f.kind != Kind::Volume || f.deleted.is_some() {
+                        return Err(NsError::NotAVolume(r.path.clone()));
+                    }
+                    if r.owner != "root" && f.owner != r.owner {
+                        return Err(NsError::AuthFailed(r.path.clone()));
+                    }
+                    let (session, mut ops) = match st.sessions.open(id, &r.client, now) {
+                        Ok(x) => x,
+                        Err(SessionError::Occupied(by)) => return Ok((Err(by), Vec::new())),
+                        Err(SessionError::Expired) => unreachable!("open does not expire"),
+                    };
+                    let (f, more) = st.ns.bump_epoch(id);
+                    ops.extend(more);
+                    Ok((Ok((info(&st.ns, &f), session)), ops))
+                })
+                .await?;
+            Ok(match out {
+                Ok(Ok((i, session_id))) => OpenFileResponse {
+                    session: Some(curve_proto::mds::Session {
+                        session_id,
+                        lease_ms: lease.as_millis() as u64,
+                        epoch: i.epoch,
+                    }),
+                    info: Some(i),
+                    ..Default::default()
+                },
+                Ok(Err(by)) => reply!(OpenFileResponse, MdsStatus::Occupied, String::new(), format!("{} is open by {by:?}", r.path)),
+                Err(e) => reply!(OpenFileResponse, status_of(&e), String::new(), e.to_string()),
+            })
+        })
+    }
+
+    async fn refresh_session(
+        &self,
+        r: Request<SessionRequest>,
+    ) -> Result<Response<SessionResponse>, Status> {
+        let r = r.into_inner();
+        leader_or!(self, SessionResponse, mds => async move {
+            let mut st = mds.state.lock();
+            let lease = st.sessions.lease();
+            Ok(match st.ns.lookup(&r.path) {
+                Err(e) => reply!(SessionResponse, status_of(&e), String::new(), e.to_string()),
+                Ok(id) => match st.sessions.refresh(id, &r.session_id, Instant::now()) {
+                    Ok(()) => SessionResponse {
+                        info: Some(info(&st.ns, st.ns.get(id).expect("looked up"))),
+                        lease_ms: lease.as_millis() as u64,
+                        ..Default::default()
+                    },
+                    Err(_) => reply!(SessionResponse, MdsStatus::SessionExpired, String::new(), "session expired: reopen".into()),
+                },
+            })
+        })
+    }
+
+    async fn close_file(
+        &self,
+        r: Request<SessionRequest>,
+    ) -> Result<Response<SessionResponse>, Status> {
+        let r = r.into_inner();
+        leader_or!(self, SessionResponse, mds => async move {
+            let out = mds
+                .update(|st| {
+                    let id = st.ns.lookup(&r.path)?;
+                    Ok(match st.sessions.close(id, &r.session_id) {
+                        Ok(ops) => (true, ops),
+                        Err(_) => (false, Vec::new()),
+                    })
+                })
+                .await?;
+            Ok(match out {
+                Ok(true) => SessionResponse::default(),
+                Ok(false) => reply!(SessionResponse, MdsStatus::SessionExpired, String::new(), "no such session".into()),
+                Err(e) => reply!(SessionResponse, status_of(&e), String::new(), e.to_string()),
+            })
+        })
+    }
+
+    async fn get_or_allocate_segment(
+        &self,
+        r: Request<SegmentRequest>,
+    ) -> Result<Response<SegmentResponse>, Status> {
+        let r = r.into_inner();
+        leader_or!(self, SegmentResponse, mds => async move {
+            let out = mds
+                .update(|st| {
+                    let id = st.ns.lookup(&r.path)?;
+                    let f = st.ns.get(id).expect("looked up");
+                    if r.owner != "root" && f.owner != r.owner {
+                        return Err(NsError::AuthFailed(r.path.clone()));
+                    }
+                    let pool = st.cluster.pool_copysets();
+                    let alloc = match (&pool, r.allocate) {
+                        (Some((p, ids)), true) => Some(PoolCopysets { pool: *p, copysets: ids }),
+                        (None, true) => return Err(NsError::NoSpace),
+                        (_, false) => None,
+                    };
+                    st.ns.segment(id, r.offset, alloc)
+                })
+                .await?;
+            Ok(match out {
+                Ok(Some((offset, s))) => SegmentResponse {
+                    segment: Some(Segment {
+                        offset,
+                        logical_pool_id: s.pool,
+                        chunks: s
+                            .chunks
+                            .iter()
+                            .map(|(c, cs)| ChunkLocation { chunk_id: *c, copyset_id: *cs })
+                            .collect(),
+                    }),
+                    ..Default::default()
+                },
+                Ok(None) => reply!(SegmentResponse, MdsStatus::NotFound, String::new(), "segment not allocated".into()),
+                Err(e) => reply!(SegmentResponse, status_of(&e), String::new(), e.to_string()),
+            })
+        })
+    }
+
+    async fn get_copysets(
+        &self,
+        r: Request<GetCopysetsRequest>,
+    ) -> Result<Response<GetCopysetsResponse>, Status> {
+        let r = r.into_inner();
+        leader_or!(self, GetCopysetsResponse, mds => async move {
+            let st = mds.state.lock();
+            Ok(GetCopysetsResponse {
+                copysets: st
+                    .cluster
+                    .copysets(r.logical_pool_id, &r.copyset_ids)
+                    .into_iter()
+                    .map(|(c, leader)| location(&st.cluster, &c, leader))
+                    .collect(),
+                ..Default::default()
+            })
+        })
+    }
+
+    async fn get_topology(
+        &self,
+        _r: Request<TopologyRequest>,
+    ) -> Result<Response<TopologyResponse>, Status> {
+        let role = self.role.clone();
+        match role.mds() {
+            None => Ok(Response::new(TopologyResponse {
+                status: MdsStatus::NotLeader as i32,
+                leader: role.leader_addr(),
+                ..Default::default()
+            })),
+            Some(mds) => {
+                let st = mds.state.lock();
+                let now = Instant::now();
+                let pool = st.cluster.pool_copysets().map(|p| p.0).unwrap_or(1);
+                Ok(Response::new(TopologyResponse {
+                    chunkservers: st
+                        .cluster
+                        .chunkservers(now)
+                        .into_iter()
+                        .map(|(c, state, held, led, cap, used)| ChunkserverInfo {
+                            id: c.id,
+                            address: c.address,
+                            zone: c.zone,
+                            server: c.server,
+                            state: match state {
+                                Liveness::Online => OnlineState::Online,
+                                Liveness::Unstable => OnlineState::Unstable,
+                                Liveness::Offline => OnlineState::Offline,
+                            } as i32,
+                            copysets: held,
+                            leaders: led,
+                            disk_capacity: cap,
+                            disk_used: used,
+                        })
+                        .collect(),
+                    copysets: st
+                        .cluster
+                        .copysets(pool, &[])
+                        .into_iter()
+                        .map(|(c, leader)| location(&st.cluster, &c, leader))
+                        .collect(),
+                    operators: st.cluster.operators() as u32,
+                    ..Default::default()
+                }))
+            }
+        }
+    }
+}
+
+fn location(
+    cluster: &Cluster,
+    c: &crate::topology::CopysetRecord,
+    leader: Option<u32>,
+) -> CopysetLocation {
+    CopysetLocation {
+        logical_pool_id: c.pool,
+        copyset_id: c.id,
+        peers: c.peers.iter().map(|p| cluster.peer(*p)).collect(),
+        leader: leader.map(|l| cluster.peer(l)),
+        epoch: c.epoch,
+    }
+}
+
+#[tonic::async_trait]
+impl HeartbeatService for Services {
+    async fn register(
+        &self,
+        r: Request<RegisterRequest>,
+    ) -> Result<Response<RegisterResponse>, Status> {
+        let r = r.into_inner();
+        let Some(mds) = self.role.mds() else {
+            return Ok(Response::new(RegisterResponse {
+                status: HeartbeatStatus::HbNotLeader as i32,
+                leader: self.role.leader_addr(),
+                ..Default::default()
+            }));
+        };
+        let (out, wait) = {
+            let mut st = mds.state.lock();
+            match st.cluster.register(&r) {
+                Ok((rec, ops)) => (Ok(rec), mds.queue(ops)),
+                Err(e) => (Err(e), mds.queue(Vec::new())),
+            }
+        };
+        if let Err(e) = wait.await {
+            return Ok(Response::new(RegisterResponse {
+                status: HeartbeatStatus::HbInternal as i32,
+                leader: e,
+                ..Default::default()
+            }));
+        }
+        Ok(Response::new(match out {
+            Ok(rec) => {
+                tracing::info!(id = rec.id, address = %rec.address, zone = %rec.zone, "chunkserver registered");
+                RegisterResponse {
+                    status: HeartbeatStatus::HbOk as i32,
+                    chunkserver_id: rec.id,
+                    token: rec.token,
+                    ..Default::default()
+                }
+            }
+            Err(e) => {
+                tracing::warn!(address = %r.address, reason = %e.1, "registration refused");
+                RegisterResponse {
+                    status: e.0 as i32,
+                    leader: e.1,
+                    ..Default::default()
+                }
+            }
+        }))
+    }
+
+    async fn heartbeat(
+        &self,
+        r: Request<HeartbeatRequest>,
+    ) -> Result<Response<HeartbeatResponse>, Status> {
+        let r = r.into_inner();
+        let Some(mds) = self.role.mds() else {
+            return Ok(Response::new(HeartbeatResponse {
+                status: HeartbeatStatus::HbNotLeader as i32,
+                leader: self.role.leader_addr(),
+                ..Default::default()
+            }));
+        };
+        let (out, wait) = {
+            let mut st = mds.state.lock();
+            match st.cluster.heartbeat(&r, Instant::now()) {
+                Ok(o) => {
+                    let w = mds.queue(o.ops);
+                    (Ok(o.changes), w)
+                }
+                Err(e) => (Err(e), mds.queue(Vec::new())),
+            }
+        };
+        if wait.await.is_err() {
+            return Ok(Response::new(HeartbeatResponse {
+                status: HeartbeatStatus::HbInternal as i32,
+                ..Default::default()
+            }));
+        }
+        Ok(Response::new(match out {
+            Ok(changes) => HeartbeatResponse {
+                status: HeartbeatStatus::HbOk as i32,
+                changes,
+                ..Default::default()
+            },
+            Err(e) => HeartbeatResponse {
+                status: e.0 as i32,
+                leader: e.1,
+                ..Default::default()
+            },
+        }))
+    }
+}
