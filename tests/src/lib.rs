@@ -6,6 +6,7 @@
 //! The binaries are taken from the directory of the test executable's parent
 //! (`target/debug`), or from `CURVE_BIN_DIR`. `tests/run.sh` builds them first.
 
+pub mod cluster;
 pub mod nbd;
 
 use std::path::{Path, PathBuf};

@@ -214,21 +214,24 @@ impl Election {
             .into_inner()
             .id;
         let every = Duration::from_millis((ttl_s as u64 * 1000 / 3).max(100));
+        let ttl = Duration::from_secs(ttl_s as u64);
         tokio::spawn(async move {
             let mut last_ok = tokio::time::Instant::now();
             loop {
-                let (tx, rx) = tokio::sync::mpsc::channel(1);
+                // etcd answers the stream's headers only after its first request: queue it
+                // before the call.
+                let (tx, rx) = tokio::sync::mpsc::channel(4);
+                let _ = tx.send(LeaseKeepAliveRequest { id }).await;
                 let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
-                match lease.lease_keep_alive(stream).await {
-                    Ok(resp) => {
+                match tokio::time::timeout(ttl, lease.lease_keep_alive(stream)).await {
+                    Ok(Ok(resp)) => {
                         let mut resp = resp.into_inner();
                         loop {
-                            if tx.send(LeaseKeepAliveRequest { id }).await.is_err() {
-                                break;
-                            }
-                            match resp.message().await {
-                                Ok(Some(r)) if r.ttl > 0 => last_ok = tokio::time::Instant::now(),
-                                Ok(Some(_)) => {
+                            match tokio::time::timeout(ttl, resp.message()).await {
+                                Ok(Ok(Some(r))) if r.ttl > 0 => {
+                                    last_ok = tokio::time::Instant::now();
+                                }
+                                Ok(Ok(Some(_))) => {
                                     tracing::error!(lease = id, "the MDS lease expired");
                                     on_lost();
                                     return;
@@ -236,11 +239,15 @@ impl Election {
                                 _ => break,
                             }
                             tokio::time::sleep(every).await;
+                            if tx.send(LeaseKeepAliveRequest { id }).await.is_err() {
+                                break;
+                            }
                         }
                     }
-                    Err(e) => tracing::warn!(error = %e, "lease keep-alive failed"),
+                    Ok(Err(e)) => tracing::warn!(error = %e, "lease keep-alive failed"),
+                    Err(_) => tracing::warn!("lease keep-alive timed out"),
                 }
-                if last_ok.elapsed() >= Duration::from_secs(ttl_s as u64) {
+                if last_ok.elapsed() >= ttl {
                     tracing::error!(lease = id, "the MDS lease could not be renewed in time");
                     on_lost();
                     return;

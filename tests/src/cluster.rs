@@ -1,0 +1,200 @@
+//! Cluster daemons for the tests: etcd (Debian's `etcd-server`) on loopback ports in a
+//! temporary directory, `curve-mds` and `curve-chunkserver` processes on fixed loopback
+//! ports (so that they restart on the same address). All are killed by PID when dropped.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use crate::{Daemon, bin, require_tool, wait_until};
+
+/// A loopback port whose successor is free too, below the ephemeral range, different per
+/// test process: daemons restart on the same port, so port 0 will not do.
+pub fn free_port() -> u16 {
+    use std::sync::atomic::{AtomicU16, Ordering};
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let seed = (std::process::id() % 3000) as u16 * 3;
+    loop {
+        let port = 12000 + (seed + NEXT.fetch_add(2, Ordering::Relaxed)) % 9000;
+        let free = |p: u16| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok();
+        if free(port) && free(port + 1) {
+            return port;
+        }
+    }
+}
+
+/// Whether `addr` accepts TCP connections.
+pub fn listening(addr: &str) -> bool {
+    std::net::TcpStream::connect_timeout(
+        &addr.parse().expect("host:port"),
+        Duration::from_millis(200),
+    )
+    .is_ok()
+}
+
+/// A single-member etcd on loopback.
+#[derive(Debug)]
+pub struct Etcd {
+    /// The process.
+    pub daemon: Daemon,
+    /// host:port of its client endpoint.
+    pub endpoint: String,
+}
+
+impl Etcd {
+    /// Starts etcd with its data in `dir`.
+    pub fn start(dir: &Path) -> Self {
+        let etcd = require_tool("etcd");
+        let (client, peer) = (free_port(), free_port());
+        let endpoint = format!("127.0.0.1:{client}");
+        let mut cmd = Command::new(etcd);
+        cmd.args(["--name", "test", "--data-dir"])
+            .arg(dir.join("etcd"))
+            .args([
+                "--listen-client-urls",
+                &format!("http://{endpoint}"),
+                "--advertise-client-urls",
+                &format!("http://{endpoint}"),
+                "--listen-peer-urls",
+                &format!("http://127.0.0.1:{peer}"),
+                "--initial-advertise-peer-urls",
+                &format!("http://127.0.0.1:{peer}"),
+                "--initial-cluster",
+                &format!("test=http://127.0.0.1:{peer}"),
+                "--log-level",
+                "warn",
+            ]);
+        let daemon = Daemon::spawn(cmd, &dir.join("etcd.log"));
+        assert!(
+            wait_until(Duration::from_secs(20), || listening(&endpoint)),
+            "etcd did not start: {}",
+            std::fs::read_to_string(dir.join("etcd.log")).unwrap_or_default()
+        );
+        Etcd { daemon, endpoint }
+    }
+}
+
+/// A `curve-mds` process.
+#[derive(Debug)]
+pub struct Mds {
+    /// The process (None while stopped).
+    pub daemon: Option<Daemon>,
+    /// host:port.
+    pub addr: String,
+    /// Its data directory.
+    pub dir: PathBuf,
+    args: Vec<String>,
+    starts: u32,
+}
+
+impl Mds {
+    /// Starts an MDS with its data under `dir`, with extra `args` (`--etcd ...`, timeouts).
+    pub fn start(dir: &Path, args: &[&str]) -> Self {
+        let mut m = Mds {
+            daemon: None,
+            addr: format!("127.0.0.1:{}", free_port()),
+            dir: dir.to_owned(),
+            args: args.iter().map(|s| s.to_string()).collect(),
+            starts: 0,
+        };
+        m.restart();
+        m
+    }
+
+    /// Starts it (again) on the same address and data directory.
+    pub fn restart(&mut self) {
+        self.starts += 1;
+        let mut cmd = Command::new(bin("curve-mds"));
+        cmd.args(["--listen", &self.addr, "--data-dir"])
+            .arg(&self.dir)
+            .args(&self.args)
+            .env("RUST_LOG", "info");
+        let log = self.dir.with_extension(format!("log.{}", self.starts));
+        std::fs::create_dir_all(&self.dir).unwrap();
+        self.daemon = Some(Daemon::spawn(cmd, &log));
+        let addr = self.addr.clone();
+        assert!(
+            wait_until(Duration::from_secs(20), || listening(&addr)),
+            "curve-mds did not listen: {}",
+            self.log()
+        );
+    }
+
+    /// kill -9.
+    pub fn kill9(&mut self) {
+        if let Some(mut d) = self.daemon.take() {
+            d.signal(libc::SIGKILL);
+            d.wait(Duration::from_secs(10));
+        }
+    }
+
+    /// The log of the latest start.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.with_extension(format!("log.{}", self.starts)))
+            .unwrap_or_default()
+    }
+}
+
+/// A `curve-chunkserver` process.
+#[derive(Debug)]
+pub struct Chunkserver {
+    /// The process (None while stopped).
+    pub daemon: Option<Daemon>,
+    /// host:port.
+    pub addr: String,
+    /// Data directory.
+    pub dir: PathBuf,
+    args: Vec<String>,
+    starts: u32,
+}
+
+impl Chunkserver {
+    /// Starts a chunkserver in `zone` on server `server`, registering with `mds`.
+    pub fn start(dir: &Path, mds: &[String], zone: &str, server: &str, extra: &[&str]) -> Self {
+        let mut args: Vec<String> = vec![
+            "--mds".into(),
+            mds.join(","),
+            "--zone".into(),
+            zone.into(),
+            "--server".into(),
+            server.into(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let mut c = Chunkserver {
+            daemon: None,
+            addr: format!("127.0.0.1:{}", free_port()),
+            dir: dir.to_owned(),
+            args,
+            starts: 0,
+        };
+        c.restart();
+        c
+    }
+
+    /// Starts it (again).
+    pub fn restart(&mut self) {
+        self.starts += 1;
+        let mut cmd = Command::new(bin("curve-chunkserver"));
+        cmd.args(["--listen", &self.addr, "--data-dir"])
+            .arg(&self.dir)
+            .args(&self.args)
+            .env("RUST_LOG", "info,openraft=warn");
+        std::fs::create_dir_all(&self.dir).unwrap();
+        let log = self.dir.with_extension(format!("log.{}", self.starts));
+        self.daemon = Some(Daemon::spawn(cmd, &log));
+    }
+
+    /// kill -9.
+    pub fn kill9(&mut self) {
+        if let Some(mut d) = self.daemon.take() {
+            d.signal(libc::SIGKILL);
+            d.wait(Duration::from_secs(10));
+        }
+    }
+
+    /// The log of the latest start.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.with_extension(format!("log.{}", self.starts)))
+            .unwrap_or_default()
+    }
+}
