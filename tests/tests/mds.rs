@@ -326,3 +326,210 @@ async fn three_mds_on_etcd_one_leader_and_kill_9_of_the_leader() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// The copysets as the MDS sees them: (id, peers, leader).
+async fn copysets(c: &MdsClient) -> Vec<(u32, Vec<u32>, Option<u32>)> {
+    let t = c.topology().await.unwrap();
+    t.copysets
+        .iter()
+        .map(|cs| {
+            let mut peers: Vec<u32> = cs.peers.iter().map(|p| p.chunkserver_id).collect();
+            peers.sort_unstable();
+            (
+                cs.copyset_id,
+                peers,
+                cs.leader.as_ref().map(|l| l.chunkserver_id),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_offline_chunkserver_has_its_copysets_rebuilt_on_the_others() {
+    use curve_proto::chunk::chunk_service_client::ChunkServiceClient;
+    use curve_proto::chunk::{ChunkRequest, ChunkStatus};
+    use curve_proto::copyset::GetCopysetStatusRequest;
+    use curve_proto::copyset::copyset_service_client::CopysetServiceClient;
+
+    let tmp = tempfile::tempdir().unwrap();
+    // Four servers in four zones, one chunkserver each: copysets are placed once all four
+    // registered.
+    let mut topo =
+        String::from("[[pool]]\nname = \"pool1\"\nreplicas = 3\ncopysets_per_chunkserver = 3\n");
+    for i in 1..=4 {
+        topo.push_str(&format!(
+            "[[server]]\nname = \"s{i}\"\nzone = \"z{i}\"\npool = \"pool1\"\n"
+        ));
+    }
+    let topo_path = tmp.path().join("topology.toml");
+    std::fs::write(&topo_path, topo).unwrap();
+    let mds = Mds::start(
+        &tmp.path().join("mds"),
+        &[
+            "--topology",
+            topo_path.to_str().unwrap(),
+            "--unstable-timeout-ms",
+            "1000",
+            "--offline-timeout-ms",
+            "3000",
+            "--schedule-ms",
+            "200",
+            "--no-balance",
+        ],
+    );
+    let cs_args = [
+        "--heartbeat-ms",
+        "200",
+        "--election-ms",
+        "300",
+        "--chunk-size",
+        "1048576",
+        "--pool-target",
+        "2",
+    ];
+    let mut css: Vec<Chunkserver> = (1..=4)
+        .map(|i| {
+            Chunkserver::start(
+                &tmp.path().join(format!("cs{i}")),
+                std::slice::from_ref(&mds.addr),
+                &format!("z{i}"),
+                &format!("s{i}"),
+                &cs_args,
+            )
+        })
+        .collect();
+    let c = MdsClient::new(vec![mds.addr.clone()]);
+    // 4 copysets (4 x 3 / 3), each with a leader reported.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let sets = loop {
+        let sets = copysets(&c).await;
+        if sets.len() == 4 && sets.iter().all(|s| s.2.is_some()) {
+            break sets;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "copysets not created: {sets:?}\n{}",
+            mds.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let t = c.topology().await.unwrap();
+    let addr_of = |id: u32| {
+        t.chunkservers
+            .iter()
+            .find(|c| c.id == id)
+            .map(|c| c.address.clone())
+            .unwrap()
+    };
+    for cs in &t.chunkservers {
+        assert_eq!(cs.copysets, 3, "balanced placement: {:?}", t.chunkservers);
+    }
+    // One write per copyset, through its leader.
+    let write = |copyset: u32, leader: u32| {
+        let addr = addr_of(leader);
+        async move {
+            let mut ch = ChunkServiceClient::connect(format!("http://{addr}"))
+                .await
+                .unwrap();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                let r = ch
+                    .write_chunk(ChunkRequest {
+                        logical_pool_id: 1,
+                        copyset_id: copyset,
+                        chunk_id: 100 + u64::from(copyset),
+                        offset: 0,
+                        size: 4096,
+                        data: vec![copyset as u8; 4096],
+                        ..Default::default()
+                    })
+                    .await
+                    .unwrap()
+                    .into_inner();
+                if r.status == ChunkStatus::Success as i32 {
+                    return;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "write to copyset {copyset}: {r:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    for (id, _, leader) in &sets {
+        write(*id, leader.unwrap()).await;
+    }
+    // kill -9 a chunkserver holding three copysets; beyond the offline timeout the MDS adds a
+    // peer on the fourth chunkserver to each, then removes the dead one.
+    let dead = 2u32;
+    let dead_idx = css.iter().position(|c| addr_of(dead) == c.addr).unwrap();
+    css[dead_idx].kill9();
+    let t0 = Instant::now();
+    let deadline = t0 + Duration::from_secs(90);
+    loop {
+        let sets = copysets(&c).await;
+        let topo = c.topology().await.unwrap();
+        let healthy = sets.iter().all(|(_, peers, leader)| {
+            peers.len() == 3 && !peers.contains(&dead) && leader.is_some_and(|l| l != dead)
+        });
+        if healthy && topo.operators == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "copysets not rebuilt: {sets:?} ops {}\n{}",
+            topo.operators,
+            mds.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    println!("copysets rebuilt {:?} after the kill", t0.elapsed());
+    let t = c.topology().await.unwrap();
+    let dead_state = t.chunkservers.iter().find(|c| c.id == dead).unwrap().state;
+    assert_eq!(dead_state, curve_proto::mds::OnlineState::Offline as i32);
+    // Every peer of every copyset has it, with the same configuration, and has applied the
+    // write; the data reads back through the leader.
+    for (id, peers, leader) in copysets(&c).await {
+        for p in &peers {
+            let mut cc = CopysetServiceClient::connect(format!("http://{}", addr_of(*p)))
+                .await
+                .unwrap();
+            let deadline = Instant::now() + Duration::from_secs(20);
+            loop {
+                let s = cc
+                    .get_copyset_status(GetCopysetStatusRequest {
+                        logical_pool_id: 1,
+                        copyset_id: id,
+                    })
+                    .await
+                    .unwrap()
+                    .into_inner();
+                let mut got: Vec<u32> = s.peers.iter().map(|p| p.chunkserver_id).collect();
+                got.sort_unstable();
+                if s.status == 0 && got == peers && s.applied_index >= 2 {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "copyset {id} on {p}: {s:?}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        let mut ch = ChunkServiceClient::connect(format!("http://{}", addr_of(leader.unwrap())))
+            .await
+            .unwrap();
+        let r = ch
+            .read_chunk(ChunkRequest {
+                logical_pool_id: 1,
+                copyset_id: id,
+                chunk_id: 100 + u64::from(id),
+                offset: 0,
+                size: 4096,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(r.status, ChunkStatus::Success as i32, "{r:?}");
+        assert_eq!(r.data, vec![id as u8; 4096]);
+    }
+}
