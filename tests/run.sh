@@ -13,6 +13,7 @@ command -v nbdinfo >/dev/null || need+=(libnbd-bin)       # nbdinfo, nbdcopy
 command -v nbdcopy >/dev/null || need+=(libnbd-bin)
 command -v qemu-io >/dev/null || need+=(qemu-utils)       # qemu-io, qemu-img
 command -v cc >/dev/null || need+=(gcc)                   # builds the libnebd C example
+command -v etcd >/dev/null || need+=(etcd-server)         # the MDS's HA store, started by tests
 if ((${#need[@]})); then
   sudo=""
   [ "$(id -u)" = 0 ] || sudo=sudo

@@ -105,6 +105,9 @@ fn json<T: serde::Serialize>(v: &T) -> Vec<u8> {
     serde_json::to_vec(v).expect("records serialise")
 }
 
+/// Copysets to create on one chunkserver: its address, and (copyset id, peers) for each.
+pub type Creation = (String, Vec<(u32, Vec<Peer>)>);
+
 /// A heartbeat refusal.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Refused(pub HeartbeatStatus, pub String);
@@ -435,7 +438,7 @@ impl Cluster {
 
     /// Pools planned but not yet created on their chunkservers: per chunkserver address, the
     /// copysets (with peers) to create there.
-    pub fn pending_creation(&self) -> Vec<(u32, Vec<(String, Vec<(u32, Vec<Peer>)>)>)> {
+    pub fn pending_creation(&self) -> Vec<(u32, Vec<Creation>)> {
         let mut out = Vec::new();
         for (pool, state) in &self.pools {
             if state != "planned" {

@@ -63,6 +63,19 @@ fn lock_data_dir(dir: &std::path::Path) -> anyhow::Result<std::fs::File> {
     Ok(f)
 }
 
+/// Accepted connections with TCP_NODELAY: replies are small and latency-bound (without it,
+/// Nagle and delayed ACKs hold a reply for 40 ms).
+fn incoming(
+    listener: tokio::net::TcpListener,
+) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    use tokio_stream::StreamExt;
+    tokio_stream::wrappers::TcpListenerStream::new(listener).map(|s| {
+        let s = s?;
+        s.set_nodelay(true)?;
+        Ok(s)
+    })
+}
+
 fn fatal(e: &crate::store::StoreError) {
     tracing::error!(error = %e, "metadata write failed: stopping so that a fresh MDS takes over");
     std::process::exit(3);
@@ -79,10 +92,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     let server = tonic::transport::Server::builder()
         .add_service(MdsServiceServer::new(services.clone()))
         .add_service(HeartbeatServiceServer::new(services))
-        .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
-            shutdown,
-        );
+        .serve_with_incoming_shutdown(incoming(listener), shutdown);
     let leading = become_leader(cfg.clone(), role.clone());
     tokio::select! {
         r = server => r?,

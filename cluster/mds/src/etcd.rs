@@ -95,7 +95,7 @@ impl EtcdStore {
 }
 
 impl MetaStore for EtcdStore {
-    fn scan<'a>(&'a self, prefix: &'a [u8]) -> StoreFuture<'a, Vec<(Vec<u8>, Vec<u8>)>> {
+    fn scan<'a>(&'a self, prefix: &'a [u8]) -> StoreFuture<'a, crate::store::Pairs> {
         Box::pin(async move {
             let mut kv = self.kv.clone();
             let start = self.key(prefix);

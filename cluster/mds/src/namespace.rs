@@ -115,6 +115,9 @@ pub struct SegmentRecord {
     pub chunks: Vec<(u64, u32)>,
 }
 
+/// A segment with its offset in the volume.
+pub type Located = (u64, SegmentRecord);
+
 /// Sizes of new volumes.
 #[derive(Debug, Clone, Copy)]
 pub struct Geometry {
@@ -366,7 +369,7 @@ impl Namespace {
     }
 
     fn check_length(length: u64, block_size: u32) -> Result<(), NsError> {
-        if length == 0 || length % u64::from(block_size) != 0 || length > MAX_LENGTH {
+        if length == 0 || !length.is_multiple_of(u64::from(block_size)) || length > MAX_LENGTH {
             return Err(NsError::Invalid(format!(
                 "size {length}: a non-zero multiple of the block size ({block_size}), at most 4 PiB"
             )));
@@ -636,7 +639,7 @@ impl Namespace {
         id: u64,
         offset: u64,
         allocate: Option<PoolCopysets<'_>>,
-    ) -> Result<(Option<(u64, SegmentRecord)>, Vec<Op>), NsError> {
+    ) -> Result<(Option<Located>, Vec<Op>), NsError> {
         let f = &self.files[&id];
         if f.kind != Kind::Volume {
             return Err(NsError::NotAVolume(self.path_of(id)));

@@ -37,13 +37,16 @@ pub enum StoreError {
     LostLeadership,
 }
 
+/// Key-value pairs, in key order.
+pub type Pairs = Vec<(Vec<u8>, Vec<u8>)>;
+
 /// Boxed future of the store.
 pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
 
 /// An ordered key-value store with atomic batches.
 pub trait MetaStore: Send + Sync + 'static {
     /// All pairs whose key starts with `prefix`, in key order.
-    fn scan<'a>(&'a self, prefix: &'a [u8]) -> StoreFuture<'a, Vec<(Vec<u8>, Vec<u8>)>>;
+    fn scan<'a>(&'a self, prefix: &'a [u8]) -> StoreFuture<'a, Pairs>;
     /// Applies `ops` atomically, in order.
     fn commit(&self, ops: Vec<Op>) -> StoreFuture<'_, ()>;
     /// A name for logs and metrics.
@@ -72,7 +75,7 @@ impl EmbeddedStore {
         Ok(EmbeddedStore { db: Arc::new(db) })
     }
 
-    fn scan_sync(&self, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+    fn scan_sync(&self, prefix: &[u8]) -> Result<Pairs, StoreError> {
         use redb::ReadableDatabase;
         let tx = self.db.begin_read().map_err(backend)?;
         let t = tx.open_table(TABLE).map_err(backend)?;
@@ -107,7 +110,7 @@ impl EmbeddedStore {
 }
 
 impl MetaStore for EmbeddedStore {
-    fn scan<'a>(&'a self, prefix: &'a [u8]) -> StoreFuture<'a, Vec<(Vec<u8>, Vec<u8>)>> {
+    fn scan<'a>(&'a self, prefix: &'a [u8]) -> StoreFuture<'a, Pairs> {
         let me = self.clone();
         let prefix = prefix.to_vec();
         Box::pin(async move {

@@ -278,6 +278,15 @@ mod tests {
     }
 
     #[test]
+    fn the_shipped_descriptions_parse() {
+        for f in ["topology.toml", "topology-3hosts.toml"] {
+            let path = format!("{}/../../deploy/{f}", env!("CARGO_MANIFEST_DIR"));
+            let t = TopologySpec::parse(&std::fs::read_to_string(&path).unwrap()).unwrap();
+            assert!(t.expected(0).unwrap() >= 3, "{f}");
+        }
+    }
+
+    #[test]
     fn too_few_zones_is_an_error() {
         let c = cs(&[(1, "a"), (2, "a"), (3, "b")]);
         assert!(place_copysets(&c, 4, 3).unwrap_err().contains("3 zones"));
