@@ -1,10 +1,22 @@
-//! The Curve-rs client library (seed 001).
+//! The Curve-rs client library (seed 001): volumes of the cluster, read and written through
+//! the leaders of their copysets, located through the MDS.
 //!
 //! ```text
-//!  mds    MdsClient: a list of MDS addresses; follows NOT_LEADER to the leader, fails over
-//!         on transport errors, retries until a deadline
+//!  mds        MdsClient: a list of MDS addresses; follows NOT_LEADER, fails over, retries
+//!  volume     Volume: open (exclusive session, lease, epoch), IO split + tracking, retries
+//!  metacache  segment -> chunk ids + copysets, copyset -> peers + leader
+//!  chunk      connections to chunkservers, leader discovery (GetLeader)
+//!  qos        per-volume token buckets (IOPS and bandwidth, read/write/total, burst)
+//!  device     CurveDevice: a Volume as a curve_blockdev::BlockDevice, for every frontend
 //! ```
 
+pub mod chunk;
+pub mod device;
 pub mod mds;
+pub mod metacache;
+pub mod qos;
+pub mod volume;
 
+pub use device::CurveDevice;
 pub use mds::{MdsClient, MdsError};
+pub use volume::{ClientError, Volume, VolumeOptions};

@@ -212,6 +212,15 @@ fn info(ns: &Namespace, f: &FileRecord) -> FileInfo {
             FileStatus::Normal
         } as i32,
         epoch: f.epoch,
+        qos: Some(Qos {
+            iops_total: f.qos.iops_total,
+            iops_read: f.qos.iops_read,
+            iops_write: f.qos.iops_write,
+            bps_total: f.qos.bps_total,
+            bps_read: f.qos.bps_read,
+            bps_write: f.qos.bps_write,
+            burst_ms: f.qos.burst_ms,
+        }),
     }
 }
 
@@ -556,6 +565,29 @@ impl MdsService for Services {
                 Ok(None) => reply!(SegmentResponse, MdsStatus::NotFound, String::new(), "segment not allocated".into()),
                 Err(e) => reply!(SegmentResponse, status_of(&e), String::new(), e.to_string()),
             })
+        })
+    }
+
+    async fn set_qos(&self, r: Request<SetQosRequest>) -> Result<Response<FileResponse>, Status> {
+        let r = r.into_inner();
+        leader_or!(self, FileResponse, mds => async move {
+            let q = r.qos.unwrap_or_default();
+            let qos = crate::namespace::QosRecord {
+                iops_total: q.iops_total,
+                iops_read: q.iops_read,
+                iops_write: q.iops_write,
+                bps_total: q.bps_total,
+                bps_read: q.bps_read,
+                bps_write: q.bps_write,
+                burst_ms: q.burst_ms,
+            };
+            let out = mds
+                .update(|st| {
+                    let (f, ops) = st.ns.set_qos(&r.path, qos, &r.owner)?;
+                    Ok((info(&st.ns, &f), ops))
+                })
+                .await?;
+            Ok(file_reply(out))
         })
     }
 

@@ -104,6 +104,28 @@ pub struct FileRecord {
     pub deleted: Option<Origin>,
     /// Bumped by every open.
     pub epoch: u64,
+    /// Limits the client applies.
+    #[serde(default)]
+    pub qos: QosRecord,
+}
+
+/// Per-volume limits (0: unlimited).
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct QosRecord {
+    /// Operations per second, both directions.
+    pub iops_total: u64,
+    /// Reads per second.
+    pub iops_read: u64,
+    /// Writes per second.
+    pub iops_write: u64,
+    /// Bytes per second, both directions.
+    pub bps_total: u64,
+    /// Bytes read per second.
+    pub bps_read: u64,
+    /// Bytes written per second.
+    pub bps_write: u64,
+    /// Burst window, ms.
+    pub burst_ms: u64,
 }
 
 /// A segment, as stored.
@@ -277,6 +299,7 @@ impl Namespace {
                     ctime_ms: now_ms,
                     deleted: None,
                     epoch: 0,
+                    qos: QosRecord::default(),
                 };
                 ops.push(put(file_key(id), &f));
                 self.link(f);
@@ -425,6 +448,7 @@ impl Namespace {
             ctime_ms: now_ms,
             deleted: None,
             epoch: 0,
+            qos: QosRecord::default(),
         };
         ops.push(put(file_key(id), &f));
         self.link(f.clone());
@@ -463,6 +487,25 @@ impl Namespace {
         Self::check_length(new_length, f.block_size)?;
         let f = self.files.get_mut(&id).expect("looked up");
         f.length = new_length;
+        let f = f.clone();
+        Ok((f.clone(), vec![put(file_key(id), &f)]))
+    }
+
+    /// Sets the limits of a volume.
+    pub fn set_qos(
+        &mut self,
+        path: &str,
+        qos: QosRecord,
+        owner: &str,
+    ) -> Result<(FileRecord, Vec<Op>), NsError> {
+        let id = self.lookup(path)?;
+        let f = &self.files[&id];
+        if f.kind != Kind::Volume {
+            return Err(NsError::NotAVolume(path.into()));
+        }
+        Self::check_owner(f, owner, path)?;
+        let f = self.files.get_mut(&id).expect("looked up");
+        f.qos = qos;
         let f = f.clone();
         Ok((f.clone(), vec![put(file_key(id), &f)]))
     }

@@ -85,8 +85,11 @@ impl Sessions {
         client: &str,
         now: Instant,
     ) -> Result<(String, Vec<Op>), SessionError> {
+        // A live session blocks other clients; the same client (a restarted process with
+        // the same identity) takes its session over, with a new epoch.
         if let Some(l) = self.by_file.get(&file)
             && l.expires > now
+            && l.rec.client != client
         {
             return Err(SessionError::Occupied(l.rec.client.clone()));
         }
@@ -164,6 +167,11 @@ mod tests {
         // Still live 18 s in thanks to the refresh; lapsed at 20.
         assert!(s.open(7, "host-b", t0 + Duration::from_secs(18)).is_err());
         let (b, _) = s.open(7, "host-b", t0 + Duration::from_secs(20)).unwrap();
+        // host-b restarted: it takes its own session over at once.
+        let (b2, _) = s.open(7, "host-b", t0 + Duration::from_secs(21)).unwrap();
+        assert_ne!(b, b2);
+        assert_eq!(s.refresh(7, &b, t0 + Duration::from_secs(21)), Err(SessionError::Expired));
+        let b = b2;
         assert_ne!(a, b);
         assert_eq!(
             s.refresh(7, &a, t0 + Duration::from_secs(20)),

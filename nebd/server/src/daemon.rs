@@ -99,6 +99,10 @@ pub struct Config {
     /// A file part1 has not sent a heartbeat for this long is closed (and reopened on its
     /// next request).
     pub heartbeat_timeout: Duration,
+    /// MDS addresses for `curve:` volumes.
+    pub mds: Vec<String>,
+    /// Owner `curve:` volumes are opened as.
+    pub owner: String,
 }
 
 impl Config {
@@ -107,6 +111,8 @@ impl Config {
         Config {
             run_dir,
             heartbeat_timeout: Duration::from_secs(30),
+            mds: vec!["127.0.0.1:6700".into()],
+            owner: "curve".into(),
         }
     }
 }
@@ -160,6 +166,17 @@ fn lock_run_dir(run_dir: &Path) -> anyhow::Result<RunDirLock> {
 /// Runs nebd-server until `shutdown` completes; then closes every export cleanly.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     let _lock = lock_run_dir(&config.run_dir)?;
+    // A restarted part2 on the same run directory is the same client to the MDS: it takes
+    // its volumes' sessions over instead of waiting for their leases to lapse.
+    crate::volume::set_cluster_defaults(crate::volume::ClusterDefaults {
+        mds: config.mds.clone(),
+        owner: config.owner.clone(),
+        client_id: format!(
+            "nebd-server:{}:{}",
+            hostname(),
+            config.run_dir.canonicalize().unwrap_or(config.run_dir.clone()).display()
+        ),
+    });
     let socket = control::control_socket(&config.run_dir);
     // We hold the lock, so a socket file left here belongs to a dead server.
     let _ = std::fs::remove_file(&socket);
@@ -279,4 +296,15 @@ async fn handle(state: &State, req: Request) -> Response {
             ..Default::default()
         },
     }
+}
+
+fn hostname() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: gethostname writes at most buf.len() bytes into our buffer.
+    let r = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if r != 0 {
+        return "localhost".into();
+    }
+    let end = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
+    String::from_utf8_lossy(&buf[..end]).into_owned()
 }

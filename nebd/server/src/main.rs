@@ -16,6 +16,12 @@ struct Args {
     /// reopened on its next request).
     #[arg(long, default_value_t = 30_000)]
     heartbeat_timeout_ms: u64,
+    /// MDS addresses of the cluster that `curve:/path` volumes live on (host:port,...).
+    #[arg(long, env = "CURVE_MDS", value_delimiter = ',', default_value = "127.0.0.1:6700")]
+    mds: Vec<String>,
+    /// Owner `curve:` volumes are opened as.
+    #[arg(long, env = "CURVE_OWNER", default_value = "curve")]
+    owner: String,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -35,6 +41,8 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     let config = Config {
         heartbeat_timeout: std::time::Duration::from_millis(args.heartbeat_timeout_ms),
+        mds: args.mds,
+        owner: args.owner,
         ..Config::new(args.run_dir)
     };
     rt.block_on(daemon::run(config, shutdown_signal()))

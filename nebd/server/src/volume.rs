@@ -1,12 +1,41 @@
-//! Volume specifications (`mem:1G`, `file:/path`, `file:/path?direct`) and opening them
-//! as block devices: the part of part2's File Manager that knows the backends.
+//! Volume specifications (`mem:1G`, `file:/path`, `file:/path?direct`,
+//! `curve:/path[?mds=HOST:PORT,...&owner=NAME]`) and opening them as block devices: the part
+//! of part2's File Manager that knows the backends.
 
 use std::fmt;
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::sync::Arc;
 
+use std::sync::OnceLock;
+
 use curve_blockdev::{BlockDevice, FileDevice, FileOptions, IoError, MemDevice, parse_size};
+
+/// Where `curve:` volumes are found unless their specification says otherwise.
+#[derive(Debug, Clone)]
+pub struct ClusterDefaults {
+    /// MDS addresses.
+    pub mds: Vec<String>,
+    /// Owner the volumes are opened as.
+    pub owner: String,
+    /// This part2's identity at the MDS (a restart takes its own sessions over).
+    pub client_id: String,
+}
+
+static DEFAULTS: OnceLock<ClusterDefaults> = OnceLock::new();
+
+/// Sets the defaults of `curve:` volumes (once, at start).
+pub fn set_cluster_defaults(d: ClusterDefaults) {
+    let _ = DEFAULTS.set(d);
+}
+
+fn cluster_defaults() -> ClusterDefaults {
+    DEFAULTS.get().cloned().unwrap_or_else(|| ClusterDefaults {
+        mds: vec!["127.0.0.1:6700".into()],
+        owner: "curve".into(),
+        client_id: format!("nebd-server-{}", std::process::id()),
+    })
+}
 
 /// What a volume is and where it lives.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -22,6 +51,15 @@ pub enum VolumeSpec {
         path: PathBuf,
         /// Open with O_DIRECT.
         direct: bool,
+    },
+    /// A volume of the cluster.
+    Curve {
+        /// Its path in the namespace.
+        path: String,
+        /// MDS addresses (the daemon's `--mds` when absent).
+        mds: Option<Vec<String>>,
+        /// Owner (the daemon's `--owner` when absent).
+        owner: Option<String>,
     },
 }
 
@@ -72,9 +110,29 @@ impl FromStr for VolumeSpec {
                 path: path.into(),
                 direct,
             })
+        } else if let Some(rest) = s.strip_prefix("curve:") {
+            let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
+            if !path.starts_with('/') || path.len() < 2 {
+                return Err(bad("curve: needs an absolute volume path".into()));
+            }
+            let (mut mds, mut owner) = (None, None);
+            for kv in query.split('&').filter(|kv| !kv.is_empty()) {
+                match kv.split_once('=') {
+                    Some(("mds", v)) if !v.is_empty() => {
+                        mds = Some(v.split(',').map(String::from).collect());
+                    }
+                    Some(("owner", v)) if !v.is_empty() => owner = Some(v.to_string()),
+                    _ => return Err(bad(format!("unknown option {kv:?} (mds=, owner=)"))),
+                }
+            }
+            Ok(VolumeSpec::Curve {
+                path: path.to_string(),
+                mds,
+                owner,
+            })
         } else {
             Err(bad(
-                "expected mem:SIZE (e.g. mem:1G) or file:PATH[?direct]".into()
+                "expected mem:SIZE (e.g. mem:1G), file:PATH[?direct] or curve:/PATH".into(),
             ))
         }
     }
@@ -91,6 +149,20 @@ impl fmt::Display for VolumeSpec {
                     path.display(),
                     if *direct { "?direct" } else { "" }
                 )
+            }
+            VolumeSpec::Curve { path, mds, owner } => {
+                write!(f, "curve:{path}")?;
+                let mut q = Vec::new();
+                if let Some(m) = mds {
+                    q.push(format!("mds={}", m.join(",")));
+                }
+                if let Some(o) = owner {
+                    q.push(format!("owner={o}"));
+                }
+                if !q.is_empty() {
+                    write!(f, "?{}", q.join("&"))?;
+                }
+                Ok(())
             }
         }
     }
@@ -109,6 +181,17 @@ impl VolumeSpec {
                 },
             )
             .map(|d| Arc::new(d) as _),
+            VolumeSpec::Curve { path, mds, owner } => {
+                let d = cluster_defaults();
+                let mut opts = curve_client::VolumeOptions::new(
+                    mds.clone().unwrap_or(d.mds),
+                    owner.as_deref().unwrap_or(&d.owner),
+                );
+                opts.client_id = d.client_id;
+                curve_client::CurveDevice::open(path, opts, read_only)
+                    .map(|d| Arc::new(d) as _)
+                    .map_err(|e| IoError::Backend(e.to_string()))
+            }
         };
         opened.map_err(|source| VolumeError::Open {
             spec: self.to_string(),
@@ -135,7 +218,20 @@ mod tests {
             }
         );
         assert_eq!(f.to_string(), "file:/tmp/a?direct");
-        for bad in ["mem:", "mem:0", "mem:1Q", "file:", "rbd:x", ""] {
+        let c: VolumeSpec = "curve:/vms/d0?mds=127.0.0.1:1,127.0.0.1:2&owner=bob"
+            .parse()
+            .unwrap();
+        assert_eq!(
+            c,
+            VolumeSpec::Curve {
+                path: "/vms/d0".into(),
+                mds: Some(vec!["127.0.0.1:1".into(), "127.0.0.1:2".into()]),
+                owner: Some("bob".into())
+            }
+        );
+        assert_eq!(c.to_string().parse::<VolumeSpec>().unwrap(), c);
+        assert_eq!("curve:/v".parse::<VolumeSpec>().unwrap().to_string(), "curve:/v");
+        for bad in ["mem:", "mem:0", "mem:1Q", "file:", "rbd:x", "", "curve:", "curve:v", "curve:/v?x=1"] {
             assert!(bad.parse::<VolumeSpec>().is_err(), "{bad}");
         }
     }

@@ -1,0 +1,72 @@
+//! MetaCache: what the client knows of where a volume's data lives: segment -> chunk ids and
+//! copysets (from the MDS, once per segment), copyset -> peers and leader (from the MDS, then
+//! corrected by REDIRECTED answers and GetLeader). Never refreshed per request.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use curve_proto::common::Peer;
+use curve_proto::mds::{CopysetLocation, Segment};
+use parking_lot::RwLock;
+
+/// Where a copyset lives.
+#[derive(Debug, Clone, Default)]
+pub struct CopysetRoute {
+    /// Its peers.
+    pub peers: Vec<Peer>,
+    /// The leader believed current (an address among the peers, or a redirect's).
+    pub leader: Option<String>,
+}
+
+/// The cache of one volume.
+#[derive(Debug, Default)]
+pub struct MetaCache {
+    segments: RwLock<HashMap<u64, Arc<Segment>>>,
+    copysets: RwLock<HashMap<(u32, u32), CopysetRoute>>,
+}
+
+impl MetaCache {
+    /// The cached segment with index `index`.
+    pub fn segment(&self, index: u64) -> Option<Arc<Segment>> {
+        self.segments.read().get(&index).cloned()
+    }
+
+    /// Caches a segment.
+    pub fn put_segment(&self, index: u64, s: Segment) -> Arc<Segment> {
+        let s = Arc::new(s);
+        self.segments.write().insert(index, s.clone());
+        s
+    }
+
+    /// The route of a copyset.
+    pub fn route(&self, pool: u32, copyset: u32) -> Option<CopysetRoute> {
+        self.copysets.read().get(&(pool, copyset)).cloned()
+    }
+
+    /// Caches copyset locations from the MDS.
+    pub fn put_copysets(&self, list: &[CopysetLocation]) {
+        let mut m = self.copysets.write();
+        for c in list {
+            let route = m.entry((c.logical_pool_id, c.copyset_id)).or_default();
+            route.peers = c.peers.clone();
+            if let Some(l) = c.leader.as_ref().filter(|l| !l.address.is_empty()) {
+                route.leader = Some(l.address.clone());
+            } else if route.leader.is_none() {
+                route.leader = c.peers.first().map(|p| p.address.clone());
+            }
+        }
+    }
+
+    /// Records the leader of a copyset (a redirect or a GetLeader answer).
+    pub fn set_leader(&self, pool: u32, copyset: u32, leader: &str) {
+        let mut m = self.copysets.write();
+        let r = m.entry((pool, copyset)).or_default();
+        r.leader = Some(leader.to_string());
+        if !r.peers.iter().any(|p| p.address == leader) {
+            r.peers.push(Peer {
+                chunkserver_id: 0,
+                address: leader.to_string(),
+            });
+        }
+    }
+}

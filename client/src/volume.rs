@@ -1,0 +1,495 @@
+//! A volume of the cluster: opened through the MDS (exclusive, with a lease kept alive and an
+//! epoch that fences older writers), its requests split per chunk (and by a maximum request
+//! size), each sent to its copyset's leader with Curve's retry rules, and the user request
+//! completed when all of its parts have, in whatever order they finish (IO tracking).
+//!
+//! ```text
+//!  read/write(offset, len)
+//!    -> QoS admit -> split: [chunk-aligned parts <= max_request]
+//!    -> per part: MetaCache segment (GetOrAllocateSegment once) -> chunk id + copyset
+//!                 -> leader (MetaCache) -> ChunkService (retry: REDIRECTED / OVERLOAD /
+//!                    timeout / transport / COPYSET_NOTEXIST, until done)
+//!    -> all parts done -> complete
+//! ```
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use curve_proto::chunk::{ChunkRequest, ChunkResponse, ChunkStatus};
+use curve_proto::mds::{FileInfo, MdsStatus, Segment};
+use parking_lot::RwLock;
+
+use crate::chunk::Connections;
+use crate::mds::{MdsClient, MdsError};
+use crate::metacache::MetaCache;
+use crate::qos::Limiter;
+
+/// How a volume is opened.
+#[derive(Debug, Clone)]
+pub struct VolumeOptions {
+    /// MDS addresses.
+    pub mds: Vec<String>,
+    /// Owner of the volume.
+    pub owner: String,
+    /// Who opens (a restarted process with the same identity takes its session over).
+    pub client_id: String,
+    /// Largest request sent to a chunkserver.
+    pub max_request: u32,
+}
+
+impl VolumeOptions {
+    /// Options for `mds`, owner `owner`, this host as the client.
+    pub fn new(mds: Vec<String>, owner: &str) -> Self {
+        VolumeOptions {
+            mds,
+            owner: owner.into(),
+            client_id: format!("pid-{}", std::process::id()),
+            max_request: 1 << 20,
+        }
+    }
+}
+
+/// Why a volume operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The MDS refused or was unreachable.
+    #[error("{0}")]
+    Mds(#[from] MdsError),
+    /// Outside the volume.
+    #[error("range {offset}+{len} is outside the volume of {size} bytes")]
+    OutOfRange {
+        /// Offset.
+        offset: u64,
+        /// Length.
+        len: u64,
+        /// Volume size.
+        size: u64,
+    },
+    /// Another client opened the volume since: this one may no longer write.
+    #[error("the volume was opened by another client (epoch fenced)")]
+    Fenced,
+    /// A chunkserver refused the request.
+    #[error("chunkserver: {0}")]
+    Chunk(String),
+    /// The volume is closed.
+    #[error("the volume is closed")]
+    Closed,
+}
+
+#[derive(Debug)]
+struct Inner {
+    mds: MdsClient,
+    path: String,
+    opts: VolumeOptions,
+    info: RwLock<FileInfo>,
+    session: RwLock<String>,
+    epoch: AtomicU64,
+    cache: MetaCache,
+    conns: Arc<Connections>,
+    qos: Limiter,
+    closed: AtomicBool,
+}
+
+/// An open volume. Cheap to clone; closed by [`Volume::close`].
+#[derive(Debug, Clone)]
+pub struct Volume {
+    inner: Arc<Inner>,
+}
+
+/// One part of a user request: a range inside one chunk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Part {
+    /// Offset in the volume.
+    pub offset: u64,
+    /// Length.
+    pub len: u64,
+    /// Offset in the user buffer.
+    pub buf_offset: usize,
+}
+
+/// Splits `[offset, offset+len)` at chunk boundaries and at most `max` bytes per part.
+pub fn split(offset: u64, len: u64, chunk_size: u64, max: u64) -> Vec<Part> {
+    let mut parts = Vec::new();
+    let mut at = offset;
+    let end = offset + len;
+    while at < end {
+        let chunk_end = (at / chunk_size + 1) * chunk_size;
+        let n = (end.min(chunk_end) - at).min(max.max(1));
+        parts.push(Part {
+            offset: at,
+            len: n,
+            buf_offset: (at - offset) as usize,
+        });
+        at += n;
+    }
+    parts
+}
+
+fn jitter(d: Duration) -> Duration {
+    d.mul_f64(0.5 + rand::random::<f64>() * 0.5)
+}
+
+impl Volume {
+    /// Opens `path`.
+    pub async fn open(path: &str, opts: VolumeOptions, conns: Arc<Connections>) -> Result<Self, ClientError> {
+        let mds = MdsClient::new(opts.mds.clone());
+        let (info, session) = mds.open(path, &opts.owner, &opts.client_id).await?;
+        let v = Volume {
+            inner: Arc::new(Inner {
+                mds,
+                path: path.to_string(),
+                info: RwLock::new(info.clone()),
+                session: RwLock::new(session.session_id),
+                epoch: AtomicU64::new(session.epoch),
+                cache: MetaCache::default(),
+                conns,
+                qos: Limiter::default(),
+                closed: AtomicBool::new(false),
+                opts,
+            }),
+        };
+        if let Some(q) = &info.qos {
+            v.inner.qos.set(q);
+        }
+        // Copyset routes for the pool, once.
+        let lease = Duration::from_millis(session.lease_ms.max(300));
+        tokio::spawn(refresh_loop(Arc::downgrade(&v.inner), lease));
+        Ok(v)
+    }
+
+    /// What the MDS said of the volume at open (or the last refresh).
+    pub fn info(&self) -> FileInfo {
+        self.inner.info.read().clone()
+    }
+
+    /// Size in bytes.
+    pub fn size(&self) -> u64 {
+        self.inner.info.read().length
+    }
+
+    fn check(&self, offset: u64, len: u64) -> Result<(), ClientError> {
+        let size = self.size();
+        match offset.checked_add(len) {
+            Some(end) if end <= size => Ok(()),
+            _ => Err(ClientError::OutOfRange { offset, len, size }),
+        }
+    }
+
+    /// Reads `buf.len()` bytes at `offset`; never-written ranges read as zeros.
+    pub async fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), ClientError> {
+        self.check(offset, buf.len() as u64)?;
+        self.inner.qos.admit(false, buf.len() as u64).await;
+        let (chunk, max) = self.geometry();
+        let parts = split(offset, buf.len() as u64, chunk, max);
+        let results = futures::future::join_all(parts.iter().map(|p| self.read_part(*p))).await;
+        for (p, r) in parts.iter().zip(results) {
+            let data = r?;
+            let dst = &mut buf[p.buf_offset..p.buf_offset + p.len as usize];
+            match data {
+                Some(d) => dst.copy_from_slice(&d),
+                None => dst.fill(0),
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes `buf` at `offset`; durable (on a raft quorum) when it returns.
+    pub async fn write(&self, offset: u64, buf: &[u8]) -> Result<(), ClientError> {
+        self.check(offset, buf.len() as u64)?;
+        self.inner.qos.admit(true, buf.len() as u64).await;
+        let (chunk, max) = self.geometry();
+        let parts = split(offset, buf.len() as u64, chunk, max);
+        let results = futures::future::join_all(parts.iter().map(|p| {
+            let data = buf[p.buf_offset..p.buf_offset + p.len as usize].to_vec();
+            self.write_part(*p, data)
+        }))
+        .await;
+        results.into_iter().collect()
+    }
+
+    /// Makes the range read as zeros: unallocated segments already do; allocated ones get
+    /// zeros written.
+    pub async fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), ClientError> {
+        self.check(offset, len)?;
+        let (chunk, max) = self.geometry();
+        let seg = self.inner.info.read().segment_size;
+        let zeros = vec![0u8; max as usize];
+        let mut jobs = Vec::new();
+        for p in split(offset, len, chunk, max) {
+            if self.segment(p.offset / seg, false).await?.is_none() {
+                continue;
+            }
+            jobs.push(self.write_part(p, zeros[..p.len as usize].to_vec()));
+        }
+        futures::future::join_all(jobs)
+            .await
+            .into_iter()
+            .collect()
+    }
+
+    fn geometry(&self) -> (u64, u64) {
+        let i = self.inner.info.read();
+        (i.chunk_size.max(4096), u64::from(self.inner.opts.max_request))
+    }
+
+    /// The segment with `index`, from the cache or the MDS (allocated when `allocate`).
+    async fn segment(&self, index: u64, allocate: bool) -> Result<Option<Arc<Segment>>, ClientError> {
+        if let Some(s) = self.inner.cache.segment(index) {
+            return Ok(Some(s));
+        }
+        let (seg, owner) = (self.inner.info.read().segment_size, self.inner.opts.owner.clone());
+        let got = self
+            .inner
+            .mds
+            .segment(&self.inner.path, &owner, index * seg, allocate)
+            .await?;
+        let Some(s) = got else {
+            return Ok(None);
+        };
+        let pool = s.logical_pool_id;
+        let missing: Vec<u32> = s
+            .chunks
+            .iter()
+            .map(|c| c.copyset_id)
+            .filter(|c| self.inner.cache.route(pool, *c).is_none())
+            .collect();
+        if !missing.is_empty() {
+            let locs = self.inner.mds.copysets(pool, &missing).await?;
+            self.inner.cache.put_copysets(&locs);
+        }
+        Ok(Some(self.inner.cache.put_segment(index, s)))
+    }
+
+    /// (pool, copyset, chunk id, offset in chunk) of a part.
+    fn locate(&self, s: &Segment, offset: u64) -> (u32, u32, u64, u64) {
+        let i = self.inner.info.read();
+        let in_seg = offset % i.segment_size;
+        let c = &s.chunks[(in_seg / i.chunk_size) as usize];
+        (s.logical_pool_id, c.copyset_id, c.chunk_id, in_seg % i.chunk_size)
+    }
+
+    async fn read_part(&self, p: Part) -> Result<Option<Vec<u8>>, ClientError> {
+        let seg = self.inner.info.read().segment_size;
+        let Some(s) = self.segment(p.offset / seg, false).await? else {
+            return Ok(None); // never written: zeros
+        };
+        let (pool, copyset, chunk_id, off) = self.locate(&s, p.offset);
+        let req = ChunkRequest {
+            logical_pool_id: pool,
+            copyset_id: copyset,
+            chunk_id,
+            offset: off,
+            size: p.len as u32,
+            ..Default::default()
+        };
+        let r = self.send(false, req).await?;
+        Ok(r.map(|r| r.data))
+    }
+
+    async fn write_part(&self, p: Part, data: Vec<u8>) -> Result<(), ClientError> {
+        let seg = self.inner.info.read().segment_size;
+        let s = self
+            .segment(p.offset / seg, true)
+            .await?
+            .expect("allocated on write");
+        let (pool, copyset, chunk_id, off) = self.locate(&s, p.offset);
+        let req = ChunkRequest {
+            logical_pool_id: pool,
+            copyset_id: copyset,
+            chunk_id,
+            offset: off,
+            size: p.len as u32,
+            data,
+            ..Default::default()
+        };
+        self.send(true, req).await.map(|_| ())
+    }
+
+    /// Sends one chunk request to its copyset's leader until it is done. Reads of a chunk that
+    /// does not exist answer `None`.
+    async fn send(&self, write: bool, mut req: ChunkRequest) -> Result<Option<ChunkResponse>, ClientError> {
+        let (pool, copyset) = (req.logical_pool_id, req.copyset_id);
+        let inner = &self.inner;
+        let mut timeout = Duration::from_secs(1);
+        let mut backoff = Duration::from_millis(1);
+        let mut attempt = 0u32;
+        loop {
+            if inner.closed.load(Ordering::Acquire) {
+                return Err(ClientError::Closed);
+            }
+            attempt += 1;
+            req.epoch = inner.epoch.load(Ordering::Acquire);
+            let route = match inner.cache.route(pool, copyset) {
+                Some(r) => r,
+                None => {
+                    let locs = inner.mds.copysets(pool, &[copyset]).await?;
+                    inner.cache.put_copysets(&locs);
+                    inner.cache.route(pool, copyset).unwrap_or_default()
+                }
+            };
+            let Some(leader) = route.leader.clone().or_else(|| route.peers.first().map(|p| p.address.clone())) else {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                self.refresh_route(pool, copyset).await;
+                continue;
+            };
+            let mut c = inner.conns.chunk(&leader);
+            let call = async {
+                if write {
+                    c.write_chunk(req.clone()).await
+                } else {
+                    c.read_chunk(req.clone()).await
+                }
+            };
+            let answer = tokio::time::timeout(timeout, call).await;
+            let status = match answer {
+                Ok(Ok(r)) => r.into_inner(),
+                Ok(Err(e)) => {
+                    tracing::debug!(%leader, error = %e, "chunk request failed; finding the leader");
+                    self.find_leader(pool, copyset, &route, &leader).await;
+                    tokio::time::sleep(jitter(backoff)).await;
+                    backoff = (backoff * 2).min(Duration::from_millis(200));
+                    continue;
+                }
+                Err(_) => {
+                    tracing::debug!(%leader, ?timeout, "chunk request timed out");
+                    timeout = (timeout * 2).min(Duration::from_secs(16));
+                    self.find_leader(pool, copyset, &route, &leader).await;
+                    continue;
+                }
+            };
+            match ChunkStatus::try_from(status.status).unwrap_or(ChunkStatus::FailureUnknown) {
+                ChunkStatus::Success => return Ok(Some(status)),
+                ChunkStatus::ChunkNotexist if !write => return Ok(None),
+                ChunkStatus::Redirected => {
+                    match status.redirect.filter(|l| !l.address.is_empty()) {
+                        Some(l) if l.address != leader => {
+                            inner.cache.set_leader(pool, copyset, &l.address);
+                        }
+                        _ => {
+                            // No leader yet (an election): wait a little, ask around.
+                            tokio::time::sleep(jitter(Duration::from_millis(50))).await;
+                            self.find_leader(pool, copyset, &route, &leader).await;
+                        }
+                    }
+                }
+                ChunkStatus::Overload => {
+                    tokio::time::sleep(jitter(backoff)).await;
+                    backoff = (backoff * 2).min(Duration::from_millis(100));
+                }
+                ChunkStatus::CopysetNotexist => {
+                    // The copyset moved (recovery, balance): ask the MDS where it is now.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    self.refresh_route(pool, copyset).await;
+                    self.find_leader(pool, copyset, &route, &leader).await;
+                }
+                ChunkStatus::EpochTooOld => return Err(ClientError::Fenced),
+                ChunkStatus::InvalidRequest => {
+                    return Err(ClientError::Chunk(format!("invalid request {req:?}", req = (req.chunk_id, req.offset, req.size))));
+                }
+                other => {
+                    if attempt % 50 == 0 {
+                        tracing::warn!(?other, pool, copyset, "chunk request still failing; retrying");
+                    }
+                    tokio::time::sleep(jitter(backoff.max(Duration::from_millis(10)))).await;
+                    backoff = (backoff * 2).min(Duration::from_millis(500));
+                }
+            }
+        }
+    }
+
+    async fn find_leader(&self, pool: u32, copyset: u32, route: &crate::metacache::CopysetRoute, failed: &str) {
+        let inner = &self.inner;
+        if let Some(l) = inner.conns.find_leader(pool, copyset, &route.peers, Some(failed)).await {
+            inner.cache.set_leader(pool, copyset, &l);
+            return;
+        }
+        self.refresh_route(pool, copyset).await;
+        // Still nobody: try the next peer.
+        if let Some(r) = inner.cache.route(pool, copyset)
+            && !r.peers.is_empty()
+        {
+            let i = r.peers.iter().position(|p| p.address == failed).map_or(0, |i| i + 1);
+            let next = r.peers[i % r.peers.len()].address.clone();
+            inner.cache.set_leader(pool, copyset, &next);
+        }
+    }
+
+    async fn refresh_route(&self, pool: u32, copyset: u32) {
+        if let Ok(locs) = self.inner.mds.copysets(pool, &[copyset]).await {
+            self.inner.cache.put_copysets(&locs);
+        }
+    }
+
+    /// The volume as the MDS has it now.
+    pub async fn stat(&self) -> Result<FileInfo, ClientError> {
+        let i = self.inner.mds.stat(&self.inner.path).await?;
+        *self.inner.info.write() = i.clone();
+        Ok(i)
+    }
+
+    /// Closes the session. In-flight requests fail with [`ClientError::Closed`].
+    pub async fn close(&self) -> Result<(), ClientError> {
+        if self.inner.closed.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        let session = self.inner.session.read().clone();
+        self.inner.mds.close(&self.inner.path, &session).await?;
+        Ok(())
+    }
+}
+
+/// Keeps the session alive (every third of the lease), picks up size and QoS changes, and
+/// reopens (taking the session over, new epoch) when the lease was lost.
+async fn refresh_loop(inner: std::sync::Weak<Inner>, lease: Duration) {
+    loop {
+        tokio::time::sleep(lease / 3).await;
+        let Some(inner) = inner.upgrade() else {
+            return;
+        };
+        if inner.closed.load(Ordering::Acquire) {
+            return;
+        }
+        let session = inner.session.read().clone();
+        match inner.mds.refresh(&inner.path, &session).await {
+            Ok(r) => {
+                if let Some(i) = r.info {
+                    if let Some(q) = &i.qos {
+                        inner.qos.set(q);
+                    }
+                    inner.info.write().length = i.length;
+                }
+            }
+            Err(e) if e.status() == Some(MdsStatus::SessionExpired) => {
+                match inner.mds.open(&inner.path, &inner.opts.owner, &inner.opts.client_id).await {
+                    Ok((_, s)) => {
+                        tracing::warn!(path = %inner.path, epoch = s.epoch, "session lost and reopened");
+                        *inner.session.write() = s.session_id;
+                        inner.epoch.store(s.epoch, Ordering::Release);
+                    }
+                    Err(e) => tracing::error!(path = %inner.path, error = %e, "session lost; reopen failed"),
+                }
+            }
+            Err(e) => tracing::warn!(path = %inner.path, error = %e, "session refresh failed"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn split_at_chunks_and_max() {
+        let c = 16 << 20;
+        assert_eq!(split(0, 4096, c, 1 << 20), vec![Part { offset: 0, len: 4096, buf_offset: 0 }]);
+        let p = split(c - 4096, 8192, c, 1 << 20);
+        assert_eq!(p.len(), 2);
+        assert_eq!((p[0].len, p[1].offset, p[1].buf_offset), (4096, c, 4096));
+        let p = split(512, 3 << 20, c, 1 << 20);
+        assert_eq!(p.len(), 4);
+        assert_eq!(p.iter().map(|p| p.len).sum::<u64>(), 3 << 20);
+        assert!(p.iter().all(|p| p.len <= 1 << 20));
+        assert!(split(0, 0, c, 1 << 20).is_empty());
+    }
+}
