@@ -5,9 +5,7 @@
 
 use std::sync::{Arc, OnceLock};
 
-use curve_blockdev::{
-    BlockDevice, DeviceInfo, Extent, IoError, IoFuture, WriteFlags, ZeroFlags,
-};
+use curve_blockdev::{BlockDevice, DeviceInfo, Extent, IoError, IoFuture, WriteFlags, ZeroFlags};
 use tokio::sync::oneshot;
 
 use crate::chunk::Connections;
@@ -53,9 +51,7 @@ impl CurveDevice {
         runtime().spawn(async move {
             let _ = tx.send(Volume::open(&path, opts, connections()).await);
         });
-        let volume = rx
-            .recv()
-            .map_err(|_| ClientError::Closed)??;
+        let volume = rx.recv().map_err(|_| ClientError::Closed)??;
         let i = volume.info();
         let block = i.block_size.max(512);
         let info = DeviceInfo {

@@ -132,7 +132,11 @@ fn jitter(d: Duration) -> Duration {
 
 impl Volume {
     /// Opens `path`.
-    pub async fn open(path: &str, opts: VolumeOptions, conns: Arc<Connections>) -> Result<Self, ClientError> {
+    pub async fn open(
+        path: &str,
+        opts: VolumeOptions,
+        conns: Arc<Connections>,
+    ) -> Result<Self, ClientError> {
         let mds = MdsClient::new(opts.mds.clone());
         let (info, session) = mds.open(path, &opts.owner, &opts.client_id).await?;
         let v = Volume {
@@ -222,23 +226,30 @@ impl Volume {
             }
             jobs.push(self.write_part(p, zeros[..p.len as usize].to_vec()));
         }
-        futures::future::join_all(jobs)
-            .await
-            .into_iter()
-            .collect()
+        futures::future::join_all(jobs).await.into_iter().collect()
     }
 
     fn geometry(&self) -> (u64, u64) {
         let i = self.inner.info.read();
-        (i.chunk_size.max(4096), u64::from(self.inner.opts.max_request))
+        (
+            i.chunk_size.max(4096),
+            u64::from(self.inner.opts.max_request),
+        )
     }
 
     /// The segment with `index`, from the cache or the MDS (allocated when `allocate`).
-    async fn segment(&self, index: u64, allocate: bool) -> Result<Option<Arc<Segment>>, ClientError> {
+    async fn segment(
+        &self,
+        index: u64,
+        allocate: bool,
+    ) -> Result<Option<Arc<Segment>>, ClientError> {
         if let Some(s) = self.inner.cache.segment(index) {
             return Ok(Some(s));
         }
-        let (seg, owner) = (self.inner.info.read().segment_size, self.inner.opts.owner.clone());
+        let (seg, owner) = (
+            self.inner.info.read().segment_size,
+            self.inner.opts.owner.clone(),
+        );
         let got = self
             .inner
             .mds
@@ -266,7 +277,12 @@ impl Volume {
         let i = self.inner.info.read();
         let in_seg = offset % i.segment_size;
         let c = &s.chunks[(in_seg / i.chunk_size) as usize];
-        (s.logical_pool_id, c.copyset_id, c.chunk_id, in_seg % i.chunk_size)
+        (
+            s.logical_pool_id,
+            c.copyset_id,
+            c.chunk_id,
+            in_seg % i.chunk_size,
+        )
     }
 
     async fn read_part(&self, p: Part) -> Result<Option<Vec<u8>>, ClientError> {
@@ -308,7 +324,11 @@ impl Volume {
 
     /// Sends one chunk request to its copyset's leader until it is done. Reads of a chunk that
     /// does not exist answer `None`.
-    async fn send(&self, write: bool, mut req: ChunkRequest) -> Result<Option<ChunkResponse>, ClientError> {
+    async fn send(
+        &self,
+        write: bool,
+        mut req: ChunkRequest,
+    ) -> Result<Option<ChunkResponse>, ClientError> {
         let (pool, copyset) = (req.logical_pool_id, req.copyset_id);
         let inner = &self.inner;
         let mut timeout = Duration::from_secs(1);
@@ -328,7 +348,11 @@ impl Volume {
                     inner.cache.route(pool, copyset).unwrap_or_default()
                 }
             };
-            let Some(leader) = route.leader.clone().or_else(|| route.peers.first().map(|p| p.address.clone())) else {
+            let Some(leader) = route
+                .leader
+                .clone()
+                .or_else(|| route.peers.first().map(|p| p.address.clone()))
+            else {
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 self.refresh_route(pool, copyset).await;
                 continue;
@@ -385,11 +409,19 @@ impl Volume {
                 }
                 ChunkStatus::EpochTooOld => return Err(ClientError::Fenced),
                 ChunkStatus::InvalidRequest => {
-                    return Err(ClientError::Chunk(format!("invalid request {req:?}", req = (req.chunk_id, req.offset, req.size))));
+                    return Err(ClientError::Chunk(format!(
+                        "invalid request {req:?}",
+                        req = (req.chunk_id, req.offset, req.size)
+                    )));
                 }
                 other => {
-                    if attempt % 50 == 0 {
-                        tracing::warn!(?other, pool, copyset, "chunk request still failing; retrying");
+                    if attempt.is_multiple_of(50) {
+                        tracing::warn!(
+                            ?other,
+                            pool,
+                            copyset,
+                            "chunk request still failing; retrying"
+                        );
                     }
                     tokio::time::sleep(jitter(backoff.max(Duration::from_millis(10)))).await;
                     backoff = (backoff * 2).min(Duration::from_millis(500));
@@ -398,9 +430,19 @@ impl Volume {
         }
     }
 
-    async fn find_leader(&self, pool: u32, copyset: u32, route: &crate::metacache::CopysetRoute, failed: &str) {
+    async fn find_leader(
+        &self,
+        pool: u32,
+        copyset: u32,
+        route: &crate::metacache::CopysetRoute,
+        failed: &str,
+    ) {
         let inner = &self.inner;
-        if let Some(l) = inner.conns.find_leader(pool, copyset, &route.peers, Some(failed)).await {
+        if let Some(l) = inner
+            .conns
+            .find_leader(pool, copyset, &route.peers, Some(failed))
+            .await
+        {
             inner.cache.set_leader(pool, copyset, &l);
             return;
         }
@@ -409,7 +451,11 @@ impl Volume {
         if let Some(r) = inner.cache.route(pool, copyset)
             && !r.peers.is_empty()
         {
-            let i = r.peers.iter().position(|p| p.address == failed).map_or(0, |i| i + 1);
+            let i = r
+                .peers
+                .iter()
+                .position(|p| p.address == failed)
+                .map_or(0, |i| i + 1);
             let next = r.peers[i % r.peers.len()].address.clone();
             inner.cache.set_leader(pool, copyset, &next);
         }
@@ -461,13 +507,19 @@ async fn refresh_loop(inner: std::sync::Weak<Inner>, lease: Duration) {
                 }
             }
             Err(e) if e.status() == Some(MdsStatus::SessionExpired) => {
-                match inner.mds.open(&inner.path, &inner.opts.owner, &inner.opts.client_id).await {
+                match inner
+                    .mds
+                    .open(&inner.path, &inner.opts.owner, &inner.opts.client_id)
+                    .await
+                {
                     Ok((_, s)) => {
                         tracing::warn!(path = %inner.path, epoch = s.epoch, "session lost and reopened");
                         *inner.session.write() = s.session_id;
                         inner.epoch.store(s.epoch, Ordering::Release);
                     }
-                    Err(e) => tracing::error!(path = %inner.path, error = %e, "session lost; reopen failed"),
+                    Err(e) => {
+                        tracing::error!(path = %inner.path, error = %e, "session lost; reopen failed")
+                    }
                 }
             }
             Err(e) => tracing::warn!(path = %inner.path, error = %e, "session refresh failed"),
@@ -482,7 +534,14 @@ mod tests {
     #[test]
     fn split_at_chunks_and_max() {
         let c = 16 << 20;
-        assert_eq!(split(0, 4096, c, 1 << 20), vec![Part { offset: 0, len: 4096, buf_offset: 0 }]);
+        assert_eq!(
+            split(0, 4096, c, 1 << 20),
+            vec![Part {
+                offset: 0,
+                len: 4096,
+                buf_offset: 0
+            }]
+        );
         let p = split(c - 4096, 8192, c, 1 << 20);
         assert_eq!(p.len(), 2);
         assert_eq!((p[0].len, p[1].offset, p[1].buf_offset), (4096, c, 4096));

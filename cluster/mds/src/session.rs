@@ -170,7 +170,10 @@ mod tests {
         // host-b restarted: it takes its own session over at once.
         let (b2, _) = s.open(7, "host-b", t0 + Duration::from_secs(21)).unwrap();
         assert_ne!(b, b2);
-        assert_eq!(s.refresh(7, &b, t0 + Duration::from_secs(21)), Err(SessionError::Expired));
+        assert_eq!(
+            s.refresh(7, &b, t0 + Duration::from_secs(21)),
+            Err(SessionError::Expired)
+        );
         let b = b2;
         assert_ne!(a, b);
         assert_eq!(

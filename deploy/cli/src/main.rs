@@ -1,5 +1,8 @@
 //! `curve`: the command-line tool of Curve-rs.
 
+mod cluster;
+mod playground;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -15,6 +18,18 @@ struct Cli {
     /// Run directory of the local nebd-server (where its control socket is).
     #[arg(long, global = true, env = "CURVE_RUN_DIR", default_value = DEFAULT_RUN_DIR)]
     run_dir: PathBuf,
+    /// MDS addresses (host:port,...) for volume and cluster commands.
+    #[arg(
+        long,
+        global = true,
+        env = "CURVE_MDS",
+        value_delimiter = ',',
+        default_value = "127.0.0.1:6700"
+    )]
+    mds: Vec<String>,
+    /// Owner of the volumes a command works on.
+    #[arg(long, global = true, env = "CURVE_OWNER", default_value = "curve")]
+    owner: String,
     #[command(subcommand)]
     command: Command,
 }
@@ -24,13 +39,155 @@ enum Command {
     /// Exports of the local nebd-server: volumes served to consumers.
     #[command(subcommand)]
     Export(ExportCommand),
+    /// The single-machine cluster: MDS, 3 chunkservers, nebd-server and an NBD export.
+    #[command(subcommand)]
+    Playground(PlaygroundCommand),
+    /// Volumes and directories of the cluster.
+    #[command(subcommand)]
+    Volume(VolumeCommand),
+    /// The cluster as a whole.
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum PlaygroundCommand {
+    /// Start it and stay in the foreground (Ctrl-C stops); prints the export's URI.
+    Up {
+        /// Directory of its data, logs and sockets.
+        #[arg(long, default_value = "/tmp/curve-playground")]
+        dir: PathBuf,
+        /// Size of the volume.
+        #[arg(long, default_value = "10G", value_parser = size)]
+        size: u64,
+        /// Name of the volume (/NAME) and of its export.
+        #[arg(long, default_value = "vol0")]
+        name: String,
+        /// MDS port; the chunkservers take the next three.
+        #[arg(long, default_value_t = 6700)]
+        port: u16,
+    },
+    /// Stop the playground running in DIR.
+    Down {
+        /// Its directory.
+        #[arg(long, default_value = "/tmp/curve-playground")]
+        dir: PathBuf,
+    },
+    /// Whether it runs, its URI and its cluster's health.
+    Status {
+        /// Its directory.
+        #[arg(long, default_value = "/tmp/curve-playground")]
+        dir: PathBuf,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = Format::Text)]
+        format: Format,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum VolumeCommand {
+    /// Create a volume (or, with --directory, a directory).
+    Create {
+        /// Path, e.g. /vms/disk0.
+        path: String,
+        /// Size (e.g. 10G).
+        #[arg(long, value_parser = size, required_unless_present = "directory")]
+        size: Option<u64>,
+        /// Block size: 4096 or 512.
+        #[arg(long, default_value_t = 4096)]
+        block_size: u32,
+        /// Create a directory instead.
+        #[arg(long)]
+        directory: bool,
+        #[arg(long, value_enum, default_value_t = Format::Text)]
+        format: Format,
+    },
+    /// List a directory.
+    List {
+        #[arg(default_value = "/")]
+        path: String,
+        #[arg(long, value_enum, default_value_t = Format::Text)]
+        format: Format,
+    },
+    /// Show a volume.
+    Info {
+        path: String,
+        #[arg(long, value_enum, default_value_t = Format::Text)]
+        format: Format,
+    },
+    /// Grow a volume.
+    Extend {
+        path: String,
+        /// New size (larger than the current one).
+        #[arg(long, value_parser = size)]
+        size: u64,
+        #[arg(long, value_enum, default_value_t = Format::Text)]
+        format: Format,
+    },
+    /// Rename or move.
+    Rename {
+        from: String,
+        to: String,
+        #[arg(long, value_enum, default_value_t = Format::Text)]
+        format: Format,
+    },
+    /// Move to the recycle bin (/RecycleBin), or purge with --force.
+    Delete {
+        path: String,
+        #[arg(long)]
+        force: bool,
+        #[arg(long, value_enum, default_value_t = Format::Text)]
+        format: Format,
+    },
+    /// Bring a volume back from the recycle bin (by its old path or its path in the bin).
+    Recover {
+        path: String,
+        #[arg(long, value_enum, default_value_t = Format::Text)]
+        format: Format,
+    },
+    /// Set limits (0 = unlimited); the client applies them within a lease period.
+    Qos {
+        path: String,
+        #[arg(long, default_value_t = 0)]
+        iops: u64,
+        #[arg(long, default_value_t = 0)]
+        read_iops: u64,
+        #[arg(long, default_value_t = 0)]
+        write_iops: u64,
+        /// Bytes per second (e.g. 100M).
+        #[arg(long, value_parser = size, default_value = "0")]
+        bps: u64,
+        #[arg(long, value_parser = size, default_value = "0")]
+        read_bps: u64,
+        #[arg(long, value_parser = size, default_value = "0")]
+        write_bps: u64,
+        /// Burst window in ms (a bucket holds this long at the rate).
+        #[arg(long, default_value_t = 1000)]
+        burst_ms: u64,
+        #[arg(long, value_enum, default_value_t = Format::Text)]
+        format: Format,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ClusterCommand {
+    /// MDS leader, chunkservers online, copysets healthy and degraded.
+    Status {
+        #[arg(long, value_enum, default_value_t = Format::Text)]
+        format: Format,
+    },
+}
+
+fn size(s: &str) -> Result<u64, String> {
+    curve_blockdev::parse_size(s)
 }
 
 #[derive(Debug, Subcommand)]
 enum ExportCommand {
     /// Open a volume and serve it.
     Add {
-        /// Volume: mem:SIZE (RAM, e.g. mem:1G) or file:PATH[?direct].
+        /// Volume: mem:SIZE (RAM, e.g. mem:1G), file:PATH[?direct] or
+        /// curve:/PATH[?mds=HOST:PORT,...&owner=NAME] (a cluster volume).
         #[arg(long)]
         volume: String,
         /// Serve over NBD at unix:PATH or tcp:HOST:PORT.
@@ -84,7 +241,103 @@ fn call(run_dir: &std::path::Path, req: &Request) -> Result<Vec<ExportStatus>, S
 }
 
 fn run(cli: Cli) -> Result<(), String> {
+    let json = |f: Format| matches!(f, Format::Json);
+    let volume = |op: cluster::VolumeOp, f: Format| -> Result<(), String> {
+        let rt = runtime()?;
+        let c = cluster::client(&cli.mds, 30);
+        rt.block_on(cluster::volume(&c, &cli.owner, op, json(f)))
+            .map_err(|e| e.to_string())
+    };
     match cli.command {
+        Command::Playground(PlaygroundCommand::Up {
+            dir,
+            size,
+            name,
+            port,
+        }) => playground::up(&playground::Options {
+            dir,
+            size,
+            port,
+            name,
+        })?,
+        Command::Playground(PlaygroundCommand::Down { dir }) => playground::down(&dir)?,
+        Command::Playground(PlaygroundCommand::Status { dir, format }) => {
+            playground::status(&dir, json(format))?;
+        }
+        Command::Cluster(ClusterCommand::Status { format }) => {
+            let rt = runtime()?;
+            let c = cluster::client(&cli.mds, 10);
+            let s = rt
+                .block_on(cluster::summary(&c))
+                .map_err(|e| e.to_string())?;
+            if json(format) {
+                println!("{}", serde_json::to_string_pretty(&s).expect("json"));
+            } else {
+                cluster::print_summary(&s);
+            }
+        }
+        Command::Volume(v) => {
+            use cluster::VolumeOp as Op;
+            match v {
+                VolumeCommand::Create {
+                    path,
+                    size,
+                    block_size,
+                    directory,
+                    format,
+                } => {
+                    let op = if directory {
+                        Op::Mkdir(path)
+                    } else {
+                        Op::Create {
+                            path,
+                            size: size.unwrap_or(0),
+                            block_size,
+                        }
+                    };
+                    volume(op, format)?;
+                }
+                VolumeCommand::List { path, format } => volume(Op::List(path), format)?,
+                VolumeCommand::Info { path, format } => volume(Op::Info(path), format)?,
+                VolumeCommand::Extend { path, size, format } => {
+                    volume(Op::Extend(path, size), format)?;
+                }
+                VolumeCommand::Rename { from, to, format } => {
+                    volume(Op::Rename(from, to), format)?;
+                }
+                VolumeCommand::Delete {
+                    path,
+                    force,
+                    format,
+                } => volume(Op::Delete(path, force), format)?,
+                VolumeCommand::Recover { path, format } => volume(Op::Recover(path), format)?,
+                VolumeCommand::Qos {
+                    path,
+                    iops,
+                    read_iops,
+                    write_iops,
+                    bps,
+                    read_bps,
+                    write_bps,
+                    burst_ms,
+                    format,
+                } => volume(
+                    Op::Qos(
+                        path,
+                        curve_proto::mds::Qos {
+                            iops_total: iops,
+                            iops_read: read_iops,
+                            iops_write: write_iops,
+                            bps_total: bps,
+                            bps_read: read_bps,
+                            bps_write: write_bps,
+                            burst_ms,
+                        },
+                    ),
+                    format,
+                )?,
+            }
+        }
         Command::Export(ExportCommand::Add {
             volume,
             nbd,
@@ -162,4 +415,11 @@ fn human_size(n: u64) -> String {
     } else {
         format!("{v:.1}{}", UNITS[u])
     }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, String> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())
 }

@@ -174,7 +174,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         client_id: format!(
             "nebd-server:{}:{}",
             hostname(),
-            config.run_dir.canonicalize().unwrap_or(config.run_dir.clone()).display()
+            config
+                .run_dir
+                .canonicalize()
+                .unwrap_or(config.run_dir.clone())
+                .display()
         ),
     });
     let socket = control::control_socket(&config.run_dir);

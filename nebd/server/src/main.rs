@@ -17,7 +17,12 @@ struct Args {
     #[arg(long, default_value_t = 30_000)]
     heartbeat_timeout_ms: u64,
     /// MDS addresses of the cluster that `curve:/path` volumes live on (host:port,...).
-    #[arg(long, env = "CURVE_MDS", value_delimiter = ',', default_value = "127.0.0.1:6700")]
+    #[arg(
+        long,
+        env = "CURVE_MDS",
+        value_delimiter = ',',
+        default_value = "127.0.0.1:6700"
+    )]
     mds: Vec<String>,
     /// Owner `curve:` volumes are opened as.
     #[arg(long, env = "CURVE_OWNER", default_value = "curve")]

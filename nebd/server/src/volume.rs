@@ -230,8 +230,21 @@ mod tests {
             }
         );
         assert_eq!(c.to_string().parse::<VolumeSpec>().unwrap(), c);
-        assert_eq!("curve:/v".parse::<VolumeSpec>().unwrap().to_string(), "curve:/v");
-        for bad in ["mem:", "mem:0", "mem:1Q", "file:", "rbd:x", "", "curve:", "curve:v", "curve:/v?x=1"] {
+        assert_eq!(
+            "curve:/v".parse::<VolumeSpec>().unwrap().to_string(),
+            "curve:/v"
+        );
+        for bad in [
+            "mem:",
+            "mem:0",
+            "mem:1Q",
+            "file:",
+            "rbd:x",
+            "",
+            "curve:",
+            "curve:v",
+            "curve:/v?x=1",
+        ] {
             assert!(bad.parse::<VolumeSpec>().is_err(), "{bad}");
         }
     }

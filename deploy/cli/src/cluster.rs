@@ -1,0 +1,261 @@
+//! `curve cluster status` and `curve volume ...`: the cluster through its MDS.
+
+use std::time::Duration;
+
+use curve_client::{MdsClient, MdsError};
+use curve_proto::mds::{
+    DeleteFileRequest, ExtendFileRequest, FileInfo, FileStatus, FileType, OnlineState, Qos,
+    RecycleRequest, RenameFileRequest, SetQosRequest,
+};
+use serde_json::{Value, json};
+
+/// The cluster in numbers: MDS leader, chunkservers, copysets healthy or degraded.
+pub async fn summary(c: &MdsClient) -> Result<Value, MdsError> {
+    let t = c.topology().await?;
+    let online = t
+        .chunkservers
+        .iter()
+        .filter(|c| c.state == OnlineState::Online as i32)
+        .count();
+    let online_ids: Vec<u32> = t
+        .chunkservers
+        .iter()
+        .filter(|c| c.state == OnlineState::Online as i32)
+        .map(|c| c.id)
+        .collect();
+    let healthy = t
+        .copysets
+        .iter()
+        .filter(|cs| {
+            cs.leader.is_some()
+                && cs.peers.len() >= 3
+                && cs
+                    .peers
+                    .iter()
+                    .all(|p| online_ids.contains(&p.chunkserver_id))
+        })
+        .count();
+    Ok(json!({
+        "mds_leader": c.current().await,
+        "chunkservers": t.chunkservers.iter().map(|c| json!({
+            "id": c.id,
+            "address": c.address,
+            "zone": c.zone,
+            "server": c.server,
+            "state": OnlineState::try_from(c.state).map(|s| s.as_str_name().to_lowercase()).unwrap_or_default(),
+            "copysets": c.copysets,
+            "leaders": c.leaders,
+        })).collect::<Vec<_>>(),
+        "chunkservers_online": online,
+        "copysets": t.copysets.len(),
+        "copysets_healthy": healthy,
+        "copysets_degraded": t.copysets.len() - healthy,
+        "operators": t.operators,
+    }))
+}
+
+/// Prints a summary for people.
+pub fn print_summary(s: &Value) {
+    println!("mds leader: {}", s["mds_leader"].as_str().unwrap_or("?"));
+    let css = s["chunkservers"].as_array().cloned().unwrap_or_default();
+    println!(
+        "chunkservers: {} online of {}",
+        s["chunkservers_online"],
+        css.len()
+    );
+    for c in css {
+        println!(
+            "  {:>3}  {:<21} {:<8} {:<8} {:<8} copysets {:>3}  leaders {:>3}",
+            c["id"],
+            c["address"].as_str().unwrap_or(""),
+            c["zone"].as_str().unwrap_or(""),
+            c["server"].as_str().unwrap_or(""),
+            c["state"].as_str().unwrap_or(""),
+            c["copysets"],
+            c["leaders"]
+        );
+    }
+    println!(
+        "copysets: {} healthy, {} degraded, {} changes in flight",
+        s["copysets_healthy"], s["copysets_degraded"], s["operators"]
+    );
+}
+
+fn file_json(f: &FileInfo) -> Value {
+    let q = f.qos.unwrap_or_default();
+    json!({
+        "id": f.id,
+        "path": f.path,
+        "name": f.name,
+        "type": if f.r#type == FileType::Directory as i32 { "directory" } else { "volume" },
+        "size": f.length,
+        "block_size": f.block_size,
+        "chunk_size": f.chunk_size,
+        "segment_size": f.segment_size,
+        "owner": f.owner,
+        "ctime_ms": f.ctime_ms,
+        "deleted": f.status == FileStatus::Deleted as i32,
+        "epoch": f.epoch,
+        "qos": {
+            "iops_total": q.iops_total, "iops_read": q.iops_read, "iops_write": q.iops_write,
+            "bps_total": q.bps_total, "bps_read": q.bps_read, "bps_write": q.bps_write,
+            "burst_ms": q.burst_ms,
+        },
+    })
+}
+
+/// A volume command.
+#[derive(Debug)]
+pub enum VolumeOp {
+    /// Create a volume.
+    Create {
+        /// Path.
+        path: String,
+        /// Bytes.
+        size: u64,
+        /// 512 or 4096.
+        block_size: u32,
+    },
+    /// Create a directory.
+    Mkdir(String),
+    /// List a directory.
+    List(String),
+    /// Stat.
+    Info(String),
+    /// Grow.
+    Extend(String, u64),
+    /// Rename.
+    Rename(String, String),
+    /// Delete (to the recycle bin, or purge).
+    Delete(String, bool),
+    /// Recover from the recycle bin.
+    Recover(String),
+    /// Set QoS.
+    Qos(String, Qos),
+}
+
+/// Runs a volume command; prints JSON or text.
+pub async fn volume(
+    c: &MdsClient,
+    owner: &str,
+    op: VolumeOp,
+    json_out: bool,
+) -> Result<(), MdsError> {
+    let o = owner.to_string();
+    let files: Vec<FileInfo> = match op {
+        VolumeOp::Create {
+            path,
+            size,
+            block_size,
+        } => {
+            vec![
+                c.create(&path, FileType::Volume, size, block_size, owner)
+                    .await?,
+            ]
+        }
+        VolumeOp::Mkdir(path) => vec![c.create(&path, FileType::Directory, 0, 0, owner).await?],
+        VolumeOp::List(path) => c.list(&path).await?,
+        VolumeOp::Info(path) => vec![c.stat(&path).await?],
+        VolumeOp::Extend(path, size) => {
+            let req = ExtendFileRequest {
+                path,
+                new_length: size,
+                owner: o,
+            };
+            vec![
+                c.call(|mut m| {
+                    let req = req.clone();
+                    async move { m.extend_file(req).await }
+                })
+                .await?
+                .info
+                .unwrap_or_default(),
+            ]
+        }
+        VolumeOp::Rename(from, to) => {
+            let req = RenameFileRequest { from, to, owner: o };
+            vec![
+                c.call(|mut m| {
+                    let req = req.clone();
+                    async move { m.rename_file(req).await }
+                })
+                .await?
+                .info
+                .unwrap_or_default(),
+            ]
+        }
+        VolumeOp::Delete(path, force) => {
+            let req = DeleteFileRequest {
+                path,
+                owner: o,
+                force,
+            };
+            vec![
+                c.call(|mut m| {
+                    let req = req.clone();
+                    async move { m.delete_file(req).await }
+                })
+                .await?
+                .info
+                .unwrap_or_default(),
+            ]
+        }
+        VolumeOp::Recover(path) => {
+            let req = RecycleRequest { path, owner: o };
+            vec![
+                c.call(|mut m| {
+                    let req = req.clone();
+                    async move { m.recover_file(req).await }
+                })
+                .await?
+                .info
+                .unwrap_or_default(),
+            ]
+        }
+        VolumeOp::Qos(path, qos) => {
+            let req = SetQosRequest {
+                path,
+                owner: o,
+                qos: Some(qos),
+            };
+            vec![
+                c.call(|mut m| {
+                    let req = req.clone();
+                    async move { m.set_qos(req).await }
+                })
+                .await?
+                .info
+                .unwrap_or_default(),
+            ]
+        }
+    };
+    if json_out {
+        let v: Vec<Value> = files.iter().map(file_json).collect();
+        println!("{}", serde_json::to_string_pretty(&v).expect("json"));
+    } else {
+        for f in &files {
+            let kind = if f.r#type == FileType::Directory as i32 {
+                "dir"
+            } else {
+                "vol"
+            };
+            let deleted = if f.status == FileStatus::Deleted as i32 {
+                " (deleted)"
+            } else {
+                ""
+            };
+            println!(
+                "{kind}  {:<40} {:>12}  bs {:<4}  owner {:<8} epoch {}{deleted}",
+                f.path, f.length, f.block_size, f.owner, f.epoch
+            );
+        }
+    }
+    Ok(())
+}
+
+/// A client of `mds` that gives up after `secs` (the CLI should not hang).
+pub fn client(mds: &[String], secs: u64) -> MdsClient {
+    let mut c = MdsClient::new(mds.to_vec());
+    c.deadline = Duration::from_secs(secs);
+    c
+}
