@@ -53,6 +53,9 @@ pub struct CopysetNode {
     sm: CopysetStateMachine,
     /// I/O served for it.
     pub metrics: crate::metrics::IoMetrics,
+    /// A leadership transfer is under way: new writes wait (the client retries) so that the
+    /// target can catch up with the log.
+    pub transferring: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for CopysetNode {
@@ -155,6 +158,7 @@ impl CopysetNode {
             raft,
             sm,
             metrics: Default::default(),
+            transferring: Default::default(),
         })
     }
 

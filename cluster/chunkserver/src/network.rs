@@ -96,7 +96,9 @@ impl PeerConnection {
             Err(status) => return Err(RPCError::Unreachable(Unreachable::new(&status))),
         };
         if !reply.error.is_empty() {
-            return Err(RPCError::Network(NetworkError::new(
+            // The peer has no such copyset (yet: it is being created, or added): back off
+            // like for an unreachable peer instead of retrying in a tight loop.
+            return Err(RPCError::Unreachable(Unreachable::new(
                 &std::io::Error::other(reply.error),
             )));
         }
@@ -132,5 +134,12 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
         _option: RPCOption,
     ) -> Result<VoteResponse<u64>, RPCError<u64, BasicNode, RaftError<u64>>> {
         self.call(Kind::Vote, &req).await
+    }
+
+    /// Short backoffs after an unreachable peer (default: 500 ms, as long as an election
+    /// timeout, so a transient connection error would cost the followers their leader).
+    fn backoff(&self) -> openraft::network::Backoff {
+        let steps = [20u64, 50, 100].into_iter().chain(std::iter::repeat(200));
+        openraft::network::Backoff::new(steps.map(std::time::Duration::from_millis))
     }
 }

@@ -136,6 +136,13 @@ impl ChunkServerServices {
         let Some(node) = self.node(req.logical_pool_id, req.copyset_id) else {
             return reply(ChunkStatus::CopysetNotexist);
         };
+        // During a leadership transfer new writes wait a little, then retry on the leader.
+        for _ in 0..400 {
+            if !node.transferring.load(std::sync::atomic::Ordering::Acquire) {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
         match node.raft.client_write(cmd).await {
             Ok(r) => ChunkResponse {
                 status: r.data.status,
@@ -602,15 +609,21 @@ impl CliService for ChunkServerServices {
         };
         let target = u64::from(peer.chunkserver_id);
         let m = node.raft.metrics().borrow().clone();
-        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
         if target == m.id {
-            // We are the target: campaign until elected.
+            // We are the target, and caught up (the leader checked): one election, then wait
+            // for it; another only after an election timeout, never a stream of them (each
+            // would raise the term and depose whoever leads).
+            let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(3);
+            let mut next = tokio::time::Instant::now();
             while tokio::time::Instant::now() < deadline {
                 if node.raft.metrics().borrow().current_leader == Some(target) {
                     return Ok(Response::new(cli(CliStatus::CliOk, "")));
                 }
-                let _ = node.raft.trigger().elect().await;
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                if tokio::time::Instant::now() >= next {
+                    let _ = node.raft.trigger().elect().await;
+                    next = tokio::time::Instant::now() + std::time::Duration::from_secs(1);
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
             }
             return Ok(Response::new(cli(
                 CliStatus::CliFailed,
@@ -634,21 +647,52 @@ impl CliService for ChunkServerServices {
                 "the target is not a voter",
             )));
         }
-        node.raft.runtime_config().heartbeat(false);
-        let forwarded = async {
-            let mut c = CliServiceClient::connect(format!("http://{}", peer.address)).await?;
-            Ok::<_, Box<dyn std::error::Error + Send + Sync>>(
-                c.transfer_leader(req).await?.into_inner(),
-            )
-        };
-        let r = match forwarded.await {
-            Ok(r) => r,
-            Err(e) => cli(
+        use std::sync::atomic::Ordering;
+        if node.transferring.swap(true, Ordering::AcqRel) {
+            return Ok(Response::new(cli(
                 CliStatus::CliFailed,
-                format!("cannot reach {}: {e}", peer.address),
-            ),
+                "a transfer is already under way",
+            )));
+        }
+        // Hold new writes, then wait until the target has the whole log: only then can it win
+        // the election at once (the others vote for a log as long as theirs).
+        let caught_up = async {
+            let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(2);
+            while tokio::time::Instant::now() < deadline {
+                let m = node.raft.metrics().borrow().clone();
+                let matched = m
+                    .replication
+                    .as_ref()
+                    .and_then(|r| r.get(&target).cloned().flatten())
+                    .map(|l| l.index);
+                if matched.is_some() && matched == m.last_log_index {
+                    return true;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+            false
         };
-        node.raft.runtime_config().heartbeat(true);
+        let r = if !caught_up.await {
+            cli(CliStatus::CliFailed, "the target did not catch up in time")
+        } else {
+            node.raft.runtime_config().heartbeat(false);
+            let forwarded = async {
+                let mut c = CliServiceClient::connect(format!("http://{}", peer.address)).await?;
+                Ok::<_, Box<dyn std::error::Error + Send + Sync>>(
+                    c.transfer_leader(req).await?.into_inner(),
+                )
+            };
+            let r = match forwarded.await {
+                Ok(r) => r,
+                Err(e) => cli(
+                    CliStatus::CliFailed,
+                    format!("cannot reach {}: {e}", peer.address),
+                ),
+            };
+            node.raft.runtime_config().heartbeat(true);
+            r
+        };
+        node.transferring.store(false, Ordering::Release);
         Ok(Response::new(r))
     }
 

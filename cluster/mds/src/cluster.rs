@@ -58,6 +58,8 @@ struct ChunkserverRt {
 struct CopysetRt {
     rec: CopysetRecord,
     leader: Option<u32>,
+    /// When its leader last reported.
+    reported: Option<Instant>,
 }
 
 /// A change in flight.
@@ -90,7 +92,13 @@ pub struct Cluster {
     operators: HashMap<(u32, u32), Operator>,
     /// Timings.
     pub timeouts: Timeouts,
+    /// When the last balance change was decided: balancing waits for a settled view.
+    last_balance: Option<Instant>,
 }
+
+/// Balance changes are at least this far apart, so that every leader has reported the
+/// outcome of the last one before the next is decided (no oscillation on stale views).
+const BALANCE_COOLDOWN: Duration = Duration::from_secs(10);
 
 fn cs_key(id: u32) -> Vec<u8> {
     format!("cs/{id:08x}").into_bytes()
@@ -127,6 +135,7 @@ impl Cluster {
             pools: HashMap::new(),
             operators: HashMap::new(),
             timeouts,
+            last_balance: None,
         };
         for (k, v) in pairs {
             let key = String::from_utf8_lossy(k);
@@ -144,8 +153,14 @@ impl Cluster {
                 );
             } else if key.starts_with("cp/") {
                 let rec: CopysetRecord = serde_json::from_slice(v).map_err(bad)?;
-                c.copysets
-                    .insert((rec.pool, rec.id), CopysetRt { rec, leader: None });
+                c.copysets.insert(
+                    (rec.pool, rec.id),
+                    CopysetRt {
+                        rec,
+                        leader: None,
+                        reported: None,
+                    },
+                );
             } else if let Some(p) = key.strip_prefix("pool/") {
                 let id = u32::from_str_radix(p, 16).map_err(|e| format!("{key}: {e}"))?;
                 c.pools.insert(id, String::from_utf8_lossy(v).into_owned());
@@ -238,6 +253,7 @@ impl Cluster {
                 continue; // a stale leader
             }
             c.leader = Some(me);
+            c.reported = Some(now);
             let mut peers: Vec<u32> = info.peers.iter().map(|p| p.chunkserver_id).collect();
             peers.sort_unstable();
             if peers != c.rec.peers || info.epoch != c.rec.epoch {
@@ -330,6 +346,18 @@ impl Cluster {
                 state: self.liveness(c.rec.id, now),
             })
             .collect();
+        // Balance only on a settled, fresh view: no change in flight, the last balance change
+        // long enough ago, every copyset's leader heard from lately.
+        let fresh = self.timeouts.unstable;
+        let balance = balance
+            && self.operators.is_empty()
+            && self
+                .last_balance
+                .is_none_or(|t| now >= t + BALANCE_COOLDOWN)
+            && self
+                .copysets
+                .values()
+                .all(|c| c.reported.is_some_and(|r| now < r + fresh));
         let mut decisions = Vec::new();
         for (i, p) in self.spec.pool.iter().enumerate() {
             let pool = i as u32 + 1;
@@ -360,6 +388,9 @@ impl Cluster {
             decisions.extend(scheduler::schedule(
                 &pool_cs, &sets, &busy, balancing, &opts,
             ));
+        }
+        if decisions.iter().any(|d| d.reason != Reason::Recovery) {
+            self.last_balance = Some(now);
         }
         for d in &decisions {
             tracing::info!(decision = ?d, "scheduled");
@@ -426,8 +457,14 @@ impl Cluster {
                     epoch: 0,
                 };
                 ops.push(Op::Put(cp_key(pool, rec.id), json(&rec)));
-                self.copysets
-                    .insert((pool, rec.id), CopysetRt { rec, leader: None });
+                self.copysets.insert(
+                    (pool, rec.id),
+                    CopysetRt {
+                        rec,
+                        leader: None,
+                        reported: None,
+                    },
+                );
             }
             self.pools.insert(pool, "planned".into());
             ops.push(Op::Put(pool_key(pool), b"planned".to_vec()));

@@ -175,17 +175,24 @@ async fn create_pools(mds: &Arc<Mds>) {
         return;
     }
     for (pool, per_cs) in pending {
+        // On every chunkserver at once: a replica created long before its peers would campaign
+        // against peers that do not have the copyset yet.
+        let results =
+            futures::future::join_all(per_cs.into_iter().map(|(addr, list)| async move {
+                let specs = list
+                    .into_iter()
+                    .map(|(id, peers)| CopysetSpec {
+                        logical_pool_id: pool,
+                        copyset_id: id,
+                        peers,
+                    })
+                    .collect();
+                (create_on(&addr, specs).await, addr)
+            }))
+            .await;
         let mut all = true;
-        for (addr, list) in per_cs {
-            let specs = list
-                .into_iter()
-                .map(|(id, peers)| CopysetSpec {
-                    logical_pool_id: pool,
-                    copyset_id: id,
-                    peers,
-                })
-                .collect();
-            if let Err(e) = create_on(&addr, specs).await {
+        for (r, addr) in results {
+            if let Err(e) = r {
                 tracing::warn!(chunkserver = %addr, error = %e, "copyset creation failed; will retry");
                 all = false;
             }
