@@ -1,57 +1,73 @@
-//! The README's main-job command, as a user runs it: `deploy/playground.sh DIR` starts a
-//! supervised nebd-server with an NBD export, prints its URI, survives a kill -9 of
-//! nebd-server, and stops everything on SIGINT (Ctrl-C).
+//! The README's main-job command, as a user runs it: `deploy/playground.sh DIR` starts an MDS,
+//! three raft chunkservers and nebd-server, exports a cluster volume over NBD and prints its
+//! URI. fio verifies data written across chunk and segment boundaries, never-written ranges
+//! read as zeros, and faults stay invisible to the consumer (0 fio errors, verify clean): kill
+//! -9 of the leader chunkserver of the busy copyset (the playground restarts it), kill -9 of
+//! the MDS (restarted too). `curve playground status` and `down` work from another shell.
 
 use std::io::{BufRead, BufReader};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use curve_client::MdsClient;
+use curve_tests::cluster::free_port;
 use curve_tests::{bin, require_tool, run_ok, wait_until};
 
-#[test]
-fn playground_serves_survives_kill_9_and_stops_on_ctrl_c() {
-    require_tool("nbdinfo");
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let bin_dir = bin("nebd-server").parent().unwrap().to_owned();
-    let mut child = Command::new(root.join("deploy/playground.sh"))
-        .arg(dir.path())
-        .env("CURVE_BIN_DIR", &bin_dir)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let pid = child.id() as i32;
-    // If the test fails midway, the playground and its nebd-server go away (by PID, while they
-    // are still ours: once the test has seen them exit, nothing is signalled).
-    struct Stop {
-        playground: i32,
-        dir: std::path::PathBuf,
-        armed: bool,
-    }
-    impl Drop for Stop {
-        fn drop(&mut self) {
-            if !self.armed {
-                return;
-            }
-            let server = std::fs::read_to_string(self.dir.join("nebd-server.pid.current"))
-                .ok()
-                .and_then(|p| p.trim().parse::<i32>().ok());
-            // SAFETY: signals the playground this test started, which is still running.
-            unsafe { libc::kill(self.playground, libc::SIGINT) };
-            if let Some(p) = server {
-                // SAFETY: the nebd-server the playground started for this test.
-                unsafe { libc::kill(p, libc::SIGKILL) };
-            }
+fn pid_in(file: &Path) -> Option<i32> {
+    std::fs::read_to_string(file).ok()?.trim().parse().ok()
+}
+
+fn alive(pid: i32) -> bool {
+    // SAFETY: kill(pid, 0) only checks whether the process exists.
+    unsafe { libc::kill(pid, 0) == 0 }
+}
+
+/// Stops the playground when the test ends, even on failure (SIGTERM to the process the test
+/// started; it stops its own daemons, which also die with it).
+struct Stop(i32, bool);
+
+impl Drop for Stop {
+    fn drop(&mut self) {
+        if self.1 {
+            // SAFETY: signals the playground this test started and has not seen exit.
+            unsafe { libc::kill(self.0, libc::SIGTERM) };
         }
     }
-    let mut stop = Stop {
-        playground: pid,
-        dir: dir.path().to_owned(),
-        armed: true,
-    };
+}
+
+fn fio(uri: &str, jobs: &[&str]) -> String {
+    let mut cmd = Command::new("fio");
+    cmd.args([
+        "--ioengine=nbd",
+        &format!("--uri={uri}"),
+        "--verify=crc32c",
+        "--do_verify=1",
+        "--verify_fatal=1",
+        "--output-format=normal",
+    ]);
+    cmd.args(jobs);
+    run_ok(&mut cmd)
+}
+
+#[test]
+fn playground_fio_verify_and_faults_invisible() {
+    require_tool("fio");
+    require_tool("qemu-io");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path().canonicalize().unwrap();
+    let port = free_port();
+    let bin_dir = bin("curve").parent().unwrap().to_owned();
+    let mut child = Command::new(root.join("deploy/playground.sh"))
+        .arg(&dir)
+        .args(["--size", "4G", "--port", &port.to_string()])
+        .env("CURVE_BIN_DIR", &bin_dir)
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(dir.with_extension("err")).unwrap())
+        .spawn()
+        .unwrap();
+    let mut stop = Stop(child.id() as i32, true);
     let stdout = child.stdout.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -59,59 +75,129 @@ fn playground_serves_survives_kill_9_and_stops_on_ctrl_c() {
             let _ = tx.send(line);
         }
     });
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let deadline = Instant::now() + Duration::from_secs(240);
     let uri = loop {
-        let line = rx
-            .recv_timeout(deadline - Instant::now())
-            .expect("the playground printed its URI");
-        if let Some(u) = line.trim().strip_prefix("nbd+unix://") {
-            break format!("nbd+unix://{u}");
+        let line = rx.recv_timeout(deadline.saturating_duration_since(Instant::now()));
+        let line = line.unwrap_or_else(|_| {
+            panic!(
+                "the playground printed no URI:\n{}",
+                std::fs::read_to_string(dir.with_extension("err")).unwrap_or_default()
+            )
+        });
+        if line.starts_with("nbd+unix://") {
+            break line.trim().to_string();
         }
     };
-    assert!(uri.contains("/vol0?socket="), "{uri}");
+    assert!(uri.ends_with(&format!("/vol0?socket={}", dir.join("nebd/nbd.sock").display())), "{uri}");
     let size = run_ok(Command::new("nbdinfo").arg("--size").arg(&uri));
-    assert_eq!(size.trim(), "1073741824");
+    assert_eq!(size.trim(), (4u64 << 30).to_string());
 
-    // kill -9 of nebd-server: the playground restarts it with its export.
-    let pidfile = dir.path().join("nebd-server.pid.current");
-    let first: i32 = std::fs::read_to_string(&pidfile)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
-    // SAFETY: the nebd-server the playground started.
-    unsafe { libc::kill(first, libc::SIGKILL) };
-    let back = wait_until(Duration::from_secs(20), || {
-        let now: i32 = std::fs::read_to_string(&pidfile)
-            .ok()
-            .and_then(|p| p.trim().parse().ok())
-            .unwrap_or(first);
-        now != first
-            && Command::new("nbdinfo")
-                .arg("--size")
-                .arg(&uri)
-                .output()
-                .is_ok_and(|o| o.status.success())
-    });
-    assert!(back, "nebd-server was not restarted with its export");
-    let second: i32 = std::fs::read_to_string(&pidfile)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
-
-    // Ctrl-C stops the playground and its nebd-server.
-    // SAFETY: signals the playground we started.
-    unsafe { libc::kill(pid, libc::SIGINT) };
-    let exited = wait_until(Duration::from_secs(20), || {
-        matches!(child.try_wait(), Ok(Some(_)))
-    });
-    assert!(exited, "the playground did not stop on SIGINT");
-    stop.armed = false;
-    // SAFETY: kill(pid, 0) only checks whether the process exists.
-    let gone = wait_until(
-        Duration::from_secs(10),
-        || unsafe { libc::kill(second, 0) } != 0,
+    // Across chunk (16 MiB) and segment (1 GiB) boundaries, sequential and random.
+    let out = fio(
+        &uri,
+        &[
+            "--name=segment-edge",
+            "--rw=write",
+            "--bs=12k",
+            "--offset=1065353216", // 1 GiB - 8 MiB
+            "--size=16M",
+            "--name=chunk-edges",
+            "--rw=randwrite",
+            "--bs=4k",
+            "--offset=33488896", // 32 MiB - 64 KiB
+            "--size=128K",
+        ],
     );
-    assert!(gone, "nebd-server outlived the playground");
+    assert!(out.contains("err= 0"), "{out}");
+    // Never written: zeros (a segment never allocated, and a hole in an allocated one).
+    let opts = format!(
+        "driver=nbd,server.type=unix,server.path={},export=vol0",
+        dir.join("nebd/nbd.sock").display()
+    );
+    let out = run_ok(Command::new("qemu-io").args([
+        "--image-opts",
+        &opts,
+        "-c",
+        "read -P 0 3G 1M",
+        "-c",
+        "read -P 0 1090519040 65536", // 1 GiB + 16 MiB: allocated segment, unwritten chunk
+    ]));
+    assert!(!out.contains("Pattern verification failed"), "{out}");
+
+    // The copyset behind offset 0, and its leader's process.
+    let mds_addr = format!("127.0.0.1:{port}");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mds = MdsClient::new(vec![mds_addr.clone()]);
+    let seg = rt
+        .block_on(mds.segment("/vol0", "curve", 0, true))
+        .unwrap()
+        .unwrap();
+    let copyset = seg.chunks[0].copyset_id;
+    let leader_dir = || {
+        let t = rt.block_on(mds.topology()).unwrap();
+        let cs = t.copysets.iter().find(|c| c.copyset_id == copyset).unwrap();
+        let leader = cs.leader.as_ref().unwrap().address.clone();
+        let port = leader.rsplit(':').next().unwrap().parse::<u16>().unwrap();
+        dir.join(format!("cs{}", port - self_port(&mds_addr)))
+    };
+    fn self_port(a: &str) -> u16 {
+        a.rsplit(':').next().unwrap().parse().unwrap()
+    }
+
+    // A verifying writer on that copyset while its leader chunkserver is killed -9, then the
+    // MDS. The playground restarts both; fio sees a pause, no error.
+    let writer = {
+        let uri = uri.clone();
+        std::thread::spawn(move || {
+            fio(
+                &uri,
+                &[
+                    "--name=busy",
+                    "--rw=randwrite",
+                    "--bs=4k",
+                    "--iodepth=8",
+                    "--offset=0",
+                    "--size=8M",
+                    "--time_based",
+                    "--runtime=20",
+                ],
+            )
+        })
+    };
+    std::thread::sleep(Duration::from_secs(4));
+    let victim = pid_in(&leader_dir().join("chunkserver.pid")).expect("leader pid");
+    // SAFETY: a chunkserver of the playground this test started (its pid file, under lock).
+    unsafe { libc::kill(victim, libc::SIGKILL) };
+    std::thread::sleep(Duration::from_secs(6));
+    let mds_pid = pid_in(&dir.join("mds/mds.pid")).expect("mds pid");
+    // SAFETY: the MDS of the playground this test started.
+    unsafe { libc::kill(mds_pid, libc::SIGKILL) };
+    let out = writer.join().unwrap();
+    assert!(out.contains("err= 0"), "{out}");
+    // Both came back (new processes).
+    assert!(wait_until(Duration::from_secs(30), || {
+        pid_in(&dir.join("mds/mds.pid")).is_some_and(|p| p != mds_pid && alive(p))
+    }));
+    let status = run_ok(
+        Command::new(bin("curve"))
+            .args(["playground", "status", "--format", "json", "--dir"])
+            .arg(&dir),
+    );
+    let v: serde_json::Value = serde_json::from_str(&status).unwrap();
+    assert_eq!(v["running"], true, "{status}");
+    assert_eq!(v["uri"], uri.as_str());
+
+    // `down` from another shell stops everything.
+    let pids: Vec<i32> = ["mds/mds.pid", "cs1/chunkserver.pid", "cs2/chunkserver.pid", "cs3/chunkserver.pid", "nebd/nebd-server.pid"]
+        .iter()
+        .filter_map(|f| pid_in(&dir.join(f)))
+        .collect();
+    assert_eq!(pids.len(), 5, "every daemon has its pid file");
+    run_ok(Command::new(bin("curve")).args(["playground", "down", "--dir"]).arg(&dir));
+    assert!(wait_until(Duration::from_secs(20), || matches!(child.try_wait(), Ok(Some(_)))));
+    stop.1 = false;
+    assert!(
+        wait_until(Duration::from_secs(20), || pids.iter().all(|p| !alive(*p))),
+        "daemons left behind"
+    );
 }
