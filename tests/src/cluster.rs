@@ -198,3 +198,107 @@ impl Chunkserver {
             .unwrap_or_default()
     }
 }
+
+/// An MDS (or three on etcd) and three chunkservers in three zones, with the pool's copysets
+/// created and led: a cluster for the client and part2 tests.
+#[derive(Debug)]
+pub struct MiniCluster {
+    /// etcd, when the MDS are on it.
+    pub etcd: Option<Etcd>,
+    /// The MDS processes.
+    pub mds: Vec<Mds>,
+    /// The chunkservers.
+    pub chunkservers: Vec<Chunkserver>,
+}
+
+impl MiniCluster {
+    /// Starts `n_mds` MDS (on etcd when more than one, or when `etcd`) and 3 chunkservers
+    /// under `dir`, and waits until every copyset has 3 peers and a leader.
+    pub fn start(dir: &Path, n_mds: usize, etcd: bool) -> Self {
+        let etcd = (etcd || n_mds > 1).then(|| Etcd::start(dir));
+        let mut topo = String::from(
+            "[[pool]]\nname = \"pool1\"\nreplicas = 3\ncopysets_per_chunkserver = 4\n",
+        );
+        for i in 1..=3 {
+            topo.push_str(&format!(
+                "[[server]]\nname = \"s{i}\"\nzone = \"z{i}\"\npool = \"pool1\"\n"
+            ));
+        }
+        let topo_path = dir.join("topology.toml");
+        std::fs::write(&topo_path, topo).unwrap();
+        let mut args = vec![
+            "--topology".to_string(),
+            topo_path.display().to_string(),
+            "--unstable-timeout-ms".into(),
+            "2000".into(),
+            "--schedule-ms".into(),
+            "300".into(),
+            // Sessions refresh every second: QoS changes reach clients quickly.
+            "--lease-ms".into(),
+            "3000".into(),
+        ];
+        if let Some(e) = &etcd {
+            args.extend([
+                "--etcd".into(),
+                e.endpoint.clone(),
+                "--election-ttl-s".into(),
+                "2".into(),
+            ]);
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let mds: Vec<Mds> = (0..n_mds)
+            .map(|i| Mds::start(&dir.join(format!("mds{i}")), &args))
+            .collect();
+        let addrs: Vec<String> = mds.iter().map(|m| m.addr.clone()).collect();
+        let chunkservers = (1..=3)
+            .map(|i| {
+                Chunkserver::start(
+                    &dir.join(format!("cs{i}")),
+                    &addrs,
+                    &format!("z{i}"),
+                    &format!("s{i}"),
+                    &["--pool-target", "2", "--heartbeat-ms", "300"],
+                )
+            })
+            .collect();
+        let c = MiniCluster {
+            etcd,
+            mds,
+            chunkservers,
+        };
+        c.wait_healthy(Duration::from_secs(120));
+        c
+    }
+
+    /// The MDS addresses.
+    pub fn mds_addrs(&self) -> Vec<String> {
+        self.mds.iter().map(|m| m.addr.clone()).collect()
+    }
+
+    /// Waits until every copyset has 3 peers and a leader.
+    pub fn wait_healthy(&self, timeout: Duration) {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let mut c = curve_client::MdsClient::new(self.mds_addrs());
+        c.deadline = Duration::from_secs(2);
+        let ok = wait_until(timeout, || {
+            rt.block_on(c.topology()).is_ok_and(|t| {
+                !t.copysets.is_empty()
+                    && t.copysets
+                        .iter()
+                        .all(|s| s.peers.len() == 3 && s.leader.is_some())
+            })
+        });
+        assert!(
+            ok,
+            "the cluster did not become healthy:\n{}",
+            self.mds
+                .iter()
+                .map(|m| m.log())
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+    }
+}

@@ -100,7 +100,10 @@ impl Client {
     pub fn go(&mut self, name: &str) -> io::Result<Result<(u64, u16), u32>> {
         let mut d = (name.len() as u32).to_be_bytes().to_vec();
         d.extend_from_slice(name.as_bytes());
-        d.extend_from_slice(&0u16.to_be_bytes());
+        // One information request: NBD_INFO_BLOCK_SIZE (so that exports with an alignment,
+        // like cluster volumes, accept us).
+        d.extend_from_slice(&1u16.to_be_bytes());
+        d.extend_from_slice(&3u16.to_be_bytes());
         self.send_option(opt::GO, &d)?;
         let mut export = None;
         for r in self.read_option_replies()? {

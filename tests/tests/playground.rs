@@ -88,7 +88,13 @@ fn playground_fio_verify_and_faults_invisible() {
             break line.trim().to_string();
         }
     };
-    assert!(uri.ends_with(&format!("/vol0?socket={}", dir.join("nebd/nbd.sock").display())), "{uri}");
+    assert!(
+        uri.ends_with(&format!(
+            "/vol0?socket={}",
+            dir.join("nebd/nbd.sock").display()
+        )),
+        "{uri}"
+    );
     let size = run_ok(Command::new("nbdinfo").arg("--size").arg(&uri));
     assert_eq!(size.trim(), (4u64 << 30).to_string());
 
@@ -188,13 +194,26 @@ fn playground_fio_verify_and_faults_invisible() {
     assert_eq!(v["uri"], uri.as_str());
 
     // `down` from another shell stops everything.
-    let pids: Vec<i32> = ["mds/mds.pid", "cs1/chunkserver.pid", "cs2/chunkserver.pid", "cs3/chunkserver.pid", "nebd/nebd-server.pid"]
-        .iter()
-        .filter_map(|f| pid_in(&dir.join(f)))
-        .collect();
+    let pids: Vec<i32> = [
+        "mds/mds.pid",
+        "cs1/chunkserver.pid",
+        "cs2/chunkserver.pid",
+        "cs3/chunkserver.pid",
+        "nebd/nebd-server.pid",
+    ]
+    .iter()
+    .filter_map(|f| pid_in(&dir.join(f)))
+    .collect();
     assert_eq!(pids.len(), 5, "every daemon has its pid file");
-    run_ok(Command::new(bin("curve")).args(["playground", "down", "--dir"]).arg(&dir));
-    assert!(wait_until(Duration::from_secs(20), || matches!(child.try_wait(), Ok(Some(_)))));
+    run_ok(
+        Command::new(bin("curve"))
+            .args(["playground", "down", "--dir"])
+            .arg(&dir),
+    );
+    assert!(wait_until(Duration::from_secs(20), || matches!(
+        child.try_wait(),
+        Ok(Some(_))
+    )));
     stop.1 = false;
     assert!(
         wait_until(Duration::from_secs(20), || pids.iter().all(|p| !alive(*p))),

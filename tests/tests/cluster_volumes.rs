@@ -1,0 +1,243 @@
+//! Cluster volumes served by part2: bad input at the CLI and on the NBD wire, per-volume QoS
+//! under load, and three MDS on etcd with kill -9 of the leader under a verifying fio.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use curve_client::MdsClient;
+use curve_tests::cluster::MiniCluster;
+use curve_tests::{Part2, bin, require_tool, run_ok};
+
+fn curve(mds: &str, run_dir: &std::path::Path, args: &[&str]) -> std::process::Output {
+    Command::new(bin("curve"))
+        .args(["--mds", mds, "--run-dir"])
+        .arg(run_dir)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn fails_with(out: std::process::Output, what: &str) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "should fail with {what}");
+    assert!(err.contains(what), "expected {what:?} in: {err}");
+}
+
+#[test]
+fn bad_input_and_qos_on_cluster_volumes() {
+    require_tool("fio");
+    let tmp = tempfile::tempdir().unwrap();
+    let cluster = MiniCluster::start(tmp.path(), 1, false);
+    let mds = cluster.mds_addrs()[0].clone();
+    let part2 = Part2::start_with(&["--mds", &mds]);
+    let run = part2.run_dir();
+    let ok = |args: &[&str]| {
+        let out = curve(&mds, &run, args);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    ok(&["volume", "create", "/v", "--size", "1G"]);
+    let info: serde_json::Value =
+        serde_json::from_str(&ok(&["volume", "info", "/v", "--format", "json"])).unwrap();
+    assert_eq!(info[0]["size"], 1u64 << 30);
+    // CLI errors.
+    fails_with(
+        curve(&mds, &run, &["volume", "create", "/v", "--size", "1G"]),
+        "Exists",
+    );
+    fails_with(
+        curve(&mds, &run, &["volume", "create", "/w", "--size", "0"]),
+        "Invalid",
+    );
+    fails_with(
+        curve(&mds, &run, &["volume", "info", "/missing"]),
+        "NotFound",
+    );
+    fails_with(
+        curve(&mds, &run, &["volume", "extend", "/v", "--size", "512M"]),
+        "ShrinkRefused",
+    );
+    // Exports of a missing volume, and of one another client holds, are refused clearly.
+    let sock = |n: &str| format!("unix:{}", run.join(format!("{n}.sock")).display());
+    fails_with(
+        curve(
+            &mds,
+            &run,
+            &[
+                "export",
+                "add",
+                "--volume",
+                "curve:/missing",
+                "--nbd",
+                &sock("m"),
+                "--name",
+                "m",
+            ],
+        ),
+        "NotFound",
+    );
+    ok(&["volume", "create", "/held", "--size", "1G"]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let other = MdsClient::new(vec![mds.clone()]);
+    let (_, session) = rt
+        .block_on(other.open("/held", "curve", "another-host"))
+        .unwrap();
+    fails_with(
+        curve(
+            &mds,
+            &run,
+            &[
+                "export",
+                "add",
+                "--volume",
+                "curve:/held",
+                "--nbd",
+                &sock("h"),
+                "--name",
+                "h",
+            ],
+        ),
+        "Occupied",
+    );
+    rt.block_on(other.close("/held", &session.session_id))
+        .unwrap();
+    // The daemon keeps serving: the volume exports fine.
+    let uri = ok(&[
+        "export",
+        "add",
+        "--volume",
+        "curve:/v",
+        "--nbd",
+        &sock("v"),
+        "--name",
+        "v",
+    ]);
+    let uri = uri.trim().to_string();
+    // IO past the end: an error on the wire (EINVAL), the connection stays usable.
+    let (mut c, size, _) = curve_tests::nbd::Client::open(&run.join("v.sock"), "v", false).unwrap();
+    assert_eq!(size, 1 << 30);
+    c.request(0, 0, 1, 1 << 30, 4096, &[]).unwrap();
+    assert_eq!(c.reply(4096).unwrap().error, 22, "EINVAL past the end");
+    c.request(1, 0, 2, (1 << 30) - 4096, 4096, &[7u8; 4096])
+        .unwrap();
+    assert_eq!(c.reply(0).unwrap().error, 0);
+    c.request(0, 0, 3, (1 << 30) - 4096, 4096, &[]).unwrap();
+    assert_eq!(c.reply(4096).unwrap().data, vec![7u8; 4096]);
+    drop(c);
+
+    // QoS: 100 write IOPS (a 100 ms burst), applied by the client at its next lease refresh.
+    ok(&[
+        "volume",
+        "qos",
+        "/v",
+        "--write-iops",
+        "100",
+        "--burst-ms",
+        "100",
+    ]);
+    std::thread::sleep(Duration::from_secs(3));
+    let out = run_ok(Command::new("fio").args([
+        "--name=qos",
+        "--ioengine=nbd",
+        &format!("--uri={uri}"),
+        "--rw=randwrite",
+        "--bs=4k",
+        "--iodepth=32",
+        "--size=16M",
+        "--ramp_time=1",
+        "--time_based",
+        "--runtime=6",
+        "--output-format=json",
+    ]));
+    let v: serde_json::Value = serde_json::from_str(&out[out.find('{').unwrap()..]).unwrap();
+    let iops = v["jobs"][0]["write"]["iops"].as_f64().unwrap();
+    println!("QoS 100 write IOPS at QD32: {iops:.0}");
+    assert!((90.0..=110.0).contains(&iops), "100 ± 10%: {iops}");
+    // Lifted: faster than the limit again.
+    ok(&["volume", "qos", "/v"]);
+    std::thread::sleep(Duration::from_secs(3));
+    let out = run_ok(Command::new("fio").args([
+        "--name=free",
+        "--ioengine=nbd",
+        &format!("--uri={uri}"),
+        "--rw=randwrite",
+        "--bs=4k",
+        "--iodepth=32",
+        "--size=16M",
+        "--time_based",
+        "--runtime=3",
+        "--output-format=json",
+    ]));
+    let v: serde_json::Value = serde_json::from_str(&out[out.find('{').unwrap()..]).unwrap();
+    let free = v["jobs"][0]["write"]["iops"].as_f64().unwrap();
+    println!("unlimited: {free:.0}");
+    assert!(free > 150.0, "{free}");
+}
+
+#[test]
+fn three_mds_on_etcd_kill_9_of_the_leader_is_invisible_to_fio() {
+    require_tool("fio");
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cluster = MiniCluster::start(tmp.path(), 3, true);
+    let addrs = cluster.mds_addrs();
+    let part2 = Part2::start_with(&["--mds", &addrs.join(",")]);
+    let run = part2.run_dir();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mds = MdsClient::new(addrs.clone());
+    rt.block_on(mds.create(
+        "/v",
+        curve_proto::mds::FileType::Volume,
+        4 << 30,
+        4096,
+        "curve",
+    ))
+    .unwrap();
+    let leader = rt.block_on(mds.current());
+    let sock = run.join("v.sock");
+    let uri = part2.curve_ok(&[
+        "export",
+        "add",
+        "--volume",
+        "curve:/v",
+        "--nbd",
+        &format!("unix:{}", sock.display()),
+        "--name",
+        "v",
+    ]);
+    let uri = uri.trim().to_string();
+    // Writes spread over three segments, so some allocate while the MDS leader is gone.
+    let writer = std::thread::spawn(move || {
+        run_ok(Command::new("fio").args([
+            "--name=spread",
+            "--ioengine=nbd",
+            &format!("--uri={uri}"),
+            "--rw=randwrite",
+            "--bs=4k",
+            "--iodepth=4",
+            "--size=3G",
+            "--time_based",
+            "--runtime=15",
+            "--verify=crc32c",
+            "--do_verify=1",
+            "--verify_fatal=1",
+        ]))
+    });
+    std::thread::sleep(Duration::from_secs(4));
+    let idx = addrs.iter().position(|a| *a == leader).unwrap();
+    let t = Instant::now();
+    cluster.mds[idx].kill9();
+    let out = writer.join().unwrap();
+    assert!(out.contains("err= 0"), "{out}");
+    // Another MDS leads, and the volume's sessions and segments are there.
+    let info = rt.block_on(mds.stat("/v")).unwrap();
+    assert_eq!(info.epoch, 1);
+    assert_ne!(rt.block_on(mds.current()), leader);
+    println!(
+        "MDS leader killed {:?} before the end of the run",
+        t.elapsed()
+    );
+}
