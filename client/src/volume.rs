@@ -546,7 +546,9 @@ mod tests {
         assert_eq!(p.len(), 2);
         assert_eq!((p[0].len, p[1].offset, p[1].buf_offset), (4096, c, 4096));
         let p = split(512, 3 << 20, c, 1 << 20);
-        assert_eq!(p.len(), 4);
+        assert_eq!(p.len(), 3);
+        let p = split(c - 512, 3 << 20, c, 1 << 20);
+        assert_eq!(p.len(), 5, "512 B, then 1 MiB x 3, then the rest");
         assert_eq!(p.iter().map(|p| p.len).sum::<u64>(), 3 << 20);
         assert!(p.iter().all(|p| p.len <= 1 << 20));
         assert!(split(0, 0, c, 1 << 20).is_empty());

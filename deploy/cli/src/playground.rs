@@ -213,6 +213,8 @@ pub fn up(o: &Options) -> Result<(), String> {
                 format!("server{i}"),
                 "--pool-target".into(),
                 "4".into(),
+                "--metrics-listen".into(),
+                format!("127.0.0.1:{}", o.port + 10 + i),
             ],
             log: dir.join(format!("logs/cs{i}.log")),
             child: None,
@@ -261,10 +263,22 @@ fn wait_for(
     mut cond: impl FnMut() -> bool,
 ) -> Result<(), String> {
     let deadline = Instant::now() + timeout;
+    let started = Instant::now();
+    let mut said = false;
     loop {
         stopping()?;
         if cond() {
+            if said {
+                eprintln!(
+                    "  {what}: ready after {:.1} s",
+                    started.elapsed().as_secs_f64()
+                );
+            }
             return Ok(());
+        }
+        if !said && started.elapsed() > Duration::from_secs(1) {
+            eprintln!("  waiting for {what}...");
+            said = true;
         }
         for dmn in daemons.iter_mut().filter(|d| d.child.is_some()) {
             dmn.supervise()?;
@@ -361,7 +375,7 @@ fn serve(o: &Options, dir: &Path, mds_addr: &str, daemons: &mut [Daemon]) -> Res
     eprintln!(
         "
 The playground serves {path} ({size}) of a 3-replica cluster (curve-mds {mds_addr},
-chunkservers :{p1} :{p2} :{p3}) through nebd-server over NBD:
+chunkservers :{p1} :{p2} :{p3}, metrics at :{m1}/metrics ...) through nebd-server over NBD:
   {uri}
 
 Attach with:
@@ -376,6 +390,7 @@ Logs: {logs}. Ctrl-C (or `curve playground down --dir {dir}`) stops.",
         p1 = o.port + 1,
         p2 = o.port + 2,
         p3 = o.port + 3,
+        m1 = o.port + 11,
         name = o.name,
         logs = dir.join("logs").display(),
         dir = dir.display(),
