@@ -548,7 +548,7 @@ mod tests {
         let p = split(512, 3 << 20, c, 1 << 20);
         assert_eq!(p.len(), 3);
         let p = split(c - 512, 3 << 20, c, 1 << 20);
-        assert_eq!(p.len(), 5, "512 B, then 1 MiB x 3, then the rest");
+        assert_eq!(p.len(), 4, "512 B, then 1 MiB, 1 MiB, 1 MiB - 512 B");
         assert_eq!(p.iter().map(|p| p.len).sum::<u64>(), 3 << 20);
         assert!(p.iter().all(|p| p.len <= 1 << 20));
         assert!(split(0, 0, c, 1 << 20).is_empty());
