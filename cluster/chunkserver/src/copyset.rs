@@ -56,6 +56,11 @@ pub struct CopysetNode {
     /// A leadership transfer is under way: new writes wait (the client retries) so that the
     /// target can catch up with the log.
     pub transferring: std::sync::atomic::AtomicBool,
+    /// While leader: when a quorum last acknowledged it (from its metrics, as received).
+    quorum_ack: Arc<parking_lot::Mutex<Option<std::time::Instant>>>,
+    /// How long after a quorum's acknowledgement the leader may serve reads alone (half the
+    /// minimum election timeout: no other leader can be elected sooner).
+    lease: std::time::Duration,
 }
 
 impl std::fmt::Debug for CopysetNode {
@@ -152,6 +157,29 @@ impl CopysetNode {
         )
         .await
         .map_err(|e| e.to_string())?;
+        // Track the leader's quorum acknowledgements for lease reads. The time is taken when
+        // the metrics arrive, minus the age they report: never earlier than the real one.
+        let quorum_ack: Arc<parking_lot::Mutex<Option<std::time::Instant>>> = Arc::default();
+        {
+            let mut rx = raft.metrics();
+            let ack = quorum_ack.clone();
+            tokio::spawn(async move {
+                while rx.changed().await.is_ok() {
+                    let m = rx.borrow_and_update().clone();
+                    let now = std::time::Instant::now();
+                    // Only once this term's first entry is applied: before that the state
+                    // machine may lack writes the previous leader acknowledged.
+                    let settled = m.last_applied.map(|l| l.leader_id.term) == Some(m.current_term);
+                    *ack.lock() = match (m.current_leader == Some(m.id), m.millis_since_quorum_ack)
+                    {
+                        (true, Some(ms)) if settled => {
+                            now.checked_sub(std::time::Duration::from_millis(ms))
+                        }
+                        _ => None,
+                    };
+                }
+            });
+        }
         Ok(CopysetNode {
             pool,
             copyset,
@@ -159,7 +187,20 @@ impl CopysetNode {
             sm,
             metrics: Default::default(),
             transferring: Default::default(),
+            quorum_ack,
+            lease: std::time::Duration::from_millis(opts.election_ms.0 / 2),
         })
+    }
+
+    /// Whether this replica leads under a valid lease: a quorum acknowledged it recently
+    /// enough that no other leader can exist, so it may answer reads without a round trip.
+    pub fn lease_valid(&self) -> bool {
+        if self.transferring.load(std::sync::atomic::Ordering::Acquire) {
+            return false;
+        }
+        self.quorum_ack
+            .lock()
+            .is_some_and(|t| t.elapsed() < self.lease)
     }
 
     /// The chunks of this copyset on this replica.

@@ -160,6 +160,11 @@ impl ChunkServerServices {
     /// Waits until this replica is the leader and has applied everything committed before
     /// the call (read index): only then may it answer reads.
     async fn linearizable(&self, node: &CopysetNode) -> Result<(), ChunkResponse> {
+        // Lease read: a leader a quorum acknowledged within the lease is still the leader,
+        // and every write it acknowledged is applied (writes answer after apply).
+        if node.lease_valid() {
+            return Ok(());
+        }
         match node.raft.ensure_linearizable().await {
             Ok(_) => Ok(()),
             Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => Err(redirect(&f)),
