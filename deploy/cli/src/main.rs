@@ -48,6 +48,60 @@ enum Command {
     /// The cluster as a whole.
     #[command(subcommand)]
     Cluster(ClusterCommand),
+    /// Measure a target like SPDK's bdevperf: IOPS, bandwidth, latency percentiles, histogram.
+    Bench(BenchArgs),
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum BenchDriver {
+    /// Our NBD client: --target nbd+unix:///NAME?socket=PATH or nbd://HOST:PORT/NAME.
+    Nbd,
+    /// libnebd through part2: --target RUN_DIR/nebd.sock --volume SPEC.
+    Nebd,
+    /// The client library on a cluster volume: --target curve:/PATH (MDS from --mds).
+    Client,
+}
+
+#[derive(Debug, clap::Args)]
+struct BenchArgs {
+    /// How to reach the target.
+    #[arg(long, value_enum)]
+    driver: BenchDriver,
+    /// The target: a URI or a socket, by driver.
+    #[arg(long)]
+    target: String,
+    /// The volume to open (nebd driver), as part2 names it: curve:/PATH, mem:SIZE, file:PATH.
+    #[arg(long)]
+    volume: Option<String>,
+    /// read, write, randread, randwrite, rw, verify, flush, trim, write_zeroes.
+    #[arg(long, short = 'w', default_value = "randread")]
+    workload: String,
+    /// Operations in flight per job.
+    #[arg(long, short = 'q', default_value_t = 1)]
+    queue_depth: usize,
+    /// Bytes per operation.
+    #[arg(long, short = 'o', default_value = "4096", value_parser = size)]
+    block_size: u64,
+    /// Seconds to run.
+    #[arg(long, short = 't', default_value_t = 10.0)]
+    time: f64,
+    /// Stop after this many I/Os per job instead.
+    #[arg(long)]
+    io_count: Option<u64>,
+    /// Jobs (each with its own connection and queue).
+    #[arg(long, short = 'j', default_value_t = 1)]
+    jobs: usize,
+    /// Reads in percent for the rw workload.
+    #[arg(long, short = 'M', default_value_t = 50)]
+    rw_mix: u32,
+    /// Zipf skew of random offsets (e.g. 1.2).
+    #[arg(long)]
+    zipf: Option<f64>,
+    /// Bytes of the target to use (split between jobs); default: all of it.
+    #[arg(long, value_parser = size)]
+    size: Option<u64>,
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    format: Format,
 }
 
 #[derive(Debug, Subcommand)]
@@ -264,6 +318,7 @@ fn run(cli: Cli) -> Result<(), String> {
         Command::Playground(PlaygroundCommand::Status { dir, format }) => {
             playground::status(&dir, json(format))?;
         }
+        Command::Bench(b) => bench(b, &cli.mds, &cli.owner)?,
         Command::Cluster(ClusterCommand::Status { format }) => {
             let rt = runtime()?;
             let c = cluster::client(&cli.mds, 10);
@@ -422,4 +477,64 @@ fn runtime() -> Result<tokio::runtime::Runtime, String> {
         .enable_all()
         .build()
         .map_err(|e| e.to_string())
+}
+
+fn bench(b: BenchArgs, mds: &[String], owner: &str) -> Result<(), String> {
+    use curve_bench::drivers::{
+        client::ClientDriver, nbd::NbdDriver, nbd::NbdTarget, nebd::NebdDriver,
+    };
+    use std::sync::Arc;
+    let workload: curve_bench::Workload = b.workload.parse()?;
+    if b.block_size == 0 || b.block_size > (64 << 20) {
+        return Err("--block-size: 1 byte to 64 MiB".into());
+    }
+    let (driver, name): (Arc<dyn curve_bench::engine::Driver>, &str) = match b.driver {
+        BenchDriver::Nbd => (
+            Arc::new(NbdDriver {
+                target: NbdTarget::parse(&b.target)?,
+            }),
+            "nbd",
+        ),
+        BenchDriver::Nebd => (
+            Arc::new(NebdDriver {
+                socket: b.target.clone(),
+                volume: b
+                    .volume
+                    .clone()
+                    .ok_or("the nebd driver needs --volume (e.g. curve:/vol0)")?,
+            }),
+            "nebd",
+        ),
+        BenchDriver::Client => (
+            Arc::new(ClientDriver::parse(&b.target, mds, owner)?),
+            "client",
+        ),
+    };
+    let spec = curve_bench::Spec {
+        workload,
+        queue_depth: b.queue_depth.max(1),
+        block_size: b.block_size as u32,
+        time: b
+            .io_count
+            .is_none()
+            .then(|| std::time::Duration::from_secs_f64(b.time.max(0.1))),
+        io_count: b.io_count,
+        jobs: b.jobs.max(1),
+        rw_mix: b.rw_mix,
+        zipf: b.zipf,
+        size: b.size,
+        progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+    };
+    let summary = curve_bench::run(driver, &spec, (name, &b.target))?;
+    match b.format {
+        Format::Json => println!("{}", serde_json::to_string_pretty(&summary).expect("json")),
+        Format::Text => print!("{}", summary.text()),
+    }
+    if summary.errors > 0 || summary.mismatches > 0 {
+        return Err(format!(
+            "{} I/O errors, {} verify mismatches",
+            summary.errors, summary.mismatches
+        ));
+    }
+    Ok(())
 }
