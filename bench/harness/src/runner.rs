@@ -204,7 +204,7 @@ pub fn run(driver: Arc<dyn Driver>, spec: &Spec, head: (&str, &str)) -> Result<S
         return Err(e);
     }
     let secs = start.elapsed().as_secs_f64();
-    let name = format!("{:?}", spec.workload).to_lowercase();
+    let name = spec.workload.name().to_string();
     Ok(summarise(
         all,
         secs,

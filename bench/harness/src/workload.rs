@@ -27,6 +27,23 @@ pub enum Workload {
     WriteZeroes,
 }
 
+impl Workload {
+    /// Its name on the command line.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Workload::Read => "read",
+            Workload::Write => "write",
+            Workload::RandRead => "randread",
+            Workload::RandWrite => "randwrite",
+            Workload::Rw => "rw",
+            Workload::Verify => "verify",
+            Workload::Flush => "flush",
+            Workload::Trim => "trim",
+            Workload::WriteZeroes => "write_zeroes",
+        }
+    }
+}
+
 impl std::str::FromStr for Workload {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {

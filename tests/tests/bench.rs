@@ -1,0 +1,153 @@
+//! `curve bench` against real targets: verify through the nbd driver (two connections) and
+//! the nebd driver on a RAM volume, and through the client driver on a cluster volume; JSON
+//! carries the figures; a bad target is a clear error.
+
+use std::process::Command;
+
+use curve_tests::cluster::MiniCluster;
+use curve_tests::{Part2, bin};
+
+fn bench(args: &[&str]) -> serde_json::Value {
+    let out = Command::new(bin("curve"))
+        .arg("bench")
+        .args(args)
+        .args(["--format", "json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "curve bench {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn clean(v: &serde_json::Value, ios: u64) {
+    assert_eq!(v["errors"], 0, "{v}");
+    assert_eq!(v["mismatches"], 0, "{v}");
+    assert_eq!(v["ios"], ios, "{v}");
+    for k in [
+        "iops",
+        "bandwidth_bytes",
+        "lat_p50_us",
+        "lat_p99_us",
+        "lat_p999_us",
+    ] {
+        if k == "bandwidth_bytes" && v["workload"] == "flush" {
+            continue; // flushes move no data
+        }
+        assert!(v[k].as_f64().unwrap() > 0.0, "{k}: {v}");
+    }
+    assert!(!v["histogram"].as_array().unwrap().is_empty());
+}
+
+#[test]
+fn verify_through_nbd_and_nebd_drivers() {
+    let p = Part2::start();
+    let uri = p.export_mem("r", "64M");
+    // Two jobs (two connections), 1500 verified writes each: 2 x 1500 x (write + read).
+    let v = bench(&[
+        "--driver",
+        "nbd",
+        "--target",
+        &uri,
+        "-w",
+        "verify",
+        "-q",
+        "8",
+        "-j",
+        "2",
+        "--io-count",
+        "1500",
+    ]);
+    clean(&v, 6000);
+    for w in [
+        "randread",
+        "randwrite",
+        "rw",
+        "trim",
+        "flush",
+        "write_zeroes",
+    ] {
+        let v = bench(&[
+            "--driver",
+            "nbd",
+            "--target",
+            &uri,
+            "-w",
+            w,
+            "-q",
+            "4",
+            "--io-count",
+            "200",
+        ]);
+        clean(&v, 200);
+        assert_eq!(v["workload"], w);
+    }
+    let sock = p.part1_socket();
+    let v = bench(&[
+        "--driver",
+        "nebd",
+        "--target",
+        sock.to_str().unwrap(),
+        "--volume",
+        "mem:16M",
+        "-w",
+        "verify",
+        "-q",
+        "8",
+        "--io-count",
+        "1000",
+    ]);
+    clean(&v, 2000);
+    // Bad targets: clear errors, exit status 1.
+    let out = Command::new(bin("curve"))
+        .args(["bench", "--driver", "nbd", "--target"])
+        .arg(uri.replace("/r?", "/missing?"))
+        .args(["-t", "1"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no export named"));
+    let out = Command::new(bin("curve"))
+        .args([
+            "bench", "--driver", "nbd", "--target", "http://x", "-t", "1",
+        ])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("expected nbd+unix"));
+}
+
+#[test]
+fn verify_through_the_client_driver_on_a_cluster_volume() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cluster = MiniCluster::start(tmp.path(), 1, false);
+    let mds = cluster.mds_addrs()[0].clone();
+    let out = Command::new(bin("curve"))
+        .args(["--mds", &mds, "volume", "create", "/b", "--size", "2G"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Two jobs: the second half of the volume is in the second segment.
+    let v = bench(&[
+        "--mds",
+        &mds,
+        "--driver",
+        "client",
+        "--target",
+        "curve:/b",
+        "-w",
+        "verify",
+        "-q",
+        "8",
+        "-j",
+        "2",
+        "--io-count",
+        "200",
+    ]);
+    clean(&v, 800);
+}
