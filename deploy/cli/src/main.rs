@@ -60,6 +60,8 @@ enum BenchDriver {
     Nebd,
     /// The client library on a cluster volume: --target curve:/PATH (MDS from --mds).
     Client,
+    /// A userspace virtio-blk front-end: --target a vhost-user-blk socket (jobs are queues).
+    VhostUser,
 }
 
 #[derive(Debug, clap::Args)]
@@ -508,6 +510,15 @@ fn bench(b: BenchArgs, mds: &[String], owner: &str) -> Result<(), String> {
         BenchDriver::Client => (
             Arc::new(ClientDriver::parse(&b.target, mds, owner)?),
             "client",
+        ),
+        BenchDriver::VhostUser => (
+            Arc::new(curve_bench::drivers::vhost_user::VhostUserDriver::new(
+                &b.target,
+                b.jobs.max(1),
+                b.queue_depth.max(1),
+                b.block_size as usize,
+            )),
+            "vhost-user",
         ),
     };
     let spec = curve_bench::Spec {
