@@ -247,8 +247,18 @@ enum ExportCommand {
         #[arg(long)]
         volume: String,
         /// Serve over NBD at unix:PATH or tcp:HOST:PORT.
-        #[arg(long, required = true)]
-        nbd: String,
+        #[arg(
+            long,
+            required_unless_present = "vhost_user_blk",
+            conflicts_with = "vhost_user_blk"
+        )]
+        nbd: Option<String>,
+        /// Serve as a vhost-user-blk device on the Unix socket PATH (for QEMU).
+        #[arg(long, value_name = "PATH")]
+        vhost_user_blk: Option<PathBuf>,
+        /// Queues of a vhost-user-blk export.
+        #[arg(long, default_value_t = 1)]
+        queues: u16,
         /// Export name (the NBD export name).
         #[arg(long)]
         name: String,
@@ -398,13 +408,26 @@ fn run(cli: Cli) -> Result<(), String> {
         Command::Export(ExportCommand::Add {
             volume,
             nbd,
+            vhost_user_blk,
+            queues,
             name,
             read_only,
         }) => {
+            let frontend = match (nbd, vhost_user_blk) {
+                (Some(address), _) => Frontend::Nbd { address },
+                (None, Some(p)) => Frontend::VhostUserBlk {
+                    path: std::path::absolute(&p)
+                        .map_err(|e| format!("{}: {e}", p.display()))?
+                        .display()
+                        .to_string(),
+                    queues,
+                },
+                (None, None) => return Err("--nbd or --vhost-user-blk is required".into()),
+            };
             let req = Request::AddExport(ExportSpec {
                 name,
                 volume,
-                frontend: Frontend::Nbd { address: nbd },
+                frontend,
                 read_only,
             });
             for e in call(&cli.run_dir, &req)? {

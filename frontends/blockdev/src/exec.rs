@@ -62,6 +62,13 @@ impl Notifier {
     }
 }
 
+impl std::os::fd::AsRawFd for Notifier {
+    /// The eventfd, for callers that poll it among their own descriptors.
+    fn as_raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+}
+
 impl Wake for Notifier {
     fn wake(self: Arc<Self>) {
         self.notify();

@@ -37,6 +37,13 @@ pub enum Frontend {
         /// Listen address.
         address: String,
     },
+    /// vhost-user-blk on a Unix socket (QEMU: `-chardev socket,path=PATH`).
+    VhostUserBlk {
+        /// Socket path.
+        path: String,
+        /// Queues offered.
+        queues: u16,
+    },
 }
 
 /// An export as requested.

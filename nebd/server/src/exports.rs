@@ -11,10 +11,22 @@ use crate::control::{ExportSpec, ExportStatus, Frontend};
 use crate::metafile::Metafile;
 use crate::volume::VolumeSpec;
 
+enum Served {
+    Nbd {
+        addr: ListenAddr,
+        export: Arc<Export>,
+    },
+    VhostUserBlk {
+        path: String,
+        device: Arc<dyn curve_blockdev::BlockDevice>,
+        // Stops serving (and removes the socket) when dropped.
+        _server: curve_vhost_user_blk::Server,
+    },
+}
+
 struct Entry {
     spec: ExportSpec,
-    addr: ListenAddr,
-    export: Arc<Export>,
+    served: Served,
 }
 
 /// Every export of this nebd-server.
@@ -78,35 +90,72 @@ impl ExportManager {
     async fn add_inner(&self, mut spec: ExportSpec, persist: bool) -> Result<ExportStatus, String> {
         validate_name(&spec.name)?;
         let volume: VolumeSpec = spec.volume.parse().map_err(|e| format!("{e}"))?;
-        let Frontend::Nbd { address } = &spec.frontend;
-        let addr: ListenAddr = address.parse()?;
+        let addr: Option<ListenAddr> = match &spec.frontend {
+            Frontend::Nbd { address } => Some(address.parse()?),
+            Frontend::VhostUserBlk { path, queues } => {
+                if path.is_empty() || !path.starts_with('/') {
+                    return Err(format!("vhost-user-blk socket {path:?}: an absolute path"));
+                }
+                if *queues == 0 || *queues > 64 {
+                    return Err(format!("{queues} queues: 1 to 64"));
+                }
+                None
+            }
+        };
         let mut entries = self.entries.lock().await;
         if entries.contains_key(&spec.name) {
             return Err(format!("an export named {:?} already exists", spec.name));
         }
         spec.volume = volume.to_string();
-        spec.frontend = Frontend::Nbd {
-            address: addr.to_string(),
-        };
+        if let Some(a) = &addr {
+            spec.frontend = Frontend::Nbd {
+                address: a.to_string(),
+            };
+        }
         let read_only = spec.read_only;
         let device = tokio::task::spawn_blocking(move || volume.open(read_only))
             .await
             .map_err(|e| format!("volume open panicked: {e}"))?
             .map_err(|e| error_chain(&e))?;
-        let export = Export::new(spec.name.clone(), spec.volume.clone(), device, read_only);
-        self.nbd
-            .add_export(&addr, export.clone())
-            .await
-            .map_err(|e| error_chain(&e))?;
+        let served = match (&spec.frontend, addr) {
+            (Frontend::Nbd { .. }, Some(addr)) => {
+                let export = Export::new(spec.name.clone(), spec.volume.clone(), device, read_only);
+                self.nbd
+                    .add_export(&addr, export.clone())
+                    .await
+                    .map_err(|e| error_chain(&e))?;
+                Served::Nbd { addr, export }
+            }
+            (Frontend::VhostUserBlk { path, queues }, _) => {
+                let server = curve_vhost_user_blk::Server::start(
+                    std::path::Path::new(path),
+                    device.clone(),
+                    curve_vhost_user_blk::Options {
+                        queues: *queues,
+                        read_only,
+                        serial: spec.name.clone(),
+                    },
+                )
+                .map_err(|e| format!("cannot serve vhost-user-blk at {path}: {e}"))?;
+                Served::VhostUserBlk {
+                    path: path.clone(),
+                    device,
+                    _server: server,
+                }
+            }
+            (Frontend::Nbd { .. }, None) => unreachable!("NBD exports have an address"),
+        };
         if let (true, Some(meta)) = (persist, &self.meta) {
             let record = spec.clone();
             if let Err(e) = meta.update(|s| s.exports.push(record)) {
-                let _ = self.nbd.remove_export(&spec.name).await;
+                if matches!(served, Served::Nbd { .. }) {
+                    let _ = self.nbd.remove_export(&spec.name).await;
+                }
                 return Err(format!("cannot write the metafile: {e}"));
             }
         }
-        tracing::info!(name = %spec.name, volume = %spec.volume, %addr, read_only, "export added");
-        let entry = Entry { spec, addr, export };
+        tracing::info!(name = %spec.name, volume = %spec.volume, frontend = ?spec.frontend, read_only, "export added");
+        let entry = Entry { spec, served };
         let status = status(&entry);
         entries.insert(entry.spec.name.clone(), entry);
         Ok(status)
@@ -115,13 +164,16 @@ impl ExportManager {
     /// Stops serving an export and closes its volume once its connections are gone.
     pub async fn remove(&self, name: &str) -> Result<(), String> {
         let mut entries = self.entries.lock().await;
-        if entries.remove(name).is_none() {
+        let Some(entry) = entries.remove(name) else {
             return Err(format!("no export named {name:?}"));
+        };
+        if let Served::Nbd { .. } = entry.served {
+            self.nbd
+                .remove_export(name)
+                .await
+                .map_err(|e| e.to_string())?;
         }
-        self.nbd
-            .remove_export(name)
-            .await
-            .map_err(|e| e.to_string())?;
+        drop(entry);
         if let Some(meta) = &self.meta {
             meta.update(|s| s.exports.retain(|e| e.name != name))
                 .map_err(|e| format!("cannot write the metafile: {e}"))?;
@@ -143,13 +195,20 @@ impl ExportManager {
 }
 
 fn status(e: &Entry) -> ExportStatus {
-    let info = e.export.device().info();
+    let (uri, info, connections) = match &e.served {
+        Served::Nbd { addr, export } => (
+            addr.uri(&e.spec.name),
+            export.device().info().clone(),
+            export.connections(),
+        ),
+        Served::VhostUserBlk { path, device, .. } => (path.clone(), device.info().clone(), 0),
+    };
     ExportStatus {
         spec: e.spec.clone(),
-        uri: e.addr.uri(&e.spec.name),
+        uri,
         size: info.size,
         block_size: info.block_size,
-        connections: e.export.connections(),
+        connections,
     }
 }
 
