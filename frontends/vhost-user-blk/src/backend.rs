@@ -23,6 +23,7 @@ use curve_blockdev::exec::Notifier;
 use curve_blockdev::{BlockDevice, WriteFlags, ZeroFlags};
 use futures::stream::{FuturesUnordered, StreamExt};
 
+use crate::inflight::{Inflight, QueueInflight};
 use crate::memory::GuestMemory;
 use crate::protocol::{self, Message, ProtoError, req};
 use crate::request::{self, Kind, Limits, Request, s};
@@ -43,6 +44,8 @@ const BLK_F_WRITE_ZEROES: u64 = 1 << 14;
 const PF_MQ: u64 = 1 << 0;
 const PF_REPLY_ACK: u64 = 1 << 3;
 const PF_CONFIG: u64 = 1 << 9;
+const PF_INFLIGHT: u64 = 1 << 12;
+const PF_ALL: u64 = PF_MQ | PF_REPLY_ACK | PF_CONFIG | PF_INFLIGHT;
 
 /// Data segments per request (seg_max).
 const SEG_MAX: u32 = 128;
@@ -139,6 +142,7 @@ struct Connection {
     features: u64,
     protocol_features: u64,
     mem: Option<Arc<GuestMemory>>,
+    inflight: Option<Arc<Inflight>>,
     queues: HashMap<u32, QueueSetup>,
 }
 
@@ -150,6 +154,7 @@ impl Connection {
             features: 0,
             protocol_features: 0,
             mem: None,
+            inflight: None,
             queues: HashMap::new(),
         }
     }
@@ -247,12 +252,11 @@ impl Connection {
                 self.features = f;
             }
             req::GET_PROTOCOL_FEATURES => {
-                let pf = PF_MQ | PF_REPLY_ACK | PF_CONFIG;
+                let pf = PF_ALL;
                 protocol::reply(sock, req::GET_PROTOCOL_FEATURES, &pf.to_le_bytes(), &[])?;
             }
             req::SET_PROTOCOL_FEATURES => {
-                self.protocol_features =
-                    protocol::parse_u64(p)? & (PF_MQ | PF_REPLY_ACK | PF_CONFIG);
+                self.protocol_features = protocol::parse_u64(p)? & PF_ALL;
             }
             req::GET_QUEUE_NUM => {
                 protocol::reply(
@@ -346,6 +350,21 @@ impl Connection {
                 protocol::reply(sock, req::GET_CONFIG, &out, &[])?;
             }
             req::SET_CONFIG => {} // writeback cache toggles: our devices acknowledge writes durably
+            req::GET_INFLIGHT_FD => {
+                let (_, _, queues, size) = protocol::parse_inflight(p)?;
+                let buf = Inflight::create(queues, size)?;
+                let answer = protocol::encode_inflight(buf.len() as u64, 0, queues, size);
+                protocol::reply(sock, req::GET_INFLIGHT_FD, &answer, &[buf.fd().as_raw_fd()])?;
+                self.inflight = Some(Arc::new(buf));
+            }
+            req::SET_INFLIGHT_FD => {
+                let (size, offset, queues, qsize) = protocol::parse_inflight(p)?;
+                let fd = msg.fds.pop().ok_or_else(|| {
+                    ProtoError::Bad("SET_INFLIGHT_FD without a descriptor".into())
+                })?;
+                let buf = Inflight::map(fd, size as usize, offset, queues, qsize)?;
+                self.inflight = Some(Arc::new(buf));
+            }
             other => return Err(ProtoError::Bad(format!("request {other} is not supported"))),
         }
         Ok(())
@@ -353,6 +372,7 @@ impl Connection {
 
     fn maybe_start(&mut self, i: u32) -> Result<(), ProtoError> {
         let mem = self.mem.clone();
+        let inflight = self.inflight.clone();
         let event_idx = self.features & F_EVENT_IDX != 0;
         let read_only = self.opts.read_only || self.device.info().read_only;
         let device = self.device.clone();
@@ -370,6 +390,7 @@ impl Connection {
             mem, q.num, addr.desc, addr.avail, addr.used, q.base, event_idx,
         )
         .ok_or_else(|| ProtoError::Bad(format!("queue {i}: rings outside guest memory")))?;
+        let tracker = inflight.and_then(|b| QueueInflight::new(b, i as u16, q.num));
         let kick = kick.try_clone()?;
         let notifier = Notifier::new()?;
         let stop = Arc::new(AtomicBool::new(false));
@@ -387,6 +408,7 @@ impl Connection {
             .spawn(move || {
                 let mut w = QueueWorker {
                     vring,
+                    tracker,
                     device,
                     limits,
                     serial,
@@ -424,6 +446,7 @@ type Exec = Pin<Box<dyn Future<Output = Done> + Send>>;
 
 struct QueueWorker {
     vring: Vring,
+    tracker: Option<QueueInflight>,
     device: Arc<dyn BlockDevice>,
     limits: Limits,
     serial: String,
@@ -445,12 +468,30 @@ impl QueueWorker {
         let waker = std::task::Waker::from(self.notifier.clone());
         let mut cx = Context::from_waker(&waker);
         let mut inflight: FuturesUnordered<Exec> = FuturesUnordered::new();
+        // A restarted back-end: what the previous one took and did not complete runs first,
+        // in the order it was taken; the ring resumes after it.
+        if let Some(t) = self.tracker.as_mut() {
+            let used = self.vring.used_idx();
+            let replay = t.recover(used);
+            if !replay.is_empty() {
+                tracing::info!(requests = replay.len(), "resubmitting inflight requests");
+            }
+            self.vring.last_avail = used.wrapping_add(replay.len() as u16);
+            for head in replay {
+                if let Some(f) = self.take(head) {
+                    inflight.push(f);
+                }
+            }
+        }
         loop {
             let stopping = self.stop.load(Ordering::SeqCst);
             let mut used = false;
             if !stopping {
                 loop {
                     while let Some(head) = self.vring.pop() {
+                        if let Some(t) = self.tracker.as_mut() {
+                            t.take(head);
+                        }
                         match self.take(head) {
                             Some(f) => inflight.push(f),
                             None => used = true,
@@ -497,10 +538,22 @@ impl QueueWorker {
     }
 
     fn complete(&mut self, head: u16, r: &Request, status: u8, written: u32) {
-        if self.vring.memory().write(r.status, &[status]) {
-            self.vring.push_used(head, written + 1);
+        let len = if self.vring.memory().write(r.status, &[status]) {
+            written + 1
         } else {
-            self.vring.push_used(head, 0);
+            0
+        };
+        self.used(head, len);
+    }
+
+    /// Publishes a used element, keeping the inflight buffer in step.
+    fn used(&mut self, head: u16, len: u32) {
+        if let Some(t) = self.tracker.as_mut() {
+            t.completing(head);
+        }
+        self.vring.push_used(head, len);
+        if let Some(t) = self.tracker.as_mut() {
+            t.completed(head, self.vring.used_idx());
         }
     }
 
@@ -509,15 +562,15 @@ impl QueueWorker {
         let mem = self.vring.memory().clone();
         let Some(chain) = self.vring.chain(head) else {
             tracing::warn!(head, "malformed descriptor chain");
-            self.vring.push_used(head, 0);
+            self.used(head, 0);
             return None;
         };
         let r = match request::parse(&chain, &self.limits, |a, l| mem.read(a, l)) {
             Ok(r) => r,
             Err(e) => {
                 match e.status_addr {
-                    Some(a) if mem.write(a, &[e.status]) => self.vring.push_used(head, 1),
-                    _ => self.vring.push_used(head, 0),
+                    Some(a) if mem.write(a, &[e.status]) => self.used(head, 1),
+                    _ => self.used(head, 0),
                 }
                 return None;
             }

@@ -163,6 +163,11 @@ impl Vring {
         new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old)
     }
 
+    /// The used ring's index as this side last published it.
+    pub fn used_idx(&self) -> u16 {
+        self.used_idx
+    }
+
     /// The guest memory.
     pub fn memory(&self) -> &Arc<GuestMemory> {
         &self.mem
