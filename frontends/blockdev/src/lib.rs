@@ -28,6 +28,7 @@
 //! the wire ([`IoError::errno`]).
 
 mod buf;
+mod delay;
 mod error;
 pub mod exec;
 mod file;
@@ -38,6 +39,7 @@ use std::future::Future;
 use std::pin::Pin;
 
 pub use buf::{AlignedBuf, BufPool};
+pub use delay::DelayDevice;
 pub use error::{IoError, IoResult};
 pub use file::{FileDevice, FileOptions};
 pub use mem::MemDevice;

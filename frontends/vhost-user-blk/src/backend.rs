@@ -391,6 +391,7 @@ impl Connection {
         )
         .ok_or_else(|| ProtoError::Bad(format!("queue {i}: rings outside guest memory")))?;
         let tracker = inflight.and_then(|b| QueueInflight::new(b, i as u16, q.num));
+        let tracked = tracker.is_some();
         let kick = kick.try_clone()?;
         let notifier = Notifier::new()?;
         let stop = Arc::new(AtomicBool::new(false));
@@ -424,7 +425,11 @@ impl Connection {
             notifier,
             thread,
         });
-        tracing::info!(queue = i, "vhost-user queue started");
+        tracing::info!(
+            queue = i,
+            inflight_tracking = tracked,
+            "vhost-user queue started"
+        );
         Ok(())
     }
 

@@ -52,6 +52,16 @@ pub enum VolumeSpec {
         /// Open with O_DIRECT.
         direct: bool,
     },
+    /// A test volume: `inner` with every `every`-th request completing `ms` late
+    /// (`delay:EVERY:MS:SPEC`), for out-of-order completion tests.
+    Delayed {
+        /// Which requests are late.
+        every: u64,
+        /// How late, ms.
+        ms: u64,
+        /// The volume.
+        inner: Box<VolumeSpec>,
+    },
     /// A volume of the cluster.
     Curve {
         /// Its path in the namespace.
@@ -110,6 +120,20 @@ impl FromStr for VolumeSpec {
                 path: path.into(),
                 direct,
             })
+        } else if let Some(rest) = s.strip_prefix("delay:") {
+            let mut it = rest.splitn(3, ':');
+            let (Some(every), Some(ms), Some(inner)) = (it.next(), it.next(), it.next()) else {
+                return Err(bad("delay:EVERY:MS:VOLUME".into()));
+            };
+            let num = |v: &str| {
+                v.parse::<u64>()
+                    .map_err(|_| bad(format!("{v:?} is not a number")))
+            };
+            Ok(VolumeSpec::Delayed {
+                every: num(every)?,
+                ms: num(ms)?,
+                inner: Box::new(inner.parse()?),
+            })
         } else if let Some(rest) = s.strip_prefix("curve:") {
             let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
             if !path.starts_with('/') || path.len() < 2 {
@@ -150,6 +174,7 @@ impl fmt::Display for VolumeSpec {
                     if *direct { "?direct" } else { "" }
                 )
             }
+            VolumeSpec::Delayed { every, ms, inner } => write!(f, "delay:{every}:{ms}:{inner}"),
             VolumeSpec::Curve { path, mds, owner } => {
                 write!(f, "curve:{path}")?;
                 let mut q = Vec::new();
@@ -181,6 +206,15 @@ impl VolumeSpec {
                 },
             )
             .map(|d| Arc::new(d) as _),
+            VolumeSpec::Delayed { every, ms, inner } => {
+                return inner.open(read_only).map(|d| {
+                    Arc::new(curve_blockdev::DelayDevice::new(
+                        d,
+                        *every,
+                        std::time::Duration::from_millis(*ms),
+                    )) as _
+                });
+            }
             VolumeSpec::Curve { path, mds, owner } => {
                 let d = cluster_defaults();
                 let mut opts = curve_client::VolumeOptions::new(
@@ -234,6 +268,10 @@ mod tests {
             "curve:/v".parse::<VolumeSpec>().unwrap().to_string(),
             "curve:/v"
         );
+        let d: VolumeSpec = "delay:7:20:file:/tmp/x?direct".parse().unwrap();
+        assert_eq!(d.to_string(), "delay:7:20:file:/tmp/x?direct");
+        assert!("delay:7:file:/x".parse::<VolumeSpec>().is_err());
+        assert!("delay:a:1:mem:1M".parse::<VolumeSpec>().is_err());
         for bad in [
             "mem:",
             "mem:0",

@@ -129,13 +129,21 @@ impl Layout {
 }
 
 struct Conn {
-    _sock: UnixStream,
+    path: String,
+    sock: Mutex<Option<UnixStream>>,
     mem: Memory,
-    capacity: u64,
+    mem_fd: OwnedFd,
+    capacity: std::sync::atomic::AtomicU64,
     features: u64,
+    protocol_features: u64,
     layouts: Vec<Layout>,
     kicks: Vec<OwnedFd>,
     calls: Vec<OwnedFd>,
+    /// The back-end's inflight buffer (kept to hand back after a reconnect).
+    inflight: Mutex<Option<(OwnedFd, Vec<u8>)>>,
+    closing: std::sync::atomic::AtomicBool,
+    /// Reconnections so far.
+    reconnects: AtomicUsize,
 }
 
 fn send(sock: &mut UnixStream, request: u32, payload: &[u8], fds: &[RawFd]) -> Result<(), String> {
@@ -217,42 +225,57 @@ fn eventfd() -> Result<OwnedFd, String> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+const PF_INFLIGHT: u64 = 1 << 12;
+const GET_INFLIGHT_FD: u32 = 31;
+const SET_INFLIGHT_FD: u32 = 32;
+
+fn recv_fd(sock: &mut UnixStream, request: u32) -> Result<(Vec<u8>, OwnedFd), String> {
+    let mut h = [0u8; 12];
+    let mut iov = libc::iovec {
+        iov_base: h.as_mut_ptr().cast(),
+        iov_len: 12,
+    };
+    // SAFETY: CMSG_SPACE is a pure size computation.
+    let space = unsafe { libc::CMSG_SPACE(4) } as usize;
+    let mut cbuf = vec![0u8; space];
+    // SAFETY: a zeroed msghdr is valid; the pointers set below outlive the call.
+    let mut mh: libc::msghdr = unsafe { std::mem::zeroed() };
+    mh.msg_iov = &mut iov;
+    mh.msg_iovlen = 1;
+    mh.msg_control = cbuf.as_mut_ptr().cast();
+    mh.msg_controllen = space;
+    // SAFETY: recvmsg into our buffers.
+    let n = unsafe { libc::recvmsg(sock.as_raw_fd(), &mut mh, libc::MSG_CMSG_CLOEXEC) };
+    if n != 12 {
+        return Err(os("recvmsg"));
+    }
+    // SAFETY: reading the one descriptor the kernel put in the control buffer, if any.
+    let fd = unsafe {
+        let c = libc::CMSG_FIRSTHDR(&mh);
+        if c.is_null() || (*c).cmsg_type != libc::SCM_RIGHTS {
+            return Err("a reply without its descriptor".into());
+        }
+        OwnedFd::from_raw_fd(std::ptr::read_unaligned(libc::CMSG_DATA(c).cast::<RawFd>()))
+    };
+    let got = u32::from_le_bytes(h[..4].try_into().expect("4"));
+    let size = u32::from_le_bytes(h[8..12].try_into().expect("4")) as usize;
+    if got != request || size > 4096 {
+        return Err(format!("reply {got} to request {request}"));
+    }
+    let mut p = vec![0u8; size];
+    sock.read_exact(&mut p).map_err(|e| e.to_string())?;
+    Ok((p, fd))
+}
+
 impl Conn {
-    fn connect(path: &str, queues: usize, qd: usize, block: usize) -> Result<Self, String> {
+    fn connect(path: &str, queues: usize, qd: usize, block: usize) -> Result<Arc<Self>, String> {
         let mut sock = UnixStream::connect(path).map_err(|e| format!("{path}: {e}"))?;
         let s = &mut sock;
         let offered = get_u64(s, req::GET_FEATURES)?;
         let mut pf = 0;
         if offered & F_PROTOCOL_FEATURES != 0 {
-            pf = get_u64(s, req::GET_PROTOCOL_FEATURES)? & (PF_MQ | PF_CONFIG);
-            send(s, req::SET_PROTOCOL_FEATURES, &pf.to_le_bytes(), &[])?;
+            pf = get_u64(s, req::GET_PROTOCOL_FEATURES)? & (PF_MQ | PF_CONFIG | PF_INFLIGHT);
         }
-        let queues = queues.max(1);
-        if pf & PF_MQ != 0 {
-            let max = get_u64(s, req::GET_QUEUE_NUM)? as usize;
-            if queues > max {
-                return Err(format!(
-                    "{queues} jobs need as many queues; the backend has {max}"
-                ));
-            }
-        } else if queues > 1 {
-            return Err("the backend has one queue: use one job".into());
-        }
-        let mut capacity = 0;
-        if pf & PF_CONFIG != 0 {
-            let mut p = Vec::new();
-            p.extend_from_slice(&0u32.to_le_bytes());
-            p.extend_from_slice(&60u32.to_le_bytes());
-            p.extend_from_slice(&0u32.to_le_bytes());
-            p.extend_from_slice(&[0u8; 60]);
-            send(s, req::GET_CONFIG, &p, &[])?;
-            let r = recv(s, req::GET_CONFIG)?;
-            let cfg = r.get(12..).ok_or("short config")?;
-            capacity =
-                u64::from_le_bytes(cfg.get(..8).ok_or("short config")?.try_into().expect("8"))
-                    * 512;
-        }
-        send(s, req::SET_OWNER, &[], &[])?;
         let wanted = F_VERSION_1
             | F_PROTOCOL_FEATURES
             | BLK_F_SIZE_MAX
@@ -263,11 +286,10 @@ impl Conn {
             | BLK_F_DISCARD
             | BLK_F_WRITE_ZEROES;
         let features = offered & wanted;
-        send(s, req::SET_FEATURES, &features.to_le_bytes(), &[])?;
         // The memory: every queue's rings and slots.
         let mut layouts = Vec::new();
         let mut at = 0;
-        for _ in 0..queues {
+        for _ in 0..queues.max(1) {
             let l = Layout::new(at, qd, block);
             at = l.end(qd);
             layouts.push(l);
@@ -299,21 +321,113 @@ impl Conn {
         if base == libc::MAP_FAILED {
             return Err(os("mmap"));
         }
-        let base = base.cast::<u8>();
+        let mem_fd = fd.try_clone().map_err(|e| e.to_string())?;
+        let mem = Memory {
+            base: base.cast::<u8>(),
+            len,
+            _fd: fd,
+        };
+        let mut kicks = Vec::new();
+        let mut calls = Vec::new();
+        for _ in &layouts {
+            kicks.push(eventfd()?);
+            calls.push(eventfd()?);
+        }
+        let conn = Arc::new(Conn {
+            path: path.to_string(),
+            sock: Mutex::new(None),
+            mem,
+            mem_fd,
+            capacity: Default::default(),
+            features,
+            protocol_features: pf,
+            layouts,
+            kicks,
+            calls,
+            inflight: Mutex::new(None),
+            closing: std::sync::atomic::AtomicBool::new(false),
+            reconnects: AtomicUsize::new(0),
+        });
+        let capacity = conn.handshake(&mut sock, true)?;
+        conn.capacity.store(capacity, Ordering::SeqCst);
+        *conn.sock.lock().map_err(|e| e.to_string())? = Some(sock);
+        let weak = Arc::downgrade(&conn);
+        std::thread::spawn(move || monitor(weak));
+        Ok(conn)
+    }
+
+    /// Sets the back-end up for our memory and queues (again after a reconnect: the same
+    /// memory, eventfds and inflight buffer; the rings resume at their used index).
+    fn handshake(&self, s: &mut UnixStream, first: bool) -> Result<u64, String> {
+        if !first {
+            get_u64(s, req::GET_FEATURES)?;
+            if self.features & F_PROTOCOL_FEATURES != 0 {
+                get_u64(s, req::GET_PROTOCOL_FEATURES)?;
+            }
+        }
+        let pf = self.protocol_features;
+        if self.features & F_PROTOCOL_FEATURES != 0 {
+            send(s, req::SET_PROTOCOL_FEATURES, &pf.to_le_bytes(), &[])?;
+        }
+        let queues = self.layouts.len();
+        if pf & PF_MQ != 0 {
+            let max = get_u64(s, req::GET_QUEUE_NUM)? as usize;
+            if queues > max {
+                return Err(format!(
+                    "{queues} jobs need as many queues; the backend has {max}"
+                ));
+            }
+        } else if queues > 1 {
+            return Err("the backend has one queue: use one job".into());
+        }
+        let mut capacity = 0;
+        if pf & PF_CONFIG != 0 {
+            let mut p = Vec::new();
+            p.extend_from_slice(&0u32.to_le_bytes());
+            p.extend_from_slice(&60u32.to_le_bytes());
+            p.extend_from_slice(&0u32.to_le_bytes());
+            p.extend_from_slice(&[0u8; 60]);
+            send(s, req::GET_CONFIG, &p, &[])?;
+            let r = recv(s, req::GET_CONFIG)?;
+            let cfg = r.get(12..).ok_or("short config")?;
+            capacity =
+                u64::from_le_bytes(cfg.get(..8).ok_or("short config")?.try_into().expect("8"))
+                    * 512;
+        }
+        send(s, req::SET_OWNER, &[], &[])?;
+        send(s, req::SET_FEATURES, &self.features.to_le_bytes(), &[])?;
+        if pf & PF_INFLIGHT != 0 {
+            let mut infl = self.inflight.lock().map_err(|e| e.to_string())?;
+            if infl.is_none() {
+                let num = self.layouts[0].num;
+                let mut q = 0u64.to_le_bytes().to_vec();
+                q.extend_from_slice(&0u64.to_le_bytes());
+                q.extend_from_slice(&(queues as u16).to_le_bytes());
+                q.extend_from_slice(&num.to_le_bytes());
+                send(s, GET_INFLIGHT_FD, &q, &[])?;
+                let (payload, fd) = recv_fd(s, GET_INFLIGHT_FD)?;
+                *infl = Some((fd, payload));
+            }
+            let (fd, payload) = infl.as_ref().expect("set above");
+            send(s, SET_INFLIGHT_FD, payload, &[fd.as_raw_fd()])?;
+        }
+        let base = self.mem.base;
         let mut p = Vec::new();
         p.extend_from_slice(&1u32.to_le_bytes()); // regions
         p.extend_from_slice(&0u32.to_le_bytes()); // padding
         p.extend_from_slice(&0u64.to_le_bytes()); // guest physical address
-        p.extend_from_slice(&(len as u64).to_le_bytes());
+        p.extend_from_slice(&(self.mem.len as u64).to_le_bytes());
         p.extend_from_slice(&(base as u64).to_le_bytes()); // our ("user") address
         p.extend_from_slice(&0u64.to_le_bytes()); // mmap offset
-        send(s, req::SET_MEM_TABLE, &p, &[fd.as_raw_fd()])?;
-        let mem = Memory { base, len, _fd: fd };
-        let (mut kicks, mut calls) = (Vec::new(), Vec::new());
-        for (i, l) in layouts.iter().enumerate() {
+        send(s, req::SET_MEM_TABLE, &p, &[self.mem_fd.as_raw_fd()])?;
+        for (i, l) in self.layouts.iter().enumerate() {
+            // Resume where the used ring is (what QEMU does): the back-end replays what its
+            // predecessor had in flight from the inflight buffer.
+            // SAFETY: the used index of this queue, inside the mapping.
+            let used = unsafe { std::ptr::read_volatile(base.add(l.used + 2).cast::<u16>()) };
             let i = i as u32;
             send(s, req::SET_VRING_NUM, &state(i, u32::from(l.num)), &[])?;
-            send(s, req::SET_VRING_BASE, &state(i, 0), &[])?;
+            send(s, req::SET_VRING_BASE, &state(i, u32::from(used)), &[])?;
             let mut a = Vec::new();
             a.extend_from_slice(&i.to_le_bytes());
             a.extend_from_slice(&0u32.to_le_bytes());
@@ -322,35 +436,71 @@ impl Conn {
             }
             a.extend_from_slice(&0u64.to_le_bytes());
             send(s, req::SET_VRING_ADDR, &a, &[])?;
-            let call = eventfd()?;
-            send(
-                s,
-                req::SET_VRING_CALL,
-                &u64::from(i).to_le_bytes(),
-                &[call.as_raw_fd()],
-            )?;
-            let kick = eventfd()?;
-            send(
-                s,
-                req::SET_VRING_KICK,
-                &u64::from(i).to_le_bytes(),
-                &[kick.as_raw_fd()],
-            )?;
-            if features & F_PROTOCOL_FEATURES != 0 {
+            let call = self.calls[i as usize].as_raw_fd();
+            send(s, req::SET_VRING_CALL, &u64::from(i).to_le_bytes(), &[call])?;
+            let kick = self.kicks[i as usize].as_raw_fd();
+            send(s, req::SET_VRING_KICK, &u64::from(i).to_le_bytes(), &[kick])?;
+            if self.features & F_PROTOCOL_FEATURES != 0 {
                 send(s, req::SET_VRING_ENABLE, &state(i, 1), &[])?;
             }
-            kicks.push(kick);
-            calls.push(call);
+            if !first {
+                // Whatever was added while the back-end was away.
+                let one = 1u64.to_le_bytes();
+                // SAFETY: writing 8 bytes to our kick eventfd.
+                unsafe { libc::write(kick, one.as_ptr().cast(), 8) };
+            }
         }
-        Ok(Conn {
-            _sock: sock,
-            mem,
-            capacity,
-            features,
-            layouts,
-            kicks,
-            calls,
-        })
+        Ok(capacity)
+    }
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        self.closing.store(true, Ordering::SeqCst);
+        if let Ok(Some(s)) = self.sock.lock().map(|mut g| g.take()) {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
+/// Watches the control socket; when the back-end goes away (a crash, an upgrade), reconnects
+/// to the same path and sets it up again, as QEMU's `reconnect` does.
+fn monitor(conn: std::sync::Weak<Conn>) {
+    loop {
+        let Some(c) = conn.upgrade() else { return };
+        let reader = match c
+            .sock
+            .lock()
+            .ok()
+            .and_then(|g| g.as_ref().and_then(|s| s.try_clone().ok()))
+        {
+            Some(r) => r,
+            None => return,
+        };
+        drop(c);
+        let mut b = [0u8; 1];
+        // Blocks until EOF or error (the back-end sends nothing unasked).
+        let _ = (&reader).read(&mut b);
+        loop {
+            let Some(c) = conn.upgrade() else { return };
+            if c.closing.load(Ordering::SeqCst) {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            let Ok(mut s) = UnixStream::connect(&c.path) else {
+                continue;
+            };
+            match c.handshake(&mut s, false) {
+                Ok(_) => {
+                    c.reconnects.fetch_add(1, Ordering::SeqCst);
+                    if let Ok(mut g) = c.sock.lock() {
+                        *g = Some(s);
+                    }
+                    break;
+                }
+                Err(_) => continue,
+            }
+        }
     }
 }
 
@@ -403,12 +553,7 @@ impl Driver for VhostUserDriver {
             match c.as_ref() {
                 Some(c) => c.clone(),
                 None => {
-                    let n = Arc::new(Conn::connect(
-                        &self.socket,
-                        self.queues,
-                        self.qd,
-                        self.block,
-                    )?);
+                    let n = Conn::connect(&self.socket, self.queues, self.qd, self.block)?;
                     *c = Some(n.clone());
                     n
                 }
@@ -450,7 +595,7 @@ impl Queue {
 
 impl Engine for Queue {
     fn size(&self) -> u64 {
-        self.conn.capacity
+        self.conn.capacity.load(Ordering::SeqCst)
     }
 
     fn submit(&mut self, tag: usize, op: Op, data: &[u8]) -> Result<(), String> {
