@@ -2,8 +2,8 @@
 """Ours against the peers through identical drivers, in one run: `curve bench` jobs against
   NBD:        our nebd-server `mem:` export, nbdkit's memory plugin, qemu-storage-daemon's NBD
               export of a /dev/shm file                                   (driver nbd)
-  vhost-user: qemu-storage-daemon's vhost-user-blk export of the same file (driver vhost-user;
-              ours joins when the vhost-user-blk frontend lands)
+  vhost-user: our nebd-server vhost-user-blk export of a `mem:` volume, and
+              qemu-storage-daemon's vhost-user-blk export of the file  (driver vhost-user)
 Every job runs against every target REPEAT times, the order of targets rotated each time; the
 table holds medians and our/best-peer ratios per protocol.
 
@@ -47,6 +47,9 @@ def main():
         ours = subprocess.run([curve, "--run-dir", run, "export", "add", "--volume", "mem:1G", "--nbd",
                                "unix:" + os.path.join(d, "ours.sock"), "--name", "v"],
                               check=True, capture_output=True, text=True).stdout.strip()
+        ours_vu = os.path.join(d, "ours-vu.sock")
+        subprocess.run([curve, "--run-dir", run, "export", "add", "--volume", "mem:1G", "--vhost-user-blk",
+                        ours_vu, "--name", "vu"], check=True, capture_output=True)
         kit = os.path.join(d, "nbdkit.sock")
         procs.append(subprocess.Popen(["nbdkit", "-f", "-U", kit, "--exportname", "v", "memory", "1G"],
                                       stderr=subprocess.DEVNULL))
@@ -65,6 +68,7 @@ def main():
         targets = [("ours (nebd-server NBD)", "nbd", ours, True),
                    ("nbdkit memory (NBD)", "nbd", f"nbd+unix:///v?socket={kit}", False),
                    ("qemu-storage-daemon (NBD)", "nbd", f"nbd+unix:///v?socket={qnbd}", False),
+                   ("ours (nebd-server vhost-user-blk)", "vhost-user", ours_vu, True),
                    ("qemu-storage-daemon (vhost-user-blk)", "vhost-user", qvu, False)]
         results = {}
         for name, w, bs, qd in JOBS:
@@ -76,8 +80,8 @@ def main():
                                           "--format", "json"], check=True, capture_output=True, text=True).stdout
                     j = json.loads(out)
                     results.setdefault((name, tname), []).append((j["iops"], j["lat_mean_us"]))
-        lines = ["| job | " + " | ".join(t[0] for t in targets) + " | ours / best NBD peer |",
-                 "|---|" + "---:|" * len(targets) + "---:|"]
+        lines = ["| job | " + " | ".join(t[0] for t in targets) + " | NBD: ours / best peer | vhost-user: ours / qsd |",
+                 "|---|" + "---:|" * len(targets) + "---:|---:|"]
         for name, *_ in JOBS:
             cells, med = [], {}
             for tname, driver, _, _ in targets:
@@ -86,7 +90,8 @@ def main():
                 med[tname] = iops
                 cells.append(f"{iops:,.0f} ({lat:.0f} µs)")
             best = max(med[t[0]] for t in targets if t[1] == "nbd" and not t[3])
-            lines.append(f"| {name} | " + " | ".join(cells) + f" | {med[targets[0][0]] / best:.2f} |")
+            vu = med["ours (nebd-server vhost-user-blk)"] / med["qemu-storage-daemon (vhost-user-blk)"]
+            lines.append(f"| {name} | " + " | ".join(cells) + f" | {med[targets[0][0]] / best:.2f} | {vu:.2f} |")
         table = "\n".join(lines)
         print(table)
         if a.write_md:

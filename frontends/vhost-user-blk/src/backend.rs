@@ -473,6 +473,7 @@ impl QueueWorker {
         let waker = std::task::Waker::from(self.notifier.clone());
         let mut cx = Context::from_waker(&waker);
         let mut inflight: FuturesUnordered<Exec> = FuturesUnordered::new();
+        let mut poller = curve_blockdev::exec::Poller::default();
         // A restarted back-end: what the previous one took and did not complete runs first,
         // in the order it was taken; the ring resumes after it.
         if let Some(t) = self.tracker.as_mut() {
@@ -521,6 +522,15 @@ impl QueueWorker {
             }
             if stopping && inflight.is_empty() {
                 return self.vring.last_avail;
+            }
+            // After traffic, look again before sleeping (the QD1 latency win); the poller
+            // stops when it finds the CPU shared with the work it waits for.
+            if used {
+                poller.progressed();
+                continue;
+            }
+            if !stopping && poller.keep_polling() {
+                continue;
             }
             let mut fds = [
                 libc::pollfd {
