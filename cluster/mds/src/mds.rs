@@ -289,6 +289,24 @@ fn clean(mds: &Arc<Mds>, freed: Vec<crate::namespace::SegmentRecord>) {
     tokio::spawn(crate::daemon::delete_chunks(work));
 }
 
+impl Services {
+    /// A namespace change answered with the file it leaves, once durable.
+    async fn file_change<F>(&self, change: F) -> Result<Response<FileResponse>, Status>
+    where
+        F: FnOnce(&mut Namespace) -> Result<(FileRecord, Vec<Op>), NsError> + Send,
+    {
+        leader_or!(self, FileResponse, mds => async move {
+            let out = mds
+                .update(|st| {
+                    let (f, ops) = change(&mut st.ns)?;
+                    Ok((info(&st.ns, &f), ops))
+                })
+                .await?;
+            Ok(file_reply(out))
+        })
+    }
+}
+
 #[tonic::async_trait]
 impl MdsService for Services {
     async fn create_file(
@@ -296,20 +314,22 @@ impl MdsService for Services {
         r: Request<CreateFileRequest>,
     ) -> Result<Response<FileResponse>, Status> {
         let r = r.into_inner();
-        leader_or!(self, FileResponse, mds => async move {
-            let kind = match FileType::try_from(r.r#type) {
-                Ok(FileType::Directory) => Kind::Directory,
-                Ok(FileType::Volume) => Kind::Volume,
-                Err(_) => return Ok(reply!(FileResponse, MdsStatus::Invalid, String::new(), "unknown file type".into())),
-            };
-            let out = mds
-                .update(|st| {
-                    let (f, ops) = st.ns.create(&r.path, kind, r.length, r.block_size, &r.owner, now_ms())?;
-                    Ok((info(&st.ns, &f), ops))
-                })
-                .await?;
-            Ok(file_reply(out))
+        let kind = match FileType::try_from(r.r#type) {
+            Ok(FileType::Directory) => Kind::Directory,
+            Ok(FileType::Volume) => Kind::Volume,
+            Err(_) => {
+                return Ok(Response::new(reply!(
+                    FileResponse,
+                    MdsStatus::Invalid,
+                    String::new(),
+                    "unknown file type".into()
+                )));
+            }
+        };
+        self.file_change(move |ns| {
+            ns.create(&r.path, kind, r.length, r.block_size, &r.owner, now_ms())
         })
+        .await
     }
 
     async fn stat_file(&self, r: Request<PathRequest>) -> Result<Response<FileResponse>, Status> {
@@ -340,15 +360,8 @@ impl MdsService for Services {
         r: Request<ExtendFileRequest>,
     ) -> Result<Response<FileResponse>, Status> {
         let r = r.into_inner();
-        leader_or!(self, FileResponse, mds => async move {
-            let out = mds
-                .update(|st| {
-                    let (f, ops) = st.ns.extend(&r.path, r.new_length, &r.owner)?;
-                    Ok((info(&st.ns, &f), ops))
-                })
-                .await?;
-            Ok(file_reply(out))
-        })
+        self.file_change(move |ns| ns.extend(&r.path, r.new_length, &r.owner))
+            .await
     }
 
     async fn rename_file(
@@ -356,15 +369,8 @@ impl MdsService for Services {
         r: Request<RenameFileRequest>,
     ) -> Result<Response<FileResponse>, Status> {
         let r = r.into_inner();
-        leader_or!(self, FileResponse, mds => async move {
-            let out = mds
-                .update(|st| {
-                    let (f, ops) = st.ns.rename(&r.from, &r.to, &r.owner)?;
-                    Ok((info(&st.ns, &f), ops))
-                })
-                .await?;
-            Ok(file_reply(out))
-        })
+        self.file_change(move |ns| ns.rename(&r.from, &r.to, &r.owner))
+            .await
     }
 
     async fn delete_file(
@@ -404,15 +410,8 @@ impl MdsService for Services {
         r: Request<RecycleRequest>,
     ) -> Result<Response<FileResponse>, Status> {
         let r = r.into_inner();
-        leader_or!(self, FileResponse, mds => async move {
-            let out = mds
-                .update(|st| {
-                    let (f, ops) = st.ns.recover(&r.path, &r.owner)?;
-                    Ok((info(&st.ns, &f), ops))
-                })
-                .await?;
-            Ok(file_reply(out))
-        })
+        self.file_change(move |ns| ns.recover(&r.path, &r.owner))
+            .await
     }
 
     async fn purge_file(
@@ -570,25 +569,18 @@ impl MdsService for Services {
 
     async fn set_qos(&self, r: Request<SetQosRequest>) -> Result<Response<FileResponse>, Status> {
         let r = r.into_inner();
-        leader_or!(self, FileResponse, mds => async move {
-            let q = r.qos.unwrap_or_default();
-            let qos = crate::namespace::QosRecord {
-                iops_total: q.iops_total,
-                iops_read: q.iops_read,
-                iops_write: q.iops_write,
-                bps_total: q.bps_total,
-                bps_read: q.bps_read,
-                bps_write: q.bps_write,
-                burst_ms: q.burst_ms,
-            };
-            let out = mds
-                .update(|st| {
-                    let (f, ops) = st.ns.set_qos(&r.path, qos, &r.owner)?;
-                    Ok((info(&st.ns, &f), ops))
-                })
-                .await?;
-            Ok(file_reply(out))
-        })
+        let q = r.qos.unwrap_or_default();
+        let qos = crate::namespace::QosRecord {
+            iops_total: q.iops_total,
+            iops_read: q.iops_read,
+            iops_write: q.iops_write,
+            bps_total: q.bps_total,
+            bps_read: q.bps_read,
+            bps_write: q.bps_write,
+            burst_ms: q.burst_ms,
+        };
+        self.file_change(move |ns| ns.set_qos(&r.path, qos, &r.owner))
+            .await
     }
 
     async fn get_copysets(
