@@ -9,6 +9,19 @@ use curve_proto::mds::*;
 use tokio::sync::Mutex;
 use tonic::transport::Channel;
 
+/// Calls `$method` with `$req` through [`MdsClient::call`] (leader following, failover).
+macro_rules! rpc {
+    ($self:ident, $method:ident, $req:expr) => {{
+        let req = $req;
+        $self
+            .call(|mut c| {
+                let req = req.clone();
+                async move { c.$method(req).await }
+            })
+            .await
+    }};
+}
+
 /// Why an MDS call failed.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum MdsError {
@@ -186,13 +199,7 @@ impl MdsClient {
             block_size,
             owner: owner.into(),
         };
-        let r = self
-            .call(|mut c| {
-                let req = req.clone();
-                async move { c.create_file(req).await }
-            })
-            .await?;
-        Ok(r.info.unwrap_or_default())
+        Ok(rpc!(self, create_file, req)?.info.unwrap_or_default())
     }
 
     /// Stats a path.
@@ -201,13 +208,7 @@ impl MdsClient {
             path: path.into(),
             owner: String::new(),
         };
-        let r = self
-            .call(|mut c| {
-                let req = req.clone();
-                async move { c.stat_file(req).await }
-            })
-            .await?;
-        Ok(r.info.unwrap_or_default())
+        Ok(rpc!(self, stat_file, req)?.info.unwrap_or_default())
     }
 
     /// Lists a directory.
@@ -216,13 +217,56 @@ impl MdsClient {
             path: path.into(),
             owner: String::new(),
         };
-        let r = self
-            .call(|mut c| {
-                let req = req.clone();
-                async move { c.list_dir(req).await }
-            })
-            .await?;
-        Ok(r.files)
+        Ok(rpc!(self, list_dir, req)?.files)
+    }
+
+    /// Grows a volume.
+    pub async fn extend(&self, path: &str, length: u64, owner: &str) -> Result<FileInfo, MdsError> {
+        let req = ExtendFileRequest {
+            path: path.into(),
+            new_length: length,
+            owner: owner.into(),
+        };
+        Ok(rpc!(self, extend_file, req)?.info.unwrap_or_default())
+    }
+
+    /// Renames or moves.
+    pub async fn rename(&self, from: &str, to: &str, owner: &str) -> Result<FileInfo, MdsError> {
+        let req = RenameFileRequest {
+            from: from.into(),
+            to: to.into(),
+            owner: owner.into(),
+        };
+        Ok(rpc!(self, rename_file, req)?.info.unwrap_or_default())
+    }
+
+    /// Moves to the recycle bin (`force`: purges at once).
+    pub async fn delete(&self, path: &str, owner: &str, force: bool) -> Result<FileInfo, MdsError> {
+        let req = DeleteFileRequest {
+            path: path.into(),
+            owner: owner.into(),
+            force,
+        };
+        Ok(rpc!(self, delete_file, req)?.info.unwrap_or_default())
+    }
+
+    /// Brings a file back from the recycle bin.
+    pub async fn recover(&self, path: &str, owner: &str) -> Result<FileInfo, MdsError> {
+        let req = RecycleRequest {
+            path: path.into(),
+            owner: owner.into(),
+        };
+        Ok(rpc!(self, recover_file, req)?.info.unwrap_or_default())
+    }
+
+    /// Sets a volume's QoS limits.
+    pub async fn set_qos(&self, path: &str, owner: &str, qos: Qos) -> Result<FileInfo, MdsError> {
+        let req = SetQosRequest {
+            path: path.into(),
+            owner: owner.into(),
+            qos: Some(qos),
+        };
+        Ok(rpc!(self, set_qos, req)?.info.unwrap_or_default())
     }
 
     /// Opens a volume (exclusive): its info and the session.
@@ -237,12 +281,7 @@ impl MdsClient {
             owner: owner.into(),
             client: client.into(),
         };
-        let r = self
-            .call(|mut c| {
-                let req = req.clone();
-                async move { c.open_file(req).await }
-            })
-            .await?;
+        let r = rpc!(self, open_file, req)?;
         Ok((r.info.unwrap_or_default(), r.session.unwrap_or_default()))
     }
 
@@ -252,11 +291,7 @@ impl MdsClient {
             path: path.into(),
             session_id: session.into(),
         };
-        self.call(|mut c| {
-            let req = req.clone();
-            async move { c.refresh_session(req).await }
-        })
-        .await
+        rpc!(self, refresh_session, req)
     }
 
     /// Closes a session.
@@ -265,12 +300,7 @@ impl MdsClient {
             path: path.into(),
             session_id: session.into(),
         };
-        self.call(|mut c| {
-            let req = req.clone();
-            async move { c.close_file(req).await }
-        })
-        .await
-        .map(|_| ())
+        rpc!(self, close_file, req).map(|_| ())
     }
 
     /// The segment containing `offset` (allocated when `allocate`); `Ok(None)` when it is not
@@ -288,13 +318,7 @@ impl MdsClient {
             allocate,
             owner: owner.into(),
         };
-        match self
-            .call(|mut c| {
-                let req = req.clone();
-                async move { c.get_or_allocate_segment(req).await }
-            })
-            .await
-        {
+        match rpc!(self, get_or_allocate_segment, req) {
             Ok(r) => Ok(r.segment),
             Err(e) if !allocate && e.status() == Some(MdsStatus::NotFound) => Ok(None),
             Err(e) => Err(e),
@@ -307,13 +331,7 @@ impl MdsClient {
             logical_pool_id: pool,
             copyset_ids: ids.to_vec(),
         };
-        let r = self
-            .call(|mut c| {
-                let req = req.clone();
-                async move { c.get_copysets(req).await }
-            })
-            .await?;
-        Ok(r.copysets)
+        Ok(rpc!(self, get_copysets, req)?.copysets)
     }
 
     /// Chunkservers, copysets and operators in flight.

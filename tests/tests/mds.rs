@@ -89,22 +89,14 @@ async fn namespace_scenario(mds: &mut Mds) {
             "case {i}: {got:?}"
         );
     }
-    let extend = |len| {
-        let c = &c;
-        async move {
-            c.call(|mut m| async move {
-                m.extend_file(curve_proto::mds::ExtendFileRequest {
-                    path: "/vms/disk0".into(),
-                    new_length: len,
-                    owner: "alice".into(),
-                })
-                .await
-            })
-            .await
-        }
-    };
-    assert_eq!(status(extend(5 * G).await), Some(MdsStatus::ShrinkRefused));
-    assert_eq!(status(extend(20 * G).await), Some(MdsStatus::Ok));
+    assert_eq!(
+        status(c.extend("/vms/disk0", 5 * G, "alice").await),
+        Some(MdsStatus::ShrinkRefused)
+    );
+    assert_eq!(
+        status(c.extend("/vms/disk0", 20 * G, "alice").await),
+        Some(MdsStatus::Ok)
+    );
     // Exclusive open, lease refresh, close.
     let (info, s) = c.open("/vms/disk0", "alice", "host-a").await.unwrap();
     assert_eq!(info.length, 20 * G);
@@ -119,22 +111,8 @@ async fn namespace_scenario(mds: &mut Mds) {
         Some(MdsStatus::SessionExpired)
     );
     // Deleting an open volume is refused.
-    let del = |path: &'static str, force| {
-        let c = &c;
-        async move {
-            c.call(|mut m| async move {
-                m.delete_file(curve_proto::mds::DeleteFileRequest {
-                    path: path.into(),
-                    owner: "alice".into(),
-                    force,
-                })
-                .await
-            })
-            .await
-        }
-    };
     assert_eq!(
-        status(del("/vms/disk0", false).await),
+        status(c.delete("/vms/disk0", "alice", false).await),
         Some(MdsStatus::Occupied)
     );
     c.close("/vms/disk0", &s.session_id).await.unwrap();
@@ -154,40 +132,20 @@ async fn namespace_scenario(mds: &mut Mds) {
         Some(MdsStatus::Invalid)
     );
     // Delete to the recycle bin, recover, delete again; a directory that is not empty stays.
-    assert_eq!(status(del("/vms", false).await), Some(MdsStatus::NotEmpty));
-    let gone = c.call(|mut m| async move {
-        m.delete_file(curve_proto::mds::DeleteFileRequest {
-            path: "/vms/disk512".into(),
-            owner: "alice".into(),
-            force: false,
-        })
-        .await
-    });
-    let gone = gone.await.unwrap().info.unwrap();
+    assert_eq!(
+        status(c.delete("/vms", "alice", false).await),
+        Some(MdsStatus::NotEmpty)
+    );
+    let gone = c.delete("/vms/disk512", "alice", false).await.unwrap();
     assert_eq!(gone.status, FileStatus::Deleted as i32);
     let bin = c.list("/RecycleBin").await.unwrap();
     assert_eq!(bin.len(), 1);
     assert_eq!(bin[0].path, "/vms/disk512");
-    let recovered = c.call(|mut m| async move {
-        m.recover_file(curve_proto::mds::RecycleRequest {
-            path: "/vms/disk512".into(),
-            owner: "alice".into(),
-        })
-        .await
-    });
-    assert_eq!(recovered.await.unwrap().info.unwrap().path, "/vms/disk512");
+    let recovered = c.recover("/vms/disk512", "alice").await.unwrap();
+    assert_eq!(recovered.path, "/vms/disk512");
     assert_eq!(c.stat("/vms/disk512").await.unwrap().block_size, 512);
     // Rename.
-    c.call(|mut m| async move {
-        m.rename_file(curve_proto::mds::RenameFileRequest {
-            from: "/vms/disk512".into(),
-            to: "/small".into(),
-            owner: "alice".into(),
-        })
-        .await
-    })
-    .await
-    .unwrap();
+    c.rename("/vms/disk512", "/small", "alice").await.unwrap();
     let names: Vec<String> = c
         .list("/")
         .await

@@ -3,10 +3,7 @@
 use std::time::Duration;
 
 use curve_client::{MdsClient, MdsError};
-use curve_proto::mds::{
-    DeleteFileRequest, ExtendFileRequest, FileInfo, FileStatus, FileType, OnlineState, Qos,
-    RecycleRequest, RenameFileRequest, SetQosRequest,
-};
+use curve_proto::mds::{FileInfo, FileStatus, FileType, OnlineState, Qos};
 use serde_json::{Value, json};
 
 /// The cluster in numbers: MDS leader, chunkservers, copysets healthy or degraded.
@@ -141,7 +138,6 @@ pub async fn volume(
     op: VolumeOp,
     json_out: bool,
 ) -> Result<(), MdsError> {
-    let o = owner.to_string();
     let files: Vec<FileInfo> = match op {
         VolumeOp::Create {
             path,
@@ -156,78 +152,11 @@ pub async fn volume(
         VolumeOp::Mkdir(path) => vec![c.create(&path, FileType::Directory, 0, 0, owner).await?],
         VolumeOp::List(path) => c.list(&path).await?,
         VolumeOp::Info(path) => vec![c.stat(&path).await?],
-        VolumeOp::Extend(path, size) => {
-            let req = ExtendFileRequest {
-                path,
-                new_length: size,
-                owner: o,
-            };
-            vec![
-                c.call(|mut m| {
-                    let req = req.clone();
-                    async move { m.extend_file(req).await }
-                })
-                .await?
-                .info
-                .unwrap_or_default(),
-            ]
-        }
-        VolumeOp::Rename(from, to) => {
-            let req = RenameFileRequest { from, to, owner: o };
-            vec![
-                c.call(|mut m| {
-                    let req = req.clone();
-                    async move { m.rename_file(req).await }
-                })
-                .await?
-                .info
-                .unwrap_or_default(),
-            ]
-        }
-        VolumeOp::Delete(path, force) => {
-            let req = DeleteFileRequest {
-                path,
-                owner: o,
-                force,
-            };
-            vec![
-                c.call(|mut m| {
-                    let req = req.clone();
-                    async move { m.delete_file(req).await }
-                })
-                .await?
-                .info
-                .unwrap_or_default(),
-            ]
-        }
-        VolumeOp::Recover(path) => {
-            let req = RecycleRequest { path, owner: o };
-            vec![
-                c.call(|mut m| {
-                    let req = req.clone();
-                    async move { m.recover_file(req).await }
-                })
-                .await?
-                .info
-                .unwrap_or_default(),
-            ]
-        }
-        VolumeOp::Qos(path, qos) => {
-            let req = SetQosRequest {
-                path,
-                owner: o,
-                qos: Some(qos),
-            };
-            vec![
-                c.call(|mut m| {
-                    let req = req.clone();
-                    async move { m.set_qos(req).await }
-                })
-                .await?
-                .info
-                .unwrap_or_default(),
-            ]
-        }
+        VolumeOp::Extend(path, size) => vec![c.extend(&path, size, owner).await?],
+        VolumeOp::Rename(from, to) => vec![c.rename(&from, &to, owner).await?],
+        VolumeOp::Delete(path, force) => vec![c.delete(&path, owner, force).await?],
+        VolumeOp::Recover(path) => vec![c.recover(&path, owner).await?],
+        VolumeOp::Qos(path, qos) => vec![c.set_qos(&path, owner, qos).await?],
     };
     if json_out {
         let v: Vec<Value> = files.iter().map(file_json).collect();
