@@ -150,6 +150,33 @@ fn verify_through_the_client_driver_on_a_cluster_volume() {
         "200",
     ]);
     clean(&v, 800);
+    // The same cluster through part1 -> part2 (the nebd driver opens curve:/b2 there).
+    let out = Command::new(bin("curve"))
+        .args(["--mds", &mds, "volume", "create", "/b2", "--size", "1G"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let p = Part2::start_with(&["--mds", &mds]);
+    let sock = p.part1_socket();
+    let v = bench(&[
+        "--driver",
+        "nebd",
+        "--target",
+        sock.to_str().unwrap(),
+        "--volume",
+        "curve:/b2",
+        "-w",
+        "verify",
+        "-q",
+        "8",
+        "--io-count",
+        "200",
+    ]);
+    clean(&v, 400);
 }
 
 #[test]
