@@ -211,10 +211,25 @@ impl Connection {
                 }
                 Err(e) => return Err(e),
             };
-            let need_ack =
-                msg.flags & protocol::NEED_REPLY != 0 && self.protocol_features & PF_REPLY_ACK != 0;
             let request = msg.request;
+            // Requests that answer anyway are not acknowledged as well; on failure they still
+            // get an (empty) answer so that the front-end never waits forever.
+            let answers = matches!(
+                request,
+                req::GET_FEATURES
+                    | req::GET_PROTOCOL_FEATURES
+                    | req::GET_QUEUE_NUM
+                    | req::GET_VRING_BASE
+                    | req::GET_CONFIG
+                    | req::GET_INFLIGHT_FD
+            );
+            let need_ack = !answers
+                && msg.flags & protocol::NEED_REPLY != 0
+                && self.protocol_features & PF_REPLY_ACK != 0;
             let r = self.handle(sock, msg);
+            if answers && matches!(r, Err(ProtoError::Bad(_))) {
+                protocol::reply(sock, request, &[], &[])?;
+            }
             if need_ack {
                 let code: u64 = if r.is_ok() { 0 } else { 1 };
                 protocol::reply(sock, request, &code.to_le_bytes(), &[])?;
@@ -271,8 +286,21 @@ impl Connection {
             req::SET_MEM_TABLE => {
                 let regions = protocol::parse_mem_table(p)?;
                 let mem = GuestMemory::map(&regions, &msg.fds)?;
-                // Queues keep the old table until restarted; new ones take this one.
+                // Running queues move to the new table: stopped (in-flight requests finish),
+                // then started again on it.
+                let running: Vec<u32> = self
+                    .queues
+                    .iter()
+                    .filter(|(_, q)| q.worker.is_some())
+                    .map(|(i, _)| *i)
+                    .collect();
+                for i in &running {
+                    self.stop_queue(*i)?;
+                }
                 self.mem = Some(Arc::new(mem));
+                for i in running {
+                    self.maybe_start(i)?;
+                }
             }
             req::SET_LOG_BASE | req::SET_LOG_FD => {
                 return Err(ProtoError::Bad("dirty logging is not supported".into()));
@@ -298,22 +326,28 @@ impl Connection {
                 let nofd = v & 0x100 != 0;
                 let fd = if nofd { None } else { msg.fds.pop() };
                 let kind = msg.request;
+                // A running queue picks new descriptors up by restarting (QEMU swaps the call
+                // fd when the guest masks interrupts).
+                let was_running = self.stop_queue(i)?;
                 let q = self.queue(i)?;
                 match kind {
                     req::SET_VRING_KICK => q.kick = fd,
                     req::SET_VRING_CALL => q.call = fd.map(Arc::new),
                     _ => {}
                 }
-                if kind == req::SET_VRING_KICK {
+                if kind == req::SET_VRING_KICK && self.features & F_PROTOCOL_FEATURES == 0 {
                     // Without protocol features a ring starts when it gets its kick.
-                    if self.features & F_PROTOCOL_FEATURES == 0 {
-                        self.queue(i)?.enabled = true;
-                    }
+                    self.queue(i)?.enabled = true;
+                }
+                if kind == req::SET_VRING_KICK || was_running {
                     self.maybe_start(i)?;
                 }
             }
             req::SET_VRING_ENABLE => {
                 let (i, on) = protocol::parse_state(p)?;
+                if on != 1 {
+                    self.stop_queue(i)?;
+                }
                 self.queue(i)?.enabled = on == 1;
                 if on == 1 {
                     self.maybe_start(i)?;
@@ -321,12 +355,8 @@ impl Connection {
             }
             req::GET_VRING_BASE => {
                 let (i, _) = protocol::parse_state(p)?;
+                self.stop_queue(i)?;
                 let q = self.queue(i)?;
-                if let Some(w) = q.worker.take() {
-                    w.stop.store(true, Ordering::SeqCst);
-                    w.notifier.notify();
-                    q.base = w.thread.join().unwrap_or(q.base);
-                }
                 q.kick = None;
                 q.enabled = false;
                 let base = q.base;
@@ -368,6 +398,21 @@ impl Connection {
             other => return Err(ProtoError::Bad(format!("request {other} is not supported"))),
         }
         Ok(())
+    }
+
+    /// Stops a queue's worker (its in-flight requests finish first); returns whether it ran.
+    fn stop_queue(&mut self, i: u32) -> Result<bool, ProtoError> {
+        let q = self.queue(i)?;
+        let Some(w) = q.worker.take() else {
+            return Ok(false);
+        };
+        w.stop.store(true, Ordering::SeqCst);
+        w.notifier.notify();
+        match w.thread.join() {
+            Ok(base) => q.base = base,
+            Err(_) => return Err(ProtoError::Bad(format!("queue {i}: its worker panicked"))),
+        }
+        Ok(true)
     }
 
     fn maybe_start(&mut self, i: u32) -> Result<(), ProtoError> {
@@ -489,7 +534,15 @@ impl QueueWorker {
                 }
             }
         }
+        // A (re)started queue interrupts once: completions its predecessor published without
+        // signalling them are seen.
+        let one = 1u64.to_le_bytes();
+        // SAFETY: signalling the call eventfd we hold.
+        unsafe { libc::write(self.call.as_raw_fd(), one.as_ptr().cast(), 8) };
         loop {
+            // Reset before looking at the stop flag and the futures, so that a wake that comes
+            // after the reset is never lost.
+            self.notifier.reset();
             let stopping = self.stop.load(Ordering::SeqCst);
             let mut used = false;
             if !stopping {
@@ -508,7 +561,6 @@ impl QueueWorker {
                     }
                 }
             }
-            self.notifier.reset();
             while let Poll::Ready(Some((head, r, status, written))) =
                 inflight.poll_next_unpin(&mut cx)
             {

@@ -225,12 +225,12 @@ impl QueueInflight {
 
     /// After publishing `head` in the used ring (whose index is now `used_idx`).
     pub fn completed(&mut self, head: u16, used_idx: u16) {
-        if head >= self.num {
-            return;
-        }
-        // SAFETY: descriptor state of head < num, then the header's used_idx.
+        // SAFETY: descriptor state of head < num (an invalid head has none), then the
+        // header's used_idx, always.
         unsafe {
-            std::ptr::write_volatile(self.desc(head), 0);
+            if head < self.num {
+                std::ptr::write_volatile(self.desc(head), 0);
+            }
             fence(Ordering::Release);
             std::ptr::write_volatile(self.region.add(14).cast::<u16>(), used_idx);
         }

@@ -167,12 +167,13 @@ pub fn parse_inflight(p: &[u8]) -> Result<(u64, u64, u16, u16), ProtoError> {
     ))
 }
 
-/// Encodes `VhostUserInflight`.
+/// Encodes `VhostUserInflight` (24 bytes: the C struct is padded, and QEMU checks the size).
 pub fn encode_inflight(size: u64, offset: u64, queues: u16, queue_size: u16) -> Vec<u8> {
     let mut v = size.to_le_bytes().to_vec();
     v.extend_from_slice(&offset.to_le_bytes());
     v.extend_from_slice(&queues.to_le_bytes());
     v.extend_from_slice(&queue_size.to_le_bytes());
+    v.extend_from_slice(&[0u8; 4]);
     v
 }
 
@@ -327,6 +328,7 @@ mod tests {
         m[..4].copy_from_slice(&2u32.to_le_bytes());
         assert!(parse_mem_table(&m).is_err(), "truncated");
         let i = encode_inflight(4096, 0, 2, 128);
+        assert_eq!(i.len(), 24);
         assert_eq!(parse_inflight(&i).unwrap(), (4096, 0, 2, 128));
     }
 }

@@ -111,7 +111,7 @@ pub fn parse(
     let last = chain.last().copied();
     let status_addr = last
         .filter(|d| d.flags & F_WRITE != 0 && d.len >= 1)
-        .map(|d| d.addr + u64::from(d.len) - 1);
+        .and_then(|d| d.addr.checked_add(u64::from(d.len) - 1));
     let err = |status| Refused {
         status_addr,
         status,
@@ -181,7 +181,13 @@ pub fn parse(
             Kind::GetId
         }
         t::DISCARD | t::WRITE_ZEROES => {
-            if limits.read_only || !writable(false) || !bytes.is_multiple_of(16) || bytes == 0 {
+            // One range per request is what the config space offers; 4 KiB of ranges at most.
+            if limits.read_only
+                || !writable(false)
+                || !bytes.is_multiple_of(16)
+                || bytes == 0
+                || bytes > 4096
+            {
                 return Err(ioerr);
             }
             let mut raw = Vec::new();

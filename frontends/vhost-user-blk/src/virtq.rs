@@ -47,6 +47,13 @@ impl Vring {
         let d = mem.uaddr(desc, 16 * n)?;
         let a = mem.uaddr(avail, 6 + 2 * n)?;
         let u = mem.uaddr(used, 6 + 8 * n)?;
+        // The alignment virtio requires (and our volatile accesses need).
+        if !(d as usize).is_multiple_of(16)
+            || !(a as usize).is_multiple_of(2)
+            || !(u as usize).is_multiple_of(4)
+        {
+            return None;
+        }
         // SAFETY: the used index of this ring, inside memory (checked above).
         let used_idx = unsafe { std::ptr::read_volatile(u.add(2).cast::<u16>()) };
         Some(Vring {
@@ -71,7 +78,13 @@ impl Vring {
 
     /// The next available head, if the guest added one.
     pub fn pop(&mut self) -> Option<u16> {
-        if self.avail_idx() == self.last_avail {
+        let avail = self.avail_idx();
+        if avail == self.last_avail {
+            return None;
+        }
+        if avail.wrapping_sub(self.last_avail) > self.num {
+            // More entries than the ring holds: a broken ring; take nothing from it.
+            tracing::warn!(avail, last = self.last_avail, "avail index beyond the ring");
             return None;
         }
         let slot = usize::from(self.last_avail % self.num);
