@@ -320,7 +320,7 @@ impl MdsClient {
         };
         match rpc!(self, get_or_allocate_segment, req) {
             Ok(r) => Ok(r.segment),
-            Err(e) if !allocate && e.status() == Some(MdsStatus::NotFound) => Ok(None),
+            Err(e) if !allocate && e.status() == Some(MdsStatus::Unallocated) => Ok(None),
             Err(e) => Err(e),
         }
     }

@@ -44,7 +44,15 @@ impl VolumeOptions {
         VolumeOptions {
             mds,
             owner: owner.into(),
-            client_id: format!("pid-{}", std::process::id()),
+            // Unique per process and host: the MDS lets the same id take a session over.
+            client_id: format!(
+                "{}-{}-{:08x}",
+                std::fs::read_to_string("/proc/sys/kernel/hostname")
+                    .map(|h| h.trim().to_string())
+                    .unwrap_or_else(|_| "localhost".into()),
+                std::process::id(),
+                rand::random::<u32>()
+            ),
             max_request: 1 << 20,
         }
     }
@@ -219,14 +227,21 @@ impl Volume {
         let (chunk, max) = self.geometry();
         let seg = self.inner.info.read().segment_size;
         let zeros = vec![0u8; max as usize];
-        let mut jobs = Vec::new();
-        for p in split(offset, len, chunk, max) {
-            if self.segment(p.offset / seg, false).await?.is_none() {
-                continue;
+        // Sixteen parts at a time: zeroing a whole device must not build it all in memory.
+        for group in split(offset, len, chunk, max).chunks(16) {
+            let mut jobs = Vec::new();
+            for p in group {
+                if self.segment(p.offset / seg, false).await?.is_none() {
+                    continue;
+                }
+                jobs.push(self.write_part(*p, zeros[..p.len as usize].to_vec()));
             }
-            jobs.push(self.write_part(p, zeros[..p.len as usize].to_vec()));
+            futures::future::join_all(jobs)
+                .await
+                .into_iter()
+                .collect::<Result<(), _>>()?;
         }
-        futures::future::join_all(jobs).await.into_iter().collect()
+        Ok(())
     }
 
     fn geometry(&self) -> (u64, u64) {
@@ -386,6 +401,10 @@ impl Volume {
                 ChunkStatus::Success => return Ok(Some(status)),
                 ChunkStatus::ChunkNotexist if !write => return Ok(None),
                 ChunkStatus::Redirected => {
+                    if attempt > 3 {
+                        // Peers naming each other during an election: do not spin.
+                        tokio::time::sleep(jitter(Duration::from_millis(10))).await;
+                    }
                     match status.redirect.filter(|l| !l.address.is_empty()) {
                         Some(l) if l.address != leader => {
                             inner.cache.set_leader(pool, copyset, &l.address);
@@ -407,7 +426,22 @@ impl Volume {
                     self.refresh_route(pool, copyset).await;
                     self.find_leader(pool, copyset, &route, &leader).await;
                 }
+                // Our own reopen raised the epoch after this request was built: send it again.
+                ChunkStatus::EpochTooOld if inner.epoch.load(Ordering::Acquire) > req.epoch => {}
                 ChunkStatus::EpochTooOld => return Err(ClientError::Fenced),
+                ChunkStatus::Nospace => {
+                    return Err(ClientError::Chunk(
+                        "no space left on the chunkservers".into(),
+                    ));
+                }
+                ChunkStatus::DiskFail | ChunkStatus::CrcFail | ChunkStatus::Backward
+                    if attempt >= 20 =>
+                {
+                    return Err(ClientError::Chunk(format!(
+                        "copyset {pool}.{copyset}: status {}",
+                        status.status
+                    )));
+                }
                 ChunkStatus::InvalidRequest => {
                     return Err(ClientError::Chunk(format!(
                         "invalid request {req:?}",

@@ -110,6 +110,15 @@ async fn namespace_scenario(mds: &mut Mds) {
         status(c.refresh("/vms/disk0", "forged").await),
         Some(MdsStatus::SessionExpired)
     );
+    // Renaming an open volume, or a directory above one, is refused (clients use paths).
+    assert_eq!(
+        status(c.rename("/vms/disk0", "/moved", "alice").await),
+        Some(MdsStatus::Occupied)
+    );
+    assert_eq!(
+        status(c.rename("/vms", "/vms2", "alice").await),
+        Some(MdsStatus::Occupied)
+    );
     // Deleting an open volume is refused.
     assert_eq!(
         status(c.delete("/vms/disk0", "alice", false).await),

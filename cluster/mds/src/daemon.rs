@@ -218,11 +218,14 @@ async fn create_on(addr: &str, copysets: Vec<CopysetSpec>) -> Result<(), String>
     .await
     .map_err(|_| "connect timed out".to_string())?
     .map_err(|e| e.to_string())?;
-    let r = c
-        .create_copyset_node(CreateCopysetRequest { copysets })
-        .await
-        .map_err(|e| e.to_string())?
-        .into_inner();
+    let r = tokio::time::timeout(
+        Duration::from_secs(10),
+        c.create_copyset_node(CreateCopysetRequest { copysets }),
+    )
+    .await
+    .map_err(|_| "copyset creation timed out".to_string())?
+    .map_err(|e| e.to_string())?
+    .into_inner();
     if r.status == CopysetStatus::CopysetOk as i32 || r.status == CopysetStatus::CopysetExist as i32
     {
         Ok(())

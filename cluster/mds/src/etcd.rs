@@ -130,6 +130,25 @@ impl MetaStore for EtcdStore {
 
     fn commit(&self, ops: Vec<Op>) -> StoreFuture<'_, ()> {
         Box::pin(async move {
+            // etcd refuses transactions of more than 128 operations: a bigger batch (a purge
+            // of a large volume, a big pool) goes as several guarded transactions, in order.
+            let mut ops = ops;
+            while ops.len() > crate::store::MAX_OPS_PER_COMMIT {
+                let rest = ops.split_off(crate::store::MAX_OPS_PER_COMMIT);
+                self.commit_one(std::mem::replace(&mut ops, rest)).await?;
+            }
+            self.commit_one(ops).await
+        })
+    }
+
+    fn kind(&self) -> &'static str {
+        "etcd"
+    }
+}
+
+impl EtcdStore {
+    async fn commit_one(&self, ops: Vec<Op>) -> Result<(), StoreError> {
+        {
             let success = ops
                 .into_iter()
                 .map(|op| RequestOp {
@@ -174,11 +193,7 @@ impl MetaStore for EtcdStore {
             } else {
                 Err(StoreError::LostLeadership)
             }
-        })
-    }
-
-    fn kind(&self) -> &'static str {
-        "etcd"
+        }
     }
 }
 
@@ -227,7 +242,7 @@ impl Election {
                     Ok(Ok(resp)) => {
                         let mut resp = resp.into_inner();
                         loop {
-                            match tokio::time::timeout(ttl, resp.message()).await {
+                            match tokio::time::timeout(every, resp.message()).await {
                                 Ok(Ok(Some(r))) if r.ttl > 0 => {
                                     last_ok = tokio::time::Instant::now();
                                 }
@@ -247,7 +262,11 @@ impl Election {
                     Ok(Err(e)) => tracing::warn!(error = %e, "lease keep-alive failed"),
                     Err(_) => tracing::warn!("lease keep-alive timed out"),
                 }
-                if last_ok.elapsed() >= ttl {
+                // Give up before etcd does (half a second early, at least half the TTL): a new
+                // leader may be elected as soon as the lease expires there. Writes are fenced
+                // anyway; this stops stale answers.
+                if last_ok.elapsed() >= ttl.saturating_sub(Duration::from_millis(500)).max(ttl / 2)
+                {
                     tracing::error!(lease = id, "the MDS lease could not be renewed in time");
                     on_lost();
                     return;

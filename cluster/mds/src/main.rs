@@ -96,7 +96,10 @@ fn main() -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?,
         None => TopologySpec::default_single_pool(),
     };
-    if a.chunk_size == 0 || a.segment_size % a.chunk_size != 0 {
+    if a.chunk_size < 4096 || !a.chunk_size.is_multiple_of(4096) {
+        anyhow::bail!("the chunk size must be a multiple of 4096");
+    }
+    if !a.segment_size.is_multiple_of(a.chunk_size) {
         anyhow::bail!("the segment size must be a multiple of the chunk size");
     }
     let cfg = Config {

@@ -184,6 +184,7 @@ fn status_of(e: &NsError) -> MdsStatus {
         NsError::ShrinkRefused(..) => MdsStatus::ShrinkRefused,
         NsError::AuthFailed(_) => MdsStatus::AuthFailed,
         NsError::NoSpace => MdsStatus::NoSpace,
+        NsError::Occupied(_) => MdsStatus::Occupied,
     }
 }
 
@@ -369,8 +370,25 @@ impl MdsService for Services {
         r: Request<RenameFileRequest>,
     ) -> Result<Response<FileResponse>, Status> {
         let r = r.into_inner();
-        self.file_change(move |ns| ns.rename(&r.from, &r.to, &r.owner))
-            .await
+        leader_or!(self, FileResponse, mds => async move {
+            let now = Instant::now();
+            let out = mds
+                .update(|st| {
+                    // Clients address open volumes by path: an open volume, or a directory
+                    // with one under it, does not move.
+                    let prefix = format!("{}/", r.from.trim_end_matches('/'));
+                    for f in st.sessions.open_files(now) {
+                        let p = st.ns.path_of(f);
+                        if p == r.from || p.starts_with(&prefix) {
+                            return Err(NsError::Occupied(p));
+                        }
+                    }
+                    let (f, ops) = st.ns.rename(&r.from, &r.to, &r.owner)?;
+                    Ok((info(&st.ns, &f), ops))
+                })
+                .await?;
+            Ok(file_reply(out))
+        })
     }
 
     async fn delete_file(
@@ -561,7 +579,7 @@ impl MdsService for Services {
                     }),
                     ..Default::default()
                 },
-                Ok(None) => reply!(SegmentResponse, MdsStatus::NotFound, String::new(), "segment not allocated".into()),
+                Ok(None) => reply!(SegmentResponse, MdsStatus::Unallocated, String::new(), "segment not allocated".into()),
                 Err(e) => reply!(SegmentResponse, status_of(&e), String::new(), e.to_string()),
             })
         })

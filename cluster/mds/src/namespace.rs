@@ -55,6 +55,9 @@ pub enum NsError {
     /// No copysets to allocate chunks from.
     #[error("no copysets to allocate from")]
     NoSpace,
+    /// Open by a client (or, for a directory, a volume under it is).
+    #[error("{0} is open")]
+    Occupied(String),
 }
 
 /// File or directory.

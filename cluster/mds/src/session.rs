@@ -139,6 +139,15 @@ impl Sessions {
         self.by_file.get(&file).is_some_and(|l| l.expires > now)
     }
 
+    /// The files open by a live session.
+    pub fn open_files(&self, now: Instant) -> Vec<u64> {
+        self.by_file
+            .iter()
+            .filter(|(_, l)| l.expires > now)
+            .map(|(f, _)| *f)
+            .collect()
+    }
+
     /// Forgets the session of a purged file.
     pub fn forget(&mut self, file: u64) -> Vec<Op> {
         match self.by_file.remove(&file) {

@@ -199,13 +199,10 @@ impl Writer {
     /// Queues `ops` (call while still holding the state lock, so the store sees changes in the
     /// order the memory did) and returns what resolves when they are durable.
     pub fn queue(&self, ops: Vec<Op>) -> impl Future<Output = Result<(), String>> + use<> {
+        // Empty batches go through the queue too: they resolve once everything queued before
+        // them is durable, so no answer reveals state that could still be lost.
         let (done, wait) = oneshot::channel();
-        let sent = if ops.is_empty() {
-            let _ = done.send(Ok(()));
-            true
-        } else {
-            self.tx.send((ops, done)).is_ok()
-        };
+        let sent = self.tx.send((ops, done)).is_ok();
         async move {
             if !sent {
                 return Err("the metadata writer stopped".to_string());
