@@ -662,18 +662,8 @@ async fn execute(
     let bytes: usize = r.segs.iter().map(|s| s.len as usize).sum();
     match &r.kind {
         Kind::Read { offset } => {
-            if let [seg] = r.segs[..] {
-                let Some(p) = mem.gpa(seg.addr, u64::from(seg.len)) else {
-                    return (s::IOERR, 0);
-                };
-                // SAFETY: the segment lies in guest memory (checked), and belongs to this
-                // request until it is used.
-                let buf = unsafe { std::slice::from_raw_parts_mut(p, seg.len as usize) };
-                return match device.read(*offset, buf).await {
-                    Ok(()) => (s::OK, seg.len),
-                    Err(_) => (s::IOERR, 0),
-                };
-            }
+            // Through a buffer of our own: the guest may point two requests at the same memory,
+            // so no Rust reference into guest memory is ever held across the device call.
             let mut buf = vec![0u8; bytes];
             if device.read(*offset, &mut buf).await.is_err() {
                 return (s::IOERR, 0);
@@ -689,14 +679,7 @@ async fn execute(
         }
         Kind::Write { offset } => {
             let flags = WriteFlags::default();
-            let r = if let [seg] = r.segs[..] {
-                let Some(p) = mem.gpa(seg.addr, u64::from(seg.len)) else {
-                    return (s::IOERR, 0);
-                };
-                // SAFETY: as for reads; the device only reads this buffer.
-                let buf = unsafe { std::slice::from_raw_parts(p, seg.len as usize) };
-                device.write(*offset, buf, flags).await
-            } else {
+            let r = {
                 let mut buf = Vec::with_capacity(bytes);
                 for seg in &r.segs {
                     match mem.read(seg.addr, seg.len as usize) {
