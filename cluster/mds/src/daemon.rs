@@ -166,14 +166,15 @@ async fn become_leader(cfg: Config, role: Arc<Role>) -> anyhow::Result<()> {
 /// Places the copysets of pools whose chunkservers are all there, and creates them on the
 /// chunkservers (again after a restart, until every one accepted).
 async fn create_pools(mds: &Arc<Mds>) {
-    let (wait, pending) = {
-        let mut st = mds.state.lock();
-        let ops = st.cluster.plan_pools(Instant::now());
-        (mds.queue(ops), st.cluster.pending_creation())
-    };
-    if wait.await.is_err() {
+    let planned = mds
+        .update(|st| {
+            let ops = st.cluster.plan_pools(Instant::now());
+            Ok::<_, std::convert::Infallible>((st.cluster.pending_creation(), ops))
+        })
+        .await;
+    let Ok(Ok(pending)) = planned else {
         return;
-    }
+    };
     for (pool, per_cs) in pending {
         // On every chunkserver at once: a replica created long before its peers would campaign
         // against peers that do not have the copyset yet.
@@ -198,12 +199,10 @@ async fn create_pools(mds: &Arc<Mds>) {
             }
         }
         if all {
-            let wait = {
-                let mut st = mds.state.lock();
-                let ops = st.cluster.created(pool);
-                mds.queue(ops)
-            };
-            if wait.await.is_ok() {
+            let done = mds
+                .update(|st| Ok::<_, std::convert::Infallible>(((), st.cluster.created(pool))))
+                .await;
+            if done.is_ok() {
                 tracing::info!(pool, "copysets created on their chunkservers");
             }
         }

@@ -108,10 +108,10 @@ impl Mds {
     }
 
     /// Applies `f` to the state and waits until what it changed is durable.
-    pub async fn update<T>(
+    pub async fn update<T, E>(
         &self,
-        f: impl FnOnce(&mut State) -> Result<(T, Vec<Op>), NsError>,
-    ) -> Result<Result<T, NsError>, String> {
+        f: impl FnOnce(&mut State) -> Result<(T, Vec<Op>), E>,
+    ) -> Result<Result<T, E>, String> {
         let (r, wait) = {
             let mut st = self.state.lock();
             match f(&mut st) {
@@ -121,14 +121,6 @@ impl Mds {
         };
         wait.await?;
         Ok(r)
-    }
-
-    /// Persists `ops` (already applied to memory under the lock by the caller).
-    pub fn queue(
-        &self,
-        ops: Vec<Op>,
-    ) -> impl std::future::Future<Output = Result<(), String>> + use<> {
-        self.writer.queue(ops)
     }
 }
 
@@ -698,20 +690,16 @@ impl HeartbeatService for Services {
                 ..Default::default()
             }));
         };
-        let (out, wait) = {
-            let mut st = mds.state.lock();
-            match st.cluster.register(&r) {
-                Ok((rec, ops)) => (Ok(rec), mds.queue(ops)),
-                Err(e) => (Err(e), mds.queue(Vec::new())),
+        let out = match mds.update(|st| st.cluster.register(&r)).await {
+            Ok(out) => out,
+            Err(e) => {
+                return Ok(Response::new(RegisterResponse {
+                    status: HeartbeatStatus::HbInternal as i32,
+                    leader: e,
+                    ..Default::default()
+                }));
             }
         };
-        if let Err(e) = wait.await {
-            return Ok(Response::new(RegisterResponse {
-                status: HeartbeatStatus::HbInternal as i32,
-                leader: e,
-                ..Default::default()
-            }));
-        }
         Ok(Response::new(match out {
             Ok(rec) => {
                 tracing::info!(id = rec.id, address = %rec.address, zone = %rec.zone, "chunkserver registered");
@@ -745,22 +733,19 @@ impl HeartbeatService for Services {
                 ..Default::default()
             }));
         };
-        let (out, wait) = {
-            let mut st = mds.state.lock();
-            match st.cluster.heartbeat(&r, Instant::now()) {
-                Ok(o) => {
-                    let w = mds.queue(o.ops);
-                    (Ok(o.changes), w)
-                }
-                Err(e) => (Err(e), mds.queue(Vec::new())),
-            }
-        };
-        if wait.await.is_err() {
+        let done = mds
+            .update(|st| {
+                st.cluster
+                    .heartbeat(&r, Instant::now())
+                    .map(|o| (o.changes, o.ops))
+            })
+            .await;
+        let Ok(out) = done else {
             return Ok(Response::new(HeartbeatResponse {
                 status: HeartbeatStatus::HbInternal as i32,
                 ..Default::default()
             }));
-        }
+        };
         Ok(Response::new(match out {
             Ok(changes) => HeartbeatResponse {
                 status: HeartbeatStatus::HbOk as i32,
