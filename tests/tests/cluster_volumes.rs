@@ -222,6 +222,7 @@ fn three_mds_on_etcd_kill_9_of_the_leader_is_invisible_to_fio() {
             "--time_based",
             "--runtime=15",
             "--verify=crc32c",
+            "--verify_state_save=0",
             "--do_verify=1",
             "--verify_fatal=1",
         ]))

@@ -42,6 +42,7 @@ fn fio(uri: &str, jobs: &[&str]) -> String {
         "--ioengine=nbd",
         &format!("--uri={uri}"),
         "--verify=crc32c",
+        "--verify_state_save=0",
         "--do_verify=1",
         "--verify_fatal=1",
         "--output-format=normal",
