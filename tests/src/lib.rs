@@ -7,6 +7,7 @@
 //! (`target/debug`), or from `CURVE_BIN_DIR`. `tests/run.sh` builds them first.
 
 pub mod cluster;
+pub mod guest;
 pub mod nbd;
 
 use std::path::{Path, PathBuf};

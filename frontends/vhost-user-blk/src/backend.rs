@@ -32,6 +32,7 @@ use crate::virtq::Vring;
 const F_PROTOCOL_FEATURES: u64 = 1 << 30;
 const F_VERSION_1: u64 = 1 << 32;
 const F_EVENT_IDX: u64 = 1 << 29;
+const F_INDIRECT_DESC: u64 = 1 << 28;
 const BLK_F_SIZE_MAX: u64 = 1 << 1;
 const BLK_F_SEG_MAX: u64 = 1 << 2;
 const BLK_F_RO: u64 = 1 << 5;
@@ -47,10 +48,15 @@ const PF_CONFIG: u64 = 1 << 9;
 const PF_INFLIGHT: u64 = 1 << 12;
 const PF_ALL: u64 = PF_MQ | PF_REPLY_ACK | PF_CONFIG | PF_INFLIGHT;
 
-/// Data segments per request (seg_max).
-const SEG_MAX: u32 = 128;
-/// Bytes per segment (size_max).
-const SIZE_MAX: u32 = 1 << 20;
+/// Data segments per request (seg_max): what fits QEMU's default 128-entry ring with the
+/// header and status descriptors, for drivers without indirect descriptors (Linux does not
+/// cap its chains by the ring size and would wait forever for room).
+const SEG_MAX: u32 = 126;
+/// Bytes per segment (size_max). SEG_MAX × SIZE_MAX bounds a request (8 MiB, what one request
+/// may bounce through the back-end's buffer). SeaBIOS divides that product by the block size
+/// into a u16 and loops forever on zero-length reads when it overflows (≥ 32 MiB at 512-byte
+/// blocks): keep it well below.
+const SIZE_MAX: u32 = 64 << 10;
 
 /// How an export behaves.
 #[derive(Debug, Clone)]
@@ -164,6 +170,7 @@ impl Connection {
         let mut f = F_VERSION_1
             | F_PROTOCOL_FEATURES
             | F_EVENT_IDX
+            | F_INDIRECT_DESC
             | BLK_F_SIZE_MAX
             | BLK_F_SEG_MAX
             | BLK_F_BLK_SIZE
@@ -192,7 +199,7 @@ impl Connection {
         c[26..28].copy_from_slice(&1u16.to_le_bytes()); // min_io_size, in blocks
         c[28..32].copy_from_slice(&opt.to_le_bytes());
         c[34..36].copy_from_slice(&self.opts.queues.to_le_bytes());
-        let max_sectors = (info.max_io_size / 512).max(8);
+        let max_sectors = max_zero_sectors(&info);
         c[36..40].copy_from_slice(&max_sectors.to_le_bytes()); // max_discard_sectors
         c[40..44].copy_from_slice(&1u32.to_le_bytes()); // max_discard_seg
         c[44..48].copy_from_slice(&(bs / 512).to_le_bytes()); // discard_sector_alignment
@@ -446,6 +453,7 @@ impl Connection {
             block_size: info.block_size.max(512),
             max_bytes: u64::from(SEG_MAX) * u64::from(SIZE_MAX),
             max_segs: SEG_MAX as usize,
+            max_zero_bytes: u64::from(max_zero_sectors(&info)) * 512,
             read_only,
         };
         let (n2, s2) = (notifier.clone(), stop.clone());
@@ -489,6 +497,11 @@ impl Connection {
         self.queues.clear();
         self.mem = None;
     }
+}
+
+/// max_discard_sectors and max_write_zeroes_sectors: the device's largest I/O.
+fn max_zero_sectors(info: &curve_blockdev::DeviceInfo) -> u32 {
+    (info.max_io_size / 512).max(8)
 }
 
 type Done = (u16, Request, u8, u32);

@@ -1,7 +1,66 @@
 //! The bodies of the fuzz targets (`fuzz/`), also driven with random input by unit tests.
 
-use crate::protocol;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::Arc;
+
+use crate::memory::GuestMemory;
+use crate::protocol::{self, MemRegion};
 use crate::request::{Desc, Limits, Request, parse};
+use crate::virtq::Vring;
+
+/// Guest memory of `bytes` (zero-padded to 64 KiB) at guest physical and front-end address
+/// 0, in a memfd as QEMU's would be.
+pub fn guest_memory(bytes: &[u8]) -> Arc<GuestMemory> {
+    const SIZE: usize = 64 << 10;
+    // SAFETY: memfd_create with a static name; the fd is owned from here on.
+    let fd = unsafe { libc::memfd_create(c"curve-fuzz-guest".as_ptr(), 0) };
+    assert!(fd >= 0, "memfd_create");
+    // SAFETY: fd was just created and is owned by nobody else.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let mut content = bytes[..bytes.len().min(SIZE)].to_vec();
+    content.resize(SIZE, 0);
+    // SAFETY: writes our buffer to our memfd.
+    let n = unsafe { libc::pwrite(fd.as_raw_fd(), content.as_ptr().cast(), SIZE, 0) };
+    assert_eq!(n, SIZE as isize, "memfd write");
+    let region = MemRegion {
+        gpa: 0,
+        size: SIZE as u64,
+        uaddr: 0,
+        offset: 0,
+    };
+    Arc::new(GuestMemory::map(&[region], &[fd]).expect("map"))
+}
+
+/// A 16-entry ring (descriptors at 0, avail ring at 0x100, used ring at 0x200) in guest memory
+/// made of `data`: every available head is walked (direct chains and indirect tables anywhere
+/// in memory) and parsed, as a queue worker does.
+pub fn rings(data: &[u8]) {
+    let mem = guest_memory(data);
+    let Some(mut ring) = Vring::new(mem.clone(), 16, 0, 0x100, 0x200, 0, false) else {
+        return;
+    };
+    let limits = Limits {
+        capacity: 1 << 20,
+        block_size: 512,
+        max_bytes: 1 << 18,
+        max_segs: 126,
+        max_zero_bytes: 1 << 20,
+        read_only: false,
+    };
+    let mut taken = 0;
+    while let Some(head) = ring.pop() {
+        if let Some(chain) = ring.chain(head) {
+            assert!(chain.len() <= crate::virtq::MAX_INDIRECT as usize);
+            if let Ok(r) = parse(&chain, &limits, |a, l| mem.read(a, l)) {
+                let total: u64 = r.segs.iter().map(|s| u64::from(s.len)).sum();
+                assert!(total <= limits.max_bytes && r.segs.len() <= limits.max_segs);
+            }
+        }
+        ring.push_used(head, 0);
+        taken += 1;
+        assert!(taken <= 16, "no more heads than the ring holds");
+    }
+}
 
 /// Chains and guest memory from `data` through [`parse`].
 pub fn chains(data: &[u8]) {
@@ -26,6 +85,7 @@ pub fn chains(data: &[u8]) {
         block_size: 512,
         max_bytes: 1 << 18,
         max_segs: 8,
+        max_zero_bytes: 1 << 20,
         read_only: false,
     };
     let read = |addr: u64, len: usize| {
@@ -60,6 +120,13 @@ mod tests {
             let v: Vec<u8> = (0..n).map(|_| rng.random()).collect();
             super::chains(&v);
             super::messages(&v);
+        }
+        for _ in 0..2_000 {
+            // Rings whose avail index and descriptors are random, often indirect.
+            let mut v: Vec<u8> = (0..0x300).map(|_| rng.random()).collect();
+            v[0x102] = rng.random_range(0..20);
+            v[0x103] = 0;
+            super::rings(&v);
         }
     }
 }

@@ -9,7 +9,10 @@ use crate::protocol::{MemRegion, ProtoError};
 #[derive(Debug)]
 struct Mapped {
     region: MemRegion,
+    /// Where the region's first byte (`mmap_offset` into the descriptor) is mapped.
     base: *mut u8,
+    /// The whole mapping: from offset 0 of the descriptor, `len` bytes.
+    map: *mut u8,
     len: usize,
 }
 
@@ -28,8 +31,8 @@ unsafe impl Sync for GuestMemory {}
 impl Drop for GuestMemory {
     fn drop(&mut self) {
         for m in &self.maps {
-            // SAFETY: unmapping what we mapped, once.
-            unsafe { libc::munmap(m.base.cast(), m.len) };
+            // SAFETY: unmapping what we mapped (the mapping's start, not the region's), once.
+            unsafe { libc::munmap(m.map.cast(), m.len) };
         }
     }
 }
@@ -70,6 +73,7 @@ impl GuestMemory {
                 region: *r,
                 // SAFETY: offset is within the mapping of len = offset + size bytes.
                 base: unsafe { p.cast::<u8>().add(r.offset as usize) },
+                map: p.cast(),
                 len,
             });
         }
@@ -115,5 +119,68 @@ impl GuestMemory {
             }
             None => false,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::FromRawFd;
+
+    use super::*;
+
+    fn memfd(name: &std::ffi::CStr, len: u64) -> OwnedFd {
+        // SAFETY: memfd_create with a valid name; the fd is owned from here on.
+        let fd = unsafe { libc::memfd_create(name.as_ptr(), 0) };
+        assert!(fd >= 0);
+        // SAFETY: fd was just created and is not owned elsewhere.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: ftruncate on our own fd.
+        assert_eq!(unsafe { libc::ftruncate(fd.as_raw_fd(), len as i64) }, 0);
+        fd
+    }
+
+    fn mappings_of(name: &str) -> usize {
+        std::fs::read_to_string("/proc/self/maps")
+            .unwrap()
+            .lines()
+            .filter(|l| l.contains(name))
+            .count()
+    }
+
+    /// QEMU's regions start at an `mmap_offset` into their descriptor (q35 splits RAM around
+    /// the PCI hole): translation starts there, and dropping the table unmaps exactly what was
+    /// mapped (unmapping from the region's start once took the heap with it).
+    #[test]
+    fn regions_at_an_offset_translate_and_unmap_whole() {
+        let fd = memfd(c"curve-mem-offset-test", 4 * 4096);
+        let region = MemRegion {
+            gpa: 0x10_0000,
+            size: 2 * 4096,
+            uaddr: 0x7f00_0000_0000,
+            offset: 2 * 4096,
+        };
+        let mem = GuestMemory::map(&[region], &[fd.try_clone().unwrap()]).unwrap();
+        assert!(mem.write(0x10_0000 + 4096, b"hello"));
+        assert_eq!(mem.read(0x10_0000 + 4096, 5).unwrap(), b"hello");
+        assert!(
+            mem.gpa(0x10_0000 + 2 * 4096 - 1, 2).is_none(),
+            "past the region"
+        );
+        assert!(mem.uaddr(0x7f00_0000_0000 + 4096, 5).is_some());
+        let mut file = vec![0u8; 5];
+        // SAFETY: pread into our own buffer from our own fd.
+        let n = unsafe { libc::pread(fd.as_raw_fd(), file.as_mut_ptr().cast(), 5, 3 * 4096) };
+        assert_eq!(n, 5);
+        assert_eq!(
+            file, b"hello",
+            "gpa 0x101000 is offset 2 pages + 1 page into the fd"
+        );
+        assert_eq!(mappings_of("curve-mem-offset-test"), 1);
+        drop(mem);
+        assert_eq!(
+            mappings_of("curve-mem-offset-test"),
+            0,
+            "the whole mapping is gone"
+        );
     }
 }

@@ -89,6 +89,9 @@ pub struct Limits {
     pub max_bytes: u64,
     /// Most data segments.
     pub max_segs: usize,
+    /// Most bytes one discard or write-zeroes range covers (max_discard_sectors and
+    /// max_write_zeroes_sectors of the config space).
+    pub max_zero_bytes: u64,
     /// Writes refused.
     pub read_only: bool,
 }
@@ -200,7 +203,9 @@ pub fn parse(
                 let n = u64::from(u32::from_le_bytes(r[8..12].try_into().expect("4")));
                 let flags = u32::from_le_bytes(r[12..16].try_into().expect("4"));
                 let (o, len) = (sector.checked_mul(512).ok_or(ioerr)?, n * 512);
-                if !in_range(o, len) || !o.is_multiple_of(bs) || !len.is_multiple_of(bs) {
+                let fits = o.checked_add(len).is_some_and(|e| e <= limits.capacity)
+                    && len <= limits.max_zero_bytes;
+                if !fits || !o.is_multiple_of(bs) || !len.is_multiple_of(bs) {
                     return Err(ioerr);
                 }
                 if flags & !1 != 0 || (kind == t::DISCARD && flags != 0) {
@@ -233,6 +238,7 @@ mod tests {
         block_size: 512,
         max_bytes: 1 << 20,
         max_segs: 4,
+        max_zero_bytes: 1 << 20,
         read_only: false,
     };
 
@@ -291,6 +297,42 @@ mod tests {
             parse(&chain, &LIM, mem(hdr(t::GET_ID, 0))).unwrap().kind,
             Kind::GetId
         );
+    }
+
+    /// A discard range is bounded by max_discard_sectors (max_zero_bytes), not by the data
+    /// limit of reads and writes: Linux sends ranges up to what the config space offers.
+    #[test]
+    fn discard_ranges_up_to_the_discard_limit() {
+        let lim = Limits {
+            max_bytes: 64 << 10,
+            max_zero_bytes: 512 << 10,
+            ..LIM
+        };
+        let range = |sectors: u32| {
+            let mut v = 0u64.to_le_bytes().to_vec();
+            v.extend_from_slice(&sectors.to_le_bytes());
+            v.extend_from_slice(&0u32.to_le_bytes());
+            v
+        };
+        let chain = [
+            d(0x1000, 16, F_NEXT),
+            d(0x2000, 16, F_NEXT),
+            d(0x3000, 1, F_WRITE),
+        ];
+        for (sectors, ok) in [(1024, true), (1025, false)] {
+            let h = hdr(t::DISCARD, 0);
+            let mem = move |a, l| match (a, l) {
+                (0x1000, 16) => Some(h.clone()),
+                (0x2000, 16) => Some(range(sectors)),
+                _ => None,
+            };
+            let r = parse(&chain, &lim, mem);
+            if ok {
+                assert_eq!(r.unwrap().kind, Kind::Discard(vec![(0, 512 << 10)]));
+            } else {
+                assert_eq!(r.unwrap_err().status, s::IOERR);
+            }
+        }
     }
 
     #[test]

@@ -9,6 +9,47 @@ use crate::memory::GuestMemory;
 use crate::request::{Desc, F_NEXT};
 
 const F_INDIRECT: u16 = 4;
+/// Entries of one indirect table we walk (Linux sizes them by seg_max + 2).
+pub const MAX_INDIRECT: u32 = 1024;
+
+/// Descriptor `i` of the table at `table` and its `next` field.
+fn read_desc(table: *mut u8, i: u16) -> (Desc, u16) {
+    // SAFETY: callers pass i < the table's entry count, the table being inside guest memory.
+    unsafe {
+        let p = table.add(16 * usize::from(i));
+        (
+            Desc {
+                addr: std::ptr::read_volatile(p.cast::<u64>()),
+                len: std::ptr::read_volatile(p.add(8).cast::<u32>()),
+                flags: std::ptr::read_volatile(p.add(12).cast::<u16>()),
+            },
+            std::ptr::read_volatile(p.add(14).cast::<u16>()),
+        )
+    }
+}
+
+/// Follows `next` links from entry `start` of a table of `n` descriptors; at most `n` long.
+/// Buffers outside guest memory are the request parser's and executor's to refuse (IOERR in
+/// the status byte); only a chain that cannot be walked is refused here.
+fn walk(table: *mut u8, n: u16, start: u16) -> Option<Vec<Desc>> {
+    let mut out = Vec::new();
+    let mut i = start;
+    loop {
+        if i >= n || out.len() >= usize::from(n) {
+            return None;
+        }
+        let (d, next) = read_desc(table, i);
+        if d.flags & F_INDIRECT != 0 {
+            // Only a ring's head may be indirect (alone); a table must not point to another.
+            return None;
+        }
+        out.push(d);
+        if d.flags & F_NEXT == 0 {
+            return Some(out);
+        }
+        i = next;
+    }
+}
 
 /// One queue's rings.
 #[derive(Debug)]
@@ -106,41 +147,31 @@ impl Vring {
         self.avail_idx() != self.last_avail
     }
 
-    /// The chain starting at `head` (no indirect descriptors, at most `num` long); None when
-    /// it cannot be walked.
+    /// The chain starting at `head`, following an indirect table when the head points to one
+    /// (at most [`MAX_INDIRECT`] entries, no nesting); None when it cannot be walked.
     pub fn chain(&self, head: u16) -> Option<Vec<Desc>> {
-        let mut out = Vec::new();
-        let mut i = head;
-        loop {
-            if i >= self.num || out.len() >= usize::from(self.num) {
-                return None;
-            }
-            // SAFETY: descriptor i < num of the table.
-            let d = unsafe {
-                let p = self.desc.add(16 * usize::from(i));
-                Desc {
-                    addr: std::ptr::read_volatile(p.cast::<u64>()),
-                    len: std::ptr::read_volatile(p.add(8).cast::<u32>()),
-                    flags: std::ptr::read_volatile(p.add(12).cast::<u16>()),
-                }
-            };
-            let next = {
-                // SAFETY: as above.
-                unsafe {
-                    std::ptr::read_volatile(self.desc.add(16 * usize::from(i) + 14).cast::<u16>())
-                }
-            };
-            // Buffers outside guest memory are the request parser's and executor's to refuse
-            // (IOERR in the status byte); only a chain that cannot be walked is refused here.
-            if d.flags & F_INDIRECT != 0 {
-                return None;
-            }
-            out.push(d);
-            if d.flags & F_NEXT == 0 {
-                return Some(out);
-            }
-            i = next;
+        if head >= self.num {
+            return None;
         }
+        let first = read_desc(self.desc, head);
+        if first.0.flags & F_INDIRECT != 0 {
+            // An indirect head stands alone (no NEXT) and points to a table of whole
+            // descriptors in guest memory, walked from its entry 0.
+            let d = first.0;
+            if d.flags & F_NEXT != 0 || d.len == 0 || d.len % 16 != 0 {
+                return None;
+            }
+            let n = d.len / 16;
+            if n > MAX_INDIRECT {
+                return None;
+            }
+            let table = self.mem.gpa(d.addr, u64::from(d.len))?;
+            if !(table as usize).is_multiple_of(8) {
+                return None;
+            }
+            return walk(table, n as u16, 0);
+        }
+        walk(self.desc, self.num, head)
     }
 
     /// Publishes a used element.
@@ -184,5 +215,94 @@ impl Vring {
     /// The guest memory.
     pub fn memory(&self) -> &Arc<GuestMemory> {
         &self.mem
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::fuzzing::guest_memory;
+    use crate::request::F_WRITE;
+
+    use super::*;
+
+    fn desc(addr: u64, len: u32, flags: u16, next: u16) -> [u8; 16] {
+        let mut d = [0u8; 16];
+        d[..8].copy_from_slice(&addr.to_le_bytes());
+        d[8..12].copy_from_slice(&len.to_le_bytes());
+        d[12..14].copy_from_slice(&flags.to_le_bytes());
+        d[14..].copy_from_slice(&next.to_le_bytes());
+        d
+    }
+
+    /// A ring of 4 (descriptors at 0, avail at 0x100, used at 0x200) whose avail ring offers
+    /// `heads`, with `table` written at 0x1000.
+    fn ring(descs: &[[u8; 16]], heads: &[u16], table: &[[u8; 16]]) -> Vring {
+        let mut m = vec![0u8; 0x2000];
+        for (i, d) in descs.iter().enumerate() {
+            m[16 * i..16 * i + 16].copy_from_slice(d);
+        }
+        m[0x102..0x104].copy_from_slice(&(heads.len() as u16).to_le_bytes());
+        for (i, h) in heads.iter().enumerate() {
+            m[0x104 + 2 * i..0x106 + 2 * i].copy_from_slice(&h.to_le_bytes());
+        }
+        for (i, d) in table.iter().enumerate() {
+            m[0x1000 + 16 * i..0x1010 + 16 * i].copy_from_slice(d);
+        }
+        Vring::new(guest_memory(&m), 4, 0, 0x100, 0x200, 0, false).unwrap()
+    }
+
+    #[test]
+    fn direct_and_indirect_chains() {
+        // Head 0: a direct chain 0 -> 1 -> 2. Head 3: an indirect table of 3 at 0x1000
+        // (Linux's form for multi-segment requests), longer than the ring itself would allow.
+        let table = [
+            desc(0x1800, 16, F_NEXT, 1),
+            desc(0x1900, 512, F_NEXT | F_WRITE, 2),
+            desc(0x1a00, 1, F_WRITE, 0),
+        ];
+        let mut r = ring(
+            &[
+                desc(0x10, 16, F_NEXT, 1),
+                desc(0x20, 512, F_NEXT | F_WRITE, 2),
+                desc(0x30, 1, F_WRITE, 0),
+                desc(0x1000, 48, F_INDIRECT, 0),
+            ],
+            &[0, 3],
+            &table,
+        );
+        let h = r.pop().unwrap();
+        assert_eq!(r.chain(h).unwrap().len(), 3);
+        let h = r.pop().unwrap();
+        let c = r.chain(h).unwrap();
+        assert_eq!(
+            c.iter().map(|d| (d.addr, d.len)).collect::<Vec<_>>(),
+            [(0x1800, 16), (0x1900, 512), (0x1a00, 1)]
+        );
+        assert!(r.pop().is_none());
+    }
+
+    #[test]
+    fn broken_indirect_tables_are_refused() {
+        let t = [desc(0x1800, 16, F_NEXT, 1), desc(0x1900, 1, F_WRITE, 0)];
+        for head in [
+            desc(0x1000, 33, F_INDIRECT, 0),          // not whole descriptors
+            desc(0x1000, 0, F_INDIRECT, 0),           // empty
+            desc(0x1000, 32, F_INDIRECT | F_NEXT, 1), // indirect and next
+            desc(0xf000_0000, 32, F_INDIRECT, 0),     // outside guest memory
+            desc(0x1000, 16 * 2048, F_INDIRECT, 0),   // too long
+            desc(0x1004, 32, F_INDIRECT, 0),          // misaligned
+        ] {
+            let r = ring(&[head], &[0], &t);
+            assert!(r.chain(0).is_none(), "{head:?}");
+        }
+        // A loop inside the table, a next past its end, a nested indirect.
+        for table in [
+            [desc(0x1800, 16, F_NEXT, 1), desc(0x1900, 1, F_NEXT, 0)],
+            [desc(0x1800, 16, F_NEXT, 5), desc(0x1900, 1, F_WRITE, 0)],
+            [desc(0x1000, 32, F_INDIRECT, 0), desc(0x1900, 1, F_WRITE, 0)],
+        ] {
+            let r = ring(&[desc(0x1000, 32, F_INDIRECT, 0)], &[0], &table);
+            assert!(r.chain(0).is_none());
+        }
     }
 }
