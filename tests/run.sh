@@ -14,12 +14,28 @@ command -v nbdcopy >/dev/null || need+=(libnbd-bin)
 command -v qemu-io >/dev/null || need+=(qemu-utils)       # qemu-io, qemu-img
 command -v cc >/dev/null || need+=(gcc)                   # builds the libnebd C example
 command -v etcd >/dev/null || need+=(etcd-server)         # the MDS's HA store, started by tests
+# The QEMU guest tests (tests/src/guest.rs): a Linux guest under TCG with the kernel's own
+# virtio-blk (and later ublk, nbd) drivers as consumers.
+command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
+ls /boot/vmlinuz-6.12* >/dev/null 2>&1 || need+=(linux-image-6.12-amd64)   # has ublk_drv
+[ -x /bin/busybox ] || need+=(busybox-static)               # the guest's userland
+command -v xz >/dev/null || need+=(xz-utils)                # unpacks the guest's modules
 if ((${#need[@]})); then
   sudo=""
   [ "$(id -u)" = 0 ] || sudo=sudo
-  echo "== installing ${need[*]}"
   $sudo apt-get update -qq
-  $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}"
+  extra=()
+  if [[ " ${need[*]} " == *" qemu-system-x86 "* ]]; then
+    # qemu-system-x86 needs qemu-utils of its own version: a newer preinstalled qemu-utils
+    # is replaced by it (qemu-io, qemu-img and qemu-storage-daemon then come from that version).
+    v=$(apt-cache policy qemu-system-x86 | awk '/Candidate:/ {print $2}')
+    need=("${need[@]/qemu-utils/}")
+    need+=("qemu-utils=$v")
+    extra+=(--allow-downgrades)
+  fi
+  echo "== installing ${need[*]}"
+  $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+    "${extra[@]}" ${need[@]}
 fi
 
 echo "== fmt + clippy"
