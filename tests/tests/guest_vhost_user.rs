@@ -148,7 +148,7 @@ fn writers_survive_kill_9(volume_prefix: &str, mib: u64) -> String {
         r["passes"]
     );
     assert_eq!(
-        md5_of(&file, 0, jobs * mib << 20),
+        md5_of(&file, 0, (jobs * mib) << 20),
         run.md5("writers"),
         "the host reads what the guest verified"
     );

@@ -104,12 +104,11 @@ fn job(
             } else {
                 Phase::Plain
             };
+            // The clock starts before the submission: a driver that sends a large payload
+            // synchronously spends part of the I/O's time in submit.
+            let started = Instant::now();
             engine.submit(tag, op, &buf)?;
-            slots[tag] = Some(Slot {
-                op,
-                started: Instant::now(),
-                phase,
-            });
+            slots[tag] = Some(Slot { op, started, phase });
             issued += 1;
             inflight += 1;
         }
@@ -125,10 +124,11 @@ fn job(
                 (Phase::VerifyWrite(generation), Ok(_), Op::Write { offset, len }) => {
                     // Read it back at once, in the same slot.
                     let op = Op::Read { offset, len };
+                    let started = Instant::now();
                     engine.submit(c.tag, op, &[])?;
                     slots[c.tag] = Some(Slot {
                         op,
-                        started: Instant::now(),
+                        started,
                         phase: Phase::VerifyRead(generation),
                     });
                     continue;

@@ -199,7 +199,7 @@ impl Connection {
         c[26..28].copy_from_slice(&1u16.to_le_bytes()); // min_io_size, in blocks
         c[28..32].copy_from_slice(&opt.to_le_bytes());
         c[34..36].copy_from_slice(&self.opts.queues.to_le_bytes());
-        let max_sectors = max_zero_sectors(&info);
+        let max_sectors = max_zero_sectors(info);
         c[36..40].copy_from_slice(&max_sectors.to_le_bytes()); // max_discard_sectors
         c[40..44].copy_from_slice(&1u32.to_le_bytes()); // max_discard_seg
         c[44..48].copy_from_slice(&(bs / 512).to_le_bytes()); // discard_sector_alignment

@@ -158,7 +158,7 @@ impl Vring {
             // An indirect head stands alone (no NEXT) and points to a table of whole
             // descriptors in guest memory, walked from its entry 0.
             let d = first.0;
-            if d.flags & F_NEXT != 0 || d.len == 0 || d.len % 16 != 0 {
+            if d.flags & F_NEXT != 0 || d.len == 0 || !d.len.is_multiple_of(16) {
                 return None;
             }
             let n = d.len / 16;

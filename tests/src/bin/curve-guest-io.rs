@@ -97,9 +97,9 @@ impl Opts {
             }
         }
         if o.bs == 0
-            || o.bs % ALIGN != 0
-            || o.size % o.bs as u64 != 0
-            || o.offset % ALIGN as u64 != 0
+            || !o.bs.is_multiple_of(ALIGN)
+            || !o.size.is_multiple_of(o.bs as u64)
+            || !o.offset.is_multiple_of(ALIGN as u64)
         {
             return Err("--bs must be a multiple of 4096 dividing --size; --offset aligned".into());
         }
