@@ -33,6 +33,7 @@ mod error;
 pub mod exec;
 mod file;
 mod mem;
+pub mod queue;
 
 use std::fmt::Debug;
 use std::future::Future;
