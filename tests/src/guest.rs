@@ -1,5 +1,9 @@
-//! The QEMU guest harness: real kernel block clients (virtio-blk over vhost-user, later ublk and
+//! The QEMU guest harness: real kernel block clients (virtio-blk over vhost-user, ublk, later
 //! nbd) in a Linux guest under TCG, the host kernel having neither KVM nor those drivers.
+//!
+//! A ublk disk is served from inside the guest (the host kernel has no `ublk_drv`): the
+//! initramfs then carries `nebd-server` and `curve`, and the scenario starts part2 and adds the
+//! export (`part2_start`, `ublk_add` in `tests/guest/scenarios/lib.sh`).
 //!
 //! ```text
 //!  test ──builds──▶ initramfs (newc cpio, uncompressed)
@@ -37,6 +41,16 @@ pub enum Disk {
         /// `num-queues`.
         queues: u16,
     },
+    /// A ublk device `/dev/ublkbN` that a part2 inside the guest serves: the scenario gets
+    /// `curve.ublk_volume`, `curve.ublk_queues` and `curve.ublk_depth`.
+    Ublk {
+        /// Volume specification, as the guest's part2 opens it (`mem:256M`, `delay:...`).
+        volume: String,
+        /// `--queues`.
+        queues: u16,
+        /// `--queue-depth`.
+        queue_depth: u16,
+    },
 }
 
 /// What to boot.
@@ -52,6 +66,8 @@ pub struct GuestSpec {
     pub cpus: u32,
     /// Guest RAM in MiB.
     pub memory_mib: u32,
+    /// Host programs copied into the guest's /bin with the libraries `ldd` names (stripped).
+    pub tools: Vec<PathBuf>,
 }
 
 impl GuestSpec {
@@ -63,7 +79,28 @@ impl GuestSpec {
             disks: Vec::new(),
             cpus: 2,
             memory_mib: 512,
+            tools: Vec::new(),
         }
+    }
+
+    /// Adds a ublk disk served by a part2 inside the guest (ships `nebd-server` and `curve`).
+    pub fn ublk(mut self, volume: &str, queues: u16, queue_depth: u16) -> Self {
+        self.disks.push(Disk::Ublk {
+            volume: volume.into(),
+            queues,
+            queue_depth,
+        });
+        // part2's RAM volumes live in the guest's RAM.
+        self.memory_mib = self.memory_mib.max(1024);
+        self.tool(&bin("nebd-server")).tool(&bin("curve"))
+    }
+
+    /// Copies a host program (and its libraries) into the guest's /bin.
+    pub fn tool(mut self, path: &Path) -> Self {
+        if !self.tools.iter().any(|t| t == path) {
+            self.tools.push(path.into());
+        }
+        self
     }
 
     /// Adds a `curve.KEY=VALUE` parameter.
@@ -109,7 +146,7 @@ impl Guest {
         let qemu = require_tool("qemu-system-x86_64");
         let (kernel, kver) = guest_kernel();
         let initramfs = dir.join("initramfs.cpio");
-        build_initramfs(&initramfs, &kver);
+        build_initramfs(&initramfs, &kver, &spec.tools);
         let console = dir.join("console.log");
         let qemu_log = dir.join("qemu.log");
         let mut append = format!(
@@ -130,7 +167,6 @@ impl Guest {
             .arg(&kernel)
             .arg("-initrd")
             .arg(&initramfs)
-            .args(["-append", &append])
             .arg("-object")
             .arg(format!("memory-backend-memfd,id=mem,size={mem},share=on"))
             .args(["-numa", "node,memdev=mem"]);
@@ -147,8 +183,18 @@ impl Guest {
                             "vhost-user-blk-pci,chardev=vu{i},num-queues={queues}"
                         ));
                 }
+                Disk::Ublk {
+                    volume,
+                    queues,
+                    queue_depth,
+                } => {
+                    append.push_str(&format!(
+                        " curve.ublk_volume={volume} curve.ublk_queues={queues} curve.ublk_depth={queue_depth}"
+                    ));
+                }
             }
         }
+        cmd.args(["-append", &append]);
         Guest {
             qemu: Daemon::spawn(cmd, &qemu_log),
             console,
@@ -301,7 +347,7 @@ fn guest_kernel() -> (PathBuf, String) {
 }
 
 /// Writes the test initramfs to `out`.
-fn build_initramfs(out: &Path, kver: &str) {
+fn build_initramfs(out: &Path, kver: &str, tools: &[PathBuf]) {
     let guest_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("guest");
     let mut cpio = Cpio::default();
     for d in [
@@ -343,15 +389,19 @@ fn build_initramfs(out: &Path, kver: &str) {
         }
         cpio.symlink(&format!("bin/{applet}"), "busybox");
     }
-    // Our guest tool, with the shared libraries it links.
-    let tool = bin("curve-guest-io");
-    cpio.file("bin/curve-guest-io", &read(&tool), 0o755);
-    let ldd = run_ok(Command::new(require_tool("ldd")).arg(&tool));
-    for lib in ldd.lines().filter_map(|l| {
-        l.split_whitespace()
-            .find(|w| w.starts_with('/'))
-            .map(PathBuf::from)
-    }) {
+    // Our guest tool and the scenario's host programs, with the shared libraries they link.
+    let mut libs = std::collections::BTreeSet::new();
+    for tool in std::iter::once(bin("curve-guest-io")).chain(tools.iter().cloned()) {
+        let name = tool.file_name().expect("tool name").to_string_lossy();
+        cpio.file(&format!("bin/{name}"), &stripped(&tool), 0o755);
+        let ldd = run_ok(Command::new(require_tool("ldd")).arg(&tool));
+        libs.extend(ldd.lines().filter_map(|l| {
+            l.split_whitespace()
+                .find(|w| w.starts_with('/'))
+                .map(PathBuf::from)
+        }));
+    }
+    for lib in libs {
         let rel = lib.strip_prefix("/").expect("absolute");
         let mut parent = PathBuf::new();
         for c in rel.parent().into_iter().flat_map(|p| p.components()) {
@@ -380,6 +430,25 @@ fn build_initramfs(out: &Path, kver: &str) {
     w.write_all(&cpio.finish()).expect("write initramfs");
     w.flush().expect("flush initramfs");
     std::fs::set_permissions(out, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+}
+
+/// A program without its debug information (debug builds of ours are ~100 MB; the guest keeps
+/// its initramfs in RAM).
+fn stripped(p: &Path) -> Vec<u8> {
+    let out = std::env::temp_dir().join(format!(
+        "curve-guest-{}-{}",
+        std::process::id(),
+        p.file_name().expect("name").to_string_lossy()
+    ));
+    let ok = Command::new("objcopy")
+        .arg("--strip-debug")
+        .arg(p)
+        .arg(&out)
+        .status()
+        .is_ok_and(|s| s.success());
+    let data = if ok { read(&out) } else { read(p) };
+    let _ = std::fs::remove_file(&out);
+    data
 }
 
 fn read(p: &Path) -> Vec<u8> {

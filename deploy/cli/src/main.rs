@@ -249,16 +249,22 @@ enum ExportCommand {
         /// Serve over NBD at unix:PATH or tcp:HOST:PORT.
         #[arg(
             long,
-            required_unless_present = "vhost_user_blk",
-            conflicts_with = "vhost_user_blk"
+            required_unless_present_any = ["vhost_user_blk", "ublk"],
+            conflicts_with_all = ["vhost_user_blk", "ublk"]
         )]
         nbd: Option<String>,
         /// Serve as a vhost-user-blk device on the Unix socket PATH (for QEMU).
-        #[arg(long, value_name = "PATH")]
+        #[arg(long, value_name = "PATH", conflicts_with = "ublk")]
         vhost_user_blk: Option<PathBuf>,
-        /// Queues of a vhost-user-blk export.
+        /// Serve as a ublk block device /dev/ublkbN (needs the kernel's ublk_drv); prints its path.
+        #[arg(long)]
+        ublk: bool,
+        /// Queues of a vhost-user-blk or ublk export.
         #[arg(long, default_value_t = 1)]
         queues: u16,
+        /// Requests in flight per queue of a ublk export (1 to 4096).
+        #[arg(long, default_value_t = 128, requires = "ublk")]
+        queue_depth: u16,
         /// Export name (the NBD export name).
         #[arg(long)]
         name: String,
@@ -409,11 +415,18 @@ fn run(cli: Cli) -> Result<(), String> {
             volume,
             nbd,
             vhost_user_blk,
+            ublk,
             queues,
+            queue_depth,
             name,
             read_only,
         }) => {
             let frontend = match (nbd, vhost_user_blk) {
+                _ if ublk => Frontend::Ublk {
+                    queues,
+                    queue_depth,
+                    device_id: None,
+                },
                 (Some(address), _) => Frontend::Nbd { address },
                 (None, Some(p)) => Frontend::VhostUserBlk {
                     path: std::path::absolute(&p)
@@ -422,7 +435,9 @@ fn run(cli: Cli) -> Result<(), String> {
                         .to_string(),
                     queues,
                 },
-                (None, None) => return Err("--nbd or --vhost-user-blk is required".into()),
+                (None, None) => {
+                    return Err("--nbd, --vhost-user-blk or --ublk is required".into());
+                }
             };
             let req = Request::AddExport(ExportSpec {
                 name,

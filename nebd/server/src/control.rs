@@ -44,6 +44,16 @@ pub enum Frontend {
         /// Queues offered.
         queues: u16,
     },
+    /// A ublk block device `/dev/ublkbN` (kernel `ublk_drv`).
+    Ublk {
+        /// Hardware queues (one thread each).
+        queues: u16,
+        /// Requests in flight per queue.
+        queue_depth: u16,
+        /// The device number N, once created: a restarted part2 recovers this device.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        device_id: Option<u32>,
+    },
 }
 
 /// An export as requested.
@@ -74,6 +84,9 @@ pub struct ExportStatus {
     pub block_size: u32,
     /// Consumers attached now.
     pub connections: usize,
+    /// The block device a ublk export created (`/dev/ublkbN`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
 }
 
 /// A control request.

@@ -22,6 +22,12 @@ enum Served {
         // Stops serving (and removes the socket) when dropped.
         _server: curve_vhost_user_blk::Server,
     },
+    Ublk {
+        device: Arc<dyn curve_blockdev::BlockDevice>,
+        // Left to the kernel when dropped (part2 going down: the next one recovers it);
+        // taken by `remove`, which deletes the device.
+        export: Option<curve_ublk::UblkExport>,
+    },
 }
 
 struct Entry {
@@ -101,6 +107,15 @@ impl ExportManager {
                 }
                 None
             }
+            Frontend::Ublk {
+                queues,
+                queue_depth,
+                ..
+            } => {
+                curve_ublk::check(&ublk_options(*queues, *queue_depth, spec.read_only))
+                    .map_err(|e| e.to_string())?;
+                None
+            }
         };
         let mut entries = self.entries.lock().await;
         if entries.contains_key(&spec.name) {
@@ -143,13 +158,66 @@ impl ExportManager {
                     _server: server,
                 }
             }
+            (
+                Frontend::Ublk {
+                    queues,
+                    queue_depth,
+                    device_id,
+                },
+                _,
+            ) => {
+                let opts = ublk_options(*queues, *queue_depth, read_only);
+                let recover = device_id.filter(|_| !persist);
+                let dev = device.clone();
+                let export = tokio::task::spawn_blocking(move || match recover {
+                    Some(id) if curve_ublk::UblkExport::exists(id) => {
+                        tracing::info!(id, "recovering ublk device");
+                        curve_ublk::UblkExport::recover(id, dev, &opts)
+                    }
+                    _ => curve_ublk::UblkExport::add(dev, &opts),
+                })
+                .await
+                .map_err(|e| format!("ublk set-up panicked: {e}"))?
+                .map_err(|e| error_chain(&e))?;
+                if !persist && *device_id != Some(export.id()) {
+                    // The recorded device was gone: record the new one.
+                    let (name, id) = (spec.name.clone(), export.id());
+                    if let Some(meta) = &self.meta {
+                        let _ = meta.update(|s| {
+                            for e in s.exports.iter_mut().filter(|e| e.name == name) {
+                                if let Frontend::Ublk { device_id, .. } = &mut e.frontend {
+                                    *device_id = Some(id);
+                                }
+                            }
+                        });
+                    }
+                }
+                spec.frontend = Frontend::Ublk {
+                    queues: *queues,
+                    queue_depth: *queue_depth,
+                    device_id: Some(export.id()),
+                };
+                Served::Ublk {
+                    device,
+                    export: Some(export),
+                }
+            }
             (Frontend::Nbd { .. }, None) => unreachable!("NBD exports have an address"),
         };
         if let (true, Some(meta)) = (persist, &self.meta) {
             let record = spec.clone();
             if let Err(e) = meta.update(|s| s.exports.push(record)) {
-                if matches!(served, Served::Nbd { .. }) {
-                    let _ = self.nbd.remove_export(&spec.name).await;
+                match served {
+                    Served::Nbd { .. } => {
+                        let _ = self.nbd.remove_export(&spec.name).await;
+                    }
+                    Served::Ublk {
+                        export: Some(export),
+                        ..
+                    } => {
+                        let _ = tokio::task::spawn_blocking(move || export.remove()).await;
+                    }
+                    _ => {}
                 }
                 return Err(format!("cannot write the metafile: {e}"));
             }
@@ -164,14 +232,26 @@ impl ExportManager {
     /// Stops serving an export and closes its volume once its connections are gone.
     pub async fn remove(&self, name: &str) -> Result<(), String> {
         let mut entries = self.entries.lock().await;
-        let Some(entry) = entries.remove(name) else {
+        let Some(mut entry) = entries.remove(name) else {
             return Err(format!("no export named {name:?}"));
         };
-        if let Served::Nbd { .. } = entry.served {
-            self.nbd
-                .remove_export(name)
-                .await
-                .map_err(|e| e.to_string())?;
+        match &mut entry.served {
+            Served::Nbd { .. } => {
+                self.nbd
+                    .remove_export(name)
+                    .await
+                    .map_err(|e| e.to_string())?;
+            }
+            Served::Ublk { export, .. } => {
+                // STOP_DEV lets what is in flight finish; later I/O on the device fails.
+                if let Some(export) = export.take() {
+                    tokio::task::spawn_blocking(move || export.remove())
+                        .await
+                        .map_err(|e| format!("ublk removal panicked: {e}"))?
+                        .map_err(|e| error_chain(&e))?;
+                }
+            }
+            Served::VhostUserBlk { .. } => {}
         }
         drop(entry);
         if let Some(meta) = &self.meta {
@@ -194,7 +274,16 @@ impl ExportManager {
     }
 }
 
+fn ublk_options(queues: u16, queue_depth: u16, read_only: bool) -> curve_ublk::Options {
+    curve_ublk::Options {
+        queues,
+        queue_depth,
+        read_only,
+    }
+}
+
 fn status(e: &Entry) -> ExportStatus {
+    let mut device_path = None;
     let (uri, info, connections) = match &e.served {
         Served::Nbd { addr, export } => (
             addr.uri(&e.spec.name),
@@ -202,6 +291,14 @@ fn status(e: &Entry) -> ExportStatus {
             export.connections(),
         ),
         Served::VhostUserBlk { path, device, .. } => (path.clone(), device.info().clone(), 0),
+        Served::Ublk { device, export } => {
+            let path = export
+                .as_ref()
+                .map(|x| x.path().display().to_string())
+                .unwrap_or_default();
+            device_path = Some(path.clone());
+            (path, device.info().clone(), 0)
+        }
     };
     ExportStatus {
         spec: e.spec.clone(),
@@ -209,6 +306,7 @@ fn status(e: &Entry) -> ExportStatus {
         size: info.size,
         block_size: info.block_size,
         connections,
+        device: device_path,
     }
 }
 

@@ -28,3 +28,45 @@ dmesg_check() {
   fi
   echo "CURVE-RESULT dmesg=clean"
 }
+
+# part2 inside the guest (ublk disks: the guest kernel has ublk_drv, the host's has not).
+export CURVE_RUN_DIR=/tmp/run
+
+# part2_start: starts nebd-server on /tmp/run (restoring what its metafile holds) and waits
+# until its control socket answers; sets part2_pid.
+part2_start() {
+  mkdir -p /tmp/run
+  RUST_LOG=${RUST_LOG:-info} nebd-server --run-dir /tmp/run >> /tmp/part2.log 2>&1 &
+  part2_pid=$!
+  i=0
+  until curve export list > /dev/null 2>&1; do
+    i=$((i + 1))
+    if [ $i -ge 300 ] || ! kill -0 "$part2_pid" 2> /dev/null; then
+      echo "CURVE-FAIL nebd-server did not come up"
+      part2_log
+      return 1
+    fi
+    sleep 0.1
+  done
+}
+
+# part2_log: part2's log on the console.
+part2_log() {
+  sed 's/^/PART2 /' /tmp/part2.log
+}
+
+# ublk_add NAME [ARGS...]: a ublk export of the disk's volume (curve.ublk_volume, _queues,
+# _depth); prints the device path `curve export add` printed.
+ublk_add() {
+  name=$1
+  shift
+  curve export add --volume "$(param ublk_volume mem:64M)" --ublk \
+    --queues "$(param ublk_queues 1)" --queue-depth "$(param ublk_depth 128)" --name "$name" "$@"
+}
+
+# fail MESSAGE: reports a failure with part2's log and exits.
+fail() {
+  echo "CURVE-FAIL $*"
+  part2_log
+  exit 1
+}
