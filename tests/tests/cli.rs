@@ -250,3 +250,56 @@ fn removed_exports_stay_removed_after_a_restart() {
         .collect();
     assert_eq!(names, vec!["keep"], "{}", p2.log());
 }
+
+/// This host's kernel has no ublk driver (the guest tests have one): `--ublk` says which module
+/// is missing, and part2 serves on.
+#[test]
+fn ublk_without_the_driver_names_the_module() {
+    if std::path::Path::new("/dev/ublk-control").exists() {
+        eprintln!("skipped: this kernel has ublk_drv loaded");
+        return;
+    }
+    let p2 = Part2::start();
+    let out = p2.curve(&[
+        "export", "add", "--volume", "mem:16M", "--ublk", "--name", "u0",
+    ]);
+    assert!(!out.status.success());
+    let err = stderr_of(&out);
+    assert!(
+        err.contains("ublk_drv") && err.contains("/dev/ublk-control"),
+        "{err}"
+    );
+    // Options are checked before the driver: a depth above the kernel's limit says so.
+    let out = p2.curve(&[
+        "export",
+        "add",
+        "--volume",
+        "mem:16M",
+        "--ublk",
+        "--queue-depth",
+        "5000",
+        "--name",
+        "u0",
+    ]);
+    assert!(
+        stderr_of(&out).contains("queue depth 5000"),
+        "{}",
+        stderr_of(&out)
+    );
+    // --queue-depth belongs to --ublk.
+    let out = p2.curve(&[
+        "export",
+        "add",
+        "--volume",
+        "mem:16M",
+        "--nbd",
+        "unix:/tmp/x.sock",
+        "--queue-depth",
+        "8",
+        "--name",
+        "u0",
+    ]);
+    assert!(!out.status.success());
+    p2.export_mem("still", "1M");
+    assert!(p2.curve_ok(&["export", "list"]).contains("still"));
+}

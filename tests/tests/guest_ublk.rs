@@ -48,8 +48,16 @@ fn guest_ublk_pattern_discard_flush_read_only_and_bad_input() {
         run.md5("nbd"),
         "the bytes written through ublk, read through an NBD export of the same volume"
     );
-    assert_eq!(run.md5("ublk-discarded"), run.md5("zeros"), "discarded: zeros on ublk");
-    assert_eq!(run.md5("nbd-discarded"), run.md5("zeros"), "and through NBD");
+    assert_eq!(
+        run.md5("ublk-discarded"),
+        run.md5("zeros"),
+        "discarded: zeros on ublk"
+    );
+    assert_eq!(
+        run.md5("nbd-discarded"),
+        run.md5("zeros"),
+        "and through NBD"
+    );
     assert_eq!(
         r["file_blocks"].parse::<u64>().unwrap(),
         8 << 10,
@@ -57,7 +65,11 @@ fn guest_ublk_pattern_discard_flush_read_only_and_bad_input() {
     );
     assert_eq!(r["ro_write"], "refused");
     assert_eq!(r["ro_dev"], "1", "the kernel sees a read-only disk");
-    assert_eq!(run.md5("ro"), run.md5("rw"), "the read-only device reads the volume");
+    assert_eq!(
+        run.md5("ro"),
+        run.md5("rw"),
+        "the read-only device reads the volume"
+    );
     let errors = run.lines("CURVE-ERROR");
     let depth = errors.iter().find(|l| l.starts_with("depth")).unwrap();
     assert!(
@@ -85,7 +97,10 @@ fn guest_ublk_pattern_discard_flush_read_only_and_bad_input() {
 /// restarted: it finds the device in its metafile and recovers it (START/END_USER_RECOVERY);
 /// the kernel reissues what the dead part2 held. 0 I/O errors, every region verified, the same
 /// device, dmesg clean.
-fn ublk_writers_survive_kill_9(volume: &str, mib: u64) -> std::collections::BTreeMap<String, String> {
+fn ublk_writers_survive_kill_9(
+    volume: &str,
+    mib: u64,
+) -> std::collections::BTreeMap<String, String> {
     let dir = guest_dir();
     let guest = Guest::boot(
         dir.path(),
@@ -103,7 +118,10 @@ fn ublk_writers_survive_kill_9(volume: &str, mib: u64) -> std::collections::BTre
     assert_eq!(r["killed"], "yes");
     assert_eq!(r["recovered"], "yes", "{}", run.console);
     assert_eq!(r["path_before"], "/dev/ublkb0");
-    assert_eq!(r["path_after"], "/dev/ublkb0", "the same device after the restart");
+    assert_eq!(
+        r["path_after"], "/dev/ublkb0",
+        "the same device after the restart"
+    );
     assert_eq!(r["errors"], "0");
     assert_eq!(r["mismatches"], "0");
     assert_eq!(r["dmesg"], "clean", "{}", run.console);

@@ -262,9 +262,9 @@ enum ExportCommand {
         /// Queues of a vhost-user-blk or ublk export.
         #[arg(long, default_value_t = 1)]
         queues: u16,
-        /// Requests in flight per queue of a ublk export (1 to 4096).
-        #[arg(long, default_value_t = 128, requires = "ublk")]
-        queue_depth: u16,
+        /// Requests in flight per queue of a ublk export (1 to 4096; default 128).
+        #[arg(long)]
+        queue_depth: Option<u16>,
         /// Export name (the NBD export name).
         #[arg(long)]
         name: String,
@@ -421,10 +421,13 @@ fn run(cli: Cli) -> Result<(), String> {
             name,
             read_only,
         }) => {
+            if queue_depth.is_some() && !ublk {
+                return Err("--queue-depth applies to --ublk exports only".into());
+            }
             let frontend = match (nbd, vhost_user_blk) {
                 _ if ublk => Frontend::Ublk {
                     queues,
-                    queue_depth,
+                    queue_depth: queue_depth.unwrap_or(128),
                     device_id: None,
                 },
                 (Some(address), _) => Frontend::Nbd { address },
