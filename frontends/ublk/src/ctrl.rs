@@ -121,7 +121,8 @@ pub fn check(opts: &Options) -> Result<(), Error> {
 /// A volume served as `/dev/ublkbN`. Dropping it leaves the device to the kernel for a
 /// later server to recover; [`UblkExport::remove`] deletes it.
 pub struct UblkExport {
-    ctrl: UblkCtrl,
+    // Boxed: libublk's control state is large, an export handle small.
+    ctrl: Box<UblkCtrl>,
     id: u32,
     threads: Vec<JoinHandle<()>>,
     /// One per queue thread: cancelling ends its loop once what is in flight is answered.
@@ -252,7 +253,7 @@ impl UblkExport {
                 .map_err(control("START_DEV")),
         };
         let export = UblkExport {
-            ctrl,
+            ctrl: Box::new(ctrl),
             id,
             threads,
             notifiers,
