@@ -40,6 +40,8 @@ pub type RequestFuture<'a, D> = Pin<Box<dyn Future<Output = D> + 'a>>;
 pub trait QueueSource<'a> {
     /// What a finished request hands back to be answered.
     type Done;
+    /// Why the source cannot go on (the loop ends with it).
+    type Error: From<io::Error>;
 
     /// Takes what has arrived without blocking: at most `room` requests to run are pushed on
     /// `out`; requests refused on parsing are answered at once (queued, not sent). Returns
@@ -48,14 +50,14 @@ pub trait QueueSource<'a> {
         &mut self,
         room: usize,
         out: &mut Vec<RequestFuture<'a, Self::Done>>,
-    ) -> io::Result<bool>;
+    ) -> Result<bool, Self::Error>;
 
     /// Queues the answer of a finished request.
     fn complete(&mut self, done: Self::Done);
 
     /// Sends what [`complete`](Self::complete) and [`take`](Self::take) queued, batched into
     /// as few syscalls as the transport allows. Returns whether anything moved.
-    fn send(&mut self) -> io::Result<bool>;
+    fn send(&mut self) -> Result<bool, Self::Error>;
 
     /// Answers queued but not yet sent (they count against the in-flight limit).
     fn unsent(&self) -> usize {
@@ -67,7 +69,7 @@ pub trait QueueSource<'a> {
 
     /// Sleeps until the source may have something (`want_requests`: new requests can be
     /// taken; otherwise wait only for the transport to take answers) or `notifier` fires.
-    fn park(&mut self, notifier: &Notifier, want_requests: bool) -> io::Result<()>;
+    fn park(&mut self, notifier: &Notifier, want_requests: bool) -> Result<(), Self::Error>;
 }
 
 /// Serves `source` until it finishes or `notifier` is cancelled, with at most `max_queued`
@@ -76,7 +78,7 @@ pub fn serve<'a, S: QueueSource<'a>>(
     source: &mut S,
     notifier: &Arc<Notifier>,
     max_queued: usize,
-) -> io::Result<()> {
+) -> Result<(), S::Error> {
     let mut inflight: FuturesUnordered<RequestFuture<'a, S::Done>> = FuturesUnordered::new();
     let waker = Waker::from(notifier.clone());
     let mut cx = Context::from_waker(&waker);
@@ -127,6 +129,7 @@ mod tests {
 
     impl<'a> QueueSource<'a> for Scripted {
         type Done = u32;
+        type Error = io::Error;
         fn take(&mut self, room: usize, out: &mut Vec<RequestFuture<'a, u32>>) -> io::Result<bool> {
             let n = room.min(self.incoming.len());
             for id in self.incoming.drain(..n) {

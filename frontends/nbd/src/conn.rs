@@ -1,5 +1,6 @@
 //! The transmission phase of one connection: read requests, execute them on the block
-//! device, write replies.
+//! device, write replies — a [`QueueSource`] on the frontends' one queue loop
+//! ([`curve_blockdev::queue`]).
 //!
 //! One connection is served by one thread running a single-threaded executor, so nothing on
 //! this path is shared or locked. Each turn of the loop:
@@ -21,23 +22,17 @@
 //! Buffers come from a per-connection [`BufPool`]; large write payloads are read straight
 //! into their buffer.
 
-use std::future::Future;
 use std::io;
-use std::pin::Pin;
-use std::task::{Context, Poll};
 
 use curve_blockdev::{AlignedBuf, BlockDevice, BufPool, Extent, IoError, WriteFlags, ZeroFlags};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
-use std::task::Waker;
-
-use futures::stream::{FuturesUnordered, StreamExt};
 
 use crate::negotiate::BASE_ALLOCATION_ID;
 use crate::proto::{self, cmd, errno};
 use crate::request::{self, Command, Limits, Refusal};
 use crate::stream::StdStream;
 use curve_blockdev::exec::{self as wake, Notifier, OutQueue, Reply, is_transient};
+use curve_blockdev::queue::{self, QueueSource, RequestFuture};
 
 /// Requests in flight plus replies waiting to be written, per connection.
 const MAX_QUEUED: usize = 512;
@@ -100,7 +95,7 @@ enum Output {
     },
 }
 
-struct Done {
+pub(crate) struct Done {
     cookie: u64,
     result: Result<Output, IoError>,
 }
@@ -150,8 +145,6 @@ struct PendingWrite {
     filled: usize,
 }
 
-type ExecFuture<'a> = Pin<Box<dyn Future<Output = Done> + 'a>>;
-
 /// One connection in transmission.
 pub(crate) struct Connection<'a> {
     stream: StdStream,
@@ -193,55 +186,7 @@ impl<'a> Connection<'a> {
     /// Serves requests until the client disconnects or `notifier` is cancelled; in-flight
     /// requests are finished and answered first.
     pub(crate) fn serve(mut self, notifier: &Arc<Notifier>) -> Result<(), ConnError> {
-        let dev = self.dev;
-        let mut inflight: FuturesUnordered<ExecFuture<'a>> = FuturesUnordered::new();
-        let waker = Waker::from(notifier.clone());
-        let mut cx = Context::from_waker(&waker);
-        let mut poller = wake::Poller::default();
-        loop {
-            if notifier.cancelled.load(Ordering::Acquire) {
-                self.closing = true;
-            }
-            let mut progress = false;
-            if !self.closing && inflight.len() + self.out.len() < MAX_QUEUED {
-                progress |= self.fill()?;
-                while inflight.len() + self.out.len() < MAX_QUEUED {
-                    let Some((cookie, exec)) = self.next_exec()? else {
-                        break;
-                    };
-                    progress = true;
-                    let mut fut: ExecFuture<'a> = Box::pin(execute(dev, cookie, exec));
-                    match fut.as_mut().poll(&mut cx) {
-                        Poll::Ready(done) => self.complete(done),
-                        Poll::Pending => inflight.push(fut),
-                    }
-                }
-            }
-            while !inflight.is_empty() {
-                match inflight.poll_next_unpin(&mut cx) {
-                    Poll::Ready(Some(done)) => {
-                        self.complete(done);
-                        progress = true;
-                    }
-                    _ => break,
-                }
-            }
-            if !self.out.is_empty() {
-                let stream = &self.stream;
-                progress |= self
-                    .out
-                    .flush(|iov| stream.try_write_vectored(iov), &mut self.pool)?;
-            }
-            if self.closing && inflight.is_empty() && self.out.is_empty() {
-                return Ok(());
-            }
-            if progress {
-                poller.progressed();
-            } else if !poller.keep_polling() {
-                let want_read = !self.closing && inflight.len() + self.out.len() < MAX_QUEUED;
-                wake::park(notifier, self.stream.fd(), want_read, !self.out.is_empty())?;
-            }
-        }
+        queue::serve(&mut self, notifier, MAX_QUEUED)
     }
 
     /// Reads what the socket has, into the pending write's buffer or the read buffer.
@@ -443,6 +388,60 @@ impl<'a> Connection<'a> {
             r = r.with_data(d);
         }
         self.out.push(r);
+    }
+}
+
+/// A connection on the frontends' one queue loop: requests come from the socket, answers go
+/// back with one `writev`.
+impl<'a> QueueSource<'a> for Connection<'a> {
+    type Done = Done;
+    type Error = ConnError;
+
+    fn take(
+        &mut self,
+        room: usize,
+        out: &mut Vec<RequestFuture<'a, Done>>,
+    ) -> Result<bool, ConnError> {
+        let mut moved = self.fill()?;
+        while out.len() < room {
+            let Some((cookie, exec)) = self.next_exec()? else {
+                break;
+            };
+            moved = true;
+            out.push(Box::pin(execute(self.dev, cookie, exec)));
+        }
+        Ok(moved)
+    }
+
+    fn complete(&mut self, done: Done) {
+        Connection::complete(self, done);
+    }
+
+    fn send(&mut self) -> Result<bool, ConnError> {
+        if self.out.is_empty() {
+            return Ok(false);
+        }
+        let stream = &self.stream;
+        Ok(self
+            .out
+            .flush(|iov| stream.try_write_vectored(iov), &mut self.pool)?)
+    }
+
+    fn unsent(&self) -> usize {
+        self.out.len()
+    }
+
+    fn finished(&self) -> bool {
+        self.closing
+    }
+
+    fn park(&mut self, notifier: &Notifier, want_requests: bool) -> Result<(), ConnError> {
+        Ok(wake::park(
+            notifier,
+            self.stream.fd(),
+            want_requests,
+            !self.out.is_empty(),
+        )?)
     }
 }
 

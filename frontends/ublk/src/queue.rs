@@ -175,6 +175,7 @@ impl<'q, 'a> UblkSource<'q, 'a> {
 
 impl<'a> QueueSource<'a> for UblkSource<'_, 'a> {
     type Done = Done;
+    type Error = io::Error;
 
     fn take(&mut self, room: usize, out: &mut Vec<RequestFuture<'a, Done>>) -> io::Result<bool> {
         let mut moved = if self.arrived.is_empty() {

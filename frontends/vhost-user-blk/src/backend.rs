@@ -13,15 +13,13 @@ use std::collections::HashMap;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::task::{Context, Poll};
 use std::thread::JoinHandle;
 
 use curve_blockdev::exec::Notifier;
+use curve_blockdev::queue::{self, QueueSource, RequestFuture};
 use curve_blockdev::{BlockDevice, WriteFlags, ZeroFlags};
-use futures::stream::{FuturesUnordered, StreamExt};
 
 use crate::inflight::{Inflight, QueueInflight};
 use crate::memory::GuestMemory;
@@ -137,7 +135,7 @@ struct QueueSetup {
 }
 
 struct Worker {
-    stop: Arc<AtomicBool>,
+    /// Cancelled to stop the worker (its in-flight requests finish first).
     notifier: Arc<Notifier>,
     thread: JoinHandle<u16>,
 }
@@ -413,8 +411,7 @@ impl Connection {
         let Some(w) = q.worker.take() else {
             return Ok(false);
         };
-        w.stop.store(true, Ordering::SeqCst);
-        w.notifier.notify();
+        w.notifier.cancel();
         match w.thread.join() {
             Ok(base) => q.base = base,
             Err(_) => return Err(ProtoError::Bad(format!("queue {i}: its worker panicked"))),
@@ -446,7 +443,6 @@ impl Connection {
         let tracked = tracker.is_some();
         let kick = kick.try_clone()?;
         let notifier = Notifier::new()?;
-        let stop = Arc::new(AtomicBool::new(false));
         let info = device.info().clone();
         let limits = Limits {
             capacity: info.size,
@@ -456,7 +452,7 @@ impl Connection {
             max_zero_bytes: u64::from(max_zero_sectors(&info)) * 512,
             read_only,
         };
-        let (n2, s2) = (notifier.clone(), stop.clone());
+        let n2 = notifier.clone();
         let thread = std::thread::Builder::new()
             .name(format!("vhost-blk-q{i}"))
             .spawn(move || {
@@ -469,15 +465,12 @@ impl Connection {
                     kick,
                     call,
                     notifier: n2,
-                    stop: s2,
+                    replay: Vec::new(),
+                    used_unsignalled: false,
                 };
                 w.run()
             })?;
-        q.worker = Some(Worker {
-            stop,
-            notifier,
-            thread,
-        });
+        q.worker = Some(Worker { notifier, thread });
         tracing::info!(
             queue = i,
             inflight_tracking = tracked,
@@ -489,8 +482,7 @@ impl Connection {
     fn stop_all(&mut self) {
         for q in self.queues.values_mut() {
             if let Some(w) = q.worker.take() {
-                w.stop.store(true, Ordering::SeqCst);
-                w.notifier.notify();
+                w.notifier.cancel();
                 let _ = w.thread.join();
             }
         }
@@ -505,7 +497,7 @@ fn max_zero_sectors(info: &curve_blockdev::DeviceInfo) -> u32 {
 }
 
 type Done = (u16, Request, u8, u32);
-type Exec = Pin<Box<dyn Future<Output = Done> + Send>>;
+type Exec = RequestFuture<'static, Done>;
 
 struct QueueWorker {
     vring: Vring,
@@ -516,7 +508,10 @@ struct QueueWorker {
     kick: OwnedFd,
     call: Arc<OwnedFd>,
     notifier: Arc<Notifier>,
-    stop: Arc<AtomicBool>,
+    /// Requests a restarted back-end resubmits before it takes new ones.
+    replay: Vec<Exec>,
+    /// Used elements published since the last call signal.
+    used_unsignalled: bool,
 }
 
 fn drain(fd: RawFd) {
@@ -527,11 +522,6 @@ fn drain(fd: RawFd) {
 
 impl QueueWorker {
     fn run(&mut self) -> u16 {
-        // The kick eventfd may be blocking: never read it without a poll saying it is ready.
-        let waker = std::task::Waker::from(self.notifier.clone());
-        let mut cx = Context::from_waker(&waker);
-        let mut inflight: FuturesUnordered<Exec> = FuturesUnordered::new();
-        let mut poller = curve_blockdev::exec::Poller::default();
         // A restarted back-end: what the previous one took and did not complete runs first,
         // in the order it was taken; the ring resumes after it.
         if let Some(t) = self.tracker.as_mut() {
@@ -543,78 +533,24 @@ impl QueueWorker {
             self.vring.last_avail = used.wrapping_add(replay.len() as u16);
             for head in replay {
                 if let Some(f) = self.take(head) {
-                    inflight.push(f);
+                    self.replay.push(f);
                 }
             }
         }
         // A (re)started queue interrupts once: completions its predecessor published without
         // signalling them are seen.
+        self.signal();
+        let notifier = self.notifier.clone();
+        if let Err(e) = queue::serve(self, &notifier, usize::MAX) {
+            tracing::warn!(error = %e, "vhost-user queue worker failed");
+        }
+        self.vring.last_avail
+    }
+
+    fn signal(&self) {
         let one = 1u64.to_le_bytes();
         // SAFETY: signalling the call eventfd we hold.
         unsafe { libc::write(self.call.as_raw_fd(), one.as_ptr().cast(), 8) };
-        loop {
-            // Reset before looking at the stop flag and the futures, so that a wake that comes
-            // after the reset is never lost.
-            self.notifier.reset();
-            let stopping = self.stop.load(Ordering::SeqCst);
-            let mut used = false;
-            if !stopping {
-                loop {
-                    while let Some(head) = self.vring.pop() {
-                        if let Some(t) = self.tracker.as_mut() {
-                            t.take(head);
-                        }
-                        match self.take(head) {
-                            Some(f) => inflight.push(f),
-                            None => used = true,
-                        }
-                    }
-                    if !self.vring.arm() {
-                        break;
-                    }
-                }
-            }
-            while let Poll::Ready(Some((head, r, status, written))) =
-                inflight.poll_next_unpin(&mut cx)
-            {
-                self.complete(head, &r, status, written);
-                used = true;
-            }
-            if used && self.vring.needs_notify() {
-                let one = 1u64.to_le_bytes();
-                // SAFETY: signalling the call eventfd we hold.
-                unsafe { libc::write(self.call.as_raw_fd(), one.as_ptr().cast(), 8) };
-            }
-            if stopping && inflight.is_empty() {
-                return self.vring.last_avail;
-            }
-            // After traffic, look again before sleeping (the QD1 latency win); the poller
-            // stops when it finds the CPU shared with the work it waits for.
-            if used {
-                poller.progressed();
-                continue;
-            }
-            if !stopping && poller.keep_polling() {
-                continue;
-            }
-            let mut fds = [
-                libc::pollfd {
-                    fd: self.kick.as_raw_fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                },
-                libc::pollfd {
-                    fd: self.notifier.as_raw_fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                },
-            ];
-            // SAFETY: poll on two descriptors we hold.
-            unsafe { libc::poll(fds.as_mut_ptr(), 2, 1000) };
-            if fds[0].revents & libc::POLLIN != 0 {
-                drain(self.kick.as_raw_fd());
-            }
-        }
     }
 
     fn complete(&mut self, head: u16, r: &Request, status: u8, written: u32) {
@@ -661,6 +597,77 @@ impl QueueWorker {
             let (status, written) = execute(&*device, &mem, &r, &serial).await;
             (head, r, status, written)
         }))
+    }
+}
+
+/// A virtqueue on the frontends' one queue loop: requests are popped from the avail ring
+/// (kicks wake the thread), answers are used elements, signalled with one call per batch.
+impl QueueSource<'static> for QueueWorker {
+    type Done = Done;
+    type Error = std::io::Error;
+
+    fn take(&mut self, _room: usize, out: &mut Vec<Exec>) -> std::io::Result<bool> {
+        // The ring's size bounds what the guest can have in flight.
+        let mut moved = !self.replay.is_empty();
+        out.append(&mut self.replay);
+        loop {
+            while let Some(head) = self.vring.pop() {
+                moved = true;
+                if let Some(t) = self.tracker.as_mut() {
+                    t.take(head);
+                }
+                match self.take(head) {
+                    Some(f) => out.push(f),
+                    None => self.used_unsignalled = true,
+                }
+            }
+            if !self.vring.arm() {
+                break;
+            }
+        }
+        Ok(moved)
+    }
+
+    fn complete(&mut self, (head, r, status, written): Done) {
+        QueueWorker::complete(self, head, &r, status, written);
+        self.used_unsignalled = true;
+    }
+
+    fn send(&mut self) -> std::io::Result<bool> {
+        if std::mem::take(&mut self.used_unsignalled) && self.vring.needs_notify() {
+            self.signal();
+        }
+        Ok(false)
+    }
+
+    fn finished(&self) -> bool {
+        false
+    }
+
+    fn park(&mut self, notifier: &Notifier, want_requests: bool) -> std::io::Result<()> {
+        // The kick eventfd may be blocking: it is read only when poll says it is ready.
+        let mut fds = [
+            libc::pollfd {
+                fd: notifier.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: self.kick.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        let n = if want_requests { 2 } else { 1 };
+        // SAFETY: poll on descriptors we hold.
+        unsafe { libc::poll(fds.as_mut_ptr(), n, 1000) };
+        if fds[0].revents != 0 {
+            notifier.reset();
+        }
+        if fds[1].revents & libc::POLLIN != 0 {
+            drain(self.kick.as_raw_fd());
+        }
+        Ok(())
     }
 }
 

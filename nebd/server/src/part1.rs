@@ -7,18 +7,14 @@
 //! Control requests (OPEN, CLOSE, GET_INFO, RESIZE, HEARTBEAT) are answered inline.
 //! Any framing error (bad magic, oversized payload) closes that connection only.
 
-use std::future::Future;
 use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
-use std::task::{Context, Poll, Waker};
 
 use curve_blockdev::exec::{self, Notifier, OutQueue, Reply, is_transient};
+use curve_blockdev::queue::{self, QueueSource, RequestFuture};
 use curve_blockdev::{AlignedBuf, BlockDevice, BufPool, IoError, WriteFlags, check_range};
-use futures::stream::{FuturesUnordered, StreamExt};
 use nebd_proto::{self as proto, Op, RequestHeader, ResponseHeader};
 
 use crate::files::{FileError, FileManager};
@@ -29,14 +25,16 @@ pub const PART1_SOCKET: &str = "nebd.sock";
 const RBUF_LEN: usize = 256 * 1024;
 const MAX_QUEUED: usize = 512;
 
-struct Done {
+/// A finished part1 request, to be answered.
+#[derive(Debug)]
+pub struct Done {
     id: u64,
     result: Result<Option<AlignedBuf>, IoError>,
     /// Buffer to give back to the pool (write payloads).
     spent: Option<AlignedBuf>,
 }
 
-type ExecFuture = Pin<Box<dyn Future<Output = Done>>>;
+type ExecFuture = RequestFuture<'static, Done>;
 
 /// One part1 connection.
 pub struct Part1Conn {
@@ -81,53 +79,7 @@ impl Part1Conn {
     /// Serves the connection until part1 hangs up or `notifier` is cancelled.
     pub fn serve(mut self, notifier: &Arc<Notifier>) -> io::Result<()> {
         exec::batch_scheduling();
-        let mut inflight: FuturesUnordered<ExecFuture> = FuturesUnordered::new();
-        let waker = Waker::from(notifier.clone());
-        let mut cx = Context::from_waker(&waker);
-        let mut poller = exec::Poller::default();
-        loop {
-            if notifier.cancelled.load(Ordering::Acquire) {
-                self.closing = true;
-            }
-            let mut progress = false;
-            if !self.closing && inflight.len() + self.out.len() < MAX_QUEUED {
-                progress |= self.fill()?;
-                while inflight.len() + self.out.len() < MAX_QUEUED {
-                    let Some(mut fut) = self.next_request()? else {
-                        break;
-                    };
-                    progress = true;
-                    match fut.as_mut().poll(&mut cx) {
-                        Poll::Ready(done) => self.complete(done),
-                        Poll::Pending => inflight.push(fut),
-                    }
-                }
-            }
-            while let Poll::Ready(Some(done)) = inflight.poll_next_unpin(&mut cx) {
-                self.complete(done);
-                progress = true;
-            }
-            if !self.out.is_empty() {
-                let sock = &self.sock;
-                progress |= self
-                    .out
-                    .flush(|iov| (&*sock).write_vectored(iov), &mut self.pool)?;
-            }
-            if self.closing && inflight.is_empty() && self.out.is_empty() {
-                return Ok(());
-            }
-            if progress {
-                poller.progressed();
-            } else if !poller.keep_polling() {
-                let want_read = !self.closing && inflight.len() + self.out.len() < MAX_QUEUED;
-                exec::park(
-                    notifier,
-                    self.sock.as_raw_fd(),
-                    want_read,
-                    !self.out.is_empty(),
-                )?;
-            }
-        }
+        queue::serve(&mut self, notifier, MAX_QUEUED)
     }
 
     fn fill(&mut self) -> io::Result<bool> {
@@ -309,6 +261,54 @@ impl Part1Conn {
                 self.respond(done.id, status_of(&e), &[]);
             }
         }
+    }
+}
+
+/// A part1 connection on the frontends' one queue loop.
+impl QueueSource<'static> for Part1Conn {
+    type Done = Done;
+    type Error = io::Error;
+
+    fn take(&mut self, room: usize, out: &mut Vec<ExecFuture>) -> io::Result<bool> {
+        let mut moved = self.fill()?;
+        while out.len() < room {
+            let Some(fut) = self.next_request()? else {
+                break;
+            };
+            moved = true;
+            out.push(fut);
+        }
+        Ok(moved)
+    }
+
+    fn complete(&mut self, done: Done) {
+        Part1Conn::complete(self, done);
+    }
+
+    fn send(&mut self) -> io::Result<bool> {
+        if self.out.is_empty() {
+            return Ok(false);
+        }
+        let sock = &self.sock;
+        self.out
+            .flush(|iov| (&*sock).write_vectored(iov), &mut self.pool)
+    }
+
+    fn unsent(&self) -> usize {
+        self.out.len()
+    }
+
+    fn finished(&self) -> bool {
+        self.closing
+    }
+
+    fn park(&mut self, notifier: &Notifier, want_requests: bool) -> io::Result<()> {
+        exec::park(
+            notifier,
+            self.sock.as_raw_fd(),
+            want_requests,
+            !self.out.is_empty(),
+        )
     }
 }
 
