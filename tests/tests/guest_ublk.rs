@@ -151,3 +151,92 @@ fn guest_ublk_writers_survive_kill_9_of_part2() {
 fn guest_ublk_writers_survive_kill_9_of_part2_with_out_of_order_completions() {
     ublk_writers_survive_kill_9("delay:5:20:mem:64M", 1);
 }
+
+/// Benchmark (not run by the suite; `docs/benchmarks.md` has the command and figures): fio in
+/// one guest boot, 4K random read and write at QD1 and QD32, on our ublk device (a part2 in the
+/// guest, `mem:`), on rublk's null target (the libublk authors' server: `cargo install rublk`,
+/// found in PATH or `CURVE_RUBLK`) and on our vhost-user-blk export of a `mem:` volume. Under
+/// TCG only the ratios mean anything. Prints a table; asserts nothing about speed.
+#[test]
+#[ignore = "benchmark: run with --run-ignored only (needs rublk and release binaries)"]
+fn bench_ublk_against_rublk_and_vhost_user() {
+    let rublk = std::env::var_os("CURVE_RUBLK")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| curve_tests::require_tool("rublk"));
+    let fio = curve_tests::require_tool("fio");
+    let secs: u32 = std::env::var("CURVE_BENCH_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5);
+    let p = curve_tests::Part2::start();
+    let sock = p.run_dir().join("vu.sock");
+    p.curve_ok(&[
+        "export",
+        "add",
+        "--volume",
+        "mem:256M",
+        "--vhost-user-blk",
+        sock.to_str().unwrap(),
+        "--queues",
+        "1",
+        "--name",
+        "vu",
+    ]);
+    let mut spec = GuestSpec::new("ublk_bench")
+        .param("secs", secs)
+        .param("rounds", 2)
+        .vhost_user_blk(&sock, 1)
+        .ublk("mem:256M", 1, 128)
+        .tool(&rublk)
+        .tool(&fio);
+    spec.memory_mib = 1536;
+    let guest = Guest::boot(p.dir.path(), &spec);
+    let run = guest
+        .finish(Duration::from_secs(600))
+        .unwrap_or_else(|e| panic!("{e}\npart2:\n{}", p.log()));
+    run.assert_ok();
+    // Best of the rounds for each (device, job).
+    let mut best: std::collections::BTreeMap<(String, String, String), (f64, f64)> =
+        Default::default();
+    for line in run.lines("CURVE-BENCH") {
+        let kv: std::collections::BTreeMap<&str, &str> = line
+            .split_whitespace()
+            .filter_map(|w| w.split_once('='))
+            .collect();
+        let key = (
+            kv["rw"].to_owned(),
+            kv["qd"].to_owned(),
+            kv["dev"].to_owned(),
+        );
+        let iops: f64 = kv["iops"].parse().unwrap();
+        let lat: f64 = kv["lat_us"].parse().unwrap();
+        let e = best.entry(key).or_insert((0.0, f64::MAX));
+        if iops > e.0 {
+            *e = (iops, lat);
+        }
+    }
+    println!(
+        "| fio job (guest, TCG) | ours ublk IOPS (lat µs) | rublk null | ours vhost-user-blk | ublk / rublk | ublk / vhost-user |"
+    );
+    println!("|---|---|---|---|---|---|");
+    for (rw, qd) in [
+        ("randread", "1"),
+        ("randwrite", "1"),
+        ("randread", "32"),
+        ("randwrite", "32"),
+    ] {
+        let get = |d: &str| best[&(rw.to_owned(), qd.to_owned(), d.to_owned())];
+        let (o, r, v) = (get("ours"), get("rublk"), get("vhost"));
+        println!(
+            "| 4K {rw} QD{qd} | {:.0} ({:.0}) | {:.0} ({:.0}) | {:.0} ({:.0}) | {:.2}× | {:.2}× |",
+            o.0,
+            o.1,
+            r.0,
+            r.1,
+            v.0,
+            v.1,
+            o.0 / r.0,
+            o.0 / v.0
+        );
+    }
+}

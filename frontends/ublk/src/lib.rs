@@ -15,6 +15,7 @@
 //! without dying first; on 6.12 a planned restart goes through the same recovery.
 
 mod ctrl;
+pub mod fuzzing;
 mod queue;
 pub mod request;
 

@@ -184,14 +184,15 @@ impl<'a> QueueSource<'a> for UblkSource<'_, 'a> {
             false
         };
         let n = room.min(self.arrived.len());
-        let tags: Vec<u16> = self.arrived.drain(..n).collect();
-        for tag in tags {
+        for i in 0..n {
+            let tag = self.arrived[i];
             moved = true;
             match self.start(tag) {
                 Ok(f) => out.push(f),
                 Err(errno) => self.complete((tag, -errno)),
             }
         }
+        self.arrived.drain(..n);
         Ok(moved)
     }
 
