@@ -1,9 +1,13 @@
 # Parallel O_DIRECT writers on a ublk device while part2 (inside the guest) is killed -9 and
-# restarted: the new part2 recovers the same device, the writers see a pause, no error.
+# restarted: the new part2 recovers the same device, the writers see a pause, no error. Then a
+# planned restart (SIGTERM, start again): the same device again, the same bytes.
+# The volume (curve.ublk_volume) should keep its data across part2 restarts: a file volume on
+# the guest's tmpfs (/tmp/w.img, created here).
 . /scenarios/lib.sh
 jobs=$(param jobs 4)
 mib=$(param mib 4)
 secs=$(param secs 10)
+dd if=/dev/zero of=/tmp/w.img bs=1M count=0 seek=64 2> /dev/null
 part2_start || exit 1
 path=$(ublk_add u0) || fail "export add"
 wait_dev "$path" || fail "no $path"
@@ -22,6 +26,16 @@ after=$(curve export list --format json | sed -n 's/.*"device": "\(.*\)".*/\1/p'
 echo "CURVE-RESULT path_before=$path path_after=$after"
 grep -q "recovering ublk device" /tmp/part2.log && echo "CURVE-RESULT recovered=yes"
 echo "CURVE-MD5 writers $(md5_range "$path" 0 $((jobs * mib)))"
+echo "CURVE-MD5 file $(dd if=/tmp/w.img bs=1M count=$((jobs * mib)) 2> /dev/null | md5sum | cut -d' ' -f1)"
+
+# A planned restart: SIGTERM leaves the device to the kernel, the next part2 recovers it.
+kill -TERM "$part2_pid"
+i=0
+while kill -0 "$part2_pid" 2> /dev/null && [ $i -lt 300 ]; do sleep 0.1; i=$((i + 1)); done
+part2_start || fail "start after SIGTERM"
+again=$(curve export list --format json | sed -n 's/.*"device": "\(.*\)".*/\1/p')
+echo "CURVE-RESULT path_after_term=$again"
+echo "CURVE-MD5 after-term $(md5_range "$path" 0 $((jobs * mib)))"
 dmesg_check || rc=1
 [ $rc = 0 ] || part2_log
 exit $rc
