@@ -36,7 +36,8 @@ export CURVE_RUN_DIR=/tmp/run
 # until its control socket answers; sets part2_pid.
 part2_start() {
   mkdir -p /tmp/run
-  RUST_LOG=${RUST_LOG:-info} nebd-server --run-dir /tmp/run >> /tmp/part2.log 2>&1 &
+  CURVE_NBD_POLL_US=$(param poll_us 50) RUST_LOG=${RUST_LOG:-info} \
+    nebd-server --run-dir /tmp/run >> /tmp/part2.log 2>&1 &
   part2_pid=$!
   i=0
   until curve export list > /dev/null 2>&1; do
