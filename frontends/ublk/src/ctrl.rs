@@ -152,7 +152,7 @@ impl UblkExport {
             .depth(opts.queue_depth)
             .io_buf_bytes(io_buf)
             .ctrl_flags(CTRL_FLAGS)
-            .dev_flags(UblkFlags::UBLK_DEV_F_ADD_DEV)
+            .dev_flags(UblkFlags::UBLK_DEV_F_ADD_DEV | UblkFlags::UBLK_DEV_F_SINGLE_CPU_AFFINITY)
             .build()
             .map_err(control("ADD_DEV"))?;
         Self::start(ctrl, device, opts)
@@ -168,7 +168,9 @@ impl UblkExport {
             .nr_queues(opts.queues)
             .depth(opts.queue_depth)
             .ctrl_flags(CTRL_FLAGS)
-            .dev_flags(UblkFlags::UBLK_DEV_F_RECOVER_DEV)
+            .dev_flags(
+                UblkFlags::UBLK_DEV_F_RECOVER_DEV | UblkFlags::UBLK_DEV_F_SINGLE_CPU_AFFINITY,
+            )
             .build()
             .map_err(control("GET_DEV_INFO"))?;
         let di = ctrl.dev_info();

@@ -6,8 +6,9 @@
 //!     FETCH / COMMIT_AND_FETCH uring_cmds, one per tag   -> a CQE when the kernel has a request
 //!     POLL_ADD on the thread's Notifier eventfd          -> a CQE when a device future woke us
 //!   take:  io_uring_enter(min_complete = 0): submit the queued commits, reap CQEs;
-//!          each new tag -> its descriptor parsed (request.rs) -> a device future on the tag's
-//!          buffer (a read lands in it, a write is read from it)
+//!          each new tag -> its descriptor parsed (request.rs) -> the device call on the tag's
+//!          buffer (a read lands in it, a write is read from it), polled once: answered at
+//!          once if it is done (RAM, page cache), an in-flight future otherwise
 //!   complete: COMMIT_AND_FETCH queued for the tag (result, and the tag's buffer for the next)
 //!   send:  io_uring_enter(min_complete = 0): one syscall for every queued commit
 //!   park:  io_uring_enter(min_complete = 1): a request or a wakeup
@@ -18,10 +19,11 @@
 use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
 
 use curve_blockdev::exec::Notifier;
 use curve_blockdev::queue::{QueueSource, RequestFuture};
-use curve_blockdev::{BlockDevice, WriteFlags, ZeroFlags};
+use curve_blockdev::{BlockDevice, IoFuture, WriteFlags, ZeroFlags};
 use libublk::helpers::IoBuf;
 use libublk::io::{UblkIOCtx, UblkQueue};
 use libublk::{BufDesc, UblkError, UblkIORes, UblkUringData};
@@ -38,6 +40,8 @@ pub(crate) struct UblkSource<'q, 'a> {
     bufs: &'a [IoBuf<u8>],
     limits: Limits,
     notifier: Arc<Notifier>,
+    /// Wakes this thread (through `notifier`) when a device future can make progress.
+    waker: Waker,
     /// Tags whose new request the kernel has delivered and we have not taken yet.
     arrived: Vec<u16>,
     /// A POLL_ADD on the notifier is pending in the ring.
@@ -61,6 +65,7 @@ impl<'q, 'a> UblkSource<'q, 'a> {
             device,
             bufs,
             limits,
+            waker: Waker::from(notifier.clone()),
             notifier,
             arrived: Vec::with_capacity(bufs.len()),
             armed: false,
@@ -116,60 +121,73 @@ impl<'q, 'a> UblkSource<'q, 'a> {
         Ok(())
     }
 
-    fn start(&self, tag: u16) -> Result<RequestFuture<'a, Done>, i32> {
+    /// Starts the request the kernel delivered on `tag` and polls it once: a device that
+    /// completes at once (RAM, page cache) is answered here, with no future kept; one that
+    /// completes later becomes an in-flight future.
+    fn start(&mut self, tag: u16) -> Option<RequestFuture<'a, Done>> {
         let iod = self.queue.get_iod(tag);
-        let req = request::parse(iod.op_flags, iod.start_sector, iod.nr_sectors, &self.limits)
-            .inspect_err(|errno| {
+        let req = match request::parse(iod.op_flags, iod.start_sector, iod.nr_sectors, &self.limits)
+        {
+            Ok(req) => req,
+            Err(errno) => {
                 tracing::debug!(tag, op_flags = iod.op_flags, errno, "ublk request refused");
-            })?;
+                self.complete((tag, -errno));
+                return None;
+            }
+        };
         let device = self.device;
         let buf = &self.bufs[usize::from(tag)];
         let (ptr, cap) = (buf.as_mut_ptr(), buf.len());
-        Ok(Box::pin(async move {
-            let result = match req {
-                Request::Read { offset, len } | Request::Write { offset, len, .. } => {
-                    let len = (len as usize).min(cap);
-                    // SAFETY: the buffer belongs to this tag alone; the kernel hands a tag at
-                    // most one request at a time, copies a write's data in before delivering
-                    // it and a read's data out only after we commit it, so nothing else
-                    // touches these bytes while this future runs. The buffers outlive every
-                    // future (the queue loop returns before they are dropped).
-                    let data = unsafe { std::slice::from_raw_parts_mut(ptr, len) };
-                    if let Request::Write { fua, .. } = req {
-                        device.write(offset, data, WriteFlags { fua }).await
-                    } else {
-                        device.read(offset, data).await
-                    }
-                    .map(|()| len as i32)
-                }
-                Request::Flush => device.flush().await.map(|()| 0),
-                Request::Discard { offset, len } => device.discard(offset, len).await.map(|()| 0),
-                Request::WriteZeroes {
-                    offset,
-                    len,
+        let (mut io, bytes): (IoFuture<'a>, i32) = match req {
+            Request::Read { offset, len } | Request::Write { offset, len, .. } => {
+                let len = (len as usize).min(cap);
+                // SAFETY: the buffer belongs to this tag alone; the kernel hands a tag at most
+                // one request at a time, copies a write's data in before delivering it and a
+                // read's data out only after we commit it, so nothing else touches these bytes
+                // while the request runs. The buffers outlive every request (the queue loop
+                // returns before they are dropped).
+                let data = unsafe { std::slice::from_raw_parts_mut(ptr, len) };
+                let io = match req {
+                    Request::Write { fua, .. } => device.write(offset, data, WriteFlags { fua }),
+                    _ => device.read(offset, data),
+                };
+                (io, len as i32)
+            }
+            Request::Flush => (device.flush(), 0),
+            Request::Discard { offset, len } => (device.discard(offset, len), 0),
+            Request::WriteZeroes {
+                offset,
+                len,
+                may_unmap,
+                fua,
+            } => {
+                let flags = ZeroFlags {
                     may_unmap,
+                    fast_only: false,
                     fua,
-                } => device
-                    .write_zeroes(
-                        offset,
-                        len,
-                        ZeroFlags {
-                            may_unmap,
-                            fast_only: false,
-                            fua,
-                        },
-                    )
-                    .await
-                    .map(|()| 0),
-            };
-            (
-                tag,
-                result.unwrap_or_else(|e| {
-                    tracing::debug!(tag, error = %e, "ublk request failed");
-                    -e.errno()
-                }),
-            )
-        }))
+                };
+                (device.write_zeroes(offset, len, flags), 0)
+            }
+        };
+        let mut cx = Context::from_waker(&self.waker);
+        match io.as_mut().poll(&mut cx) {
+            Poll::Ready(r) => {
+                self.complete((tag, result(tag, r, bytes)));
+                None
+            }
+            Poll::Pending => Some(Box::pin(async move { (tag, result(tag, io.await, bytes)) })),
+        }
+    }
+}
+
+/// The result the kernel gets: the bytes transferred, or the negated errno.
+fn result(tag: u16, r: curve_blockdev::IoResult<()>, bytes: i32) -> i32 {
+    match r {
+        Ok(()) => bytes,
+        Err(e) => {
+            tracing::debug!(tag, error = %e, "ublk request failed");
+            -e.errno()
+        }
     }
 }
 
@@ -187,9 +205,8 @@ impl<'a> QueueSource<'a> for UblkSource<'_, 'a> {
         for i in 0..n {
             let tag = self.arrived[i];
             moved = true;
-            match self.start(tag) {
-                Ok(f) => out.push(f),
-                Err(errno) => self.complete((tag, -errno)),
+            if let Some(f) = self.start(tag) {
+                out.push(f);
             }
         }
         self.arrived.drain(..n);
