@@ -1,5 +1,5 @@
-//! The QEMU guest harness: real kernel block clients (virtio-blk over vhost-user, ublk, later
-//! nbd) in a Linux guest under TCG, the host kernel having neither KVM nor those drivers.
+//! The QEMU guest harness: real kernel block clients (virtio-blk over vhost-user, ublk, nbd)
+//! in a Linux guest under TCG, the host kernel having neither KVM nor those drivers.
 //!
 //! A ublk disk is served from inside the guest (the host kernel has no `ublk_drv`): the
 //! initramfs then carries `nebd-server` and `curve`, and the scenario starts part2 and adds the
@@ -11,7 +11,7 @@
 //!                     /scenarios/*.sh       tests/guest/scenarios
 //!                     /bin/busybox + links  busybox-static
 //!                     /bin/curve-guest-io   tests/src/bin/curve-guest-io.rs + its ldd libraries
-//!                     /modules/*.ko         virtio_blk, nbd, ublk_drv of the guest kernel
+//!                     /modules/NN-*.ko      virtio_blk, nbd, ublk_drv, e1000, ext4 (+ deps)
 //!       ──boots──▶  qemu-system-x86_64 -accel tcg -kernel /boot/vmlinuz-6.12…
 //!                     -append 'console=ttyS0 curve.scenario=NAME curve.KEY=VALUE …'
 //!                     -chardev socket,path=SOCK,reconnect=1 -device vhost-user-blk-pci …
@@ -68,7 +68,13 @@ pub struct GuestSpec {
     pub memory_mib: u32,
     /// Host programs copied into the guest's /bin with the libraries `ldd` names (stripped).
     pub tools: Vec<PathBuf>,
+    /// TCP forwards `(guest port, host port)`: the guest reaches 127.0.0.1:HOST of the host at
+    /// `10.0.2.100:GUEST` and nothing else (QEMU user-mode network, `restrict=on`).
+    pub forwards: Vec<(u16, u16)>,
 }
+
+/// The address at which a guest reaches its [`GuestSpec::forward`]s.
+pub const GUEST_FORWARD_ADDR: &str = "10.0.2.100";
 
 impl GuestSpec {
     /// A 2-vCPU, 512 MiB guest running `scenario`.
@@ -80,6 +86,7 @@ impl GuestSpec {
             cpus: 2,
             memory_mib: 512,
             tools: Vec::new(),
+            forwards: Vec::new(),
         }
     }
 
@@ -90,9 +97,23 @@ impl GuestSpec {
             queues,
             queue_depth,
         });
-        // part2's RAM volumes live in the guest's RAM.
+        self.part2()
+    }
+
+    /// Ships `nebd-server` and `curve` for a part2 inside the guest (ublk and kernel NBD
+    /// devices), with RAM for its RAM volumes.
+    pub fn part2(mut self) -> Self {
         self.memory_mib = self.memory_mib.max(1024);
         self.tool(&bin("nebd-server")).tool(&bin("curve"))
+    }
+
+    /// Lets the guest reach `127.0.0.1:host_port` of the host at
+    /// `10.0.2.100:guest_port` (an e1000 NIC on QEMU's user-mode network with `restrict=on`
+    /// and one `guestfwd` per forward: nothing else of the host or beyond is reachable).
+    /// QEMU connects to the host port when it starts: listen on it before booting.
+    pub fn forward(mut self, guest_port: u16, host_port: u16) -> Self {
+        self.forwards.push((guest_port, host_port));
+        self
     }
 
     /// Copies a host program (and its libraries) into the guest's /bin.
@@ -161,7 +182,7 @@ impl Guest {
         cmd.args(["-M", "q35", "-accel", "tcg", "-cpu", "max", "-smp"])
             .arg(spec.cpus.to_string())
             .args(["-m", &mem, "-display", "none", "-monitor", "none"])
-            .args(["-no-reboot", "-nic", "none", "-serial"])
+            .args(["-no-reboot", "-serial"])
             .arg(format!("file:{}", console.display()))
             .arg("-kernel")
             .arg(&kernel)
@@ -170,6 +191,19 @@ impl Guest {
             .arg("-object")
             .arg(format!("memory-backend-memfd,id=mem,size={mem},share=on"))
             .args(["-numa", "node,memdev=mem"]);
+        if spec.forwards.is_empty() {
+            cmd.args(["-nic", "none"]);
+        } else {
+            let mut netdev = "user,id=n0,restrict=on".to_owned();
+            for (guest, host) in &spec.forwards {
+                netdev.push_str(&format!(
+                    ",guestfwd=tcp:{GUEST_FORWARD_ADDR}:{guest}-tcp:127.0.0.1:{host}"
+                ));
+            }
+            cmd.arg("-netdev")
+                .arg(netdev)
+                .args(["-device", "e1000,netdev=n0"]);
+        }
         for (i, disk) in spec.disks.iter().enumerate() {
             match disk {
                 Disk::VhostUserBlk { socket, queues } => {
@@ -438,10 +472,22 @@ fn build_initramfs(out: &Path, kver: &str, tools: &[PathBuf]) {
         }
         cpio.file(&rel.to_string_lossy(), &read(&lib), 0o755);
     }
-    // The guest kernel's block drivers (modules without dependencies: busybox insmod loads them).
-    let blockdir = PathBuf::from(format!("/lib/modules/{kver}/kernel/drivers/block"));
-    for m in ["virtio_blk", "nbd", "ublk_drv"] {
-        let xz = blockdir.join(format!("{m}.ko.xz"));
+    // The guest kernel's modules /init loads, in this order (busybox insmod does not resolve
+    // dependencies): block drivers, the NIC of `GuestSpec::forward`, ext4 and what it needs.
+    let moddir = PathBuf::from(format!("/lib/modules/{kver}/kernel"));
+    let modules = [
+        "drivers/block/virtio_blk",
+        "drivers/block/nbd",
+        "drivers/block/ublk_drv",
+        "drivers/net/ethernet/intel/e1000/e1000",
+        "lib/crc16",
+        "fs/mbcache",
+        "fs/jbd2/jbd2",
+        "crypto/crc32c_generic",
+        "fs/ext4/ext4",
+    ];
+    for (i, m) in modules.iter().enumerate() {
+        let xz = moddir.join(format!("{m}.ko.xz"));
         if !xz.exists() {
             continue; // built in, or not in this kernel
         }
@@ -451,7 +497,11 @@ fn build_initramfs(out: &Path, kver: &str, tools: &[PathBuf]) {
             .output()
             .expect("xz");
         assert!(ko.status.success(), "xz -dc {}", xz.display());
-        cpio.file(&format!("modules/{m}.ko"), &ko.stdout, 0o644);
+        let name = Path::new(m)
+            .file_name()
+            .expect("module name")
+            .to_string_lossy();
+        cpio.file(&format!("modules/{i:02}-{name}.ko"), &ko.stdout, 0o644);
     }
     let f = std::fs::File::create(out).expect("initramfs");
     let mut w = std::io::BufWriter::new(f);

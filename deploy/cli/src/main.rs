@@ -249,16 +249,30 @@ enum ExportCommand {
         /// Serve over NBD at unix:PATH or tcp:HOST:PORT.
         #[arg(
             long,
-            required_unless_present_any = ["vhost_user_blk", "ublk"],
-            conflicts_with_all = ["vhost_user_blk", "ublk"]
+            required_unless_present_any = ["vhost_user_blk", "ublk", "nbd_device"],
+            conflicts_with_all = ["vhost_user_blk", "ublk", "nbd_device"]
         )]
         nbd: Option<String>,
         /// Serve as a vhost-user-blk device on the Unix socket PATH (for QEMU).
-        #[arg(long, value_name = "PATH", conflicts_with = "ublk")]
+        #[arg(long, value_name = "PATH", conflicts_with_all = ["ublk", "nbd_device"])]
         vhost_user_blk: Option<PathBuf>,
         /// Serve as a ublk block device /dev/ublkbN (needs the kernel's ublk_drv); prints its path.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "nbd_device")]
         ublk: bool,
+        /// Attach as a kernel NBD device (needs the kernel's nbd driver): /dev/nbdN, or the first
+        /// free one when no path is given; prints its path. Survives a part2 restart.
+        #[arg(long, value_name = "/dev/nbdN", num_args = 0..=1, default_missing_value = "")]
+        nbd_device: Option<String>,
+        /// Connections (socket pairs) of a kernel NBD device (1 to 16).
+        #[arg(long)]
+        connections: Option<u16>,
+        /// Seconds after which the kernel resends a request of an NBD device (0: never; default
+        /// 30): bounds the pause of requests a crashed part2 held.
+        #[arg(long, value_name = "SECS")]
+        io_timeout: Option<u32>,
+        /// Seconds the kernel holds an NBD device's I/O while no part2 serves it (default 120).
+        #[arg(long, value_name = "SECS")]
+        reattach_timeout: Option<u32>,
         /// Queues of a vhost-user-blk or ublk export.
         #[arg(long, default_value_t = 1)]
         queues: u16,
@@ -416,6 +430,10 @@ fn run(cli: Cli) -> Result<(), String> {
             nbd,
             vhost_user_blk,
             ublk,
+            nbd_device,
+            connections,
+            io_timeout,
+            reattach_timeout,
             queues,
             queue_depth,
             name,
@@ -424,7 +442,23 @@ fn run(cli: Cli) -> Result<(), String> {
             if queue_depth.is_some() && !ublk {
                 return Err("--queue-depth applies to --ublk exports only".into());
             }
+            if nbd_device.is_none()
+                && (connections.is_some() || io_timeout.is_some() || reattach_timeout.is_some())
+            {
+                return Err(
+                    "--connections, --io-timeout and --reattach-timeout apply to --nbd-device exports only"
+                        .into(),
+                );
+            }
             let frontend = match (nbd, vhost_user_blk) {
+                _ if nbd_device.is_some() => Frontend::NbdDevice {
+                    device: nbd_device.filter(|d| !d.is_empty()),
+                    connections: connections.unwrap_or(1),
+                    io_timeout: io_timeout.unwrap_or(nebd_server::control::DEFAULT_IO_TIMEOUT),
+                    reattach_timeout: reattach_timeout
+                        .unwrap_or(nebd_server::control::DEFAULT_REATTACH_TIMEOUT),
+                    cookie: None,
+                },
                 _ if ublk => Frontend::Ublk {
                     queues,
                     queue_depth: queue_depth.unwrap_or(128),
@@ -439,7 +473,9 @@ fn run(cli: Cli) -> Result<(), String> {
                     queues,
                 },
                 (None, None) => {
-                    return Err("--nbd, --vhost-user-blk or --ublk is required".into());
+                    return Err(
+                        "--nbd, --vhost-user-blk, --ublk or --nbd-device is required".into(),
+                    );
                 }
             };
             let req = Request::AddExport(ExportSpec {

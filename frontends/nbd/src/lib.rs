@@ -7,6 +7,8 @@
 //!  request    request validation: header -> Command | NBD error     (pure)
 //!  conn       transmission loop of one connection (one thread, no locks)
 //!  server     listeners, export tables, connection threads
+//!  netlink    generic netlink messages of the kernel's NBD driver      (fuzzed)
+//!  kernel     /dev/nbdN attached by us: NBD_CMD_CONNECT / RECONFIGURE / DISCONNECT
 //! ```
 //!
 //! Implemented: fixed newstyle with NO_ZEROES; NBD_OPT_EXPORT_NAME, ABORT, LIST, INFO, GO
@@ -16,7 +18,9 @@
 
 mod conn;
 pub mod fuzzing;
+pub mod kernel;
 pub mod negotiate;
+pub mod netlink;
 pub mod proto;
 pub mod request;
 mod server;

@@ -161,7 +161,7 @@ impl Export {
         self.connections.load(Ordering::Relaxed)
     }
 
-    fn summary(&self) -> ExportSummary {
+    pub(crate) fn summary(&self) -> ExportSummary {
         let info = self.device.info();
         let mut flags = tflag::HAS_FLAGS
             | tflag::SEND_FLUSH
@@ -526,6 +526,36 @@ fn transmit(
     let conn = Connection::new(stream, export.device.as_ref(), limits, t.structured);
     if let Err(e) = conn.serve(&notifier) {
         tracing::info!(export = %export.name, error = %e, "connection closed");
+    }
+    export.connections.fetch_sub(1, Ordering::Relaxed);
+}
+
+/// Serves one socket the kernel's NBD driver holds the other end of: transmission from the
+/// first byte (the handshake is implied by NBD_CMD_CONNECT), simple replies only.
+pub(crate) fn serve_kernel_connection(
+    export: &Export,
+    stream: std::os::unix::net::UnixStream,
+    notifier: &Arc<Notifier>,
+) {
+    curve_blockdev::exec::batch_scheduling();
+    let summary = export.summary();
+    export.connections.fetch_add(1, Ordering::Relaxed);
+    let limits = Limits {
+        size: summary.size,
+        min_block: summary.min_block,
+        max_block: summary.max_block,
+        read_only: export.read_only,
+        block_status: false,
+    };
+    let conn = Connection::new(
+        StdStream::Unix(stream),
+        export.device.as_ref(),
+        limits,
+        false,
+    );
+    match conn.serve(notifier) {
+        Ok(()) => tracing::debug!(export = %export.name, "kernel connection closed"),
+        Err(e) => tracing::info!(export = %export.name, error = %e, "kernel connection closed"),
     }
     export.connections.fetch_sub(1, Ordering::Relaxed);
 }

@@ -28,6 +28,19 @@ pub fn control_socket(run_dir: &Path) -> PathBuf {
     run_dir.join(CONTROL_SOCKET)
 }
 
+/// Default `io_timeout` of a kernel NBD device, in seconds.
+pub const DEFAULT_IO_TIMEOUT: u32 = 30;
+/// Default `reattach_timeout` of a kernel NBD device, in seconds.
+pub const DEFAULT_REATTACH_TIMEOUT: u32 = 120;
+
+fn default_io_timeout() -> u32 {
+    DEFAULT_IO_TIMEOUT
+}
+
+fn default_reattach_timeout() -> u32 {
+    DEFAULT_REATTACH_TIMEOUT
+}
+
 /// How an export reaches its consumers.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -53,6 +66,25 @@ pub enum Frontend {
         /// The device number N, once created: a restarted part2 recovers this device.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         device_id: Option<u32>,
+    },
+    /// A kernel NBD device `/dev/nbdN` that part2 attaches through netlink and serves over
+    /// socket pairs.
+    NbdDevice {
+        /// `/dev/nbdN` asked for (none: the first free one); the device in use once attached.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        device: Option<String>,
+        /// Connections (socket pairs).
+        connections: u16,
+        /// Seconds after which the kernel resends a request (0: never).
+        #[serde(default = "default_io_timeout")]
+        io_timeout: u32,
+        /// Seconds the kernel holds I/O while no part2 serves the device.
+        #[serde(default = "default_reattach_timeout")]
+        reattach_timeout: u32,
+        /// Backend identifier given to the kernel (`/sys/block/nbdN/backend`): a restarted
+        /// part2 takes back only devices that carry it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        cookie: Option<String>,
     },
 }
 
@@ -84,7 +116,7 @@ pub struct ExportStatus {
     pub block_size: u32,
     /// Consumers attached now.
     pub connections: usize,
-    /// The block device a ublk export created (`/dev/ublkbN`).
+    /// The block device a ublk or kernel NBD export serves (`/dev/ublkbN`, `/dev/nbdN`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub device: Option<String>,
 }

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use curve_nbd::kernel::{self as nbd_kernel, DeviceOptions, KernelDevice};
 use curve_nbd::{Export, ListenAddr, NbdServer};
 
 use crate::control::{ExportSpec, ExportStatus, Frontend};
@@ -27,6 +28,13 @@ enum Served {
         // Left to the kernel when dropped (part2 going down: the next one recovers it);
         // taken by `remove`, which deletes the device.
         export: Option<curve_ublk::UblkExport>,
+    },
+    NbdDevice {
+        export: Arc<Export>,
+        path: String,
+        // Left to the kernel when dropped (it holds I/O until the next part2 reattaches);
+        // taken by `remove`, which disconnects it.
+        kernel: Option<KernelDevice>,
     },
 }
 
@@ -116,6 +124,23 @@ impl ExportManager {
                     .map_err(|e| e.to_string())?;
                 None
             }
+            Frontend::NbdDevice {
+                device,
+                connections,
+                ..
+            } => {
+                if let Some(d) = device {
+                    nbd_kernel::parse_device_path(d).map_err(|e| e.to_string())?;
+                }
+                if *connections == 0 || *connections > nbd_kernel::MAX_CONNECTIONS {
+                    return Err(format!(
+                        "{connections} connections: 1 to {}",
+                        nbd_kernel::MAX_CONNECTIONS
+                    ));
+                }
+                nbd_kernel::check_driver().map_err(|e| error_chain(&e))?;
+                None
+            }
         };
         let mut entries = self.entries.lock().await;
         if entries.contains_key(&spec.name) {
@@ -202,6 +227,63 @@ impl ExportManager {
                     export: Some(export),
                 }
             }
+            (
+                Frontend::NbdDevice {
+                    device: path,
+                    connections,
+                    io_timeout,
+                    reattach_timeout,
+                    cookie,
+                },
+                _,
+            ) => {
+                let export = Export::new(spec.name.clone(), spec.volume.clone(), device, read_only);
+                // A restored export takes back the device it recorded, if that still carries
+                // its cookie; a new one gets a new cookie.
+                let recorded = cookie.clone().filter(|_| !persist);
+                let opts = DeviceOptions {
+                    connections: *connections,
+                    io_timeout: *io_timeout,
+                    reattach_timeout: *reattach_timeout,
+                    cookie: recorded.clone().unwrap_or_else(|| new_cookie(&spec.name)),
+                };
+                let index = match path {
+                    Some(p) => Some(nbd_kernel::parse_device_path(p).map_err(|e| e.to_string())?),
+                    None => None,
+                };
+                let kernel = tokio::task::spawn_blocking({
+                    let export = export.clone();
+                    let opts = opts.clone();
+                    move || match (recorded, index) {
+                        (Some(_), Some(i)) => KernelDevice::reattach(export, i, &opts),
+                        _ => KernelDevice::attach(export, index, &opts),
+                    }
+                })
+                .await
+                .map_err(|e| format!("NBD device set-up panicked: {e}"))?
+                .map_err(|e| error_chain(&e))?;
+                let path = kernel.path().display().to_string();
+                spec.frontend = Frontend::NbdDevice {
+                    device: Some(path.clone()),
+                    connections: *connections,
+                    io_timeout: *io_timeout,
+                    reattach_timeout: *reattach_timeout,
+                    cookie: Some(opts.cookie),
+                };
+                if !persist && let Some(meta) = &self.meta {
+                    let record = spec.clone();
+                    let _ = meta.update(|s| {
+                        for e in s.exports.iter_mut().filter(|e| e.name == record.name) {
+                            *e = record.clone();
+                        }
+                    });
+                }
+                Served::NbdDevice {
+                    export,
+                    path,
+                    kernel: Some(kernel),
+                }
+            }
             (Frontend::Nbd { .. }, None) => unreachable!("NBD exports have an address"),
         };
         if let (true, Some(meta)) = (persist, &self.meta) {
@@ -216,6 +298,12 @@ impl ExportManager {
                         ..
                     } => {
                         let _ = tokio::task::spawn_blocking(move || export.remove()).await;
+                    }
+                    Served::NbdDevice {
+                        kernel: Some(kernel),
+                        ..
+                    } => {
+                        let _ = tokio::task::spawn_blocking(move || kernel.detach()).await;
                     }
                     _ => {}
                 }
@@ -248,6 +336,15 @@ impl ExportManager {
                     tokio::task::spawn_blocking(move || export.remove())
                         .await
                         .map_err(|e| format!("ublk removal panicked: {e}"))?
+                        .map_err(|e| error_chain(&e))?;
+                }
+            }
+            Served::NbdDevice { kernel, .. } => {
+                // The kernel fails what it has queued; our connections finish what they hold.
+                if let Some(kernel) = kernel.take() {
+                    tokio::task::spawn_blocking(move || kernel.detach())
+                        .await
+                        .map_err(|e| format!("NBD device removal panicked: {e}"))?
                         .map_err(|e| error_chain(&e))?;
                 }
             }
@@ -299,6 +396,14 @@ fn status(e: &Entry) -> ExportStatus {
             device_path = Some(path.clone());
             (path, device.info().clone(), 0)
         }
+        Served::NbdDevice { export, path, .. } => {
+            device_path = Some(path.clone());
+            (
+                path.clone(),
+                export.device().info().clone(),
+                export.connections(),
+            )
+        }
     };
     ExportStatus {
         spec: e.spec.clone(),
@@ -308,6 +413,16 @@ fn status(e: &Entry) -> ExportStatus {
         connections,
         device: device_path,
     }
+}
+
+/// A backend identifier for a kernel NBD device: the export's name and something unique to
+/// this attachment.
+fn new_cookie(name: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or_default();
+    format!("curve-rs:{name}:{:x}-{nanos:x}", std::process::id())
 }
 
 /// An error with its causes, for messages that go back to the CLI.
