@@ -445,8 +445,18 @@ fn build_initramfs(out: &Path, kver: &str, tools: &[PathBuf]) {
         });
     cpio.file("bin/busybox", &read(busybox), 0o755);
     let list = run_ok(Command::new(busybox).arg("--list"));
+    // A host program replaces the applet of its name (mke2fs, e2fsck): the kernel's unpacker
+    // would write a file over a symlink's target, busybox itself.
+    let shadowed: Vec<String> = tools
+        .iter()
+        .filter_map(|t| Some(t.file_name()?.to_string_lossy().into_owned()))
+        .collect();
     for applet in list.lines().map(str::trim) {
-        if applet.is_empty() || applet == "busybox" || applet.contains('/') {
+        if applet.is_empty()
+            || applet == "busybox"
+            || applet.contains('/')
+            || shadowed.iter().any(|t| t == applet)
+        {
             continue;
         }
         cpio.symlink(&format!("bin/{applet}"), "busybox");

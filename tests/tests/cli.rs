@@ -303,3 +303,43 @@ fn ublk_without_the_driver_names_the_module() {
     p2.export_mem("still", "1M");
     assert!(p2.curve_ok(&["export", "list"]).contains("still"));
 }
+
+/// `--nbd-device` on a kernel without the nbd driver (this host's): a message naming the
+/// module, part2 serving on. Options are checked first.
+#[test]
+fn nbd_device_without_the_driver_names_the_module() {
+    if std::path::Path::new("/sys/module/nbd").exists() {
+        eprintln!("skipped: this kernel has nbd loaded");
+        return;
+    }
+    let p2 = Part2::start();
+    let out = p2.curve(&[
+        "export",
+        "add",
+        "--volume",
+        "mem:16M",
+        "--nbd-device",
+        "--name",
+        "k0",
+    ]);
+    assert!(!out.status.success());
+    let err = stderr_of(&out);
+    assert!(
+        err.contains("no NBD driver") && err.contains("modprobe nbd"),
+        "{err}"
+    );
+    for (args, want) in [
+        (&["--nbd-device", "/dev/vda"][..], "bad NBD device \"/dev/vda\""),
+        (&["--nbd-device", "--connections", "0"][..], "0 connections: 1 to 16"),
+        (&["--ublk", "--nbd-device"][..], "cannot be used with"),
+    ] {
+        let mut a = vec!["export", "add", "--volume", "mem:16M", "--name", "k0"];
+        a.extend_from_slice(args);
+        let out = p2.curve(&a);
+        assert!(!out.status.success(), "{args:?}");
+        assert!(stderr_of(&out).contains(want), "{args:?}: {}", stderr_of(&out));
+    }
+    p2.export_mem("still", "1M");
+    assert!(p2.curve_ok(&["export", "list"]).contains("still"));
+    assert!(!p2.log().contains("panicked"), "{}", p2.log());
+}

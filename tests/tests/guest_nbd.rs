@@ -7,13 +7,94 @@
 
 use std::time::Duration;
 
-use curve_tests::guest::{Guest, GuestSpec};
+use curve_tests::Part2;
+use curve_tests::cluster::free_port;
+use curve_tests::guest::{Guest, GuestSpec, md5_of};
 
 fn guest_dir() -> tempfile::TempDir {
     tempfile::Builder::new()
         .prefix("curve-guest-")
         .tempdir()
         .expect("temp dir")
+}
+
+/// Debian's nbd-client in the guest attaches two TCP exports of a nebd-server on the host,
+/// reached through QEMU's user-mode network restricted to one forward per port: an O_DIRECT
+/// pattern (the host's file holds the guest's bytes), blkdiscard reaching the file, and an ext4
+/// file system made, filled, unmounted, checked clean by e2fsck and read back. Then nbd-client
+/// on a Unix-socket export of a part2 in the guest: the device holds the file's bytes.
+#[test]
+fn guest_nbd_client_over_tcp_to_the_host_and_over_a_unix_socket() {
+    let nbd_client = curve_tests::require_tool("nbd-client");
+    let mke2fs = curve_tests::require_tool("mke2fs");
+    let e2fsck = curve_tests::require_tool("e2fsck");
+    let p = Part2::start();
+    let mut ports = Vec::new();
+    let mut files = Vec::new();
+    for i in 0..2 {
+        let file = p.path(&format!("h{i}.img"));
+        std::fs::File::create(&file)
+            .and_then(|f| f.set_len(64 << 20))
+            .expect("volume file");
+        let port = free_port();
+        p.curve_ok(&[
+            "export",
+            "add",
+            "--volume",
+            &format!("file:{}", file.display()),
+            "--nbd",
+            &format!("tcp:127.0.0.1:{port}"),
+            "--name",
+            &format!("h{i}"),
+        ]);
+        ports.push(port);
+        files.push(file);
+    }
+    let guest = Guest::boot(
+        p.dir.path(),
+        &GuestSpec::new("nbd_client")
+            .forward(10809, ports[0])
+            .forward(10810, ports[1])
+            .part2()
+            .tool(&nbd_client)
+            .tool(&mke2fs)
+            .tool(&e2fsck),
+    );
+    let run = guest
+        .finish(Duration::from_secs(300))
+        .unwrap_or_else(|e| panic!("{e}\npart2:\n{}", p.log()));
+    run.assert_ok();
+    println!("{}", run.console);
+    let r = run.results();
+    assert_eq!(r["tcp_size"], (64u64 << 20).to_string(), "capacity over TCP");
+    assert_eq!(r["tcp_ro"], "0");
+    assert_ne!(r["tcp_discard_max"], "0", "trim advertised");
+    assert_eq!(
+        run.md5("tcp-pattern"),
+        md5_of(&files[0], 0, 8 << 20),
+        "the host's file holds what the guest wrote over TCP"
+    );
+    assert_eq!(run.md5("tcp-discarded"), run.md5("zeros"));
+    assert_eq!(
+        md5_of(&files[0], 8 << 20, 8 << 20),
+        run.md5("zeros"),
+        "the guest's blkdiscard reached the host's file"
+    );
+    assert_eq!(r["fsck_rc"], "0", "e2fsck finds the file system clean");
+    assert_eq!(r["fs_same"], "yes", "the files read back after a remount");
+    assert_eq!(r["unix_size"], (32u64 << 20).to_string());
+    assert_eq!(run.md5("unix-device"), run.md5("unix-file"));
+    assert_eq!(r["dmesg"], "clean", "{}", run.console);
+    let log = p.log();
+    assert!(
+        !log.contains("ERROR") && !log.contains("panicked"),
+        "part2 on the host:\n{log}"
+    );
+    println!(
+        "guest nbd-client over TCP: {}\n(guest ran {:.1} s)",
+        run.result_line("write").unwrap_or_default(),
+        run.took.as_secs_f64()
+    );
 }
 
 /// `curve export add --nbd-device --connections 2` prints `/dev/nbd0`; the device has the
