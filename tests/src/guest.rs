@@ -68,6 +68,9 @@ pub struct GuestSpec {
     pub memory_mib: u32,
     /// Host programs copied into the guest's /bin with the libraries `ldd` names (stripped).
     pub tools: Vec<PathBuf>,
+    /// Host files copied to the same path in the guest, with the libraries `ldd` names (a
+    /// plugin a tool loads, e.g. nbdkit's).
+    pub files: Vec<PathBuf>,
     /// TCP forwards `(guest port, host port)`: the guest reaches 127.0.0.1:HOST of the host at
     /// `10.0.2.100:GUEST` and nothing else (QEMU user-mode network, `restrict=on`).
     pub forwards: Vec<(u16, u16)>,
@@ -86,6 +89,7 @@ impl GuestSpec {
             cpus: 2,
             memory_mib: 512,
             tools: Vec::new(),
+            files: Vec::new(),
             forwards: Vec::new(),
         }
     }
@@ -121,6 +125,12 @@ impl GuestSpec {
         if !self.tools.iter().any(|t| t == path) {
             self.tools.push(path.into());
         }
+        self
+    }
+
+    /// Copies a host file (and the libraries it links) to the same path in the guest.
+    pub fn file(mut self, path: &Path) -> Self {
+        self.files.push(path.into());
         self
     }
 
@@ -167,7 +177,7 @@ impl Guest {
         let qemu = require_tool("qemu-system-x86_64");
         let (kernel, kver) = guest_kernel();
         let initramfs = dir.join("initramfs.cpio");
-        build_initramfs(&initramfs, &kver, &spec.tools);
+        build_initramfs(&initramfs, &kver, &spec.tools, &spec.files);
         let console = dir.join("console.log");
         let qemu_log = dir.join("qemu.log");
         let mut append = format!(
@@ -346,6 +356,38 @@ impl GuestRun {
     }
 }
 
+/// A benchmark figure: (IOPS, mean completion latency in µs).
+pub type BenchFigure = (f64, f64);
+
+impl GuestRun {
+    /// The `CURVE-BENCH dev=D rw=RW qd=N iops=X lat_us=Y` lines, each printed, reduced to the
+    /// median round (by IOPS) of each `(rw, qd, dev)`.
+    pub fn bench_medians(&self) -> BTreeMap<(String, String, String), BenchFigure> {
+        let mut runs: BTreeMap<(String, String, String), Vec<BenchFigure>> = BTreeMap::new();
+        for line in self.lines("CURVE-BENCH") {
+            println!("{line}");
+            let kv: BTreeMap<&str, &str> = line
+                .split_whitespace()
+                .filter_map(|w| w.split_once('='))
+                .collect();
+            let key = (
+                kv["rw"].to_owned(),
+                kv["qd"].to_owned(),
+                kv["dev"].to_owned(),
+            );
+            let iops: f64 = kv["iops"].parse().expect("iops");
+            let lat: f64 = kv["lat_us"].parse().expect("lat_us");
+            runs.entry(key).or_default().push((iops, lat));
+        }
+        runs.into_iter()
+            .map(|(k, mut v)| {
+                v.sort_by(|a, b| a.0.total_cmp(&b.0));
+                (k, v[v.len() / 2])
+            })
+            .collect()
+    }
+}
+
 /// A copy of `cmd` (program and arguments), to start it again.
 fn clone_command(cmd: &Command) -> Command {
     let mut c = Command::new(cmd.get_program());
@@ -409,7 +451,7 @@ fn guest_kernel() -> (PathBuf, String) {
 }
 
 /// Writes the test initramfs to `out`.
-fn build_initramfs(out: &Path, kver: &str, tools: &[PathBuf]) {
+fn build_initramfs(out: &Path, kver: &str, tools: &[PathBuf], files: &[PathBuf]) {
     let guest_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("guest");
     let mut cpio = Cpio::default();
     for d in [
@@ -466,12 +508,11 @@ fn build_initramfs(out: &Path, kver: &str, tools: &[PathBuf]) {
     for tool in std::iter::once(bin("curve-guest-io")).chain(tools.iter().cloned()) {
         let name = tool.file_name().expect("tool name").to_string_lossy();
         cpio.file(&format!("bin/{name}"), &stripped(&tool), 0o755);
-        let ldd = run_ok(Command::new(require_tool("ldd")).arg(&tool));
-        libs.extend(ldd.lines().filter_map(|l| {
-            l.split_whitespace()
-                .find(|w| w.starts_with('/'))
-                .map(PathBuf::from)
-        }));
+        libs.extend(linked_libraries(&tool));
+    }
+    for file in files {
+        libs.extend(linked_libraries(file));
+        libs.insert(file.clone());
     }
     for lib in libs {
         let rel = lib.strip_prefix("/").expect("absolute");
@@ -518,6 +559,18 @@ fn build_initramfs(out: &Path, kver: &str, tools: &[PathBuf]) {
     w.write_all(&cpio.finish()).expect("write initramfs");
     w.flush().expect("flush initramfs");
     std::fs::set_permissions(out, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+}
+
+/// The shared libraries `ldd` says `program` loads.
+fn linked_libraries(program: &Path) -> Vec<PathBuf> {
+    let ldd = run_ok(Command::new(require_tool("ldd")).arg(program));
+    ldd.lines()
+        .filter_map(|l| {
+            l.split_whitespace()
+                .find(|w| w.starts_with('/'))
+                .map(PathBuf::from)
+        })
+        .collect()
 }
 
 /// A program without its debug information (debug builds of ours are ~100 MB; the guest keeps

@@ -240,3 +240,97 @@ fn guest_nbd_device_writers_survive_kill_9_of_part2() {
 fn guest_nbd_device_writers_survive_kill_9_of_part2_with_out_of_order_completions() {
     nbd_writers_survive_kill_9("delay:5:20:file:/tmp/w.img", 1);
 }
+
+/// Benchmark (not run by the suite; `docs/benchmarks.md` has the command and figures): fio in
+/// one guest boot, 4K random read and write at QD1 and QD32, on our kernel NBD device
+/// (`--nbd-device`, a part2 in the guest, `mem:`), on nbd-client attached to qemu-nbd (a file
+/// on the guest's tmpfs) and to `nbdkit memory` (when nbdkit is installed), and on our ublk
+/// device of a `mem:` volume. Under TCG only the ratios mean anything. Prints a table; asserts
+/// nothing about speed.
+#[test]
+#[ignore = "benchmark: run with --run-ignored only (release binaries recommended)"]
+fn bench_nbd_device_against_qemu_nbd_nbdkit_and_ublk() {
+    let fio = curve_tests::require_tool("fio");
+    let nbd_client = curve_tests::require_tool("nbd-client");
+    let qemu_nbd = curve_tests::require_tool("qemu-nbd");
+    let env = |k: &str, d: u32| -> u32 {
+        std::env::var(k)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(d)
+    };
+    let (secs, rounds) = (env("CURVE_BENCH_SECS", 5), env("CURVE_BENCH_ROUNDS", 3));
+    let poll_us = std::env::var("CURVE_NBD_POLL_US").unwrap_or_else(|_| "50".into());
+    let dir = guest_dir();
+    let mut spec = GuestSpec::new("nbd_bench")
+        .param("secs", secs)
+        .param("rounds", rounds)
+        .param("poll_us", poll_us)
+        .part2()
+        .tool(&fio)
+        .tool(&nbd_client)
+        .tool(&qemu_nbd);
+    let plugin = std::path::Path::new("/usr/lib/x86_64-linux-gnu/nbdkit/plugins/nbdkit-memory-plugin.so");
+    let nbdkit = which("nbdkit").filter(|_| plugin.exists());
+    if let Some(nbdkit) = &nbdkit {
+        spec = spec
+            .tool(nbdkit)
+            .file(plugin)
+            .param("nbdkit_plugin", plugin.display());
+    }
+    spec.memory_mib = 2048;
+    let guest = Guest::boot(dir.path(), &spec);
+    let run = guest
+        .finish(Duration::from_secs(900))
+        .unwrap_or_else(|e| panic!("{e}"));
+    run.assert_ok();
+    let best = run.bench_medians();
+    let peers: Vec<&str> = if nbdkit.is_some() {
+        vec!["qemu", "nbdkit"]
+    } else {
+        vec!["qemu"]
+    };
+    println!("median of {rounds} rounds x {secs} s, one guest boot, IOPS (mean latency µs)");
+    println!(
+        "| fio job (guest, TCG) | ours /dev/nbdN | {} | ours ublk | ours / best NBD peer | ours NBD / ours ublk |",
+        peers
+            .iter()
+            .map(|p| format!("nbd-client + {p}"))
+            .collect::<Vec<_>>()
+            .join(" | ")
+    );
+    println!("|---|---|{}---|---|---|", "---|".repeat(peers.len()));
+    for (rw, qd) in [
+        ("randread", "1"),
+        ("randwrite", "1"),
+        ("randread", "32"),
+        ("randwrite", "32"),
+    ] {
+        let get = |d: &str| best[&(rw.to_owned(), qd.to_owned(), d.to_owned())];
+        let ours = get("ours");
+        let ublk = get("ublk");
+        let peer_cells: Vec<String> = peers
+            .iter()
+            .map(|p| format!("{:.0} ({:.0})", get(p).0, get(p).1))
+            .collect();
+        let best_peer = peers.iter().map(|p| get(p).0).fold(0.0, f64::max);
+        println!(
+            "| 4K {rw} QD{qd} | {:.0} ({:.0}) | {} | {:.0} ({:.0}) | {:.2}× | {:.2}× |",
+            ours.0,
+            ours.1,
+            peer_cells.join(" | "),
+            ublk.0,
+            ublk.1,
+            ours.0 / best_peer,
+            ours.0 / ublk.0
+        );
+    }
+}
+
+fn which(tool: &str) -> Option<std::path::PathBuf> {
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join(tool))
+            .find(|p| p.is_file())
+    })
+}

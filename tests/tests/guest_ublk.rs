@@ -213,31 +213,7 @@ fn bench_ublk_against_rublk_and_vhost_user() {
         .finish(Duration::from_secs(600))
         .unwrap_or_else(|e| panic!("{e}\npart2:\n{}", p.log()));
     run.assert_ok();
-    // The median round (by IOPS) of each (device, job).
-    let mut runs: std::collections::BTreeMap<(String, String, String), Vec<(f64, f64)>> =
-        Default::default();
-    for line in run.lines("CURVE-BENCH") {
-        println!("{line}");
-        let kv: std::collections::BTreeMap<&str, &str> = line
-            .split_whitespace()
-            .filter_map(|w| w.split_once('='))
-            .collect();
-        let key = (
-            kv["rw"].to_owned(),
-            kv["qd"].to_owned(),
-            kv["dev"].to_owned(),
-        );
-        let iops: f64 = kv["iops"].parse().unwrap();
-        let lat: f64 = kv["lat_us"].parse().unwrap();
-        runs.entry(key).or_default().push((iops, lat));
-    }
-    let best: std::collections::BTreeMap<_, (f64, f64)> = runs
-        .into_iter()
-        .map(|(k, mut v)| {
-            v.sort_by(|a, b| a.0.total_cmp(&b.0));
-            (k, v[v.len() / 2])
-        })
-        .collect();
+    let best = run.bench_medians();
     println!("median of {rounds} rounds x {secs} s, one guest boot");
     println!(
         "| fio job (guest, TCG) | ours ublk IOPS (lat µs) | rublk null | ours vhost-user-blk | ublk / rublk | ublk / vhost-user |"

@@ -114,6 +114,33 @@ pub fn requests(data: &[u8]) {
     }
 }
 
+/// Parses a datagram as the kernel's netlink answer and walks every attribute, nested ones
+/// too: no panic, every payload inside the datagram.
+pub fn netlink_replies(data: &[u8]) {
+    use crate::netlink::{self, Reply};
+    let Ok(replies) = netlink::parse(data) else {
+        return;
+    };
+    assert!(replies.len() <= data.len() / netlink::NLMSG_HDRLEN);
+    for r in replies {
+        if let Reply::Message { attrs, .. } = r {
+            let mut stack = vec![attrs];
+            let mut walked = 0;
+            while let Some(buf) = stack.pop() {
+                for (ty, payload) in netlink::attrs(buf) {
+                    walked += 1;
+                    assert!(payload.len() <= buf.len());
+                    let _ = netlink::attr_u32(payload, ty);
+                    let _ = netlink::attr_u16(payload, ty);
+                    if walked < 10_000 {
+                        stack.push(payload);
+                    }
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use rand::{Rng, SeedableRng};
@@ -129,6 +156,14 @@ mod tests {
             let mut data: Vec<u8> = (0..len).map(|_| rng.random()).collect();
             requests(&data);
             negotiation(&data);
+            netlink_replies(&data);
+            if data.len() >= 20 {
+                // A plausible header: length within the datagram.
+                let l = rng.random_range(16..=data.len()) as u32;
+                data[..4].copy_from_slice(&l.to_ne_bytes());
+                data[4..6].copy_from_slice(&rng.random_range(0u16..0x30).to_ne_bytes());
+                netlink_replies(&data);
+            }
             // Make it look more like the protocol so the deep paths run too.
             if data.len() > 36 {
                 data[..4].copy_from_slice(&[0, 0, 0, 3]);
