@@ -329,15 +329,25 @@ fn nbd_device_without_the_driver_names_the_module() {
         "{err}"
     );
     for (args, want) in [
-        (&["--nbd-device", "/dev/vda"][..], "bad NBD device \"/dev/vda\""),
-        (&["--nbd-device", "--connections", "0"][..], "0 connections: 1 to 16"),
+        (
+            &["--nbd-device", "/dev/vda"][..],
+            "bad NBD device \"/dev/vda\"",
+        ),
+        (
+            &["--nbd-device", "--connections", "0"][..],
+            "0 connections: 1 to 16",
+        ),
         (&["--ublk", "--nbd-device"][..], "cannot be used with"),
     ] {
         let mut a = vec!["export", "add", "--volume", "mem:16M", "--name", "k0"];
         a.extend_from_slice(args);
         let out = p2.curve(&a);
         assert!(!out.status.success(), "{args:?}");
-        assert!(stderr_of(&out).contains(want), "{args:?}: {}", stderr_of(&out));
+        assert!(
+            stderr_of(&out).contains(want),
+            "{args:?}: {}",
+            stderr_of(&out)
+        );
     }
     p2.export_mem("still", "1M");
     assert!(p2.curve_ok(&["export", "list"]).contains("still"));

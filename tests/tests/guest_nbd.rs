@@ -66,7 +66,11 @@ fn guest_nbd_client_over_tcp_to_the_host_and_over_a_unix_socket() {
     run.assert_ok();
     println!("{}", run.console);
     let r = run.results();
-    assert_eq!(r["tcp_size"], (64u64 << 20).to_string(), "capacity over TCP");
+    assert_eq!(
+        r["tcp_size"],
+        (64u64 << 20).to_string(),
+        "capacity over TCP"
+    );
     assert_eq!(r["tcp_ro"], "0");
     assert_ne!(r["tcp_discard_max"], "0", "trim advertised");
     assert_eq!(
@@ -101,7 +105,8 @@ fn guest_nbd_client_over_tcp_to_the_host_and_over_a_unix_socket() {
 /// volume's size, 2 connections, the backend cookie part2 recorded; an O_DIRECT pattern at
 /// 4 KiB and 1 MiB reads back and equals the volume file's bytes; blkdiscard punches the file
 /// and reads zeros; a read-only device refuses writes; bad input gets clear messages; `export
-/// remove` under writers fails their I/O only; dmesg clean.
+/// remove` under writers fails their I/O only; dmesg clean. A device whose backend cookie is
+/// not the one part2 recorded is left alone after a restart, with a message.
 #[test]
 fn guest_nbd_device_pattern_discard_read_only_and_bad_input() {
     let dir = guest_dir();
@@ -170,6 +175,12 @@ fn guest_nbd_device_pattern_discard_read_only_and_bad_input() {
     );
     assert_eq!(r["removed_size"], "0", "the removed device is disconnected");
     assert_eq!(r["still_serving"], "yes");
+    assert_eq!(
+        r["other_backend_warned"], "yes",
+        "a restarted part2 says why it leaves a device alone"
+    );
+    assert_eq!(r["other_backend_kept"], "yes", "and does not touch it");
+    assert_eq!(r["other_backend_listed"], "no");
     println!(
         "guest nbd device O_DIRECT: {}\n  {}\n(guest ran {:.1} s)",
         run.result_line("write").unwrap_or_default(),
@@ -182,7 +193,8 @@ fn guest_nbd_device_pattern_discard_read_only_and_bad_input() {
 /// volume on the guest's tmpfs); part2 (in the guest) is killed -9 two seconds in and
 /// restarted: it checks the device's backend cookie and reattaches it with
 /// NBD_CMD_RECONFIGURE; the kernel resends what the dead part2 held. 0 I/O errors, every
-/// region verified, the device reads what the file holds, the same device, dmesg clean.
+/// region verified, the device reads what the file holds, the same device, dmesg clean. Then
+/// SIGTERM and a new part2: the same device and bytes.
 fn nbd_writers_survive_kill_9(volume: &str, mib: u64) {
     let dir = guest_dir();
     let guest = Guest::boot(
@@ -215,6 +227,11 @@ fn nbd_writers_survive_kill_9(volume: &str, mib: u64) {
         run.md5("file"),
         "the device reads what the volume holds"
     );
+    assert_eq!(
+        r["path_after_term"], "/dev/nbd0",
+        "a planned restart keeps the device"
+    );
+    assert_eq!(run.md5("after-term"), run.md5("writers"), "and its bytes");
     let passes = r["passes"].split(',').map(|n| n.parse::<u32>().unwrap());
     assert!(
         passes.clone().all(|n| n >= 2),
@@ -270,7 +287,8 @@ fn bench_nbd_device_against_qemu_nbd_nbdkit_and_ublk() {
         .tool(&fio)
         .tool(&nbd_client)
         .tool(&qemu_nbd);
-    let plugin = std::path::Path::new("/usr/lib/x86_64-linux-gnu/nbdkit/plugins/nbdkit-memory-plugin.so");
+    let plugin =
+        std::path::Path::new("/usr/lib/x86_64-linux-gnu/nbdkit/plugins/nbdkit-memory-plugin.so");
     let nbdkit = which("nbdkit").filter(|_| plugin.exists());
     if let Some(nbdkit) = &nbdkit {
         spec = spec

@@ -51,7 +51,7 @@ pub enum KernelError {
     #[error("{0} is in use")]
     InUse(String),
     /// The device serves another backend (its cookie differs).
-    #[error("{path} serves another backend ({found:?}, not {expected:?})")]
+    #[error("{path} serves another backend ({found:?}, not {expected:?}): left alone")]
     NotOurs {
         /// Device.
         path: String,

@@ -81,3 +81,18 @@ echo "CURVE-RESULT removed_writers_rc=$? removed_size=$(blockdev --getsize64 "$w
 curve export list --format json | grep -q '"name": "w0"' && fail "w0 still listed"
 curve-guest-io verify "$path" --offset 0 --size 8M --bs 64K --seed 3 || fail "k0 after the removal"
 echo "CURVE-RESULT still_serving=yes"
+
+# 5. A device whose backend cookie is not the one recorded is left alone: the metafile of k0's
+# first attachment, restored after k0 was removed and attached again (a new cookie).
+cp /tmp/run/nebd-server.meta /tmp/saved.meta
+curve export remove k0 || fail "export remove k0"
+again=$(curve export add --volume file:/tmp/vol.img --nbd-device "$path" --name k0) || fail "k0 again"
+new_cookie=$(cat "/sys/block/$d/backend")
+kill -9 "$part2_pid"
+sleep 1
+cp /tmp/saved.meta /tmp/run/nebd-server.meta
+part2_start || fail "restart with the old metafile"
+sleep 1
+grep -q "serves another backend" /tmp/part2.log && echo "CURVE-RESULT other_backend_warned=yes"
+echo "CURVE-RESULT other_backend_kept=$([ "$(cat "/sys/block/$d/backend")" = "$new_cookie" ] && echo yes || echo no) \
+other_backend_listed=$(curve export list --format json | grep -q '"name": "k0"' && echo yes || echo no)"

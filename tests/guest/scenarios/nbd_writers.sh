@@ -2,7 +2,8 @@
 # (`--nbd-device`, 2 connections) while part2 is killed -9 and restarted: the new part2 finds
 # the device in its metafile, checks its backend cookie and gives the kernel new sockets
 # (NBD_CMD_RECONFIGURE); the kernel resends what the dead part2 held. The writers see a pause,
-# no error. The volume (curve.nbd_volume) is a file on the guest's tmpfs (/tmp/w.img).
+# no error. Then SIGTERM and a new part2: the same device and bytes. The volume
+# (curve.nbd_volume) is a file on the guest's tmpfs (/tmp/w.img).
 . /scenarios/lib.sh
 jobs=$(param jobs 4)
 mib=$(param mib 4)
@@ -28,7 +29,16 @@ echo "CURVE-RESULT path_before=$path path_after=$after"
 grep -q "kernel NBD device reattached" /tmp/part2.log && echo "CURVE-RESULT reattached=yes"
 echo "CURVE-MD5 writers $(md5_range "$path" 0 $((jobs * mib)))"
 echo "CURVE-MD5 file $(dd if=/tmp/w.img bs=1M count=$((jobs * mib)) 2> /dev/null | md5sum | cut -d' ' -f1)"
-dmesg | grep -i nbd | sed 's/^/CURVE-KERNEL /'
+
+# A planned restart: SIGTERM closes the sockets, the next part2 reattaches the device.
+kill -TERM "$part2_pid"
+i=0
+while kill -0 "$part2_pid" 2> /dev/null && [ $i -lt 300 ]; do sleep 0.1; i=$((i + 1)); done
+part2_start || fail "start after SIGTERM"
+again=$(curve export list --format json | sed -n 's/.*"device": "\(.*\)".*/\1/p')
+echo "CURVE-RESULT path_after_term=$again"
+echo "CURVE-MD5 after-term $(md5_range "$path" 0 $((jobs * mib)))"
+dmesg | grep -i nbd | grep -v 'command line' | sed 's/^/CURVE-KERNEL /'
 dmesg_check || rc=1
 [ $rc = 0 ] || part2_log
 exit $rc
