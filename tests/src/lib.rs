@@ -287,3 +287,22 @@ pub fn run_ok(cmd: &mut Command) -> String {
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
+
+/// `GET http://addr/metrics` (a daemon's `--metrics-listen`): the body; panics unless 200.
+pub fn scrape(addr: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr)
+        .unwrap_or_else(|e| panic!("metrics endpoint {addr}: {e}"));
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok();
+    write!(s, "GET /metrics HTTP/1.1\r\nHost: {addr}\r\n\r\n").expect("request");
+    let mut out = String::new();
+    s.read_to_string(&mut out).expect("metrics answer");
+    let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
+    assert!(head.starts_with("HTTP/1.1 200"), "{addr}: {head}");
+    body.to_owned()
+}
+
+/// The value of `name{labels}` in a scrape (see `curve_metrics::value`).
+pub fn metric(text: &str, name: &str, labels: &str) -> Option<f64> {
+    curve_metrics::value(text, name, labels)
+}

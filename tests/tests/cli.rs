@@ -353,3 +353,60 @@ fn nbd_device_without_the_driver_names_the_module() {
     assert!(p2.curve_ok(&["export", "list"]).contains("still"));
     assert!(!p2.log().contains("panicked"), "{}", p2.log());
 }
+
+/// `--metrics-listen` with an address that cannot be served stops each daemon at start-up with
+/// a message naming it (not a daemon running without its metrics).
+#[test]
+fn a_bad_metrics_address_is_a_clear_start_up_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken = taken.local_addr().unwrap().to_string();
+    let port = curve_tests::cluster::free_port().to_string();
+    let runs: [(&str, Vec<String>); 3] = [
+        (
+            "nebd-server",
+            vec![
+                "--run-dir".into(),
+                dir.path().join("nebd").display().to_string(),
+            ],
+        ),
+        (
+            "curve-mds",
+            vec![
+                "--listen".into(),
+                format!("127.0.0.1:{port}"),
+                "--data-dir".into(),
+                dir.path().join("mds").display().to_string(),
+            ],
+        ),
+        (
+            "curve-chunkserver",
+            vec![
+                "--listen".into(),
+                format!("127.0.0.1:{}", curve_tests::cluster::free_port()),
+                "--data-dir".into(),
+                dir.path().join("cs").display().to_string(),
+                "--mds".into(),
+                format!("127.0.0.1:{port}"),
+            ],
+        ),
+    ];
+    for (daemon, args) in runs {
+        for bad in ["nonsense", taken.as_str()] {
+            let out = std::process::Command::new(curve_tests::bin(daemon))
+                .args(&args)
+                .args(["--metrics-listen", bad])
+                .output()
+                .unwrap();
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                !out.status.success(),
+                "{daemon} --metrics-listen {bad} started"
+            );
+            assert!(
+                err.contains(&format!("cannot serve metrics on \"{bad}\"")),
+                "{daemon} --metrics-listen {bad}: {err}"
+            );
+        }
+    }
+}

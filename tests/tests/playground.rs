@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use curve_client::MdsClient;
 use curve_tests::cluster::free_port;
 use curve_tests::{bin, require_tool, run_ok, wait_until};
+use curve_tests::{metric, scrape};
 
 fn pid_in(file: &Path) -> Option<i32> {
     std::fs::read_to_string(file).ok()?.trim().parse().ok()
@@ -130,6 +131,93 @@ fn playground_fio_verify_and_faults_invisible() {
         "read -P 0 1090519040 65536", // 1 GiB + 16 MiB: allocated segment, unwritten chunk
     ]));
     assert!(!out.contains("Pattern verification failed"), "{out}");
+
+    // Metrics: every daemon of the playground answers, and the counters move by what a client
+    // did — 10 writes of 64 KiB through NBD are 10 writes and 640 KiB on the export, and at
+    // least 10 chunk writes on the chunkservers.
+    let info: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("playground.json")).unwrap())
+            .unwrap();
+    let urls = info["metrics"].as_object().expect("metrics URLs").clone();
+    assert_eq!(urls.len(), 5, "{info}");
+    let addr = |name: &str| {
+        urls[name]
+            .as_str()
+            .unwrap()
+            .trim_start_matches("http://")
+            .trim_end_matches("/metrics")
+            .to_owned()
+    };
+    let export = "export=\"vol0\",frontend=\"nbd\",volume=\"curve:/vol0\",op=\"write\"";
+    let chunk_writes = || -> f64 {
+        (1..=3)
+            .map(|i| {
+                let m = scrape(&addr(&format!("curve-chunkserver {i}")));
+                metric(&m, "curve_chunkserver_ops_total", "op=\"write\"").unwrap_or(0.0)
+            })
+            .sum()
+    };
+    let before = scrape(&addr("nebd-server"));
+    let ops0 = metric(&before, "curve_export_ops_total", export).expect("export writes");
+    let bytes0 = metric(&before, "curve_export_bytes_total", export).unwrap();
+    let chunks0 = chunk_writes();
+    let mut writes = Vec::new();
+    for i in 0..10u64 {
+        writes.push("-c".to_owned());
+        writes.push(format!(
+            "write -P 0x5a {} 64k",
+            (2u64 << 30) + i * (1 << 20)
+        ));
+    }
+    run_ok(
+        Command::new("qemu-io")
+            .args(["--image-opts", &opts])
+            .args(&writes),
+    );
+    let after = scrape(&addr("nebd-server"));
+    assert_eq!(
+        metric(&after, "curve_export_ops_total", export).unwrap() - ops0,
+        10.0,
+        "{after}"
+    );
+    assert_eq!(
+        metric(&after, "curve_export_bytes_total", export).unwrap() - bytes0,
+        655360.0
+    );
+    assert_eq!(
+        metric(&after, "curve_export_errors_total", export),
+        Some(0.0)
+    );
+    assert!(metric(&after, "curve_export_latency_seconds_count", export).unwrap() >= ops0 + 10.0);
+    assert_eq!(
+        metric(&after, "curve_exports", "frontend=\"nbd\""),
+        Some(1.0)
+    );
+    let chunks = chunk_writes() - chunks0;
+    assert!(chunks >= 10.0, "{chunks} chunk writes for 10 client writes");
+    let mds = scrape(&addr("curve-mds"));
+    assert_eq!(metric(&mds, "curve_mds_leader", ""), Some(1.0), "{mds}");
+    assert_eq!(
+        metric(&mds, "curve_mds_chunkservers", "state=\"online\""),
+        Some(3.0)
+    );
+    assert!(metric(&mds, "curve_mds_copysets", "health=\"healthy\"").unwrap() > 0.0);
+    assert!(
+        metric(&mds, "curve_mds_sessions", "").unwrap() >= 1.0,
+        "vol0 is open"
+    );
+    assert!(
+        mds.lines()
+            .any(|l| l
+                .starts_with("curve_mds_grpc_requests_total{method=\"OpenFile\",status=\"OK\"}")),
+        "{mds}"
+    );
+    let cs = scrape(&addr("curve-chunkserver 1"));
+    assert!(cs.contains("curve_raft_log_fsync_seconds_count"), "{cs}");
+    assert!(
+        cs.contains("curve_chunkserver_grpc_requests_total{method=\""),
+        "{cs}"
+    );
 
     // The copyset behind offset 0, and its leader's process.
     let mds_addr = format!("127.0.0.1:{port}");

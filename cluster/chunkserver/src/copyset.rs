@@ -185,7 +185,7 @@ impl CopysetNode {
             copyset,
             raft,
             sm,
-            metrics: Default::default(),
+            metrics: crate::metrics::IoMetrics::copyset(pool, copyset),
             transferring: Default::default(),
             quorum_ack,
             lease: std::time::Duration::from_millis(opts.election_ms.0 / 2),

@@ -279,6 +279,9 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     let listener = tokio::net::TcpListener::bind(&cfg.listen)
         .await
         .with_context(|| format!("cannot listen on {}", cfg.listen))?;
+    if let Some(addr) = &cfg.metrics_listen {
+        curve_metrics::serve(addr, crate::metrics::METRICS.clone()).await?;
+    }
     let mut mds = Mds {
         addrs: cfg.mds.clone(),
         current: 0,
@@ -308,19 +311,10 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     ));
     let rebuilt = manager.rebuild().await.map_err(anyhow::Error::msg)?;
     tracing::info!(id = identity.id, listen = %cfg.listen, copysets = rebuilt, "chunkserver started");
-    if let Some(addr) = &cfg.metrics_listen {
-        let l = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("cannot listen on {addr} for metrics"))?;
-        let m = manager.clone();
-        tokio::spawn(crate::metrics::serve(l, move || {
-            let nodes = m.list();
-            crate::metrics::render(nodes.iter().map(|n| (n.pool, n.copyset, &n.metrics)))
-        }));
-    }
     let svc = ChunkServerServices::with_limit(manager.clone(), cfg.max_inflight);
     let hb = tokio::spawn(heartbeat_loop(cfg.clone(), identity, manager.clone(), mds));
     tonic::transport::Server::builder()
+        .layer(crate::metrics::grpc_layer())
         .add_service(RaftServiceServer::new(svc.clone()))
         .add_service(ChunkServiceServer::new(svc.clone()))
         .add_service(CliServiceServer::new(svc.clone()))

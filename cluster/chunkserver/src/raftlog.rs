@@ -367,7 +367,7 @@ fn flusher(rx: mpsc::Receiver<FlushRequest>) {
         }
         let started = std::time::Instant::now();
         let result = files.iter().try_for_each(|f| f.sync_data());
-        crate::metrics::RAFT_FSYNC.observe(started.elapsed());
+        crate::metrics::raft_fsync(started.elapsed());
         FSYNCS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         FLUSHED_APPENDS.fetch_add(batch.len() as u64, std::sync::atomic::Ordering::Relaxed);
         for r in batch {

@@ -412,7 +412,7 @@ async fn kill_9_of_the_leader_loses_no_acknowledged_write() {
         .unwrap_or(0);
     assert!(writes > 0, "{m}");
     assert!(
-        m.contains("curve_copyset_latency_seconds_bucket{pool=\"1\",copyset=\"1\",op=\"write\""),
+        m.contains("curve_copyset_latency_seconds_count{pool=\"1\",copyset=\"1\",op=\"write\"}"),
         "{m}"
     );
     assert!(m.contains("curve_raft_log_fsync_seconds_count"), "{m}");

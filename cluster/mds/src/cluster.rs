@@ -120,6 +120,21 @@ pub type Creation = (String, Vec<(u32, Vec<Peer>)>);
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Refused(pub HeartbeatStatus, pub String);
 
+/// What [`Cluster::health`] counts.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Health {
+    /// Chunkservers heartbeating.
+    pub online: usize,
+    /// Chunkservers late.
+    pub unstable: usize,
+    /// Chunkservers gone.
+    pub offline: usize,
+    /// Copysets with a leader and every peer online.
+    pub copysets_healthy: usize,
+    /// The others.
+    pub copysets_degraded: usize,
+}
+
 impl Cluster {
     /// The cluster from the store's pairs; every chunkserver counts as just seen.
     pub fn load(
@@ -575,6 +590,33 @@ impl Cluster {
                 )
             })
             .collect()
+    }
+
+    /// Chunkservers by liveness (online, unstable, offline) and copysets healthy (a known
+    /// leader, three or more peers, every peer online) or degraded.
+    pub fn health(&self, now: Instant) -> Health {
+        let mut h = Health::default();
+        for id in self.chunkservers.keys() {
+            match self.liveness(*id, now) {
+                Liveness::Online => h.online += 1,
+                Liveness::Unstable => h.unstable += 1,
+                Liveness::Offline => h.offline += 1,
+            }
+        }
+        for c in self.copysets.values() {
+            let healthy = c.leader.is_some()
+                && c.rec.peers.len() >= 3
+                && c.rec
+                    .peers
+                    .iter()
+                    .all(|p| self.liveness(*p, now) == Liveness::Online);
+            if healthy {
+                h.copysets_healthy += 1;
+            } else {
+                h.copysets_degraded += 1;
+            }
+        }
+        h
     }
 
     /// Operators in flight.

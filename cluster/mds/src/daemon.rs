@@ -44,6 +44,8 @@ pub struct Config {
     pub schedule_every: Duration,
     /// The MDS behaviour.
     pub opts: Options,
+    /// host:port of the Prometheus endpoint (`GET /metrics`), if any.
+    pub metrics_listen: Option<String>,
 }
 
 fn lock_data_dir(dir: &std::path::Path) -> anyhow::Result<std::fs::File> {
@@ -88,8 +90,14 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         .await
         .with_context(|| format!("cannot listen on {}", cfg.listen))?;
     let role = Arc::new(Role::default());
+    let metrics = curve_metrics::Metrics::new();
+    let grpc_metrics = crate::metrics::register(&metrics, role.clone());
+    if let Some(addr) = &cfg.metrics_listen {
+        curve_metrics::serve(addr, metrics.clone()).await?;
+    }
     let services = Services::new(role.clone());
     let server = tonic::transport::Server::builder()
+        .layer(grpc_metrics)
         .add_service(MdsServiceServer::new(services.clone()))
         .add_service(HeartbeatServiceServer::new(services))
         .serve_with_incoming_shutdown(incoming(listener), shutdown);

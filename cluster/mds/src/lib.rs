@@ -21,6 +21,7 @@ pub mod cluster;
 pub mod daemon;
 pub mod etcd;
 pub mod mds;
+pub mod metrics;
 pub mod namespace;
 pub mod scheduler;
 pub mod segment;

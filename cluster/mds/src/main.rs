@@ -58,6 +58,9 @@ struct Args {
     /// Do not balance copysets and leaders (recovery still runs).
     #[arg(long)]
     no_balance: bool,
+    /// Serve Prometheus metrics at http://ADDR/metrics (host:port).
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<String>,
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -109,6 +112,7 @@ fn main() -> anyhow::Result<()> {
         etcd_prefix: a.etcd_prefix,
         election_ttl: Duration::from_secs(a.election_ttl_s.max(1)),
         schedule_every: Duration::from_millis(a.schedule_ms.max(10)),
+        metrics_listen: a.metrics_listen,
         opts: Options {
             geometry: Geometry {
                 chunk_size: a.chunk_size,

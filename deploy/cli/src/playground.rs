@@ -30,7 +30,8 @@ pub struct Options {
     pub dir: PathBuf,
     /// Size of the volume.
     pub size: u64,
-    /// MDS port; chunkservers take the next three.
+    /// MDS port; chunkservers take the next three; metrics the MDS port + 10 (MDS), + 11..13
+    /// (chunkservers) and + 14 (nebd-server).
     pub port: u16,
     /// Name of the volume and of its export.
     pub name: String,
@@ -192,6 +193,8 @@ pub fn up(o: &Options) -> Result<(), String> {
             d("mds"),
             "--topology".into(),
             d("topology.toml"),
+            "--metrics-listen".into(),
+            format!("127.0.0.1:{}", o.port + 10),
         ],
         log: dir.join("logs/mds.log"),
         child: None,
@@ -228,6 +231,8 @@ pub fn up(o: &Options) -> Result<(), String> {
             d("nebd"),
             "--mds".into(),
             mds_addr.clone(),
+            "--metrics-listen".into(),
+            format!("127.0.0.1:{}", o.port + 14),
         ],
         log: dir.join("logs/nebd-server.log"),
         child: None,
@@ -361,7 +366,15 @@ fn serve(o: &Options, dir: &Path, mds_addr: &str, daemons: &mut [Daemon]) -> Res
             r.exports.first().map(|e| e.uri.clone()).unwrap_or_default()
         }
     };
+    let metrics = serde_json::json!({
+        "curve-mds": format!("http://127.0.0.1:{}/metrics", o.port + 10),
+        "curve-chunkserver 1": format!("http://127.0.0.1:{}/metrics", o.port + 11),
+        "curve-chunkserver 2": format!("http://127.0.0.1:{}/metrics", o.port + 12),
+        "curve-chunkserver 3": format!("http://127.0.0.1:{}/metrics", o.port + 13),
+        "nebd-server": format!("http://127.0.0.1:{}/metrics", o.port + 14),
+    });
     let info = serde_json::json!({
+        "metrics": metrics,
         "mds": mds_addr,
         "uri": uri,
         "socket": socket,
@@ -375,8 +388,13 @@ fn serve(o: &Options, dir: &Path, mds_addr: &str, daemons: &mut [Daemon]) -> Res
     eprintln!(
         "
 The playground serves {path} ({size}) of a 3-replica cluster (curve-mds {mds_addr},
-chunkservers :{p1} :{p2} :{p3}, metrics at :{m1}/metrics ...) through nebd-server over NBD:
+chunkservers :{p1} :{p2} :{p3}) through nebd-server over NBD:
   {uri}
+
+Prometheus metrics (deploy/prometheus.yml scrapes them; deploy/grafana-dashboard.json shows them):
+  curve-mds           http://127.0.0.1:{m0}/metrics
+  curve-chunkservers  http://127.0.0.1:{m1}/metrics  :{m2}  :{m3}
+  nebd-server         http://127.0.0.1:{m4}/metrics
 
 Attach with:
   nbdinfo '{uri}'
@@ -390,7 +408,11 @@ Logs: {logs}. Ctrl-C (or `curve playground down --dir {dir}`) stops.",
         p1 = o.port + 1,
         p2 = o.port + 2,
         p3 = o.port + 3,
+        m0 = o.port + 10,
         m1 = o.port + 11,
+        m2 = o.port + 12,
+        m3 = o.port + 13,
+        m4 = o.port + 14,
         name = o.name,
         logs = dir.join("logs").display(),
         dir = dir.display(),

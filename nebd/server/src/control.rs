@@ -88,6 +88,18 @@ pub enum Frontend {
     },
 }
 
+impl Frontend {
+    /// Its `type` tag: `nbd`, `vhost_user_blk`, `ublk` or `nbd_device`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Frontend::Nbd { .. } => "nbd",
+            Frontend::VhostUserBlk { .. } => "vhost_user_blk",
+            Frontend::Ublk { .. } => "ublk",
+            Frontend::NbdDevice { .. } => "nbd_device",
+        }
+    }
+}
+
 /// An export as requested.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ExportSpec {

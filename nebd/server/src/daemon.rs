@@ -103,6 +103,8 @@ pub struct Config {
     pub mds: Vec<String>,
     /// Owner `curve:` volumes are opened as.
     pub owner: String,
+    /// host:port of the Prometheus endpoint (`GET /metrics`), if any.
+    pub metrics_listen: Option<String>,
 }
 
 impl Config {
@@ -113,6 +115,7 @@ impl Config {
             heartbeat_timeout: Duration::from_secs(30),
             mds: vec!["127.0.0.1:6700".into()],
             owner: "curve".into(),
+            metrics_listen: None,
         }
     }
 }
@@ -193,6 +196,16 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         exports: ExportManager::new(Some(meta)),
         files: files.clone(),
     });
+    if let Some(addr) = &config.metrics_listen {
+        let m = &crate::metered::METRICS.metrics;
+        let s = Arc::downgrade(&state);
+        m.on_scrape(move || {
+            if let Some(s) = s.upgrade() {
+                s.exports.update_gauges();
+            }
+        });
+        curve_metrics::serve(addr, m.clone()).await?;
+    }
     state.exports.restore().await;
     let stop = CancellationToken::new();
     spawn_part1_service(&config.run_dir, files.clone(), stop.clone())?;

@@ -157,6 +157,8 @@ impl ExportManager {
             .await
             .map_err(|e| format!("volume open panicked: {e}"))?
             .map_err(|e| error_chain(&e))?;
+        let labels = crate::metered::labels(&spec.name, spec.frontend.kind(), &spec.volume);
+        let device = crate::metered::Metered::wrap(device, &labels);
         let served = match (&spec.frontend, addr) {
             (Frontend::Nbd { .. }, Some(addr)) => {
                 let export = Export::new(spec.name.clone(), spec.volume.clone(), device, read_only);
@@ -350,6 +352,11 @@ impl ExportManager {
             }
             Served::VhostUserBlk { .. } => {}
         }
+        crate::metered::forget(&crate::metered::labels(
+            name,
+            entry.spec.frontend.kind(),
+            &entry.spec.volume,
+        ));
         drop(entry);
         if let Some(meta) = &self.meta {
             meta.update(|s| s.exports.retain(|e| e.name != name))
@@ -362,6 +369,29 @@ impl ExportManager {
     /// Every export, by name.
     pub async fn list(&self) -> Vec<ExportStatus> {
         self.entries.lock().await.values().map(status).collect()
+    }
+
+    /// Sets the per-export gauges (connections, exports by frontend) from what is served now;
+    /// skipped while an export is being added or removed.
+    pub fn update_gauges(&self) {
+        let Ok(entries) = self.entries.try_lock() else {
+            return;
+        };
+        let m = &crate::metered::METRICS;
+        let mut by_frontend = std::collections::BTreeMap::<&str, i64>::new();
+        for e in entries.values() {
+            let kind = e.spec.frontend.kind();
+            *by_frontend.entry(kind).or_default() += 1;
+            let st = status(e);
+            m.connections
+                .get_or_create(&crate::metered::labels(&e.spec.name, kind, &e.spec.volume))
+                .set(st.connections as i64);
+        }
+        for kind in ["nbd", "vhost_user_blk", "ublk", "nbd_device"] {
+            m.exports
+                .get_or_create(&vec![("frontend".to_owned(), kind.to_owned())])
+                .set(by_frontend.get(kind).copied().unwrap_or(0));
+        }
     }
 
     /// Closes every frontend, giving connections `grace` to finish.

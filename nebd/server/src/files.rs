@@ -79,6 +79,15 @@ fn info(fd: u32, dev: &dyn BlockDevice) -> FileInfo {
     }
 }
 
+fn part1_labels(name: &str) -> curve_metrics::Labels {
+    crate::metered::labels("", "part1", name)
+}
+
+/// `dev`, counted as part1's file `name`.
+fn metered(dev: Arc<dyn BlockDevice>, name: &str) -> Arc<dyn BlockDevice> {
+    crate::metered::Metered::wrap(dev, &part1_labels(name))
+}
+
 impl FileManager {
     /// Restores the files recorded in the metafile, reopening each. A volume that fails to
     /// reopen stays recorded, closed: requests on it retry the open and report its error.
@@ -93,7 +102,7 @@ impl FileManager {
                 continue;
             };
             let device = match spec.open(false) {
-                Ok(d) => Some(d),
+                Ok(d) => Some(metered(d, &name)),
                 Err(e) => {
                     tracing::error!(fd, %name, error = %crate::exports::error_chain(&e), "cannot reopen");
                     None
@@ -160,6 +169,7 @@ impl FileManager {
         let dev = spec
             .open(false)
             .map_err(|e| err(-libc::EIO, crate::exports::error_chain(&e)))?;
+        let dev = metered(dev, name);
         let fd = self.next_fd.fetch_add(1, Ordering::Relaxed);
         let i = info(fd, dev.as_ref());
         self.files.write().insert(
@@ -183,8 +193,11 @@ impl FileManager {
     /// Closes and forgets a file.
     pub fn close(&self, fd: u32) -> Result<(), FileError> {
         let _control = self.control.lock();
-        if self.files.write().remove(&fd).is_none() {
+        let Some(entry) = self.files.write().remove(&fd) else {
             return Err(err(-libc::EBADF, format!("no open file with fd {fd}")));
+        };
+        if !self.files.read().values().any(|e| e.name == entry.name) {
+            crate::metered::forget(&part1_labels(&entry.name));
         }
         self.persist()?;
         tracing::info!(fd, "file closed");
@@ -214,6 +227,7 @@ impl FileManager {
             .spec
             .open(false)
             .map_err(|e| err(-libc::EIO, crate::exports::error_chain(&e)))?;
+        let dev = metered(dev, &entry.name);
         entry.device = Some(dev.clone());
         entry.last_beat.store(self.now_ms(), Ordering::Relaxed);
         tracing::info!(fd, name = %entry.name, "file reopened on request");
@@ -247,6 +261,7 @@ impl FileManager {
             .spec
             .open(false)
             .map_err(|e| err(-libc::EIO, crate::exports::error_chain(&e)))?;
+        let dev = metered(dev, &entry.name);
         entry.device = Some(dev.clone());
         tracing::info!(fd, size, "file resized");
         Ok(info(fd, dev.as_ref()))

@@ -13,5 +13,6 @@ pub mod daemon;
 pub mod exports;
 pub mod files;
 pub mod metafile;
+pub mod metered;
 pub mod part1;
 pub mod volume;

@@ -5,7 +5,8 @@ use std::path::PathBuf;
 use clap::Parser;
 use nebd_server::daemon::{self, Config, DEFAULT_RUN_DIR};
 
-/// NEBD part2: serves Curve-rs volumes to NBD (and later vhost-user-blk and ublk) consumers.
+/// NEBD part2: serves Curve-rs volumes to NBD, kernel NBD, vhost-user-blk and ublk consumers,
+/// and to libnebd programs (part1).
 #[derive(Debug, Parser)]
 #[command(version)]
 struct Args {
@@ -27,6 +28,10 @@ struct Args {
     /// Owner `curve:` volumes are opened as.
     #[arg(long, env = "CURVE_OWNER", default_value = "curve")]
     owner: String,
+    /// Serve Prometheus metrics at http://ADDR/metrics (host:port): per export and part1 file,
+    /// operations, bytes, errors, latency, in flight, connections.
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<String>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -48,6 +53,7 @@ fn main() -> anyhow::Result<()> {
         heartbeat_timeout: std::time::Duration::from_millis(args.heartbeat_timeout_ms),
         mds: args.mds,
         owner: args.owner,
+        metrics_listen: args.metrics_listen,
         ..Config::new(args.run_dir)
     };
     rt.block_on(daemon::run(config, shutdown_signal()))
