@@ -7,9 +7,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use nebd_server::control::{ControlClient, ExportSpec, ExportStatus, Frontend, Request};
-use nebd_server::daemon::DEFAULT_RUN_DIR;
-use nebd_server::exports::error_chain;
+use nebd_control::DEFAULT_RUN_DIR;
+use nebd_control::error_chain;
+use nebd_control::{ControlClient, ExportSpec, ExportStatus, Frontend, Request};
 
 /// Curve-rs: a distributed block store with NBD, vhost-user-blk and ublk frontends.
 #[derive(Debug, Parser)]
@@ -454,9 +454,9 @@ fn run(cli: Cli) -> Result<(), String> {
                 _ if nbd_device.is_some() => Frontend::NbdDevice {
                     device: nbd_device.filter(|d| !d.is_empty()),
                     connections: connections.unwrap_or(1),
-                    io_timeout: io_timeout.unwrap_or(nebd_server::control::DEFAULT_IO_TIMEOUT),
+                    io_timeout: io_timeout.unwrap_or(nebd_control::DEFAULT_IO_TIMEOUT),
                     reattach_timeout: reattach_timeout
-                        .unwrap_or(nebd_server::control::DEFAULT_REATTACH_TIMEOUT),
+                        .unwrap_or(nebd_control::DEFAULT_REATTACH_TIMEOUT),
                     cookie: None,
                 },
                 _ if ublk => Frontend::Ublk {

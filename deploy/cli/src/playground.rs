@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use curve_client::MdsClient;
 use curve_proto::mds::{FileType, MdsStatus};
-use nebd_server::control::{ControlClient, ExportSpec, Frontend, Request};
+use nebd_control::{ControlClient, ExportSpec, Frontend, Request};
 
 /// What `up` starts.
 #[derive(Debug, Clone)]

@@ -89,7 +89,7 @@ fn spawn_part1_service(
 }
 
 /// Default run directory.
-pub const DEFAULT_RUN_DIR: &str = "/run/curve";
+pub use crate::control::DEFAULT_RUN_DIR;
 
 /// How nebd-server runs.
 #[derive(Debug, Clone)]

@@ -455,17 +455,7 @@ fn new_cookie(name: &str) -> String {
     format!("curve-rs:{name}:{:x}-{nanos:x}", std::process::id())
 }
 
-/// An error with its causes, for messages that go back to the CLI.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
+pub use crate::control::error_chain;
 
 #[cfg(test)]
 mod tests {

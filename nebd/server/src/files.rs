@@ -42,16 +42,7 @@ fn err(errno: i32, message: impl Into<String>) -> FileError {
     }
 }
 
-/// Status of one file, for listings.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct FileStatus {
-    /// Handle.
-    pub fd: u32,
-    /// Volume specification.
-    pub name: String,
-    /// Whether the volume is open now (false after a heartbeat timeout).
-    pub open: bool,
-}
+pub use crate::control::FileStatus;
 
 /// Every file part1 has open.
 pub struct FileManager {

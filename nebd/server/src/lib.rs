@@ -8,7 +8,7 @@
 //!                                   Arc<dyn BlockDevice> ──> frontends (NBD ...)
 //! ```
 
-pub mod control;
+pub use nebd_control as control;
 pub mod daemon;
 pub mod exports;
 pub mod files;

@@ -16,6 +16,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+/// The run directory when none is given.
+pub const DEFAULT_RUN_DIR: &str = "/run/curve";
+
 /// File name of the control socket inside the run directory.
 pub const CONTROL_SOCKET: &str = "control.sock";
 /// File name of the lock + pid file inside the run directory.
@@ -133,6 +136,17 @@ pub struct ExportStatus {
     pub device: Option<String>,
 }
 
+/// Status of one file part1 has open, for listings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileStatus {
+    /// Handle.
+    pub fd: u32,
+    /// Volume specification.
+    pub name: String,
+    /// Whether the volume is open now (false after a heartbeat timeout).
+    pub open: bool,
+}
+
 /// A control request.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
@@ -163,7 +177,7 @@ pub struct Response {
     pub exports: Vec<ExportStatus>,
     /// Files part1 has open (for a file listing).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub files: Vec<crate::files::FileStatus>,
+    pub files: Vec<FileStatus>,
 }
 
 impl Response {
@@ -184,6 +198,18 @@ impl Response {
             ..Default::default()
         }
     }
+}
+
+/// An error with its causes, for messages that go back to the CLI.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
 }
 
 /// Parses one request line. The error is the message to send back.
