@@ -10,15 +10,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/heartbeat.proto",
         "proto/raft.proto",
         "proto/mds.proto",
-        "proto/etcd/kv.proto",
-        "proto/etcd/rpc.proto",
-        "proto/etcd/v3election.proto",
     ];
     for f in &files {
         println!("cargo:rerun-if-changed={f}");
     }
     let descriptors = protox::compile(files, ["proto"])?;
-    tonic_build::configure()
+    tonic_prost_build::configure()
         .build_server(true)
         .build_client(true)
         .compile_fds(descriptors)?;

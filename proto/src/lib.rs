@@ -1,5 +1,5 @@
 //! The RPC definitions of Curve-rs, generated at build time from `proto/*.proto` (no system
-//! `protoc` needed: protox compiles them).
+//! `protoc` needed: protox compiles them). The MDS reaches etcd through the `etcd-client` crate.
 //!
 //! ```text
 //!  common     Peer, CopysetKey
@@ -10,7 +10,6 @@
 //!  raft       RaftService: AppendEntries, Vote, InstallSnapshot between chunkservers
 //!  mds        MdsService: namespace, OpenFile/RefreshSession/CloseFile, GetOrAllocateSegment,
 //!             GetCopysets, GetTopology
-//!  etcd       etcd v3 KV, Lease and Election (the MDS's HA store), trimmed to what is used
 //! ```
 
 #![allow(
@@ -48,22 +47,6 @@ pub mod raft {
 pub mod mds {
     tonic::include_proto!("curve.mds");
 }
-/// The subset of etcd v3's API the MDS uses (its own package names, so a stock etcd answers).
-pub mod etcd {
-    /// etcd's key-value record.
-    pub mod mvccpb {
-        tonic::include_proto!("mvccpb");
-    }
-    /// KV and Lease services.
-    pub mod etcdserverpb {
-        tonic::include_proto!("etcdserverpb");
-    }
-    /// The election service.
-    pub mod v3electionpb {
-        tonic::include_proto!("v3electionpb");
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use prost::Message;

@@ -119,9 +119,17 @@ async fn become_leader(cfg: Config, role: Arc<Role>) -> anyhow::Result<()> {
     let store: Arc<dyn MetaStore> = if cfg.etcd.is_empty() {
         Arc::new(EmbeddedStore::open(&cfg.data_dir.join("mds.redb"))?)
     } else {
-        let channel = crate::etcd::connect(&cfg.etcd)?;
-        let store = crate::etcd::EtcdStore::new(channel.clone(), &cfg.etcd_prefix);
-        let election = crate::etcd::Election::new(channel, &format!("{}election", cfg.etcd_prefix));
+        let client = loop {
+            match crate::etcd::connect(&cfg.etcd).await {
+                Ok(c) => break c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot reach etcd; retrying");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        };
+        let store = crate::etcd::EtcdStore::new(&client, &cfg.etcd_prefix);
+        let election = crate::etcd::Election::new(&client, &format!("{}election", cfg.etcd_prefix));
         let lease = loop {
             match election
                 .lease(cfg.election_ttl, || {

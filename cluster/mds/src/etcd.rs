@@ -1,4 +1,5 @@
-//! etcd as the metadata store of several MDS, and the election that picks their one leader.
+//! etcd as the metadata store of several MDS, and the election that picks their one leader,
+//! through the `etcd-client` crate.
 //!
 //! The leader campaigns through etcd's election API with a lease it keeps alive; its writes
 //! are transactions guarded by its leader key (`CREATE revision == rev` of the key it won
@@ -8,43 +9,40 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use curve_proto::etcd::etcdserverpb::compare::{CompareResult, CompareTarget, TargetUnion};
-use curve_proto::etcd::etcdserverpb::kv_client::KvClient;
-use curve_proto::etcd::etcdserverpb::lease_client::LeaseClient;
-use curve_proto::etcd::etcdserverpb::request_op::Request;
-use curve_proto::etcd::etcdserverpb::{
-    Compare, DeleteRangeRequest, LeaseGrantRequest, LeaseKeepAliveRequest, PutRequest,
-    RangeRequest, RequestOp, TxnRequest,
-};
-use curve_proto::etcd::v3electionpb::election_client::ElectionClient;
-use curve_proto::etcd::v3electionpb::{CampaignRequest, LeaderKey, LeaderRequest};
+use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, Txn, TxnOp};
 use parking_lot::Mutex;
-use tonic::transport::Channel;
 
 use crate::store::{MetaStore, Op, StoreError, StoreFuture};
 
-/// A channel balanced over the etcd endpoints (host:port, http).
-pub fn connect(endpoints: &[String]) -> Result<Channel, StoreError> {
-    let eps = endpoints
+/// The key an MDS won the election with: its writes are guarded by it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaderKey {
+    /// The key etcd created for the campaign.
+    pub key: Vec<u8>,
+    /// Its create revision.
+    pub rev: i64,
+}
+
+/// A client of the etcd endpoints (host:port, or http://host:port), balanced over them. It
+/// connects lazily: an etcd that is not up yet is retried by the calls.
+pub async fn connect(endpoints: &[String]) -> Result<Client, StoreError> {
+    let eps: Vec<String> = endpoints
         .iter()
         .map(|e| {
-            let url = if e.contains("://") {
+            if e.contains("://") {
                 e.clone()
             } else {
                 format!("http://{e}")
-            };
-            tonic::transport::Endpoint::from_shared(url)
-                .map(|ep| {
-                    ep.connect_timeout(Duration::from_secs(2))
-                        .timeout(Duration::from_secs(5))
-                })
-                .map_err(|e| StoreError::Backend(format!("bad etcd endpoint: {e}")))
+            }
         })
-        .collect::<Result<Vec<_>, _>>()?;
+        .collect();
     if eps.is_empty() {
         return Err(StoreError::Backend("no etcd endpoint".into()));
     }
-    Ok(Channel::balance_list(eps.into_iter()))
+    let opts = ConnectOptions::new()
+        .with_connect_timeout(Duration::from_secs(2))
+        .with_timeout(Duration::from_secs(5));
+    Client::connect(eps, Some(opts)).await.map_err(backend)
 }
 
 fn backend(e: impl std::fmt::Display) -> StoreError {
@@ -64,19 +62,27 @@ pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
 }
 
 /// The metadata store on etcd, under a key prefix.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct EtcdStore {
-    kv: KvClient<Channel>,
+    kv: etcd_client::KvClient,
     prefix: Vec<u8>,
     /// The leader key this MDS won with: every write is guarded by it.
     fence: Arc<Mutex<Option<LeaderKey>>>,
 }
 
+impl std::fmt::Debug for EtcdStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdStore")
+            .field("prefix", &String::from_utf8_lossy(&self.prefix))
+            .finish_non_exhaustive()
+    }
+}
+
 impl EtcdStore {
-    /// A store over `channel`, keys under `prefix`.
-    pub fn new(channel: Channel, prefix: &str) -> Self {
+    /// A store through `client`, keys under `prefix`.
+    pub fn new(client: &Client, prefix: &str) -> Self {
         EtcdStore {
-            kv: KvClient::new(channel),
+            kv: client.kv_client(),
             prefix: prefix.as_bytes().to_vec(),
             fence: Arc::default(),
         }
@@ -104,21 +110,18 @@ impl MetaStore for EtcdStore {
             let mut from = start;
             loop {
                 let r = kv
-                    .range(RangeRequest {
-                        key: from.clone(),
-                        range_end: end.clone(),
-                        limit: 1000,
-                        ..Default::default()
-                    })
+                    .get(
+                        from.clone(),
+                        Some(GetOptions::new().with_range(end.clone()).with_limit(1000)),
+                    )
                     .await
-                    .map_err(backend)?
-                    .into_inner();
-                for kv in &r.kvs {
-                    out.push((kv.key[self.prefix.len()..].to_vec(), kv.value.clone()));
+                    .map_err(backend)?;
+                for kv in r.kvs() {
+                    out.push((kv.key()[self.prefix.len()..].to_vec(), kv.value().to_vec()));
                 }
-                match (r.more, r.kvs.last()) {
+                match (r.more(), r.kvs().last()) {
                     (true, Some(last)) => {
-                        from = last.key.clone();
+                        from = last.key().to_vec();
                         from.push(0);
                     }
                     _ => break,
@@ -148,67 +151,65 @@ impl MetaStore for EtcdStore {
 
 impl EtcdStore {
     async fn commit_one(&self, ops: Vec<Op>) -> Result<(), StoreError> {
-        {
-            let success = ops
-                .into_iter()
-                .map(|op| RequestOp {
-                    request: Some(match op {
-                        Op::Put(k, v) => Request::RequestPut(PutRequest {
-                            key: self.key(&k),
-                            value: v,
-                            lease: 0,
-                        }),
-                        Op::Delete(k) => Request::RequestDeleteRange(DeleteRangeRequest {
-                            key: self.key(&k),
-                            range_end: Vec::new(),
-                        }),
-                    }),
-                })
-                .collect();
-            let compare = self
-                .fence
-                .lock()
-                .as_ref()
-                .map(|l| Compare {
-                    result: CompareResult::Equal as i32,
-                    target: CompareTarget::Create as i32,
-                    key: l.key.clone(),
-                    target_union: Some(TargetUnion::CreateRevision(l.rev)),
-                })
-                .into_iter()
-                .collect();
-            let r = self
-                .kv
-                .clone()
-                .txn(TxnRequest {
-                    compare,
-                    success,
-                    failure: Vec::new(),
-                })
-                .await
-                .map_err(backend)?
-                .into_inner();
-            if r.succeeded {
-                Ok(())
-            } else {
-                Err(StoreError::LostLeadership)
-            }
+        let ops: Vec<TxnOp> = ops
+            .into_iter()
+            .map(|op| match op {
+                Op::Put(k, v) => TxnOp::put(self.key(&k), v, None),
+                Op::Delete(k) => TxnOp::delete(self.key(&k), None),
+            })
+            .collect();
+        let fence: Vec<Compare> = self
+            .fence
+            .lock()
+            .as_ref()
+            .map(|l| Compare::create_revision(l.key.clone(), CompareOp::Equal, l.rev))
+            .into_iter()
+            .collect();
+        let r = self
+            .kv
+            .clone()
+            .txn(Txn::new().when(fence).and_then(ops))
+            .await
+            .map_err(backend)?;
+        if r.succeeded() {
+            Ok(())
+        } else {
+            Err(StoreError::LostLeadership)
         }
     }
 }
 
 /// Leader election among MDS processes.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Election {
-    channel: Channel,
+    client: Client,
     name: Vec<u8>,
+}
+
+impl std::fmt::Debug for Election {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Election")
+            .field("name", &String::from_utf8_lossy(&self.name))
+            .finish_non_exhaustive()
+    }
+}
+
+fn retryable(e: &etcd_client::Error) -> bool {
+    match e {
+        etcd_client::Error::GRpcStatus(s) => matches!(
+            s.code(),
+            tonic::Code::Cancelled | tonic::Code::DeadlineExceeded | tonic::Code::Unavailable
+        ),
+        etcd_client::Error::TransportError(_) => true,
+        _ => false,
+    }
 }
 
 impl Election {
     /// An election called `name` on etcd.
-    pub fn new(channel: Channel, name: &str) -> Self {
+    pub fn new(client: &Client, name: &str) -> Self {
         Election {
-            channel,
+            client: client.clone(),
             name: name.as_bytes().to_vec(),
         }
     }
@@ -220,45 +221,32 @@ impl Election {
         ttl: Duration,
         on_lost: impl FnOnce() + Send + 'static,
     ) -> Result<i64, StoreError> {
-        let mut lease = LeaseClient::new(self.channel.clone());
+        let mut lease = self.client.lease_client();
         let ttl_s = ttl.as_secs().max(1) as i64;
-        let id = lease
-            .lease_grant(LeaseGrantRequest { ttl: ttl_s, id: 0 })
-            .await
-            .map_err(backend)?
-            .into_inner()
-            .id;
+        let id = lease.grant(ttl_s, None).await.map_err(backend)?.id();
         let every = Duration::from_millis((ttl_s as u64 * 1000 / 3).max(100));
         let ttl = Duration::from_secs(ttl_s as u64);
         tokio::spawn(async move {
             let mut last_ok = tokio::time::Instant::now();
             loop {
-                // etcd answers the stream's headers only after its first request: queue it
-                // before the call.
-                let (tx, rx) = tokio::sync::mpsc::channel(4);
-                let _ = tx.send(LeaseKeepAliveRequest { id }).await;
-                let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
-                match tokio::time::timeout(ttl, lease.lease_keep_alive(stream)).await {
-                    Ok(Ok(resp)) => {
-                        let mut resp = resp.into_inner();
-                        loop {
-                            match tokio::time::timeout(every, resp.message()).await {
-                                Ok(Ok(Some(r))) if r.ttl > 0 => {
-                                    last_ok = tokio::time::Instant::now();
-                                }
-                                Ok(Ok(Some(_))) => {
-                                    tracing::error!(lease = id, "the MDS lease expired");
-                                    on_lost();
-                                    return;
-                                }
-                                _ => break,
-                            }
-                            tokio::time::sleep(every).await;
-                            if tx.send(LeaseKeepAliveRequest { id }).await.is_err() {
-                                break;
-                            }
+                match tokio::time::timeout(ttl, lease.keep_alive(id)).await {
+                    Ok(Ok((mut keeper, mut stream))) => loop {
+                        if keeper.keep_alive().await.is_err() {
+                            break;
                         }
-                    }
+                        match tokio::time::timeout(every, stream.message()).await {
+                            Ok(Ok(Some(r))) if r.ttl() > 0 => {
+                                last_ok = tokio::time::Instant::now();
+                            }
+                            Ok(Ok(Some(_))) => {
+                                tracing::error!(lease = id, "the MDS lease expired");
+                                on_lost();
+                                return;
+                            }
+                            _ => break,
+                        }
+                        tokio::time::sleep(every).await;
+                    },
                     Ok(Err(e)) => tracing::warn!(error = %e, "lease keep-alive failed"),
                     Err(_) => tracing::warn!("lease keep-alive timed out"),
                 }
@@ -279,45 +267,34 @@ impl Election {
 
     /// Campaigns with `value` (this MDS's address) under `lease`: returns when elected.
     pub async fn campaign(&self, lease: i64, value: &str) -> Result<LeaderKey, StoreError> {
-        let mut e = ElectionClient::new(self.channel.clone());
+        let mut e = self.client.election_client();
         loop {
-            // A campaign blocks in etcd until elected; the channel's request timeout ends
-            // each attempt, so retry.
-            let r = tonic::Request::new(CampaignRequest {
-                name: self.name.clone(),
-                lease,
-                value: value.as_bytes().to_vec(),
-            });
-            match e.campaign(r).await {
+            // A campaign blocks in etcd until elected; the client's request timeout ends each
+            // attempt, so retry.
+            match e.campaign(self.name.clone(), value, lease).await {
                 Ok(r) => {
-                    return r
-                        .into_inner()
-                        .leader
-                        .ok_or_else(|| backend("campaign won without a leader key"));
+                    let l = r
+                        .leader()
+                        .ok_or_else(|| backend("campaign won without a leader key"))?;
+                    return Ok(LeaderKey {
+                        key: l.key().to_vec(),
+                        rev: l.rev(),
+                    });
                 }
-                Err(s)
-                    if s.code() == tonic::Code::Cancelled
-                        || s.code() == tonic::Code::DeadlineExceeded
-                        || s.code() == tonic::Code::Unavailable =>
-                {
+                Err(err) if retryable(&err) => {
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
-                Err(s) => return Err(backend(s)),
+                Err(err) => return Err(backend(err)),
             }
         }
     }
 
     /// The current leader's value (its address), if any.
     pub async fn leader(&self) -> Option<String> {
-        let mut e = ElectionClient::new(self.channel.clone());
-        let r = e
-            .leader(LeaderRequest {
-                name: self.name.clone(),
-            })
-            .await
-            .ok()?
-            .into_inner();
-        r.kv.map(|kv| String::from_utf8_lossy(&kv.value).into_owned())
+        let mut e = self.client.election_client();
+        let r = e.leader(self.name.clone()).await.ok()?;
+        r.kv()
+            .map(|kv| String::from_utf8_lossy(kv.value()).into_owned())
     }
 }
 
