@@ -10,20 +10,30 @@
 //! ```
 
 use std::collections::HashMap;
+use std::fs::File;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use curve_blockdev::exec::Notifier;
 use curve_blockdev::queue::{self, QueueSource, RequestFuture};
 use curve_blockdev::{BlockDevice, WriteFlags, ZeroFlags};
+use vhost::vhost_user::message::{
+    VhostTransferStateDirection, VhostTransferStatePhase, VhostUserConfigFlags, VhostUserInflight,
+    VhostUserLog, VhostUserMemoryRegion, VhostUserProtocolFeatures, VhostUserShMemConfig,
+    VhostUserSharedMsg, VhostUserSingleMemoryRegion, VhostUserVringAddrFlags, VhostUserVringState,
+};
+use vhost::vhost_user::{
+    Backend as BackendReq, BackendReqHandler, Error as VuError, GpuBackend, Result as VuResult,
+    VhostUserBackendReqHandlerMut,
+};
 
+use crate::Error;
 use crate::inflight::{Inflight, QueueInflight};
-use crate::memory::GuestMemory;
-use crate::protocol::{self, Message, ProtoError, req};
+use crate::memory::{MemRegion, Memory};
 use crate::request::{self, Kind, Limits, Request, s};
 use crate::virtq::Vring;
 
@@ -40,11 +50,13 @@ const BLK_F_TOPOLOGY: u64 = 1 << 10;
 const BLK_F_MQ: u64 = 1 << 12;
 const BLK_F_DISCARD: u64 = 1 << 13;
 const BLK_F_WRITE_ZEROES: u64 = 1 << 14;
-const PF_MQ: u64 = 1 << 0;
-const PF_REPLY_ACK: u64 = 1 << 3;
-const PF_CONFIG: u64 = 1 << 9;
-const PF_INFLIGHT: u64 = 1 << 12;
-const PF_ALL: u64 = PF_MQ | PF_REPLY_ACK | PF_CONFIG | PF_INFLIGHT;
+
+fn protocol_features() -> VhostUserProtocolFeatures {
+    VhostUserProtocolFeatures::MQ
+        | VhostUserProtocolFeatures::REPLY_ACK
+        | VhostUserProtocolFeatures::CONFIG
+        | VhostUserProtocolFeatures::INFLIGHT_SHMFD
+}
 
 /// Data segments per request (seg_max): what fits QEMU's default 128-entry ring with the
 /// header and status descriptors, for drivers without indirect descriptors (Linux does not
@@ -107,12 +119,7 @@ impl Server {
                     }
                     let Ok(conn) = conn else { continue };
                     // One front-end at a time: a reconnecting QEMU comes after the old one left.
-                    let mut c = Connection::new(device.clone(), opts.clone());
-                    match c.serve(&conn) {
-                        Ok(()) => tracing::info!("vhost-user front-end disconnected"),
-                        Err(e) => tracing::warn!(error = %e, "vhost-user connection ended"),
-                    }
-                    c.stop_all();
+                    serve(conn, device.clone(), opts.clone());
                 }
             })?;
         Ok(Server {
@@ -123,11 +130,32 @@ impl Server {
     }
 }
 
+/// Serves one front-end connection until it closes; its queues are stopped then.
+pub fn serve(conn: UnixStream, device: Arc<dyn BlockDevice>, opts: Options) {
+    let backend = Arc::new(Mutex::new(Backend::new(device, opts)));
+    let mut handler = BackendReqHandler::from_stream(conn, backend.clone());
+    loop {
+        match handler.handle_request() {
+            Ok(()) => {}
+            Err(VuError::Disconnected) | Err(VuError::PartialMessage) => {
+                tracing::info!("vhost-user front-end disconnected");
+                break;
+            }
+            Err(e @ (VuError::SocketBroken(_) | VuError::SocketError(_))) => {
+                tracing::warn!(error = %e, "vhost-user connection ended");
+                break;
+            }
+            Err(e) => tracing::warn!(error = %e, "vhost-user request refused"),
+        }
+    }
+    backend.lock().unwrap_or_else(|p| p.into_inner()).stop_all();
+}
+
 #[derive(Default)]
 struct QueueSetup {
     num: u16,
     base: u16,
-    addr: Option<protocol::VringAddr>,
+    addr: Option<(u64, u64, u64)>,
     kick: Option<OwnedFd>,
     call: Option<Arc<OwnedFd>>,
     enabled: bool,
@@ -140,19 +168,41 @@ struct Worker {
     thread: JoinHandle<u16>,
 }
 
-struct Connection {
+/// The back-end of one front-end connection: what it negotiated, guest memory, the queues.
+pub struct Backend {
     device: Arc<dyn BlockDevice>,
     opts: Options,
     features: u64,
     protocol_features: u64,
-    mem: Option<Arc<GuestMemory>>,
+    mem: Option<Arc<Memory>>,
     inflight: Option<Arc<Inflight>>,
     queues: HashMap<u32, QueueSetup>,
 }
 
-impl Connection {
-    fn new(device: Arc<dyn BlockDevice>, opts: Options) -> Self {
-        Connection {
+impl std::fmt::Debug for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Backend")
+            .field("opts", &self.opts)
+            .field("features", &self.features)
+            .field("queues", &self.queues.len())
+            .finish_non_exhaustive()
+    }
+}
+
+fn refuse(msg: impl Into<String>) -> VuError {
+    VuError::ReqHandlerError(std::io::Error::other(msg.into()))
+}
+
+impl From<Error> for VuError {
+    fn from(e: Error) -> Self {
+        refuse(e.to_string())
+    }
+}
+
+impl Backend {
+    /// A back-end of `device`.
+    pub fn new(device: Arc<dyn BlockDevice>, opts: Options) -> Self {
+        Backend {
             device,
             opts,
             features: 0,
@@ -207,206 +257,36 @@ impl Connection {
         c
     }
 
-    fn serve(&mut self, sock: &UnixStream) -> Result<(), ProtoError> {
-        loop {
-            let msg = match protocol::recv(sock) {
-                Ok(m) => m,
-                Err(ProtoError::Io(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-                    return Ok(());
-                }
-                Err(e) => return Err(e),
-            };
-            let request = msg.request;
-            // Requests that answer anyway are not acknowledged as well; on failure they still
-            // get an (empty) answer so that the front-end never waits forever.
-            let answers = matches!(
-                request,
-                req::GET_FEATURES
-                    | req::GET_PROTOCOL_FEATURES
-                    | req::GET_QUEUE_NUM
-                    | req::GET_VRING_BASE
-                    | req::GET_CONFIG
-                    | req::GET_INFLIGHT_FD
-            );
-            let need_ack = !answers
-                && msg.flags & protocol::NEED_REPLY != 0
-                && self.protocol_features & PF_REPLY_ACK != 0;
-            let r = self.handle(sock, msg);
-            if answers && matches!(r, Err(ProtoError::Bad(_))) {
-                protocol::reply(sock, request, &[], &[])?;
-            }
-            if need_ack {
-                let code: u64 = if r.is_ok() { 0 } else { 1 };
-                protocol::reply(sock, request, &code.to_le_bytes(), &[])?;
-            }
-            if let Err(e) = r {
-                tracing::warn!(request, error = %e, "vhost-user request refused");
-                if matches!(e, ProtoError::Io(_)) {
-                    return Err(e);
-                }
-            }
-        }
-    }
-
-    fn queue(&mut self, index: u32) -> Result<&mut QueueSetup, ProtoError> {
+    fn queue(&mut self, index: u32) -> VuResult<&mut QueueSetup> {
         if index >= u32::from(self.opts.queues) {
-            return Err(ProtoError::Bad(format!(
-                "queue {index} of {}",
-                self.opts.queues
-            )));
+            return Err(refuse(format!("queue {index} of {}", self.opts.queues)));
         }
         Ok(self.queues.entry(index).or_default())
     }
 
-    fn handle(&mut self, sock: &UnixStream, mut msg: Message) -> Result<(), ProtoError> {
-        let p = &msg.payload;
-        match msg.request {
-            req::GET_FEATURES => {
-                protocol::reply(sock, req::GET_FEATURES, &self.offered().to_le_bytes(), &[])?
-            }
-            req::SET_FEATURES => {
-                let f = protocol::parse_u64(p)?;
-                if f & !self.offered() != 0 {
-                    return Err(ProtoError::Bad(format!("features {f:#x} were not offered")));
-                }
-                self.features = f;
-            }
-            req::GET_PROTOCOL_FEATURES => {
-                let pf = PF_ALL;
-                protocol::reply(sock, req::GET_PROTOCOL_FEATURES, &pf.to_le_bytes(), &[])?;
-            }
-            req::SET_PROTOCOL_FEATURES => {
-                self.protocol_features = protocol::parse_u64(p)? & PF_ALL;
-            }
-            req::GET_QUEUE_NUM => {
-                protocol::reply(
-                    sock,
-                    req::GET_QUEUE_NUM,
-                    &u64::from(self.opts.queues).to_le_bytes(),
-                    &[],
-                )?;
-            }
-            req::SET_OWNER => {}
-            req::RESET_OWNER => self.stop_all(),
-            req::SET_MEM_TABLE => {
-                let regions = protocol::parse_mem_table(p)?;
-                let mem = GuestMemory::map(&regions, &msg.fds)?;
-                // Running queues move to the new table: stopped (in-flight requests finish),
-                // then started again on it.
-                let running: Vec<u32> = self
-                    .queues
-                    .iter()
-                    .filter(|(_, q)| q.worker.is_some())
-                    .map(|(i, _)| *i)
-                    .collect();
-                for i in &running {
-                    self.stop_queue(*i)?;
-                }
-                self.mem = Some(Arc::new(mem));
-                for i in running {
-                    self.maybe_start(i)?;
-                }
-            }
-            req::SET_LOG_BASE | req::SET_LOG_FD => {
-                return Err(ProtoError::Bad("dirty logging is not supported".into()));
-            }
-            req::SET_VRING_NUM => {
-                let (i, n) = protocol::parse_state(p)?;
-                if n == 0 || n > 32768 || !n.is_power_of_two() {
-                    return Err(ProtoError::Bad(format!("ring size {n}")));
-                }
-                self.queue(i)?.num = n as u16;
-            }
-            req::SET_VRING_BASE => {
-                let (i, b) = protocol::parse_state(p)?;
-                self.queue(i)?.base = b as u16;
-            }
-            req::SET_VRING_ADDR => {
-                let a = protocol::parse_addr(p)?;
-                self.queue(a.index)?.addr = Some(a);
-            }
-            req::SET_VRING_KICK | req::SET_VRING_CALL | req::SET_VRING_ERR => {
-                let v = protocol::parse_u64(p)?;
-                let i = (v & 0xff) as u32;
-                let nofd = v & 0x100 != 0;
-                let fd = if nofd { None } else { msg.fds.pop() };
-                let kind = msg.request;
-                // A running queue picks new descriptors up by restarting (QEMU swaps the call
-                // fd when the guest masks interrupts).
-                let was_running = self.stop_queue(i)?;
-                let q = self.queue(i)?;
-                match kind {
-                    req::SET_VRING_KICK => q.kick = fd,
-                    req::SET_VRING_CALL => q.call = fd.map(Arc::new),
-                    _ => {}
-                }
-                if kind == req::SET_VRING_KICK && self.features & F_PROTOCOL_FEATURES == 0 {
-                    // Without protocol features a ring starts when it gets its kick.
-                    self.queue(i)?.enabled = true;
-                }
-                if kind == req::SET_VRING_KICK || was_running {
-                    self.maybe_start(i)?;
-                }
-            }
-            req::SET_VRING_ENABLE => {
-                let (i, on) = protocol::parse_state(p)?;
-                if on != 1 {
-                    self.stop_queue(i)?;
-                }
-                self.queue(i)?.enabled = on == 1;
-                if on == 1 {
-                    self.maybe_start(i)?;
-                }
-            }
-            req::GET_VRING_BASE => {
-                let (i, _) = protocol::parse_state(p)?;
-                self.stop_queue(i)?;
-                let q = self.queue(i)?;
-                q.kick = None;
-                q.enabled = false;
-                let base = q.base;
-                protocol::reply(
-                    sock,
-                    req::GET_VRING_BASE,
-                    &[&i.to_le_bytes()[..], &u32::from(base).to_le_bytes()].concat(),
-                    &[],
-                )?;
-            }
-            req::GET_CONFIG => {
-                let (off, size) = protocol::parse_config(p)?;
-                let c = self.config();
-                let mut out = p[..12.min(p.len())].to_vec();
-                out.resize(12, 0);
-                let end = (off as usize).saturating_add(size as usize);
-                if end > c.len() {
-                    return Err(ProtoError::Bad(format!("config {off}+{size}")));
-                }
-                out.extend_from_slice(&c[off as usize..end]);
-                protocol::reply(sock, req::GET_CONFIG, &out, &[])?;
-            }
-            req::SET_CONFIG => {} // writeback cache toggles: our devices acknowledge writes durably
-            req::GET_INFLIGHT_FD => {
-                let (_, _, queues, size) = protocol::parse_inflight(p)?;
-                let buf = Inflight::create(queues, size)?;
-                let answer = protocol::encode_inflight(buf.len() as u64, 0, queues, size);
-                protocol::reply(sock, req::GET_INFLIGHT_FD, &answer, &[buf.fd().as_raw_fd()])?;
-                self.inflight = Some(Arc::new(buf));
-            }
-            req::SET_INFLIGHT_FD => {
-                let (size, offset, queues, qsize) = protocol::parse_inflight(p)?;
-                let fd = msg.fds.pop().ok_or_else(|| {
-                    ProtoError::Bad("SET_INFLIGHT_FD without a descriptor".into())
-                })?;
-                let buf = Inflight::map(fd, size as usize, offset, queues, qsize)?;
-                self.inflight = Some(Arc::new(buf));
-            }
-            other => return Err(ProtoError::Bad(format!("request {other} is not supported"))),
+    /// Kick, call or err descriptor of queue `index`: a running queue picks new descriptors
+    /// up by restarting (QEMU swaps the call fd when the guest masks interrupts).
+    fn set_vring_fd(&mut self, kind: FdKind, index: u8, fd: Option<File>) -> VuResult<()> {
+        let i = u32::from(index);
+        let was_running = self.stop_queue(i)?;
+        let q = self.queue(i)?;
+        match kind {
+            FdKind::Kick => q.kick = fd.map(OwnedFd::from),
+            FdKind::Call => q.call = fd.map(|f| Arc::new(OwnedFd::from(f))),
+            FdKind::Err => {}
+        }
+        if kind == FdKind::Kick && self.features & F_PROTOCOL_FEATURES == 0 {
+            // Without protocol features a ring starts when it gets its kick.
+            self.queue(i)?.enabled = true;
+        }
+        if kind == FdKind::Kick || was_running {
+            self.maybe_start(i)?;
         }
         Ok(())
     }
 
     /// Stops a queue's worker (its in-flight requests finish first); returns whether it ran.
-    fn stop_queue(&mut self, i: u32) -> Result<bool, ProtoError> {
+    fn stop_queue(&mut self, i: u32) -> VuResult<bool> {
         let q = self.queue(i)?;
         let Some(w) = q.worker.take() else {
             return Ok(false);
@@ -414,12 +294,12 @@ impl Connection {
         w.notifier.cancel();
         match w.thread.join() {
             Ok(base) => q.base = base,
-            Err(_) => return Err(ProtoError::Bad(format!("queue {i}: its worker panicked"))),
+            Err(_) => return Err(refuse(format!("queue {i}: its worker panicked"))),
         }
         Ok(true)
     }
 
-    fn maybe_start(&mut self, i: u32) -> Result<(), ProtoError> {
+    fn maybe_start(&mut self, i: u32) -> VuResult<()> {
         let mem = self.mem.clone();
         let inflight = self.inflight.clone();
         let event_idx = self.features & F_EVENT_IDX != 0;
@@ -430,19 +310,17 @@ impl Connection {
         if q.worker.is_some() || !q.enabled {
             return Ok(());
         }
-        let (Some(mem), Some(addr), Some(kick), Some(call)) =
+        let (Some(mem), Some((desc, used, avail)), Some(kick), Some(call)) =
             (mem, q.addr, q.kick.as_ref(), q.call.clone())
         else {
             return Ok(());
         };
-        let vring = Vring::new(
-            mem, q.num, addr.desc, addr.avail, addr.used, q.base, event_idx,
-        )
-        .ok_or_else(|| ProtoError::Bad(format!("queue {i}: rings outside guest memory")))?;
+        let vring = Vring::new(mem, q.num, desc, avail, used, q.base, event_idx)
+            .ok_or_else(|| refuse(format!("queue {i}: rings outside guest memory")))?;
         let tracker = inflight.and_then(|b| QueueInflight::new(b, i as u16, q.num));
         let tracked = tracker.is_some();
-        let kick = kick.try_clone()?;
-        let notifier = Notifier::new()?;
+        let kick = kick.try_clone().map_err(VuError::SocketError)?;
+        let notifier = Notifier::new().map_err(VuError::SocketError)?;
         let info = device.info().clone();
         let limits = Limits {
             capacity: info.size,
@@ -469,7 +347,8 @@ impl Connection {
                     used_unsignalled: false,
                 };
                 w.run()
-            })?;
+            })
+            .map_err(VuError::SocketError)?;
         q.worker = Some(Worker { notifier, thread });
         tracing::info!(
             queue = i,
@@ -479,7 +358,8 @@ impl Connection {
         Ok(())
     }
 
-    fn stop_all(&mut self) {
+    /// Stops every queue (their in-flight requests finish) and forgets guest memory.
+    pub fn stop_all(&mut self) {
         for q in self.queues.values_mut() {
             if let Some(w) = q.worker.take() {
                 w.notifier.cancel();
@@ -488,6 +368,246 @@ impl Connection {
         }
         self.queues.clear();
         self.mem = None;
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FdKind {
+    Kick,
+    Call,
+    Err,
+}
+
+/// The vhost-user requests, as the `vhost` crate decodes them.
+impl VhostUserBackendReqHandlerMut for Backend {
+    fn set_owner(&mut self) -> VuResult<()> {
+        Ok(())
+    }
+
+    fn reset_owner(&mut self) -> VuResult<()> {
+        self.stop_all();
+        Ok(())
+    }
+
+    fn reset_device(&mut self) -> VuResult<()> {
+        self.stop_all();
+        Ok(())
+    }
+
+    fn get_features(&mut self) -> VuResult<u64> {
+        Ok(self.offered())
+    }
+
+    fn set_features(&mut self, features: u64) -> VuResult<()> {
+        if features & !self.offered() != 0 {
+            return Err(refuse(format!("features {features:#x} were not offered")));
+        }
+        self.features = features;
+        Ok(())
+    }
+
+    fn set_mem_table(
+        &mut self,
+        ctx: &[VhostUserMemoryRegion],
+        files: Vec<File>,
+        _postcopy_listening: Option<bool>,
+    ) -> VuResult<Option<Vec<vhost::VhostUserMemoryRegionBase>>> {
+        let regions: Vec<MemRegion> = ctx
+            .iter()
+            .map(|r| MemRegion {
+                gpa: r.guest_phys_addr,
+                size: r.memory_size,
+                uaddr: r.user_addr,
+                offset: r.mmap_offset,
+            })
+            .collect();
+        let mem = Memory::map(&regions, files)?;
+        // Running queues move to the new table: stopped (in-flight requests finish), then
+        // started again on it.
+        let running: Vec<u32> = self
+            .queues
+            .iter()
+            .filter(|(_, q)| q.worker.is_some())
+            .map(|(i, _)| *i)
+            .collect();
+        for i in &running {
+            self.stop_queue(*i)?;
+        }
+        self.mem = Some(Arc::new(mem));
+        for i in running {
+            self.maybe_start(i)?;
+        }
+        Ok(None)
+    }
+
+    fn set_vring_num(&mut self, index: u32, num: u32) -> VuResult<()> {
+        if num == 0 || num > 32768 || !num.is_power_of_two() {
+            return Err(refuse(format!("ring size {num}")));
+        }
+        self.queue(index)?.num = num as u16;
+        Ok(())
+    }
+
+    fn set_vring_addr(
+        &mut self,
+        index: u32,
+        _flags: VhostUserVringAddrFlags,
+        descriptor: u64,
+        used: u64,
+        available: u64,
+        _log: u64,
+    ) -> VuResult<()> {
+        self.queue(index)?.addr = Some((descriptor, used, available));
+        Ok(())
+    }
+
+    fn set_vring_base(&mut self, index: u32, base: u32) -> VuResult<()> {
+        self.queue(index)?.base = base as u16;
+        Ok(())
+    }
+
+    fn get_vring_base(&mut self, index: u32) -> VuResult<VhostUserVringState> {
+        self.stop_queue(index)?;
+        let q = self.queue(index)?;
+        q.kick = None;
+        q.enabled = false;
+        Ok(VhostUserVringState::new(index, u32::from(q.base)))
+    }
+
+    fn set_vring_kick(&mut self, index: u8, fd: Option<File>) -> VuResult<()> {
+        self.set_vring_fd(FdKind::Kick, index, fd)
+    }
+
+    fn set_vring_call(&mut self, index: u8, fd: Option<File>) -> VuResult<()> {
+        self.set_vring_fd(FdKind::Call, index, fd)
+    }
+
+    fn set_vring_err(&mut self, index: u8, fd: Option<File>) -> VuResult<()> {
+        self.set_vring_fd(FdKind::Err, index, fd)
+    }
+
+    fn get_protocol_features(&mut self) -> VuResult<VhostUserProtocolFeatures> {
+        Ok(protocol_features())
+    }
+
+    fn set_protocol_features(&mut self, features: u64) -> VuResult<()> {
+        self.protocol_features = features & protocol_features().bits();
+        Ok(())
+    }
+
+    fn get_queue_num(&mut self) -> VuResult<u64> {
+        Ok(u64::from(self.opts.queues))
+    }
+
+    fn set_vring_enable(&mut self, index: u32, enable: bool) -> VuResult<()> {
+        if !enable {
+            self.stop_queue(index)?;
+        }
+        self.queue(index)?.enabled = enable;
+        if enable {
+            self.maybe_start(index)?;
+        }
+        Ok(())
+    }
+
+    fn get_config(
+        &mut self,
+        offset: u32,
+        size: u32,
+        _flags: VhostUserConfigFlags,
+    ) -> VuResult<Vec<u8>> {
+        let c = self.config();
+        let end = (offset as usize).saturating_add(size as usize);
+        if end > c.len() {
+            return Err(refuse(format!("config {offset}+{size}")));
+        }
+        Ok(c[offset as usize..end].to_vec())
+    }
+
+    fn set_config(
+        &mut self,
+        _offset: u32,
+        _buf: &[u8],
+        _flags: VhostUserConfigFlags,
+    ) -> VuResult<()> {
+        // Write-back cache toggles: our devices acknowledge writes durably.
+        Ok(())
+    }
+
+    fn set_backend_req_fd(&mut self, _backend: BackendReq) {}
+
+    fn set_gpu_socket(&mut self, _gpu_backend: GpuBackend) -> VuResult<()> {
+        Err(refuse("not a GPU"))
+    }
+
+    fn get_shared_object(&mut self, _uuid: VhostUserSharedMsg) -> VuResult<File> {
+        Err(refuse("no shared objects"))
+    }
+
+    fn get_inflight_fd(
+        &mut self,
+        inflight: &VhostUserInflight,
+    ) -> VuResult<(VhostUserInflight, File)> {
+        let buf = Inflight::create(inflight.num_queues, inflight.queue_size)?;
+        let answer = VhostUserInflight {
+            mmap_size: buf.len() as u64,
+            mmap_offset: 0,
+            num_queues: inflight.num_queues,
+            queue_size: inflight.queue_size,
+        };
+        let file = buf.file().try_clone().map_err(VuError::SocketError)?;
+        self.inflight = Some(Arc::new(buf));
+        Ok((answer, file))
+    }
+
+    fn set_inflight_fd(&mut self, inflight: &VhostUserInflight, file: File) -> VuResult<()> {
+        let buf = Inflight::map(
+            file,
+            inflight.mmap_size as usize,
+            inflight.mmap_offset,
+            inflight.num_queues,
+            inflight.queue_size,
+        )?;
+        self.inflight = Some(Arc::new(buf));
+        Ok(())
+    }
+
+    fn get_max_mem_slots(&mut self) -> VuResult<u64> {
+        Err(refuse("memory slots are not supported"))
+    }
+
+    fn add_mem_region(
+        &mut self,
+        _region: &VhostUserSingleMemoryRegion,
+        _fd: File,
+        _postcopy_listening: Option<bool>,
+    ) -> VuResult<Option<vhost::VhostUserMemoryRegionBase>> {
+        Err(refuse("memory slots are not supported"))
+    }
+
+    fn remove_mem_region(&mut self, _region: &VhostUserSingleMemoryRegion) -> VuResult<()> {
+        Err(refuse("memory slots are not supported"))
+    }
+
+    fn set_device_state_fd(
+        &mut self,
+        _direction: VhostTransferStateDirection,
+        _phase: VhostTransferStatePhase,
+        _fd: File,
+    ) -> VuResult<Option<File>> {
+        Err(refuse("device state transfer is not supported"))
+    }
+
+    fn check_device_state(&mut self) -> VuResult<()> {
+        Err(refuse("device state transfer is not supported"))
+    }
+
+    fn get_shmem_config(&mut self) -> VuResult<VhostUserShMemConfig> {
+        Err(refuse("no shared memory regions"))
+    }
+
+    fn set_log_base(&mut self, _log: &VhostUserLog, _file: File) -> VuResult<()> {
+        Err(refuse("dirty logging is not supported"))
     }
 }
 
@@ -530,7 +650,8 @@ impl QueueWorker {
             if !replay.is_empty() {
                 tracing::info!(requests = replay.len(), "resubmitting inflight requests");
             }
-            self.vring.last_avail = used.wrapping_add(replay.len() as u16);
+            self.vring
+                .set_last_avail(used.wrapping_add(replay.len() as u16));
             for head in replay {
                 if let Some(f) = self.take(head) {
                     self.replay.push(f);
@@ -544,7 +665,7 @@ impl QueueWorker {
         if let Err(e) = queue::serve(self, &notifier, usize::MAX) {
             tracing::warn!(error = %e, "vhost-user queue worker failed");
         }
-        self.vring.last_avail
+        self.vring.last_avail()
     }
 
     fn signal(&self) {
@@ -573,10 +694,16 @@ impl QueueWorker {
         }
     }
 
-    /// Parses the chain at `head` and returns its execution, or answers it at once.
+    /// Parses the chain at `head` (walked here when not given) and returns its execution, or
+    /// answers it at once.
     fn take(&mut self, head: u16) -> Option<Exec> {
+        let chain = self.vring.chain(head);
+        self.take_chain(head, chain)
+    }
+
+    fn take_chain(&mut self, head: u16, chain: Option<Vec<crate::request::Desc>>) -> Option<Exec> {
         let mem = self.vring.memory().clone();
-        let Some(chain) = self.vring.chain(head) else {
+        let Some(chain) = chain else {
             tracing::warn!(head, "malformed descriptor chain");
             self.used(head, 0);
             return None;
@@ -611,12 +738,12 @@ impl QueueSource<'static> for QueueWorker {
         let mut moved = !self.replay.is_empty();
         out.append(&mut self.replay);
         loop {
-            while let Some(head) = self.vring.pop() {
+            while let Some((head, chain)) = self.vring.pop() {
                 moved = true;
                 if let Some(t) = self.tracker.as_mut() {
                     t.take(head);
                 }
-                match self.take(head) {
+                match self.take_chain(head, chain) {
                     Some(f) => out.push(f),
                     None => self.used_unsignalled = true,
                 }
@@ -673,12 +800,7 @@ impl QueueSource<'static> for QueueWorker {
 
 /// Runs one request against the device; returns its status and the bytes written to
 /// device-writable buffers.
-async fn execute(
-    device: &dyn BlockDevice,
-    mem: &GuestMemory,
-    r: &Request,
-    serial: &str,
-) -> (u8, u32) {
+async fn execute(device: &dyn BlockDevice, mem: &Memory, r: &Request, serial: &str) -> (u8, u32) {
     let bytes: usize = r.segs.iter().map(|s| s.len as usize).sum();
     match &r.kind {
         Kind::Read { offset } => {

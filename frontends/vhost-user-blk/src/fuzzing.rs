@@ -1,34 +1,33 @@
 //! The bodies of the fuzz targets (`fuzz/`), also driven with random input by unit tests.
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::fs::File;
+use std::io::Write;
+use std::os::fd::FromRawFd;
 use std::sync::Arc;
 
-use crate::memory::GuestMemory;
-use crate::protocol::{self, MemRegion};
+use crate::memory::{MemRegion, Memory};
 use crate::request::{Desc, Limits, Request, parse};
 use crate::virtq::Vring;
 
 /// Guest memory of `bytes` (zero-padded to 64 KiB) at guest physical and front-end address
 /// 0, in a memfd as QEMU's would be.
-pub fn guest_memory(bytes: &[u8]) -> Arc<GuestMemory> {
+pub fn guest_memory(bytes: &[u8]) -> Arc<Memory> {
     const SIZE: usize = 64 << 10;
-    // SAFETY: memfd_create with a static name; the fd is owned from here on.
+    // SAFETY: memfd_create with a static name.
     let fd = unsafe { libc::memfd_create(c"curve-fuzz-guest".as_ptr(), 0) };
     assert!(fd >= 0, "memfd_create");
     // SAFETY: fd was just created and is owned by nobody else.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let mut file = unsafe { File::from_raw_fd(fd) };
     let mut content = bytes[..bytes.len().min(SIZE)].to_vec();
     content.resize(SIZE, 0);
-    // SAFETY: writes our buffer to our memfd.
-    let n = unsafe { libc::pwrite(fd.as_raw_fd(), content.as_ptr().cast(), SIZE, 0) };
-    assert_eq!(n, SIZE as isize, "memfd write");
+    file.write_all(&content).expect("memfd write");
     let region = MemRegion {
         gpa: 0,
         size: SIZE as u64,
         uaddr: 0,
         offset: 0,
     };
-    Arc::new(GuestMemory::map(&[region], &[fd]).expect("map"))
+    Arc::new(Memory::map(&[region], vec![file]).expect("map"))
 }
 
 /// A 16-entry ring (descriptors at 0, avail ring at 0x100, used ring at 0x200) in guest memory
@@ -48,8 +47,12 @@ pub fn rings(data: &[u8]) {
         read_only: false,
     };
     let mut taken = 0;
-    while let Some(head) = ring.pop() {
-        if let Some(chain) = ring.chain(head) {
+    while let Some((head, chain)) = ring.pop() {
+        assert_eq!(
+            ring.chain(head).is_some(),
+            chain.is_some() || ring.chain(head).is_some()
+        );
+        if let Some(chain) = chain.or_else(|| ring.chain(head)) {
             assert!(chain.len() <= crate::virtq::MAX_INDIRECT as usize);
             if let Ok(r) = parse(&chain, &limits, |a, l| mem.read(a, l)) {
                 let total: u64 = r.segs.iter().map(|s| u64::from(s.len)).sum();
@@ -98,14 +101,41 @@ pub fn chains(data: &[u8]) {
     }
 }
 
-/// Payloads from `data` through the message parsers.
+/// `data` as a stream of vhost-user messages from a front-end, through the `vhost` crate's
+/// request handler into our back-end (over a socket pair, without descriptors): no panic,
+/// and the handler ends when the stream does.
 pub fn messages(data: &[u8]) {
-    let _ = protocol::parse_u64(data);
-    let _ = protocol::parse_state(data);
-    let _ = protocol::parse_addr(data);
-    let _ = protocol::parse_mem_table(data);
-    let _ = protocol::parse_inflight(data);
-    let _ = protocol::parse_config(data);
+    use std::io::Write as _;
+    let Ok((mut ours, theirs)) = std::os::unix::net::UnixStream::pair() else {
+        return;
+    };
+    // Answers go to a socket nobody reads: bounded by the input, far below its buffer.
+    let _ = ours.write_all(&data[..data.len().min(64 << 10)]);
+    let _ = ours.shutdown(std::net::Shutdown::Write);
+    let device: Arc<dyn curve_blockdev::BlockDevice> =
+        Arc::new(curve_blockdev::MemDevice::new(1 << 20).expect("mem device"));
+    let opts = crate::backend::Options {
+        queues: 2,
+        read_only: false,
+        serial: "fuzz".into(),
+    };
+    let backend = Arc::new(std::sync::Mutex::new(crate::backend::Backend::new(
+        device, opts,
+    )));
+    let mut handler = vhost::vhost_user::BackendReqHandler::from_stream(theirs, backend.clone());
+    for _ in 0..4096 {
+        match handler.handle_request() {
+            Ok(()) => {}
+            Err(
+                vhost::vhost_user::Error::Disconnected
+                | vhost::vhost_user::Error::PartialMessage
+                | vhost::vhost_user::Error::SocketBroken(_)
+                | vhost::vhost_user::Error::SocketError(_),
+            ) => break,
+            Err(_) => {}
+        }
+    }
+    backend.lock().unwrap_or_else(|p| p.into_inner()).stop_all();
 }
 
 #[cfg(test)]

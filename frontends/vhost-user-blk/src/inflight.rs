@@ -2,7 +2,8 @@
 //! front-end keeps across back-end restarts, where the back-end marks every request it took
 //! from the available ring until its completion is in the used ring. A restarted back-end
 //! resubmits what is still marked, in the order it was taken, so requests that were in flight
-//! (even completed out of order around them) are neither lost nor run twice.
+//! (even completed out of order around them) are neither lost nor run twice. The buffer is
+//! mapped and accessed through `vm-memory` (atomic, bounds-checked accesses).
 //!
 //! ```text
 //!  per queue (64-byte aligned):
@@ -10,11 +11,14 @@
 //!   desc[desc_num]: u8 inflight | u8 pad[5] | u16 next | u64 counter
 //! ```
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::fs::File;
+use std::os::fd::FromRawFd;
 use std::sync::Arc;
-use std::sync::atomic::{Ordering, fence};
+use std::sync::atomic::Ordering;
 
-use crate::protocol::ProtoError;
+use vm_memory::{Bytes, FileOffset, MmapRegion, VolatileMemory};
+
+use crate::Error;
 
 const HEADER: usize = 16;
 const DESC: usize = 16;
@@ -27,99 +31,68 @@ pub fn queue_region(queue_size: u16) -> usize {
 /// The mapped buffer.
 #[derive(Debug)]
 pub struct Inflight {
-    base: *mut u8,
+    map: MmapRegion<()>,
+    file: File,
     len: usize,
-    fd: OwnedFd,
     /// Queues it covers.
     pub queues: u16,
     /// Ring size it was made for.
     pub queue_size: u16,
 }
 
-// SAFETY: the mapping lives as long as Inflight; each queue's worker touches only its region.
-unsafe impl Send for Inflight {}
-// SAFETY: as above.
-unsafe impl Sync for Inflight {}
-
-impl Drop for Inflight {
-    fn drop(&mut self) {
-        // SAFETY: unmapping what we mapped, once.
-        unsafe { libc::munmap(self.base.cast(), self.len) };
-    }
-}
-
 impl Inflight {
     /// A new zeroed buffer (GET_INFLIGHT_FD).
-    pub fn create(queues: u16, queue_size: u16) -> Result<Self, ProtoError> {
+    pub fn create(queues: u16, queue_size: u16) -> Result<Self, Error> {
         if queues == 0 || queue_size == 0 || !queue_size.is_power_of_two() {
-            return Err(ProtoError::Bad(format!(
+            return Err(Error::Bad(format!(
                 "inflight for {queues} queues of {queue_size}"
             )));
         }
         let len = usize::from(queues) * queue_region(queue_size);
-        let name = std::ffi::CString::new("vhost-blk-inflight").expect("no NUL");
         // SAFETY: memfd_create with a valid name.
-        let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+        let fd = unsafe { libc::memfd_create(c"vhost-blk-inflight".as_ptr(), libc::MFD_CLOEXEC) };
         if fd < 0 {
             return Err(std::io::Error::last_os_error().into());
         }
-        // SAFETY: a fresh descriptor we own.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        // SAFETY: sizing our memfd (zero-filled).
-        if unsafe { libc::ftruncate(fd.as_raw_fd(), len as i64) } != 0 {
-            return Err(std::io::Error::last_os_error().into());
-        }
-        let me = Self::map(fd, len, 0, queues, queue_size)?;
+        // SAFETY: a fresh descriptor nothing else owns.
+        let file = unsafe { File::from_raw_fd(fd) };
+        file.set_len(len as u64)?;
+        let me = Self::map(file, len, 0, queues, queue_size)?;
         for q in 0..queues {
-            let r = me.region(q);
-            // SAFETY: the header of queue q's region, inside the mapping.
-            unsafe {
-                std::ptr::write_volatile(r.add(8).cast::<u16>(), 1);
-                std::ptr::write_volatile(r.add(10).cast::<u16>(), queue_size);
-            }
+            let r = me.region_offset(q);
+            me.store_u16(r + 8, 1, Ordering::Relaxed);
+            me.store_u16(r + 10, queue_size, Ordering::Relaxed);
         }
         Ok(me)
     }
 
     /// Maps a buffer the front-end hands back (SET_INFLIGHT_FD).
     pub fn map(
-        fd: OwnedFd,
+        file: File,
         len: usize,
         offset: u64,
         queues: u16,
         queue_size: u16,
-    ) -> Result<Self, ProtoError> {
+    ) -> Result<Self, Error> {
         if queue_size == 0 || len < usize::from(queues) * queue_region(queue_size) {
-            return Err(ProtoError::Bad(format!(
+            return Err(Error::Bad(format!(
                 "inflight buffer of {len} bytes for {queues} queues of {queue_size}"
             )));
         }
-        // SAFETY: a shared mapping of the descriptor; unmapped on drop.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd.as_raw_fd(),
-                offset as i64,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return Err(std::io::Error::last_os_error().into());
-        }
+        let map = MmapRegion::from_file(FileOffset::new(file.try_clone()?, offset), len)
+            .map_err(|e| Error::Bad(format!("cannot map the inflight buffer: {e}")))?;
         Ok(Inflight {
-            base: p.cast(),
+            map,
+            file,
             len,
-            fd,
             queues,
             queue_size,
         })
     }
 
-    /// Its descriptor (to hand to the front-end).
-    pub fn fd(&self) -> &OwnedFd {
-        &self.fd
+    /// Its file (to hand to the front-end).
+    pub fn file(&self) -> &File {
+        &self.file
     }
 
     /// Its size.
@@ -132,26 +105,43 @@ impl Inflight {
         self.len == 0
     }
 
-    fn region(&self, q: u16) -> *mut u8 {
-        // SAFETY: q < queues, so the region lies inside the mapping.
-        unsafe {
-            self.base
-                .add(usize::from(q) * queue_region(self.queue_size))
-        }
+    fn region_offset(&self, q: u16) -> usize {
+        usize::from(q) * queue_region(self.queue_size)
+    }
+
+    fn store_u16(&self, at: usize, v: u16, order: Ordering) {
+        let _ = self.map.as_volatile_slice().store(v, at, order);
+    }
+
+    fn load_u16(&self, at: usize, order: Ordering) -> u16 {
+        self.map.as_volatile_slice().load(at, order).unwrap_or(0)
+    }
+
+    fn store_u8(&self, at: usize, v: u8, order: Ordering) {
+        let _ = self.map.as_volatile_slice().store(v, at, order);
+    }
+
+    fn load_u8(&self, at: usize, order: Ordering) -> u8 {
+        self.map.as_volatile_slice().load(at, order).unwrap_or(0)
+    }
+
+    fn store_u64(&self, at: usize, v: u64, order: Ordering) {
+        let _ = self.map.as_volatile_slice().store(v, at, order);
+    }
+
+    fn load_u64(&self, at: usize, order: Ordering) -> u64 {
+        self.map.as_volatile_slice().load(at, order).unwrap_or(0)
     }
 }
 
 /// One queue's view of the buffer, owned by its worker.
 #[derive(Debug)]
 pub struct QueueInflight {
-    _buf: Arc<Inflight>,
-    region: *mut u8,
+    buf: Arc<Inflight>,
+    region: usize,
     num: u16,
     counter: u64,
 }
-
-// SAFETY: one worker owns a queue's region; the buffer outlives it (Arc).
-unsafe impl Send for QueueInflight {}
 
 impl QueueInflight {
     /// Queue `q`'s region, for a ring of `num` entries (None when the buffer does not fit).
@@ -159,47 +149,39 @@ impl QueueInflight {
         if q >= buf.queues || num != buf.queue_size {
             return None;
         }
-        let region = buf.region(q);
+        let region = buf.region_offset(q);
         Some(QueueInflight {
-            _buf: buf,
+            buf,
             region,
             num,
             counter: 0,
         })
     }
 
-    fn desc(&self, head: u16) -> *mut u8 {
-        // SAFETY: head < num (callers check), inside the region.
-        unsafe { self.region.add(HEADER + DESC * usize::from(head)) }
+    fn desc(&self, head: u16) -> usize {
+        self.region + HEADER + DESC * usize::from(head)
     }
 
     /// After a restart: settles a completion interrupted midway, and returns the heads still
     /// in flight, in the order they were taken. `used_idx` is the used ring's index.
     pub fn recover(&mut self, used_idx: u16) -> Vec<u16> {
-        // SAFETY: header fields and descriptor states of this region.
-        unsafe {
-            let saved = std::ptr::read_volatile(self.region.add(14).cast::<u16>());
-            if saved != used_idx {
-                // Died between publishing a used element and recording it: that one is done.
-                let last = std::ptr::read_volatile(self.region.add(12).cast::<u16>());
-                if last < self.num {
-                    std::ptr::write_volatile(self.desc(last), 0);
-                }
-                std::ptr::write_volatile(self.region.add(14).cast::<u16>(), used_idx);
+        let b = &self.buf;
+        let saved = b.load_u16(self.region + 14, Ordering::Acquire);
+        if saved != used_idx {
+            // Died between publishing a used element and recording it: that one is done.
+            let last = b.load_u16(self.region + 12, Ordering::Acquire);
+            if last < self.num {
+                b.store_u8(self.desc(last), 0, Ordering::Relaxed);
             }
-            let mut pending: Vec<(u64, u16)> = (0..self.num)
-                .filter(|h| std::ptr::read_volatile(self.desc(*h)) == 1)
-                .map(|h| {
-                    (
-                        std::ptr::read_volatile(self.desc(h).add(8).cast::<u64>()),
-                        h,
-                    )
-                })
-                .collect();
-            pending.sort_unstable();
-            self.counter = pending.last().map_or(0, |p| p.0);
-            pending.into_iter().map(|p| p.1).collect()
+            b.store_u16(self.region + 14, used_idx, Ordering::Release);
         }
+        let mut pending: Vec<(u64, u16)> = (0..self.num)
+            .filter(|h| b.load_u8(self.desc(*h), Ordering::Acquire) == 1)
+            .map(|h| (b.load_u64(self.desc(h) + 8, Ordering::Relaxed), h))
+            .collect();
+        pending.sort_unstable();
+        self.counter = pending.last().map_or(0, |p| p.0);
+        pending.into_iter().map(|p| p.1).collect()
     }
 
     /// Marks `head` taken from the available ring.
@@ -208,32 +190,23 @@ impl QueueInflight {
             return;
         }
         self.counter += 1;
-        // SAFETY: descriptor state of head < num.
-        unsafe {
-            std::ptr::write_volatile(self.desc(head).add(8).cast::<u64>(), self.counter);
-            fence(Ordering::Release);
-            std::ptr::write_volatile(self.desc(head), 1);
-        }
+        self.buf
+            .store_u64(self.desc(head) + 8, self.counter, Ordering::Relaxed);
+        self.buf.store_u8(self.desc(head), 1, Ordering::Release);
     }
 
     /// Before publishing `head` in the used ring.
     pub fn completing(&mut self, head: u16) {
-        // SAFETY: the header's last_batch_head.
-        unsafe { std::ptr::write_volatile(self.region.add(12).cast::<u16>(), head) };
-        fence(Ordering::SeqCst);
+        self.buf.store_u16(self.region + 12, head, Ordering::SeqCst);
     }
 
     /// After publishing `head` in the used ring (whose index is now `used_idx`).
     pub fn completed(&mut self, head: u16, used_idx: u16) {
-        // SAFETY: descriptor state of head < num (an invalid head has none), then the
-        // header's used_idx, always.
-        unsafe {
-            if head < self.num {
-                std::ptr::write_volatile(self.desc(head), 0);
-            }
-            fence(Ordering::Release);
-            std::ptr::write_volatile(self.region.add(14).cast::<u16>(), used_idx);
+        if head < self.num {
+            self.buf.store_u8(self.desc(head), 0, Ordering::Relaxed);
         }
+        self.buf
+            .store_u16(self.region + 14, used_idx, Ordering::Release);
     }
 }
 
@@ -254,7 +227,7 @@ mod tests {
         q.completed(2, 1);
         q.completing(7);
         // The back-end dies; a new one maps the same buffer.
-        let again = Inflight::map(buf.fd().try_clone().unwrap(), buf.len(), 0, 2, 8).unwrap();
+        let again = Inflight::map(buf.file().try_clone().unwrap(), buf.len(), 0, 2, 8).unwrap();
         let mut q2 = QueueInflight::new(Arc::new(again), 1, 8).unwrap();
         assert_eq!(
             q2.recover(2),

@@ -1,142 +1,106 @@
-//! The guest's memory, mapped from the regions of SET_MEM_TABLE: translation of guest
-//! physical addresses (descriptors) and front-end virtual addresses (ring addresses) to
-//! pointers here, always checked against the region bounds.
+//! The guest's memory, mapped from the regions of SET_MEM_TABLE with `vm-memory`
+//! (`GuestMemoryMmap`: bounds-checked, volatile access to memory the guest may change at any
+//! time), plus what vm-memory does not know: the front-end's virtual addresses of the regions,
+//! in which SET_VRING_ADDR gives the rings.
 
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::fs::File;
 
-use crate::protocol::{MemRegion, ProtoError};
+use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
 
-#[derive(Debug)]
-struct Mapped {
-    region: MemRegion,
-    /// Where the region's first byte (`mmap_offset` into the descriptor) is mapped.
-    base: *mut u8,
-    /// The whole mapping: from offset 0 of the descriptor, `len` bytes.
-    map: *mut u8,
-    len: usize,
+use crate::Error;
+
+/// One region as the front-end described it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemRegion {
+    /// Guest physical address.
+    pub gpa: u64,
+    /// Size in bytes.
+    pub size: u64,
+    /// Front-end (QEMU) virtual address.
+    pub uaddr: u64,
+    /// Offset of the region in its descriptor.
+    pub offset: u64,
 }
 
 /// The mapped regions.
 #[derive(Debug)]
-pub struct GuestMemory {
-    maps: Vec<Mapped>,
+pub struct Memory {
+    mem: GuestMemoryMmap<()>,
+    regions: Vec<MemRegion>,
 }
 
-// SAFETY: the mappings live as long as GuestMemory; access to guest memory goes through raw
-// pointers whose use (volatile ring accesses, buffers of one request) the callers order.
-unsafe impl Send for GuestMemory {}
-// SAFETY: as above.
-unsafe impl Sync for GuestMemory {}
-
-impl Drop for GuestMemory {
-    fn drop(&mut self) {
-        for m in &self.maps {
-            // SAFETY: unmapping what we mapped (the mapping's start, not the region's), once.
-            unsafe { libc::munmap(m.map.cast(), m.len) };
-        }
-    }
-}
-
-impl GuestMemory {
-    /// Maps `regions`, one descriptor each.
-    pub fn map(regions: &[MemRegion], fds: &[OwnedFd]) -> Result<Self, ProtoError> {
-        if regions.len() != fds.len() {
-            return Err(ProtoError::Bad(format!(
+impl Memory {
+    /// Maps `regions`, one file each.
+    pub fn map(regions: &[MemRegion], files: Vec<File>) -> Result<Self, Error> {
+        if regions.len() != files.len() {
+            return Err(Error::Bad(format!(
                 "{} regions with {} descriptors",
                 regions.len(),
-                fds.len()
+                files.len()
             )));
         }
-        let mut maps = Vec::new();
-        for (r, fd) in regions.iter().zip(fds) {
-            let len = r
-                .size
-                .checked_add(r.offset)
-                .filter(|l| *l <= isize::MAX as u64)
-                .ok_or_else(|| ProtoError::Bad(format!("region {r:?}")))?
-                as usize;
-            // SAFETY: a shared mapping of the descriptor the front-end sent; unmapped on drop.
-            let p = unsafe {
-                libc::mmap(
-                    std::ptr::null_mut(),
-                    len,
-                    libc::PROT_READ | libc::PROT_WRITE,
-                    libc::MAP_SHARED,
-                    fd.as_raw_fd(),
-                    0,
-                )
-            };
-            if p == libc::MAP_FAILED {
-                return Err(ProtoError::Io(std::io::Error::last_os_error()));
-            }
-            maps.push(Mapped {
-                region: *r,
-                // SAFETY: offset is within the mapping of len = offset + size bytes.
-                base: unsafe { p.cast::<u8>().add(r.offset as usize) },
-                map: p.cast(),
-                len,
-            });
+        let mut mapped = Vec::with_capacity(regions.len());
+        for (r, file) in regions.iter().zip(files) {
+            let size = usize::try_from(r.size)
+                .ok()
+                .filter(|s| *s > 0 && r.offset.checked_add(r.size).is_some())
+                .ok_or_else(|| Error::Bad(format!("region {r:?}")))?;
+            let map = MmapRegion::from_file(FileOffset::new(file, r.offset), size)
+                .map_err(|e| Error::Bad(format!("cannot map region {r:?}: {e}")))?;
+            let region = GuestRegionMmap::new(map, GuestAddress(r.gpa))
+                .ok_or_else(|| Error::Bad(format!("region {r:?} overflows")))?;
+            mapped.push(region);
         }
-        Ok(GuestMemory { maps })
-    }
-
-    /// A pointer to `[gpa, gpa + len)`, which must lie inside one region.
-    pub fn gpa(&self, gpa: u64, len: u64) -> Option<*mut u8> {
-        self.maps.iter().find_map(|m| {
-            let off = gpa.checked_sub(m.region.gpa)?;
-            (off.checked_add(len)? <= m.region.size)
-                // SAFETY: off + len is within the region's mapped size.
-                .then(|| unsafe { m.base.add(off as usize) })
+        mapped.sort_by_key(vm_memory::GuestMemoryRegion::start_addr);
+        let mem = GuestMemoryMmap::from_regions(mapped)
+            .map_err(|e| Error::Bad(format!("memory table: {e}")))?;
+        Ok(Memory {
+            mem,
+            regions: regions.to_vec(),
         })
     }
 
-    /// A pointer to front-end virtual address `ua` (`len` bytes).
-    pub fn uaddr(&self, ua: u64, len: u64) -> Option<*mut u8> {
-        self.maps.iter().find_map(|m| {
-            let off = ua.checked_sub(m.region.uaddr)?;
-            (off.checked_add(len)? <= m.region.size)
-                // SAFETY: off + len is within the region's mapped size.
-                .then(|| unsafe { m.base.add(off as usize) })
+    /// The guest memory, for virtio-queue.
+    pub fn guest(&self) -> &GuestMemoryMmap<()> {
+        &self.mem
+    }
+
+    /// The guest physical address of front-end virtual address `ua` (`len` bytes, inside one
+    /// region).
+    pub fn uaddr_to_gpa(&self, ua: u64, len: u64) -> Option<u64> {
+        self.regions.iter().find_map(|r| {
+            let off = ua.checked_sub(r.uaddr)?;
+            (off.checked_add(len)? <= r.size).then(|| r.gpa + off)
         })
     }
 
-    /// Copies guest memory out (None outside the regions).
+    /// Copies guest memory out (None outside guest memory).
     pub fn read(&self, gpa: u64, len: usize) -> Option<Vec<u8>> {
-        let p = self.gpa(gpa, len as u64)?;
         let mut v = vec![0u8; len];
-        // SAFETY: p is valid for len bytes (checked by gpa()).
-        unsafe { std::ptr::copy_nonoverlapping(p, v.as_mut_ptr(), len) };
+        self.mem.read_slice(&mut v, GuestAddress(gpa)).ok()?;
         Some(v)
     }
 
-    /// Copies into guest memory (false outside the regions).
+    /// Copies into guest memory (false outside guest memory).
     pub fn write(&self, gpa: u64, data: &[u8]) -> bool {
-        match self.gpa(gpa, data.len() as u64) {
-            Some(p) => {
-                // SAFETY: p is valid for data.len() bytes (checked by gpa()).
-                unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), p, data.len()) };
-                true
-            }
-            None => false,
-        }
+        self.mem.write_slice(data, GuestAddress(gpa)).is_ok()
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use std::os::fd::FromRawFd;
+    use std::io::{Read, Seek, SeekFrom};
 
     use super::*;
 
-    fn memfd(name: &std::ffi::CStr, len: u64) -> OwnedFd {
+    pub(crate) fn memfd(name: &std::ffi::CStr, len: u64) -> File {
         // SAFETY: memfd_create with a valid name; the fd is owned from here on.
         let fd = unsafe { libc::memfd_create(name.as_ptr(), 0) };
         assert!(fd >= 0);
         // SAFETY: fd was just created and is not owned elsewhere.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        // SAFETY: ftruncate on our own fd.
-        assert_eq!(unsafe { libc::ftruncate(fd.as_raw_fd(), len as i64) }, 0);
-        fd
+        let f = unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        f.set_len(len).unwrap();
+        f
     }
 
     fn mappings_of(name: &str) -> usize {
@@ -148,39 +112,37 @@ mod tests {
     }
 
     /// QEMU's regions start at an `mmap_offset` into their descriptor (q35 splits RAM around
-    /// the PCI hole): translation starts there, and dropping the table unmaps exactly what was
-    /// mapped (unmapping from the region's start once took the heap with it).
+    /// the PCI hole): translation starts there, and dropping the table unmaps what was mapped.
     #[test]
-    fn regions_at_an_offset_translate_and_unmap_whole() {
-        let fd = memfd(c"curve-mem-offset-test", 4 * 4096);
+    fn regions_at_an_offset_translate_and_unmap() {
+        let mut fd = memfd(c"curve-mem-offset-test", 4 * 4096);
         let region = MemRegion {
             gpa: 0x10_0000,
             size: 2 * 4096,
             uaddr: 0x7f00_0000_0000,
             offset: 2 * 4096,
         };
-        let mem = GuestMemory::map(&[region], &[fd.try_clone().unwrap()]).unwrap();
+        let mem = Memory::map(&[region], vec![fd.try_clone().unwrap()]).unwrap();
         assert!(mem.write(0x10_0000 + 4096, b"hello"));
         assert_eq!(mem.read(0x10_0000 + 4096, 5).unwrap(), b"hello");
         assert!(
-            mem.gpa(0x10_0000 + 2 * 4096 - 1, 2).is_none(),
+            mem.read(0x10_0000 + 2 * 4096 - 1, 2).is_none(),
             "past the region"
         );
-        assert!(mem.uaddr(0x7f00_0000_0000 + 4096, 5).is_some());
+        assert_eq!(
+            mem.uaddr_to_gpa(0x7f00_0000_0000 + 4096, 5),
+            Some(0x10_0000 + 4096)
+        );
+        assert_eq!(mem.uaddr_to_gpa(0x7f00_0000_0000 + 2 * 4096 - 1, 2), None);
         let mut file = vec![0u8; 5];
-        // SAFETY: pread into our own buffer from our own fd.
-        let n = unsafe { libc::pread(fd.as_raw_fd(), file.as_mut_ptr().cast(), 5, 3 * 4096) };
-        assert_eq!(n, 5);
+        fd.seek(SeekFrom::Start(3 * 4096)).unwrap();
+        fd.read_exact(&mut file).unwrap();
         assert_eq!(
             file, b"hello",
             "gpa 0x101000 is offset 2 pages + 1 page into the fd"
         );
         assert_eq!(mappings_of("curve-mem-offset-test"), 1);
         drop(mem);
-        assert_eq!(
-            mappings_of("curve-mem-offset-test"),
-            0,
-            "the whole mapping is gone"
-        );
+        assert_eq!(mappings_of("curve-mem-offset-test"), 0, "unmapped");
     }
 }

@@ -1,79 +1,39 @@
-//! A split virtqueue in guest memory, from the device's side: take available heads, read
-//! their descriptor chains (bounded, inside guest memory), publish used elements, and decide
-//! when the guest wants a notification (event idx).
+//! One split virtqueue from the device's side, on `virtio-queue`: available heads and their
+//! descriptor chains (direct or through an indirect table), used elements, event idx and
+//! notification suppression. What it does not provide is here: ring addresses given as
+//! front-end virtual addresses, and walking the chain of a head known from elsewhere (the
+//! inflight buffer's, after a restart: `DescriptorChain::new` is private upstream).
 
 use std::sync::Arc;
-use std::sync::atomic::{Ordering, fence};
+use std::sync::atomic::Ordering;
 
-use crate::memory::GuestMemory;
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Bytes, GuestAddress};
+
+use crate::memory::Memory;
 use crate::request::{Desc, F_NEXT};
 
 const F_INDIRECT: u16 = 4;
-/// Entries of one indirect table we walk (Linux sizes them by seg_max + 2).
+/// Descriptors of one chain we accept (Linux sizes indirect tables by seg_max + 2).
 pub const MAX_INDIRECT: u32 = 1024;
-
-/// Descriptor `i` of the table at `table` and its `next` field.
-fn read_desc(table: *mut u8, i: u16) -> (Desc, u16) {
-    // SAFETY: callers pass i < the table's entry count, the table being inside guest memory.
-    unsafe {
-        let p = table.add(16 * usize::from(i));
-        (
-            Desc {
-                addr: std::ptr::read_volatile(p.cast::<u64>()),
-                len: std::ptr::read_volatile(p.add(8).cast::<u32>()),
-                flags: std::ptr::read_volatile(p.add(12).cast::<u16>()),
-            },
-            std::ptr::read_volatile(p.add(14).cast::<u16>()),
-        )
-    }
-}
-
-/// Follows `next` links from entry `start` of a table of `n` descriptors; at most `n` long.
-/// Buffers outside guest memory are the request parser's and executor's to refuse (IOERR in
-/// the status byte); only a chain that cannot be walked is refused here.
-fn walk(table: *mut u8, n: u16, start: u16) -> Option<Vec<Desc>> {
-    let mut out = Vec::new();
-    let mut i = start;
-    loop {
-        if i >= n || out.len() >= usize::from(n) {
-            return None;
-        }
-        let (d, next) = read_desc(table, i);
-        if d.flags & F_INDIRECT != 0 {
-            // Only a ring's head may be indirect (alone); a table must not point to another.
-            return None;
-        }
-        out.push(d);
-        if d.flags & F_NEXT == 0 {
-            return Some(out);
-        }
-        i = next;
-    }
-}
 
 /// One queue's rings.
 #[derive(Debug)]
 pub struct Vring {
-    mem: Arc<GuestMemory>,
-    desc: *mut u8,
-    avail: *mut u8,
-    used: *mut u8,
-    /// Ring size.
-    pub num: u16,
-    /// Next available entry to take.
-    pub last_avail: u16,
-    used_idx: u16,
-    event_idx: bool,
-    signalled_used: Option<u16>,
+    mem: Arc<Memory>,
+    queue: Queue,
+    desc_table: u64,
 }
 
-// SAFETY: the pointers are into `mem`, which the Vring keeps alive; one worker thread owns it.
-unsafe impl Send for Vring {}
+fn split(addr: u64) -> (Option<u32>, Option<u32>) {
+    (Some(addr as u32), Some((addr >> 32) as u32))
+}
 
 impl Vring {
-    /// The rings at front-end addresses `desc`, `avail`, `used`, or None when outside memory.
+    /// The rings at front-end addresses `desc`, `avail`, `used`, resuming at `base`, or None
+    /// when they are outside guest memory or misaligned.
     pub fn new(
-        mem: Arc<GuestMemory>,
+        mem: Arc<Memory>,
         num: u16,
         desc: u64,
         avail: u64,
@@ -81,139 +41,157 @@ impl Vring {
         base: u16,
         event_idx: bool,
     ) -> Option<Self> {
-        let n = u64::from(num);
         if num == 0 || !num.is_power_of_two() {
             return None;
         }
-        let d = mem.uaddr(desc, 16 * n)?;
-        let a = mem.uaddr(avail, 6 + 2 * n)?;
-        let u = mem.uaddr(used, 6 + 8 * n)?;
-        // The alignment virtio requires (and our volatile accesses need).
-        if !(d as usize).is_multiple_of(16)
-            || !(a as usize).is_multiple_of(2)
-            || !(u as usize).is_multiple_of(4)
-        {
+        let n = u64::from(num);
+        let d = mem.uaddr_to_gpa(desc, 16 * n)?;
+        let a = mem.uaddr_to_gpa(avail, 6 + 2 * n)?;
+        let u = mem.uaddr_to_gpa(used, 6 + 8 * n)?;
+        // The alignment virtio requires of split rings.
+        if !d.is_multiple_of(16) || !a.is_multiple_of(2) || !u.is_multiple_of(4) {
             return None;
         }
-        // SAFETY: the used index of this ring, inside memory (checked above).
-        let used_idx = unsafe { std::ptr::read_volatile(u.add(2).cast::<u16>()) };
+        let mut queue = Queue::new(num).ok()?;
+        queue.set_size(num);
+        let (lo, hi) = split(d);
+        queue.set_desc_table_address(lo, hi);
+        let (lo, hi) = split(a);
+        queue.set_avail_ring_address(lo, hi);
+        let (lo, hi) = split(u);
+        queue.set_used_ring_address(lo, hi);
+        queue.set_event_idx(event_idx);
+        queue.set_ready(true);
+        if !queue.is_valid(mem.guest()) {
+            return None;
+        }
+        let used_idx = queue.used_idx(mem.guest(), Ordering::Acquire).ok()?;
+        queue.set_next_used(used_idx.0);
+        queue.set_next_avail(base);
         Some(Vring {
             mem,
-            desc: d,
-            avail: a,
-            used: u,
-            num,
-            last_avail: base,
-            used_idx,
-            event_idx,
-            signalled_used: None,
+            queue,
+            desc_table: d,
         })
     }
 
-    fn avail_idx(&self) -> u16 {
-        // SAFETY: the avail index, inside memory.
-        let i = unsafe { std::ptr::read_volatile(self.avail.add(2).cast::<u16>()) };
-        fence(Ordering::Acquire);
-        i
-    }
-
-    /// The next available head, if the guest added one.
-    pub fn pop(&mut self) -> Option<u16> {
-        let avail = self.avail_idx();
-        if avail == self.last_avail {
-            return None;
+    /// The next available head and its chain (None for the chain when it cannot be walked:
+    /// empty, or longer than [`MAX_INDIRECT`]).
+    pub fn pop(&mut self) -> Option<(u16, Option<Vec<Desc>>)> {
+        let chain = self.queue.pop_descriptor_chain(self.mem.guest())?;
+        let head = chain.head_index();
+        let mut out = Vec::new();
+        for d in chain {
+            if out.len() >= MAX_INDIRECT as usize {
+                return Some((head, None));
+            }
+            out.push(Desc {
+                addr: d.addr().0,
+                len: d.len(),
+                flags: d.flags(),
+            });
         }
-        if avail.wrapping_sub(self.last_avail) > self.num {
-            // More entries than the ring holds: a broken ring; take nothing from it.
-            tracing::warn!(avail, last = self.last_avail, "avail index beyond the ring");
-            return None;
-        }
-        let slot = usize::from(self.last_avail % self.num);
-        // SAFETY: ring entry `slot` < num of the avail ring.
-        let head = unsafe { std::ptr::read_volatile(self.avail.add(4 + 2 * slot).cast::<u16>()) };
-        self.last_avail = self.last_avail.wrapping_add(1);
-        Some(head)
+        Some((head, (!out.is_empty()).then_some(out)))
     }
 
     /// With event idx: asks the guest to kick when it adds past what was taken. Returns
     /// whether more arrived meanwhile (take them before sleeping).
     pub fn arm(&mut self) -> bool {
-        if self.event_idx {
-            let at = 4 + 8 * usize::from(self.num);
-            // SAFETY: avail_event, right after the used ring's entries.
-            unsafe { std::ptr::write_volatile(self.used.add(at).cast::<u16>(), self.last_avail) };
-            fence(Ordering::SeqCst);
-        }
-        self.avail_idx() != self.last_avail
+        self.queue
+            .enable_notification(self.mem.guest())
+            .unwrap_or(true)
     }
 
-    /// The chain starting at `head`, following an indirect table when the head points to one
-    /// (at most [`MAX_INDIRECT`] entries, no nesting); None when it cannot be walked.
-    pub fn chain(&self, head: u16) -> Option<Vec<Desc>> {
-        if head >= self.num {
-            return None;
-        }
-        let first = read_desc(self.desc, head);
-        if first.0.flags & F_INDIRECT != 0 {
-            // An indirect head stands alone (no NEXT) and points to a table of whole
-            // descriptors in guest memory, walked from its entry 0.
-            let d = first.0;
-            if d.flags & F_NEXT != 0 || d.len == 0 || !d.len.is_multiple_of(16) {
+    fn read_desc(&self, table: u64, i: u32) -> Option<(Desc, u16)> {
+        let mut b = [0u8; 16];
+        self.mem
+            .guest()
+            .read_slice(&mut b, GuestAddress(table.checked_add(16 * u64::from(i))?))
+            .ok()?;
+        Some((
+            Desc {
+                addr: u64::from_le_bytes(b[0..8].try_into().ok()?),
+                len: u32::from_le_bytes(b[8..12].try_into().ok()?),
+                flags: u16::from_le_bytes([b[12], b[13]]),
+            },
+            u16::from_le_bytes([b[14], b[15]]),
+        ))
+    }
+
+    /// Follows `next` links from entry `start` of a table of `n` descriptors; at most `n` long;
+    /// no indirect entry inside.
+    fn walk(&self, table: u64, n: u32, start: u16) -> Option<Vec<Desc>> {
+        let mut out = Vec::new();
+        let mut i = u32::from(start);
+        loop {
+            if i >= n || out.len() >= n as usize {
                 return None;
             }
-            let n = d.len / 16;
+            let (d, next) = self.read_desc(table, i)?;
+            if d.flags & F_INDIRECT != 0 {
+                return None;
+            }
+            out.push(d);
+            if d.flags & F_NEXT == 0 {
+                return Some(out);
+            }
+            i = u32::from(next);
+        }
+    }
+
+    /// The chain starting at `head` (a head the inflight buffer names), following an indirect
+    /// table when the head points to one; None when it cannot be walked.
+    pub fn chain(&self, head: u16) -> Option<Vec<Desc>> {
+        let num = u32::from(self.queue.size());
+        if u32::from(head) >= num {
+            return None;
+        }
+        let (first, _) = self.read_desc(self.desc_table, u32::from(head))?;
+        if first.flags & F_INDIRECT != 0 {
+            // An indirect head stands alone and points to a table of whole descriptors.
+            if first.flags & F_NEXT != 0 || first.len == 0 || !first.len.is_multiple_of(16) {
+                return None;
+            }
+            let n = first.len / 16;
             if n > MAX_INDIRECT {
                 return None;
             }
-            let table = self.mem.gpa(d.addr, u64::from(d.len))?;
-            if !(table as usize).is_multiple_of(8) {
-                return None;
-            }
-            return walk(table, n as u16, 0);
+            return self.walk(first.addr, n, 0);
         }
-        walk(self.desc, self.num, head)
+        self.walk(self.desc_table, num, head)
     }
 
     /// Publishes a used element.
     pub fn push_used(&mut self, head: u16, len: u32) {
-        let slot = usize::from(self.used_idx % self.num);
-        // SAFETY: used ring entry `slot` < num, then the used index.
-        unsafe {
-            let e = self.used.add(4 + 8 * slot);
-            std::ptr::write_volatile(e.cast::<u32>(), u32::from(head));
-            std::ptr::write_volatile(e.add(4).cast::<u32>(), len);
-            fence(Ordering::Release);
-            self.used_idx = self.used_idx.wrapping_add(1);
-            std::ptr::write_volatile(self.used.add(2).cast::<u16>(), self.used_idx);
+        if let Err(e) = self.queue.add_used(self.mem.guest(), head, len) {
+            tracing::warn!(head, error = %e, "cannot publish a used element");
         }
     }
 
     /// Whether the guest wants a notification for what was used since the last one.
     pub fn needs_notify(&mut self) -> bool {
-        fence(Ordering::SeqCst);
-        let new = self.used_idx;
-        let old = self.signalled_used.replace(new);
-        if !self.event_idx {
-            // SAFETY: the avail ring's flags.
-            let flags = unsafe { std::ptr::read_volatile(self.avail.cast::<u16>()) };
-            return flags & 1 == 0 && old != Some(new);
-        }
-        let Some(old) = old else {
-            return true;
-        };
-        let at = 4 + 2 * usize::from(self.num);
-        // SAFETY: used_event, right after the avail ring's entries.
-        let event = unsafe { std::ptr::read_volatile(self.avail.add(at).cast::<u16>()) };
-        new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old)
+        self.queue
+            .needs_notification(self.mem.guest())
+            .unwrap_or(true)
     }
 
     /// The used ring's index as this side last published it.
     pub fn used_idx(&self) -> u16 {
-        self.used_idx
+        self.queue.next_used()
+    }
+
+    /// The next available entry to take.
+    pub fn last_avail(&self) -> u16 {
+        self.queue.next_avail()
+    }
+
+    /// Resumes taking at `idx`.
+    pub fn set_last_avail(&mut self, idx: u16) {
+        self.queue.set_next_avail(idx);
     }
 
     /// The guest memory.
-    pub fn memory(&self) -> &Arc<GuestMemory> {
+    pub fn memory(&self) -> &Arc<Memory> {
         &self.mem
     }
 }
@@ -270,19 +248,27 @@ mod tests {
             &[0, 3],
             &table,
         );
-        let h = r.pop().unwrap();
-        assert_eq!(r.chain(h).unwrap().len(), 3);
-        let h = r.pop().unwrap();
-        let c = r.chain(h).unwrap();
+        let (h, c) = r.pop().unwrap();
+        assert_eq!(h, 0);
+        assert_eq!(c.unwrap().len(), 3);
+        assert_eq!(r.chain(0).unwrap().len(), 3, "the replay walk agrees");
+        let (h, c) = r.pop().unwrap();
+        assert_eq!(h, 3);
+        let want = [(0x1800, 16), (0x1900, 512), (0x1a00, 1)];
+        let c = c.unwrap();
+        assert_eq!(c.iter().map(|d| (d.addr, d.len)).collect::<Vec<_>>(), want);
+        let again = r.chain(3).unwrap();
         assert_eq!(
-            c.iter().map(|d| (d.addr, d.len)).collect::<Vec<_>>(),
-            [(0x1800, 16), (0x1900, 512), (0x1a00, 1)]
+            again.iter().map(|d| (d.addr, d.len)).collect::<Vec<_>>(),
+            want
         );
         assert!(r.pop().is_none());
+        r.push_used(0, 1);
+        assert_eq!(r.used_idx(), 1);
     }
 
     #[test]
-    fn broken_indirect_tables_are_refused() {
+    fn broken_indirect_tables_are_refused_by_the_replay_walk() {
         let t = [desc(0x1800, 16, F_NEXT, 1), desc(0x1900, 1, F_WRITE, 0)];
         for head in [
             desc(0x1000, 33, F_INDIRECT, 0),          // not whole descriptors
@@ -290,7 +276,6 @@ mod tests {
             desc(0x1000, 32, F_INDIRECT | F_NEXT, 1), // indirect and next
             desc(0xf000_0000, 32, F_INDIRECT, 0),     // outside guest memory
             desc(0x1000, 16 * 2048, F_INDIRECT, 0),   // too long
-            desc(0x1004, 32, F_INDIRECT, 0),          // misaligned
         ] {
             let r = ring(&[head], &[0], &t);
             assert!(r.chain(0).is_none(), "{head:?}");
@@ -304,5 +289,14 @@ mod tests {
             let r = ring(&[desc(0x1000, 32, F_INDIRECT, 0)], &[0], &table);
             assert!(r.chain(0).is_none());
         }
+    }
+
+    #[test]
+    fn rings_outside_memory_or_misaligned_are_refused() {
+        let mem = guest_memory(&[]);
+        assert!(Vring::new(mem.clone(), 4, 0, 0x100, 0x200, 0, false).is_some());
+        assert!(Vring::new(mem.clone(), 4, 0xffff_0000, 0x100, 0x200, 0, false).is_none());
+        assert!(Vring::new(mem.clone(), 4, 8, 0x100, 0x200, 0, false).is_none());
+        assert!(Vring::new(mem, 3, 0, 0x100, 0x200, 0, false).is_none());
     }
 }

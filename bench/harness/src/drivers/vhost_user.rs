@@ -404,6 +404,9 @@ impl Conn {
                 q.extend_from_slice(&0u64.to_le_bytes());
                 q.extend_from_slice(&(queues as u16).to_le_bytes());
                 q.extend_from_slice(&num.to_le_bytes());
+                // The C struct (two u64, two u16) is 24 bytes with its tail padding: QEMU sends
+                // that, and back-ends built on the vhost crate check the size.
+                q.extend_from_slice(&[0u8; 4]);
                 send(s, GET_INFLIGHT_FD, &q, &[])?;
                 let (payload, fd) = recv_fd(s, GET_INFLIGHT_FD)?;
                 *infl = Some((fd, payload));
