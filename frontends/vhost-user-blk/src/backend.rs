@@ -822,12 +822,14 @@ async fn execute(device: &dyn BlockDevice, mem: &Memory, r: &Request, serial: &s
         Kind::Write { offset } => {
             let flags = WriteFlags::default();
             let r = {
-                let mut buf = Vec::with_capacity(bytes);
+                let mut buf = vec![0u8; bytes];
+                let mut at = 0;
                 for seg in &r.segs {
-                    match mem.read(seg.addr, seg.len as usize) {
-                        Some(d) => buf.extend(d),
-                        None => return (s::IOERR, 0),
+                    let end = at + seg.len as usize;
+                    if !mem.read_into(seg.addr, &mut buf[at..end]) {
+                        return (s::IOERR, 0);
                     }
+                    at = end;
                 }
                 device.write(*offset, &buf, flags).await
             };
