@@ -219,6 +219,47 @@ fn playground_fio_verify_and_faults_invisible() {
         "{cs}"
     );
 
+    // Data at rest is the owner's only: every file under the playground directory 0600 (or
+    // stricter), every directory 0700, the sockets 0660; another local user reads nothing.
+    let mut checked = 0;
+    let mut stack = vec![dir.clone()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let Ok(md) = std::fs::symlink_metadata(e.path()) else {
+                continue; // gone meanwhile (a raft log rolled over)
+            };
+            let mode = std::os::unix::fs::PermissionsExt::mode(&md.permissions()) & 0o777;
+            let ft = md.file_type();
+            if ft.is_dir() {
+                assert_eq!(mode & 0o077, 0, "{}: {mode:o}", e.path().display());
+                stack.push(e.path());
+            } else if std::os::unix::fs::FileTypeExt::is_socket(&ft) {
+                assert_eq!(mode, 0o660, "{}: {mode:o}", e.path().display());
+            } else {
+                assert_eq!(mode & 0o077, 0, "{}: {mode:o}", e.path().display());
+            }
+            checked += 1;
+        }
+    }
+    assert!(checked > 50, "{checked} entries checked");
+    if let Some(runuser) = ["/usr/sbin/runuser", "/sbin/runuser"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+    {
+        for f in [
+            "nebd/nebd-server.meta",
+            "mds/mds.redb",
+            "cs1/chunkserver.dat",
+        ] {
+            let out = Command::new(runuser)
+                .args(["-u", "nobody", "--", "cat"])
+                .arg(dir.join(f))
+                .output()
+                .unwrap();
+            assert!(!out.status.success(), "nobody read {f}");
+        }
+    }
+
     // The copyset behind offset 0, and its leader's process.
     let mds_addr = format!("127.0.0.1:{port}");
     let rt = tokio::runtime::Runtime::new().unwrap();

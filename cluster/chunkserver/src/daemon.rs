@@ -98,6 +98,8 @@ impl Mds {
 
 fn lock_data_dir(dir: &std::path::Path) -> anyhow::Result<std::fs::File> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    // Chunk data and raft logs are readable by this user only, whatever the directory was.
+    std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
     let path = dir.join("chunkserver.pid");
     let mut f = std::fs::OpenOptions::new()
         .read(true)

@@ -50,6 +50,7 @@ struct Args {
 }
 
 fn main() -> anyhow::Result<()> {
+    private_files();
     let a = Args::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -92,4 +93,11 @@ fn main() -> anyhow::Result<()> {
             _ = int.recv() => {}
         }
     }))
+}
+
+/// Files and directories this process creates are its owner's only (0600, 0700): volume data,
+/// raft logs, metadata, identities. Sockets meant for consumers are widened explicitly.
+fn private_files() {
+    // SAFETY: umask only changes this process's file creation mask.
+    unsafe { libc::umask(0o077) };
 }

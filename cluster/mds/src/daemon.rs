@@ -50,6 +50,8 @@ pub struct Config {
 
 fn lock_data_dir(dir: &std::path::Path) -> anyhow::Result<std::fs::File> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    // The metadata store is readable by this user only, whatever the directory was.
+    std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
     let mut f = std::fs::OpenOptions::new()
         .read(true)
         .write(true)

@@ -83,6 +83,7 @@ fn parse_size(s: &str) -> Result<u64, String> {
 }
 
 fn main() -> anyhow::Result<()> {
+    private_files();
     let a = Args::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -141,4 +142,11 @@ fn main() -> anyhow::Result<()> {
             _ = term.recv() => {}
         }
     }))
+}
+
+/// Files and directories this process creates are its owner's only (0600, 0700): volume data,
+/// raft logs, metadata, identities. Sockets meant for consumers are widened explicitly.
+fn private_files() {
+    // SAFETY: umask only changes this process's file creation mask.
+    unsafe { libc::umask(0o077) };
 }

@@ -171,6 +171,10 @@ pool = \"pool1\"
 
 /// Runs the playground in the foreground.
 pub fn up(o: &Options) -> Result<(), String> {
+    // Everything under DIR (volume data, logs, state) is the user's only; the daemons say the
+    // same of what they create.
+    // SAFETY: umask only changes this process's file creation mask.
+    unsafe { libc::umask(0o077) };
     let dir = &o.dir;
     std::fs::create_dir_all(dir.join("logs")).map_err(|e| format!("{}: {e}", dir.display()))?;
     let dir = dir.canonicalize().map_err(|e| e.to_string())?;

@@ -33,17 +33,44 @@ use crate::metafile::Metafile;
 use crate::part1::{PART1_SOCKET, Part1Conn};
 
 /// Listens for part1 connections; each gets its own thread (see [`crate::part1`]).
+/// Opens a socket to consumers: mode 0660 (explicitly: the process's umask makes everything
+/// else 0600), group `group` when given.
+pub fn share_socket(path: &Path, group: Option<u32>) -> std::io::Result<()> {
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
+    if let Some(gid) = group {
+        std::os::unix::fs::chown(path, None, Some(gid))?;
+    }
+    Ok(())
+}
+
+/// The gid of group `name` (or a number).
+pub fn group_id(name: &str) -> Result<u32, String> {
+    if let Ok(gid) = name.parse::<u32>() {
+        return Ok(gid);
+    }
+    let c = std::ffi::CString::new(name).map_err(|_| format!("bad group name {name:?}"))?;
+    // SAFETY: getgrnam with a valid C string; the result is read at once, before any other
+    // call that could reuse its static buffer.
+    let g = unsafe { libc::getgrnam(c.as_ptr()) };
+    if g.is_null() {
+        return Err(format!("no group named {name:?}"));
+    }
+    // SAFETY: g is a valid group record (checked non-null above).
+    Ok(unsafe { (*g).gr_gid })
+}
+
 fn spawn_part1_service(
     run_dir: &Path,
     files: Arc<FileManager>,
     stop: CancellationToken,
+    group: Option<u32>,
 ) -> anyhow::Result<()> {
     let path = run_dir.join(PART1_SOCKET);
     // We hold the run dir lock: a socket file here is left by a dead server.
     let _ = std::fs::remove_file(&path);
     let listener = UnixListener::bind(&path)
         .with_context(|| format!("cannot bind part1 socket {}", path.display()))?;
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o660))?;
+    share_socket(&path, group)?;
     tokio::spawn(async move {
         loop {
             let stream = tokio::select! {
@@ -105,6 +132,9 @@ pub struct Config {
     pub owner: String,
     /// host:port of the Prometheus endpoint (`GET /metrics`), if any.
     pub metrics_listen: Option<String>,
+    /// Group given the sockets consumers connect to (control, part1, NBD, vhost-user): they
+    /// are 0660, so members of this group (QEMU's) may connect; the run dir is then 0750.
+    pub socket_group: Option<u32>,
 }
 
 impl Config {
@@ -116,6 +146,7 @@ impl Config {
             mds: vec!["127.0.0.1:6700".into()],
             owner: "curve".into(),
             metrics_listen: None,
+            socket_group: None,
         }
     }
 }
@@ -169,6 +200,17 @@ fn lock_run_dir(run_dir: &Path) -> anyhow::Result<RunDirLock> {
 /// Runs nebd-server until `shutdown` completes; then closes every export cleanly.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     let _lock = lock_run_dir(&config.run_dir)?;
+    // The metafile and pid file are this user's (0600 by the umask); the directory lets only
+    // the socket group through.
+    let dir_mode = if config.socket_group.is_some() {
+        0o750
+    } else {
+        0o700
+    };
+    std::fs::set_permissions(&config.run_dir, std::fs::Permissions::from_mode(dir_mode))?;
+    if let Some(gid) = config.socket_group {
+        std::os::unix::fs::chown(&config.run_dir, None, Some(gid))?;
+    }
     // A restarted part2 on the same run directory is the same client to the MDS: it takes
     // its volumes' sessions over instead of waiting for their leases to lapse.
     crate::volume::set_cluster_defaults(crate::volume::ClusterDefaults {
@@ -189,11 +231,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     let _ = std::fs::remove_file(&socket);
     let listener = UnixListener::bind(&socket)
         .with_context(|| format!("cannot bind control socket {}", socket.display()))?;
-    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o660))?;
+    share_socket(&socket, config.socket_group)?;
     let meta = Arc::new(Metafile::open(&config.run_dir)?);
     let files = Arc::new(FileManager::restore(meta.clone()));
     let state = Arc::new(State {
-        exports: ExportManager::new(Some(meta)),
+        exports: ExportManager::new(Some(meta)).with_socket_group(config.socket_group),
         files: files.clone(),
     });
     if let Some(addr) = &config.metrics_listen {
@@ -208,7 +250,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     }
     state.exports.restore().await;
     let stop = CancellationToken::new();
-    spawn_part1_service(&config.run_dir, files.clone(), stop.clone())?;
+    spawn_part1_service(
+        &config.run_dir,
+        files.clone(),
+        stop.clone(),
+        config.socket_group,
+    )?;
     let timeout = config.heartbeat_timeout;
     tokio::spawn({
         let stop = stop.clone();

@@ -46,6 +46,7 @@ struct Entry {
 /// Every export of this nebd-server.
 pub struct ExportManager {
     nbd: NbdServer,
+    socket_group: Option<u32>,
     entries: tokio::sync::Mutex<BTreeMap<String, Entry>>,
     meta: Option<Arc<Metafile>>,
 }
@@ -78,9 +79,16 @@ impl ExportManager {
     pub fn new(meta: Option<Arc<Metafile>>) -> Self {
         ExportManager {
             nbd: NbdServer::new(),
+            socket_group: None,
             entries: Default::default(),
             meta,
         }
+    }
+
+    /// Gives the export sockets (NBD on a Unix path, vhost-user) to group `gid` (0660).
+    pub fn with_socket_group(mut self, gid: Option<u32>) -> Self {
+        self.socket_group = gid;
+        self
     }
 
     /// Re-creates the exports recorded in the metafile (after a restart), on the same
@@ -166,6 +174,10 @@ impl ExportManager {
                     .add_export(&addr, export.clone())
                     .await
                     .map_err(|e| error_chain(&e))?;
+                if let ListenAddr::Unix(path) = &addr {
+                    crate::daemon::share_socket(path, self.socket_group)
+                        .map_err(|e| format!("{}: {e}", path.display()))?;
+                }
                 Served::Nbd { addr, export }
             }
             (Frontend::VhostUserBlk { path, queues }, _) => {
@@ -179,6 +191,8 @@ impl ExportManager {
                     },
                 )
                 .map_err(|e| format!("cannot serve vhost-user-blk at {path}: {e}"))?;
+                crate::daemon::share_socket(std::path::Path::new(path), self.socket_group)
+                    .map_err(|e| format!("{path}: {e}"))?;
                 Served::VhostUserBlk {
                     path: path.clone(),
                     device,

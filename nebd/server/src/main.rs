@@ -32,9 +32,14 @@ struct Args {
     /// operations, bytes, errors, latency, in flight, connections.
     #[arg(long, value_name = "ADDR")]
     metrics_listen: Option<String>,
+    /// Group (name or gid) given the sockets consumers connect to (control, part1, NBD,
+    /// vhost-user; all 0660): e.g. QEMU's group. The run dir is then 0750.
+    #[arg(long, value_name = "GROUP")]
+    socket_group: Option<String>,
 }
 
 fn main() -> anyhow::Result<()> {
+    private_files();
     let args = Args::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -54,6 +59,10 @@ fn main() -> anyhow::Result<()> {
         mds: args.mds,
         owner: args.owner,
         metrics_listen: args.metrics_listen,
+        socket_group: match &args.socket_group {
+            Some(g) => Some(daemon::group_id(g).map_err(anyhow::Error::msg)?),
+            None => None,
+        },
         ..Config::new(args.run_dir)
     };
     rt.block_on(daemon::run(config, shutdown_signal()))
@@ -67,4 +76,11 @@ async fn shutdown_signal() {
         _ = term.recv() => {}
         _ = int.recv() => {}
     }
+}
+
+/// Files and directories this process creates are its owner's only (0600, 0700): volume data,
+/// raft logs, metadata, identities. Sockets meant for consumers are widened explicitly.
+fn private_files() {
+    // SAFETY: umask only changes this process's file creation mask.
+    unsafe { libc::umask(0o077) };
 }
