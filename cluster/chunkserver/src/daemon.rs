@@ -173,6 +173,7 @@ fn copyset_info(node: &CopysetNode) -> CopysetInfo {
         epoch: v.epoch,
         term: v.term,
         in_progress: None,
+        io_ops: node.metrics.read.ops() + node.metrics.write.ops(),
     }
 }
 

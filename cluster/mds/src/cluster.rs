@@ -60,6 +60,9 @@ struct CopysetRt {
     leader: Option<u32>,
     /// When its leader last reported.
     reported: Option<Instant>,
+    /// Client requests its leader reported served, and when that count last grew.
+    io_ops: u64,
+    last_io: Option<Instant>,
 }
 
 /// A change in flight.
@@ -99,6 +102,9 @@ pub struct Cluster {
 /// Balance changes are at least this far apart, so that every leader has reported the
 /// outcome of the last one before the next is decided (no oscillation on stale views).
 const BALANCE_COOLDOWN: Duration = Duration::from_secs(10);
+/// A copyset's leader is moved for balance only after its clients were this long without a
+/// request: a transfer under I/O redirects every client of the copyset mid-stream.
+pub const LEADER_BALANCE_QUIET: Duration = Duration::from_secs(10);
 
 fn cs_key(id: u32) -> Vec<u8> {
     format!("cs/{id:08x}").into_bytes()
@@ -171,6 +177,8 @@ impl Cluster {
                 c.copysets.insert(
                     (rec.pool, rec.id),
                     CopysetRt {
+                        io_ops: 0,
+                        last_io: None,
                         rec,
                         leader: None,
                         reported: None,
@@ -266,6 +274,13 @@ impl Cluster {
             };
             if info.epoch < c.rec.epoch {
                 continue; // a stale leader
+            }
+            if c.leader != Some(me) || info.io_ops != c.io_ops {
+                // A new leader counts from its own start: only growth under one leader is I/O.
+                if c.leader == Some(me) {
+                    c.last_io = Some(now);
+                }
+                c.io_ops = info.io_ops;
             }
             c.leader = Some(me);
             c.reported = Some(now);
@@ -386,6 +401,7 @@ impl Cluster {
                     peers: c.rec.peers.clone(),
                     leader: c.leader,
                     epoch: c.rec.epoch,
+                    quiet: c.last_io.is_none_or(|t| now >= t + LEADER_BALANCE_QUIET),
                 })
                 .collect();
             let busy: HashSet<(u32, u32)> = self.operators.keys().copied().collect();
@@ -475,6 +491,8 @@ impl Cluster {
                 self.copysets.insert(
                     (pool, rec.id),
                     CopysetRt {
+                        io_ops: 0,
+                        last_io: None,
                         rec,
                         leader: None,
                         reported: None,

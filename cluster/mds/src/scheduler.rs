@@ -48,6 +48,8 @@ pub struct CopysetView {
     pub leader: Option<u32>,
     /// Configuration epoch.
     pub epoch: u64,
+    /// No client I/O lately: its leadership may move for balance.
+    pub quiet: bool,
 }
 
 /// A configuration change.
@@ -225,6 +227,7 @@ pub fn schedule(
     {
         let candidate = copysets.iter().find(|c| {
             free(c)
+                && c.quiet
                 && c.leader == Some(max_cs)
                 && c.peers.contains(&min_cs)
                 && out.iter().all(|d| d.copyset != c.id || d.pool != c.pool)
@@ -286,6 +289,7 @@ mod tests {
             peers: peers.to_vec(),
             leader: Some(leader),
             epoch: 3,
+            quiet: true,
         }
     }
 
@@ -379,5 +383,25 @@ mod tests {
         sets[d[0].copyset as usize - 1].peers.push(4);
         let d = schedule(&c, &sets, &HashSet::new(), 0, &OPTS);
         assert_eq!(d[0].change, Change::RemovePeer(3));
+    }
+
+    /// Leaders move only off copysets without client I/O lately: a transfer under I/O would
+    /// redirect every client of the copyset mid-stream.
+    #[test]
+    fn leaders_of_busy_copysets_stay() {
+        let c = css(&[(1, "a", Online), (2, "b", Online), (3, "c", Online)]);
+        let mut sets: Vec<_> = (1..=4).map(|i| cp(i, &[1, 2, 3], 1)).collect();
+        for s in &mut sets {
+            s.quiet = false;
+        }
+        assert!(
+            schedule(&c, &sets, &HashSet::new(), 0, &OPTS).is_empty(),
+            "every copyset busy: no transfer"
+        );
+        sets[2].quiet = true;
+        let d = schedule(&c, &sets, &HashSet::new(), 0, &OPTS);
+        assert_eq!(d.len(), 1);
+        assert_eq!(d[0].copyset, 3, "the quiet one");
+        assert_eq!(d[0].reason, Reason::LeaderBalance);
     }
 }

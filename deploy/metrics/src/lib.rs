@@ -192,6 +192,11 @@ pub struct IoSeries {
 }
 
 impl IoSeries {
+    /// Operations completed so far.
+    pub fn ops(&self) -> u64 {
+        self.ops.get()
+    }
+
     /// An operation starts.
     pub fn start(&self) {
         self.inflight.inc();
