@@ -15,7 +15,9 @@ pub enum ChunkCommand {
         sn: u64,
         /// Offset in the chunk.
         offset: u64,
-        /// Data.
+        /// Data: encoded as one byte string (`serde_bytes`), not element by element — the
+        /// same bincode bytes either way, so logs written before read back unchanged.
+        #[serde(with = "serde_bytes")]
         data: Vec<u8>,
         /// Epoch of the writer.
         epoch: u64,
@@ -45,3 +47,52 @@ openraft::declare_raft_types!(
 
 /// A storage error of a copyset's raft.
 pub type StorageError = openraft::StorageError<u64>;
+
+#[cfg(test)]
+mod encoding_tests {
+    use super::*;
+
+    /// The command as it was encoded before `serde_bytes` (a Vec<u8> element by element).
+    #[derive(Serialize, Deserialize, PartialEq, Debug)]
+    enum OldCommand {
+        Write {
+            chunk_id: u64,
+            sn: u64,
+            offset: u64,
+            data: Vec<u8>,
+            epoch: u64,
+        },
+        Delete {
+            chunk_id: u64,
+        },
+    }
+
+    /// Raft logs and snapshots written before read back the same, and the other way round.
+    #[test]
+    fn byte_strings_encode_as_before() {
+        let data: Vec<u8> = (0..5000u32).map(|i| (i * 7) as u8).collect();
+        let old = OldCommand::Write {
+            chunk_id: 9,
+            sn: 1,
+            offset: 4096,
+            data: data.clone(),
+            epoch: 3,
+        };
+        let new = ChunkCommand::Write {
+            chunk_id: 9,
+            sn: 1,
+            offset: 4096,
+            data,
+            epoch: 3,
+        };
+        let old_bytes = bincode::serialize(&old).unwrap();
+        assert_eq!(bincode::serialize(&new).unwrap(), old_bytes);
+        let back: ChunkCommand = bincode::deserialize(&old_bytes).unwrap();
+        assert_eq!(back, new);
+        let del = bincode::serialize(&OldCommand::Delete { chunk_id: 4 }).unwrap();
+        assert_eq!(
+            bincode::deserialize::<ChunkCommand>(&del).unwrap(),
+            ChunkCommand::Delete { chunk_id: 4 }
+        );
+    }
+}
