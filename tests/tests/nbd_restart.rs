@@ -60,11 +60,22 @@ fn qemu_io_with_reconnect_delay_survives_kill_9() {
     p2.kill9_and_restart();
     // Once qemu is back on the new part2, crash that one too.
     let reconnected = |p2: &Part2, i| p2.log_of(i).contains("transmission started");
-    assert!(
-        wait_until(Duration::from_secs(15), || reconnected(&p2, 1)),
-        "{}",
-        p2.log()
-    );
+    if !wait_until(Duration::from_secs(15), || reconnected(&p2, 1)) {
+        let mut writer = writer;
+        let _ = writer.kill();
+        let out = writer.wait_with_output().unwrap();
+        panic!(
+            "qemu-io did not reconnect: {}\n{}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .rev()
+                .take(5)
+                .collect::<Vec<_>>()
+                .join("\n"),
+            p2.log()
+        );
+    }
     p2.kill9_and_restart();
     assert!(
         wait_until(Duration::from_secs(15), || reconnected(&p2, 2)),
