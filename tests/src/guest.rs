@@ -356,6 +356,39 @@ impl GuestRun {
     }
 }
 
+impl GuestRun {
+    /// What a `*_writers` scenario (parallel O_DIRECT writers on `device` while part2 is killed
+    /// -9 and restarted, then a SIGTERM restart) must show: the same device both times, 0 I/O
+    /// errors, every region verified, the device holding the volume's bytes, dmesg clean, and
+    /// every writer still writing when part2 died.
+    pub fn assert_writers_survived_restarts(&self, device: &str) {
+        let r = self.results();
+        assert_eq!(r["killed"], "yes");
+        assert_eq!(r["path_before"], device);
+        assert_eq!(r["path_after"], device, "the same device after the restart");
+        assert_eq!(r["errors"], "0", "{}", self.console);
+        assert_eq!(r["mismatches"], "0");
+        assert_eq!(r["dmesg"], "clean", "{}", self.console);
+        assert_eq!(
+            self.md5("writers"),
+            self.md5("file"),
+            "the device reads what the volume holds"
+        );
+        assert_eq!(
+            r["path_after_term"], device,
+            "a planned restart keeps the device"
+        );
+        assert_eq!(self.md5("after-term"), self.md5("writers"), "and its bytes");
+        assert!(
+            r["passes"]
+                .split(',')
+                .all(|n| n.parse::<u32>().is_ok_and(|n| n >= 2)),
+            "every writer was still writing when part2 died: {:?}",
+            r["passes"]
+        );
+    }
+}
+
 /// A benchmark figure: (IOPS, mean completion latency in µs).
 pub type BenchFigure = (f64, f64);
 
