@@ -10,21 +10,13 @@ Prints medians and the after/before and after/qsd ratios.
   cp target/release/nebd-server /tmp/nebd-server.before   # at the old commit
   bench/vhost_ab.py --before /tmp/nebd-server.before [--time 5] [--repeat 5]
 """
-import argparse, json, os, shutil, statistics, subprocess, sys, tempfile, time
+import argparse, json, os, shutil, statistics, subprocess, tempfile
+
+from compare import wait_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 JOBS = [("4K randread QD1", "randread", 1), ("4K randwrite QD1", "randwrite", 1),
         ("4K randread QD32", "randread", 32), ("4K randwrite QD32", "randwrite", 32)]
-
-
-def wait_for(path, proc, what):
-    for _ in range(200):
-        if os.path.exists(path):
-            return
-        if proc.poll() is not None:
-            sys.exit(f"{what} exited")
-        time.sleep(0.05)
-    sys.exit(f"{what} did not create {path}")
 
 
 def main():

@@ -421,6 +421,14 @@ impl GuestRun {
     }
 }
 
+/// A temporary directory for one guest's initramfs and console.
+pub fn guest_dir() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("curve-guest-")
+        .tempdir()
+        .expect("temp dir")
+}
+
 /// A copy of `cmd` (program and arguments), to start it again.
 fn clone_command(cmd: &Command) -> Command {
     let mut c = Command::new(cmd.get_program());

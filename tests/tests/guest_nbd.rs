@@ -9,14 +9,7 @@ use std::time::Duration;
 
 use curve_tests::Part2;
 use curve_tests::cluster::free_port;
-use curve_tests::guest::{Guest, GuestSpec, md5_of};
-
-fn guest_dir() -> tempfile::TempDir {
-    tempfile::Builder::new()
-        .prefix("curve-guest-")
-        .tempdir()
-        .expect("temp dir")
-}
+use curve_tests::guest::{Guest, GuestSpec, guest_dir, md5_of};
 
 /// Debian's nbd-client in the guest attaches two TCP exports of a nebd-server on the host,
 /// reached through QEMU's user-mode network restricted to one forward per port: an O_DIRECT

@@ -5,14 +5,7 @@
 
 use std::time::Duration;
 
-use curve_tests::guest::{Guest, GuestSpec};
-
-fn guest_dir() -> tempfile::TempDir {
-    tempfile::Builder::new()
-        .prefix("curve-guest-")
-        .tempdir()
-        .expect("temp dir")
-}
+use curve_tests::guest::{Guest, GuestSpec, guest_dir};
 
 /// `curve export add --volume mem:256M --ublk` prints `/dev/ublkb0`; the device has the
 /// volume's geometry and is listed as a ublk export; O_DIRECT patterns at 4 KiB and 1 MiB read

@@ -27,16 +27,8 @@ while [ $r -lt "$rounds" ]; do
     set -- $job
     for dev in ours rublk vhost; do
       case $dev in ours) f=$ours ;; rublk) f=$rub ;; vhost) f=/dev/vda ;; esac
-      out=$(fio --name=b --filename="$f" --direct=1 --ioengine=io_uring --rw="$1" --bs=4k \
-        --iodepth="$2" --size=64M --time_based --runtime="$secs" --output-format=terse \
-        --terse-version=3 2> /tmp/fio.err) || { cat /tmp/fio.err; fail "fio $dev $job"; }
-      # terse v3: 8 read iops, 40 read clat mean (us); 49 write iops, 81 write clat mean.
-      if [ "$1" = randread ]; then
-        iops=$(echo "$out" | cut -d';' -f8); lat=$(echo "$out" | cut -d';' -f40)
-      else
-        iops=$(echo "$out" | cut -d';' -f49); lat=$(echo "$out" | cut -d';' -f81)
-      fi
-      echo "CURVE-BENCH dev=$dev rw=$1 qd=$2 iops=$iops lat_us=$lat"
+      res=$(fio_4k "$f" "$1" "$2" "$secs") || fail "fio $dev $job"
+      echo "CURVE-BENCH dev=$dev rw=$1 qd=$2 iops=${res% *} lat_us=${res#* }"
     done
   done
   r=$((r + 1))

@@ -11,31 +11,11 @@ dd if=/dev/zero of=/tmp/w.img bs=1M count=0 seek=64 2> /dev/null
 part2_start || exit 1
 path=$(ublk_add u0) || fail "export add"
 wait_dev "$path" || fail "no $path"
-curve-guest-io writers "$path" --jobs "$jobs" --size "${mib}M" --bs 4K --time "$secs" \
-  --max-passes 50 > /tmp/writers.out 2>&1 &
-wpid=$!
-sleep 2
-kill -9 "$part2_pid"
-echo "CURVE-RESULT killed=yes"
-sleep 1
-part2_start || fail "restart"
-wait $wpid
-rc=$?
-cat /tmp/writers.out
-after=$(curve export list --format json | sed -n 's/.*"device": "\(.*\)".*/\1/p')
-echo "CURVE-RESULT path_before=$path path_after=$after"
+writers_across_kill9 "$path" "$jobs" "$mib" "$secs"
+rc=$writers_rc
 grep -q "recovering ublk device" /tmp/part2.log && echo "CURVE-RESULT recovered=yes"
-echo "CURVE-MD5 writers $(md5_range "$path" 0 $((jobs * mib)))"
-echo "CURVE-MD5 file $(dd if=/tmp/w.img bs=1M count=$((jobs * mib)) 2> /dev/null | md5sum | cut -d' ' -f1)"
-
 # A planned restart: SIGTERM leaves the device to the kernel, the next part2 recovers it.
-kill -TERM "$part2_pid"
-i=0
-while kill -0 "$part2_pid" 2> /dev/null && [ $i -lt 300 ]; do sleep 0.1; i=$((i + 1)); done
-part2_start || fail "start after SIGTERM"
-again=$(curve export list --format json | sed -n 's/.*"device": "\(.*\)".*/\1/p')
-echo "CURVE-RESULT path_after_term=$again"
-echo "CURVE-MD5 after-term $(md5_range "$path" 0 $((jobs * mib)))"
+term_restart "$path" $((jobs * mib))
 dmesg_check || rc=1
 [ $rc = 0 ] || part2_log
 exit $rc
