@@ -239,21 +239,32 @@ async fn three_mds_on_etcd_one_leader_and_kill_9_of_the_leader() {
         .await
         .unwrap();
     let leader = c.current().await;
-    // The followers answer NOT_LEADER naming the leader.
+    // The followers answer NOT_LEADER naming the leader (once they have read it from etcd:
+    // a follower polls the election, so it may answer with no name for a moment).
     for a in addrs.iter().filter(|a| **a != leader) {
         let mut m = MdsServiceClient::connect(format!("http://{a}"))
             .await
             .unwrap();
-        let r = m
-            .stat_file(PathRequest {
-                path: "/v1".into(),
-                owner: String::new(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        assert_eq!(r.status, MdsStatus::NotLeader as i32);
-        assert_eq!(r.leader, leader, "a follower names the leader");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let r = m
+                .stat_file(PathRequest {
+                    path: "/v1".into(),
+                    owner: String::new(),
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            assert_eq!(r.status, MdsStatus::NotLeader as i32);
+            if r.leader == leader {
+                break;
+            }
+            assert!(
+                r.leader.is_empty() && Instant::now() < deadline,
+                "a follower names the leader {leader} within 10 s: {r:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
     // kill -9 of the leader: another one serves within a few seconds, with the namespace.
     let idx = addrs.iter().position(|a| *a == leader).unwrap();
