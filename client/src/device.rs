@@ -9,7 +9,7 @@ use curve_blockdev::{BlockDevice, DeviceInfo, Extent, IoError, IoFuture, WriteFl
 use tokio::sync::oneshot;
 
 use crate::chunk::Connections;
-use crate::volume::{ClientError, Volume, VolumeOptions};
+use crate::volume::{ClientError, SessionState, Volume, VolumeOptions};
 
 /// The client runtime (2 threads) shared by every volume of the process.
 pub fn runtime() -> &'static tokio::runtime::Runtime {
@@ -46,10 +46,25 @@ pub struct CurveDevice {
 impl CurveDevice {
     /// Opens `path` (blocking: waits for the MDS).
     pub fn open(path: &str, opts: VolumeOptions, read_only: bool) -> Result<Self, ClientError> {
+        Self::open_with(path, opts, read_only, None)
+    }
+
+    /// Opens `path` with the session another process handed over (see [`Volume::adopt`]),
+    /// or a new one when `session` is None.
+    pub fn open_with(
+        path: &str,
+        opts: VolumeOptions,
+        read_only: bool,
+        session: Option<SessionState>,
+    ) -> Result<Self, ClientError> {
         let (tx, rx) = std::sync::mpsc::channel();
         let path = path.to_string();
         runtime().spawn(async move {
-            let _ = tx.send(Volume::open(&path, opts, connections()).await);
+            let v = match session {
+                Some(s) => Volume::adopt(&path, opts, connections(), s).await,
+                None => Volume::open(&path, opts, connections()).await,
+            };
+            let _ = tx.send(v);
         });
         let volume = rx.recv().map_err(|_| ClientError::Closed)??;
         let i = volume.info();

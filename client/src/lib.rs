@@ -19,4 +19,4 @@ pub mod volume;
 
 pub use device::CurveDevice;
 pub use mds::{MdsClient, MdsError};
-pub use volume::{ClientError, Volume, VolumeOptions};
+pub use volume::{ClientError, SessionState, Volume, VolumeOptions};

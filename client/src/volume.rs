@@ -93,10 +93,22 @@ struct Inner {
     info: RwLock<FileInfo>,
     session: RwLock<String>,
     epoch: AtomicU64,
+    lease: Duration,
     cache: MetaCache,
     conns: Arc<Connections>,
     qos: Limiter,
     closed: AtomicBool,
+}
+
+/// An open session of a volume at the MDS, as handed from one process to the next.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SessionState {
+    /// The MDS's session id.
+    pub session_id: String,
+    /// The epoch writes carry.
+    pub epoch: u64,
+    /// The lease, ms.
+    pub lease_ms: u64,
 }
 
 /// An open volume. Cheap to clone; closed by [`Volume::close`].
@@ -147,13 +159,46 @@ impl Volume {
     ) -> Result<Self, ClientError> {
         let mds = MdsClient::new(opts.mds.clone());
         let (info, session) = mds.open(path, &opts.owner, &opts.client_id).await?;
+        let state = SessionState {
+            session_id: session.session_id,
+            epoch: session.epoch,
+            lease_ms: session.lease_ms,
+        };
+        Ok(Self::with_session(mds, path, opts, conns, info, state))
+    }
+
+    /// Continues a session another process opened and handed over (a live upgrade of part2):
+    /// no new open, so the epoch stays and nothing the other process wrote is fenced. The
+    /// session must still be alive (checked with a refresh).
+    pub async fn adopt(
+        path: &str,
+        opts: VolumeOptions,
+        conns: Arc<Connections>,
+        state: SessionState,
+    ) -> Result<Self, ClientError> {
+        let mds = MdsClient::new(opts.mds.clone());
+        mds.refresh(path, &state.session_id).await?;
+        let info = mds.stat(path).await?;
+        Ok(Self::with_session(mds, path, opts, conns, info, state))
+    }
+
+    fn with_session(
+        mds: MdsClient,
+        path: &str,
+        opts: VolumeOptions,
+        conns: Arc<Connections>,
+        info: FileInfo,
+        state: SessionState,
+    ) -> Self {
+        let lease = Duration::from_millis(state.lease_ms.max(300));
         let v = Volume {
             inner: Arc::new(Inner {
                 mds,
                 path: path.to_string(),
                 info: RwLock::new(info.clone()),
-                session: RwLock::new(session.session_id),
-                epoch: AtomicU64::new(session.epoch),
+                session: RwLock::new(state.session_id),
+                epoch: AtomicU64::new(state.epoch),
+                lease,
                 cache: MetaCache::default(),
                 conns,
                 qos: Limiter::default(),
@@ -164,10 +209,22 @@ impl Volume {
         if let Some(q) = &info.qos {
             v.inner.qos.set(q);
         }
-        // Copyset routes for the pool, once.
-        let lease = Duration::from_millis(session.lease_ms.max(300));
         tokio::spawn(refresh_loop(Arc::downgrade(&v.inner), lease));
-        Ok(v)
+        v
+    }
+
+    /// The session this volume holds, to hand over to another process.
+    pub fn session(&self) -> SessionState {
+        SessionState {
+            session_id: self.inner.session.read().clone(),
+            epoch: self.inner.epoch.load(Ordering::Acquire),
+            lease_ms: self.inner.lease.as_millis() as u64,
+        }
+    }
+
+    /// The volume's path.
+    pub fn path(&self) -> &str {
+        &self.inner.path
     }
 
     /// What the MDS said of the volume at open (or the last refresh).

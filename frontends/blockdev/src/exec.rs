@@ -16,6 +16,9 @@ pub struct Notifier {
     armed: AtomicBool,
     /// Set when the connection must stop taking requests.
     pub cancelled: AtomicBool,
+    /// Set with `cancelled` when the stop is for a hand-over to another process: the
+    /// connection stops between requests and keeps its transport open.
+    pub handing_over: AtomicBool,
 }
 
 impl Notifier {
@@ -30,6 +33,7 @@ impl Notifier {
             fd: unsafe { OwnedFd::from_raw_fd(fd) },
             armed: AtomicBool::new(false),
             cancelled: AtomicBool::new(false),
+            handing_over: AtomicBool::new(false),
         }))
     }
 
@@ -53,6 +57,18 @@ impl Notifier {
         // SAFETY: reads 8 bytes into a valid u64 from our non-blocking eventfd.
         unsafe { libc::read(self.fd.as_raw_fd(), (&raw mut v).cast(), 8) };
         self.armed.store(false, Ordering::Release);
+    }
+
+    /// Stops the connection for a hand-over: it finishes what is in flight, answers it, and
+    /// stops between requests with its transport open (see `handing_over`).
+    pub fn hand_over(&self) {
+        self.handing_over.store(true, Ordering::Release);
+        self.cancel();
+    }
+
+    /// Whether the stop was [`hand_over`](Self::hand_over).
+    pub fn is_handing_over(&self) -> bool {
+        self.handing_over.load(Ordering::Acquire)
     }
 
     /// Stops the connection: it finishes what is in flight and closes.

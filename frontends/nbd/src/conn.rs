@@ -51,6 +51,20 @@ pub(crate) enum ConnError {
     PayloadTooLarge(u32),
 }
 
+/// A connection stopped between requests for a hand-over to another process: its socket,
+/// what it negotiated, and the bytes it had read that no request consumed yet.
+#[derive(Debug)]
+pub struct Parked<S> {
+    /// The socket.
+    pub stream: S,
+    /// Structured replies were negotiated.
+    pub structured: bool,
+    /// `base:allocation` was negotiated (NBD_CMD_BLOCK_STATUS allowed).
+    pub block_status: bool,
+    /// Read from the socket, not yet a request: the next process parses these first.
+    pub leftover: Vec<u8>,
+}
+
 /// A command ready to run on the device.
 enum Exec {
     Read {
@@ -138,6 +152,8 @@ async fn execute(dev: &dyn BlockDevice, cookie: u64, exec: Exec) -> Done {
 
 /// A write whose header has been read and whose payload is still arriving.
 struct PendingWrite {
+    /// The request as it came (a hand-over gives it back to be parsed again).
+    header: [u8; proto::REQUEST_LEN],
     cookie: u64,
     /// Where the payload goes: a buffer, or nowhere if the request was refused.
     target: Result<(Command, AlignedBuf), Refusal>,
@@ -183,10 +199,53 @@ impl<'a> Connection<'a> {
         }
     }
 
+    /// A connection another process served until now: `leftover` is what it had read and not
+    /// yet consumed (see [`Parked`]).
+    pub(crate) fn resume(
+        stream: StdStream,
+        dev: &'a dyn BlockDevice,
+        limits: Limits,
+        structured: bool,
+        leftover: &[u8],
+    ) -> Self {
+        let mut c = Self::new(stream, dev, limits, structured);
+        if leftover.len() > c.rbuf.len() {
+            c.rbuf = vec![0u8; leftover.len()].into_boxed_slice();
+        }
+        c.rbuf[..leftover.len()].copy_from_slice(leftover);
+        c.rend = leftover.len();
+        c
+    }
+
     /// Serves requests until the client disconnects or `notifier` is cancelled; in-flight
-    /// requests are finished and answered first.
-    pub(crate) fn serve(mut self, notifier: &Arc<Notifier>) -> Result<(), ConnError> {
-        queue::serve(&mut self, notifier, MAX_QUEUED)
+    /// requests are finished and answered first. A stop for a hand-over
+    /// ([`Notifier::hand_over`]) returns the connection parked between requests.
+    pub(crate) fn serve(
+        mut self,
+        notifier: &Arc<Notifier>,
+    ) -> Result<Option<Parked<StdStream>>, ConnError> {
+        queue::serve(&mut self, notifier, MAX_QUEUED)?;
+        if !notifier.is_handing_over() || self.closing {
+            return Ok(None);
+        }
+        // What was read and not consumed: a write whose payload is still arriving goes back
+        // as its header and the payload so far (a refused one's payload is not kept: zeros
+        // of the same length are as good, it is refused again), then the unparsed bytes.
+        let mut leftover = Vec::new();
+        if let Some(p) = &self.pending {
+            leftover.extend_from_slice(&p.header);
+            match &p.target {
+                Ok((_, buf)) => leftover.extend_from_slice(&buf[..p.filled]),
+                Err(_) => leftover.resize(leftover.len() + p.filled, 0),
+            }
+        }
+        leftover.extend_from_slice(&self.rbuf[self.rstart..self.rend]);
+        Ok(Some(Parked {
+            stream: self.stream,
+            structured: self.structured,
+            block_status: self.limits.block_status,
+            leftover,
+        }))
     }
 
     /// Reads what the socket has, into the pending write's buffer or the read buffer.
@@ -265,6 +324,8 @@ impl<'a> Connection<'a> {
             let Some(h) = proto::parse_request(&self.rbuf[self.rstart..self.rend])? else {
                 return Ok(None);
             };
+            let mut header = [0u8; proto::REQUEST_LEN];
+            header.copy_from_slice(&self.rbuf[self.rstart..self.rstart + proto::REQUEST_LEN]);
             self.rstart += proto::REQUEST_LEN;
             let validated = request::validate(&h, &self.limits);
             if h.kind == cmd::WRITE {
@@ -274,6 +335,7 @@ impl<'a> Connection<'a> {
                 }
                 let len = h.len as usize;
                 self.pending = Some(PendingWrite {
+                    header,
                     cookie: h.cookie,
                     target: validated.map(|c| (c, self.pool.take(len))),
                     len,

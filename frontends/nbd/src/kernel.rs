@@ -280,6 +280,8 @@ struct Shared {
     stopping: AtomicBool,
     /// One per live connection thread.
     notifiers: Mutex<Vec<Arc<Notifier>>>,
+    /// Connections parked for a hand-over: their sockets and unconsumed bytes.
+    parked: Mutex<Vec<(UnixStream, Vec<u8>)>>,
     ended: Mutex<Option<mpsc::Sender<()>>>,
 }
 
@@ -358,7 +360,7 @@ impl KernelDevice {
             connections = opts.connections,
             "kernel NBD device attached"
         );
-        Ok(Self::start(export, index, opts.clone(), ours))
+        Ok(Self::start(export, index, opts.clone(), fresh(ours)))
     }
 
     /// Takes back `/dev/nbd<index>` after a restart: checks its backend cookie and gives the
@@ -387,14 +389,71 @@ impl KernelDevice {
         reconfigure(&mut nl, index, &opts.cookie, &theirs)?;
         drop(theirs);
         tracing::info!(device = %device_path(index).display(), export = export.name(), "kernel NBD device reattached");
+        Ok(Self::start(export, index, opts.clone(), fresh(ours)))
+    }
+
+    /// Serves `/dev/nbd<index>` on the connections another process parked for a hand-over
+    /// (see [`pause`](Self::pause)): the kernel sees nothing happen.
+    pub fn adopt(
+        export: Arc<Export>,
+        index: u32,
+        opts: &DeviceOptions,
+        connections: Vec<(OwnedFd, Vec<u8>)>,
+    ) -> Result<KernelDevice, KernelError> {
+        let mut ours = Vec::new();
+        for (fd, leftover) in connections {
+            let s = UnixStream::from(fd);
+            s.set_nonblocking(true).map_err(KernelError::Socket)?;
+            ours.push((s, leftover));
+        }
+        tracing::info!(device = %device_path(index).display(), export = export.name(), connections = ours.len(), "kernel NBD device taken over");
         Ok(Self::start(export, index, opts.clone(), ours))
+    }
+
+    /// Parks every connection between requests (what is in flight is answered first), for a
+    /// hand-over: the sockets and their unconsumed bytes. Fails, resuming, when a connection
+    /// does not stop within `timeout`.
+    pub fn pause(&self, timeout: Duration) -> Result<Vec<(OwnedFd, Vec<u8>)>, KernelError> {
+        let notifiers = self.shared.notifiers.lock().clone();
+        for n in &notifiers {
+            n.hand_over();
+        }
+        let deadline = std::time::Instant::now() + timeout;
+        while !self.shared.notifiers.lock().is_empty() {
+            if std::time::Instant::now() > deadline {
+                let parked = std::mem::take(&mut *self.shared.parked.lock());
+                self.resume(parked.into_iter().map(|(s, l)| (OwnedFd::from(s), l)).collect());
+                return Err(KernelError::Socket(io::Error::other(format!(
+                    "{}: connections did not finish their requests within {timeout:?}",
+                    self.path().display()
+                ))));
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let parked = std::mem::take(&mut *self.shared.parked.lock());
+        Ok(parked
+            .into_iter()
+            .map(|(s, l)| (OwnedFd::from(s), l))
+            .collect())
+    }
+
+    /// Serves again the connections [`pause`](Self::pause) parked (a hand-over that failed).
+    pub fn resume(&self, parked: Vec<(OwnedFd, Vec<u8>)>) {
+        for (fd, leftover) in parked {
+            spawn_connection(&self.shared, UnixStream::from(fd), leftover);
+        }
+    }
+
+    /// What the device was attached with.
+    pub fn options(&self) -> &DeviceOptions {
+        &self.shared.opts
     }
 
     fn start(
         export: Arc<Export>,
         index: u32,
         opts: DeviceOptions,
-        ours: Vec<UnixStream>,
+        ours: Vec<(UnixStream, Vec<u8>)>,
     ) -> KernelDevice {
         let (tx, rx) = mpsc::channel();
         let shared = Arc::new(Shared {
@@ -403,10 +462,11 @@ impl KernelDevice {
             opts,
             stopping: AtomicBool::new(false),
             notifiers: Mutex::new(Vec::new()),
+            parked: Mutex::new(Vec::new()),
             ended: Mutex::new(Some(tx)),
         });
-        for s in ours {
-            spawn_connection(&shared, s);
+        for (s, leftover) in ours {
+            spawn_connection(&shared, s, leftover);
         }
         let supervisor = std::thread::Builder::new()
             .name(format!("nbd{index}-supervisor"))
@@ -491,7 +551,12 @@ fn reconfigure(
         .map_err(netlink_err("reconfigure"))
 }
 
-fn spawn_connection(shared: &Arc<Shared>, stream: UnixStream) {
+/// New socket pairs: nothing read from them yet.
+fn fresh(ours: Vec<UnixStream>) -> Vec<(UnixStream, Vec<u8>)> {
+    ours.into_iter().map(|s| (s, Vec::new())).collect()
+}
+
+fn spawn_connection(shared: &Arc<Shared>, stream: UnixStream, leftover: Vec<u8>) {
     let notifier = match Notifier::new() {
         Ok(n) => n,
         Err(e) => {
@@ -507,12 +572,24 @@ fn spawn_connection(shared: &Arc<Shared>, stream: UnixStream) {
             let shared = shared.clone();
             let notifier = notifier.clone();
             move || {
-                crate::server::serve_kernel_connection(&shared.export, stream, &notifier);
+                let parked = crate::server::serve_kernel_connection(
+                    &shared.export,
+                    stream,
+                    &leftover,
+                    &notifier,
+                );
+                let handed = parked.is_some();
+                if let Some(p) = parked
+                    && let crate::stream::StdStream::Unix(s) = p.stream
+                {
+                    shared.parked.lock().push((s, p.leftover));
+                }
                 shared
                     .notifiers
                     .lock()
                     .retain(|n| !Arc::ptr_eq(n, &notifier));
-                if let Some(tx) = ended {
+                // A parked connection is not lost: the supervisor does not replace it.
+                if let (Some(tx), false) = (ended, handed) {
                     let _ = tx.send(());
                 }
             }
@@ -550,7 +627,7 @@ fn supervise(shared: &Arc<Shared>, ended: &mpsc::Receiver<()>) {
             Ok(ours) => {
                 tracing::info!(device = %path.display(), "connection replaced");
                 for s in ours {
-                    spawn_connection(shared, s);
+                    spawn_connection(shared, s, Vec::new());
                 }
                 backoff = (backoff * 2).min(Duration::from_secs(1));
             }

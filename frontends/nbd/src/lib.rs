@@ -26,4 +26,4 @@ pub mod request;
 mod server;
 mod stream;
 
-pub use server::{Export, ListenAddr, MAX_BLOCK, NbdServer, ServerError};
+pub use server::{Export, ListenAddr, MAX_BLOCK, NbdServer, ParkedConnection, Paused, ServerError};

@@ -14,6 +14,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::sync::Arc;
@@ -25,7 +26,7 @@ use parking_lot::RwLock;
 use tokio::net::{TcpListener, UnixListener};
 use tokio_util::sync::CancellationToken;
 
-use crate::conn::Connection;
+use crate::conn::{Connection, Parked};
 use crate::negotiate::{ExportSummary, Exports, Negotiation, Outcome};
 use crate::proto::{self, tflag};
 use crate::request::Limits;
@@ -216,7 +217,63 @@ impl Exports for TableView<'_> {
 
 struct Listener {
     table: Arc<ExportTable>,
+    /// Ends the listener's connections (and its accept loop).
     cancel: CancellationToken,
+    /// Ends the accept loop only (a hand-over pauses accepting).
+    accepting: CancellationToken,
+    /// The listening socket (a duplicate: the accept loop owns another).
+    sock: OwnedFd,
+}
+
+/// A connection parked for a hand-over to another process (see [`NbdServer::pause`]).
+#[derive(Debug)]
+pub struct ParkedConnection {
+    /// The export it transmits on.
+    pub export: String,
+    /// Its socket.
+    pub fd: OwnedFd,
+    /// TCP (else a Unix socket).
+    pub tcp: bool,
+    /// Structured replies negotiated.
+    pub structured: bool,
+    /// `base:allocation` negotiated.
+    pub block_status: bool,
+    /// Bytes read and not yet consumed as requests.
+    pub leftover: Vec<u8>,
+}
+
+impl ParkedConnection {
+    fn new(export: &str, p: Parked<StdStream>) -> Self {
+        let (fd, tcp) = match p.stream {
+            StdStream::Unix(s) => (OwnedFd::from(s), false),
+            StdStream::Tcp(s) => (OwnedFd::from(s), true),
+        };
+        ParkedConnection {
+            export: export.to_owned(),
+            fd,
+            tcp,
+            structured: p.structured,
+            block_status: p.block_status,
+            leftover: p.leftover,
+        }
+    }
+}
+
+/// A paused NBD server: its listening sockets (not accepting; clients queue in the backlog)
+/// and its connections, parked between requests.
+#[derive(Debug, Default)]
+pub struct Paused {
+    /// Each listening socket (a duplicate; the server keeps its own) and its exports.
+    pub listeners: Vec<(ListenAddr, OwnedFd, Vec<String>)>,
+    /// Every connection that was in transmission.
+    pub connections: Vec<ParkedConnection>,
+}
+
+/// Connections in transmission, for a hand-over.
+#[derive(Debug, Default)]
+struct Live {
+    notifiers: parking_lot::Mutex<Vec<Arc<Notifier>>>,
+    parked: parking_lot::Mutex<Vec<ParkedConnection>>,
 }
 
 /// The NBD server of one process: its listeners and their exports.
@@ -225,6 +282,7 @@ pub struct NbdServer {
     inner: tokio::sync::Mutex<HashMap<ListenAddr, Listener>>,
     shutdown: CancellationToken,
     threads: Arc<AtomicUsize>,
+    live: Arc<Live>,
 }
 
 impl fmt::Debug for Listener {
@@ -248,6 +306,7 @@ impl NbdServer {
             inner: Default::default(),
             shutdown: CancellationToken::new(),
             threads: Arc::new(AtomicUsize::new(0)),
+            live: Arc::default(),
         }
     }
 
@@ -256,6 +315,17 @@ impl NbdServer {
         &self,
         addr: &ListenAddr,
         export: Arc<Export>,
+    ) -> Result<(), ServerError> {
+        self.add_export_on(addr, export, None).await
+    }
+
+    /// [`add_export`](Self::add_export) on `listening`, a socket already bound to `addr` (handed
+    /// over by the previous process), when no export uses the address yet.
+    pub async fn add_export_on(
+        &self,
+        addr: &ListenAddr,
+        export: Arc<Export>,
+        listening: Option<OwnedFd>,
     ) -> Result<(), ServerError> {
         let mut listeners = self.inner.lock().await;
         for l in listeners.values() {
@@ -269,9 +339,107 @@ impl NbdServer {
         }
         let table = Arc::new(RwLock::new(HashMap::from([(export.name.clone(), export)])));
         let cancel = self.shutdown.child_token();
-        self.spawn_listener(addr, table.clone(), cancel.clone())
-            .await?;
-        listeners.insert(addr.clone(), Listener { table, cancel });
+        let sock = match listening {
+            Some(fd) => fd,
+            None => bind(addr).await?,
+        };
+        let listener = Listener {
+            accepting: cancel.child_token(),
+            table,
+            cancel,
+            sock,
+        };
+        self.spawn_listener(addr, &listener)?;
+        listeners.insert(addr.clone(), listener);
+        Ok(())
+    }
+
+    /// Pauses every listener and parks every connection between requests (in-flight
+    /// requests are finished and answered first), for a hand-over. Fails, resuming what it
+    /// paused, if a connection does not stop within `timeout`.
+    pub async fn pause(&self, timeout: Duration) -> Result<Paused, String> {
+        let listeners = self.inner.lock().await;
+        for l in listeners.values() {
+            l.accepting.cancel();
+        }
+        for n in self.live.notifiers.lock().iter() {
+            n.hand_over();
+        }
+        let deadline = tokio::time::Instant::now() + timeout;
+        while self.threads.load(Ordering::Acquire) > 0 {
+            if tokio::time::Instant::now() > deadline {
+                drop(listeners);
+                let n = self.threads.load(Ordering::Acquire);
+                let parked = std::mem::take(&mut *self.live.parked.lock());
+                self.resume(Paused {
+                    listeners: Vec::new(),
+                    connections: parked,
+                })
+                .await;
+                return Err(format!(
+                    "{n} NBD connections did not finish their requests within {timeout:?}"
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let mut paused = Paused {
+            connections: std::mem::take(&mut *self.live.parked.lock()),
+            ..Default::default()
+        };
+        for (addr, l) in listeners.iter() {
+            let fd = l.sock.try_clone().map_err(|e| format!("{addr}: {e}"))?;
+            let mut names: Vec<String> = l.table.read().keys().cloned().collect();
+            names.sort();
+            paused.listeners.push((addr.clone(), fd, names));
+        }
+        Ok(paused)
+    }
+
+    /// Serves again what [`pause`](Self::pause) stopped (a hand-over that failed): the
+    /// listeners accept, the parked connections go on from where they stopped.
+    pub async fn resume(&self, paused: Paused) {
+        {
+            let mut listeners = self.inner.lock().await;
+            for (addr, l) in listeners.iter_mut() {
+                if !l.accepting.is_cancelled() {
+                    continue;
+                }
+                l.accepting = l.cancel.child_token();
+                if let Err(e) = self.spawn_listener(addr, l) {
+                    tracing::error!(%addr, error = %e, "cannot accept again");
+                }
+            }
+        }
+        for c in paused.connections {
+            if let Err(e) = self.adopt_connection(c).await {
+                tracing::error!(error = %e, "cannot serve a parked connection again");
+            }
+        }
+    }
+
+    /// Serves a connection parked by another process (or by [`pause`](Self::pause)) on its
+    /// export, from the request it stopped before.
+    pub async fn adopt_connection(&self, c: ParkedConnection) -> Result<(), String> {
+        let listeners = self.inner.lock().await;
+        let found = listeners.values().find_map(|l| {
+            let e = l.table.read().get(&c.export).cloned()?;
+            Some((e, l.cancel.clone()))
+        });
+        let Some((export, cancel)) = found else {
+            return Err(format!("no export named {:?}", c.export));
+        };
+        let stream = if c.tcp {
+            StdStream::Tcp(std::net::TcpStream::from(c.fd))
+        } else {
+            StdStream::Unix(std::os::unix::net::UnixStream::from(c.fd))
+        };
+        let t = Transmission {
+            export,
+            structured: c.structured,
+            block_status: c.block_status,
+            leftover: c.leftover,
+        };
+        spawn_transmission(stream, t, cancel, self.threads.clone(), self.live.clone());
         Ok(())
     }
 
@@ -321,31 +489,23 @@ impl NbdServer {
         }
     }
 
-    async fn spawn_listener(
-        &self,
-        addr: &ListenAddr,
-        table: Arc<ExportTable>,
-        cancel: CancellationToken,
-    ) -> Result<(), ServerError> {
+    fn spawn_listener(&self, addr: &ListenAddr, l: &Listener) -> Result<(), ServerError> {
         let bind_err = |source| ServerError::Bind {
             addr: addr.clone(),
             source,
         };
+        let fd = l.sock.try_clone().map_err(bind_err)?;
+        let (table, cancel, accepting) = (l.table.clone(), l.cancel.clone(), l.accepting.clone());
+        let (threads, live) = (self.threads.clone(), self.live.clone());
         match addr {
-            ListenAddr::Unix(path) => {
-                if path.exists() {
-                    // A live server answers; a stale socket left by a killed one refuses.
-                    if tokio::net::UnixStream::connect(path).await.is_ok() {
-                        return Err(ServerError::InUse(addr.clone()));
-                    }
-                    std::fs::remove_file(path).map_err(bind_err)?;
-                }
-                let listener = UnixListener::bind(path).map_err(bind_err)?;
-                let threads = self.threads.clone();
+            ListenAddr::Unix(_) => {
+                let std = std::os::unix::net::UnixListener::from(fd);
+                std.set_nonblocking(true).map_err(bind_err)?;
+                let listener = UnixListener::from_std(std).map_err(bind_err)?;
                 tokio::spawn(async move {
                     loop {
                         let accepted = tokio::select! {
-                            _ = cancel.cancelled() => break,
+                            _ = accepting.cancelled() => break,
                             a = listener.accept() => a,
                         };
                         match accepted {
@@ -354,6 +514,7 @@ impl NbdServer {
                                 table.clone(),
                                 cancel.clone(),
                                 threads.clone(),
+                                live.clone(),
                             ),
                             Err(e) => {
                                 tracing::warn!(error = %e, "accept failed");
@@ -363,13 +524,14 @@ impl NbdServer {
                     }
                 });
             }
-            ListenAddr::Tcp(sa) => {
-                let listener = TcpListener::bind(sa).await.map_err(bind_err)?;
-                let threads = self.threads.clone();
+            ListenAddr::Tcp(_) => {
+                let std = std::net::TcpListener::from(fd);
+                std.set_nonblocking(true).map_err(bind_err)?;
+                let listener = TcpListener::from_std(std).map_err(bind_err)?;
                 tokio::spawn(async move {
                     loop {
                         let accepted = tokio::select! {
-                            _ = cancel.cancelled() => break,
+                            _ = accepting.cancelled() => break,
                             a = listener.accept() => a,
                         };
                         match accepted {
@@ -380,6 +542,7 @@ impl NbdServer {
                                     table.clone(),
                                     cancel.clone(),
                                     threads.clone(),
+                                    live.clone(),
                                 )
                             }
                             Err(e) => {
@@ -396,11 +559,37 @@ impl NbdServer {
     }
 }
 
+/// Binds `addr` (a stale Unix socket file left by a killed server is replaced).
+async fn bind(addr: &ListenAddr) -> Result<OwnedFd, ServerError> {
+    let bind_err = |source| ServerError::Bind {
+        addr: addr.clone(),
+        source,
+    };
+    match addr {
+        ListenAddr::Unix(path) => {
+            if path.exists() {
+                // A live server answers; a stale socket left by a killed one refuses.
+                if tokio::net::UnixStream::connect(path).await.is_ok() {
+                    return Err(ServerError::InUse(addr.clone()));
+                }
+                std::fs::remove_file(path).map_err(bind_err)?;
+            }
+            let l = std::os::unix::net::UnixListener::bind(path).map_err(bind_err)?;
+            Ok(OwnedFd::from(l))
+        }
+        ListenAddr::Tcp(sa) => {
+            let l = TcpListener::bind(sa).await.map_err(bind_err)?;
+            Ok(OwnedFd::from(l.into_std().map_err(bind_err)?))
+        }
+    }
+}
+
 fn spawn_negotiation(
     stream: Stream,
     table: Arc<ExportTable>,
     cancel: CancellationToken,
     threads: Arc<AtomicUsize>,
+    live: Arc<Live>,
 ) {
     tokio::spawn(async move {
         let negotiated = tokio::select! {
@@ -426,46 +615,80 @@ fn spawn_negotiation(
                 return;
             }
         };
-        let notifier = match Notifier::new() {
-            Ok(n) => n,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot create a connection eventfd");
-                return;
-            }
+        let t = Transmission {
+            export: t.export,
+            structured: t.structured,
+            block_status: t.base_allocation,
+            leftover: Vec::new(),
         };
-        // Forward the listener's and the export's cancellation to the connection thread;
-        // `finished` retires this watcher when the connection ends on its own.
-        let finished = CancellationToken::new();
-        let export_cancel = t.export.cancel.clone();
-        tokio::spawn({
-            let notifier = notifier.clone();
-            let finished = finished.clone();
-            async move {
-                tokio::select! {
-                    _ = cancel.cancelled() => notifier.cancel(),
-                    _ = export_cancel.cancelled() => notifier.cancel(),
-                    _ = finished.cancelled() => {}
-                }
+        spawn_transmission(std_stream, t, cancel, threads, live);
+    });
+}
+
+/// What a connection in transmission works with.
+struct Transmission {
+    export: Arc<Export>,
+    structured: bool,
+    block_status: bool,
+    /// Bytes to parse before reading the socket (a connection handed over).
+    leftover: Vec<u8>,
+}
+
+/// Serves a connection in transmission on a thread of its own.
+fn spawn_transmission(
+    std_stream: StdStream,
+    t: Transmission,
+    cancel: CancellationToken,
+    threads: Arc<AtomicUsize>,
+    live: Arc<Live>,
+) {
+    let notifier = match Notifier::new() {
+        Ok(n) => n,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot create a connection eventfd");
+            return;
+        }
+    };
+    // Forward the listener's and the export's cancellation to the connection thread;
+    // `finished` retires this watcher when the connection ends on its own.
+    let finished = CancellationToken::new();
+    let export_cancel = t.export.cancel.clone();
+    tokio::spawn({
+        let notifier = notifier.clone();
+        let finished = finished.clone();
+        async move {
+            tokio::select! {
+                _ = cancel.cancelled() => notifier.cancel(),
+                _ = export_cancel.cancelled() => notifier.cancel(),
+                _ = finished.cancelled() => {}
             }
-        });
-        threads.fetch_add(1, Ordering::AcqRel);
-        let spawned = std::thread::Builder::new()
-            .name(format!("nbd-{}", t.export.name))
-            .spawn({
-                let threads = threads.clone();
-                let finished = finished.clone();
-                move || {
-                    transmit(std_stream, t, notifier);
-                    finished.cancel();
-                    threads.fetch_sub(1, Ordering::AcqRel);
-                }
-            });
-        if let Err(e) = spawned {
-            finished.cancel();
-            threads.fetch_sub(1, Ordering::AcqRel);
-            tracing::error!(error = %e, "cannot start a connection thread");
         }
     });
+    threads.fetch_add(1, Ordering::AcqRel);
+    live.notifiers.lock().push(notifier.clone());
+    let spawned = std::thread::Builder::new()
+        .name(format!("nbd-{}", t.export.name))
+        .spawn({
+            let threads = threads.clone();
+            let finished = finished.clone();
+            let live = live.clone();
+            let notifier = notifier.clone();
+            move || {
+                let name = t.export.name.clone();
+                if let Some(p) = transmit(std_stream, t, notifier.clone()) {
+                    live.parked.lock().push(ParkedConnection::new(&name, p));
+                }
+                live.notifiers.lock().retain(|n| !Arc::ptr_eq(n, &notifier));
+                finished.cancel();
+                threads.fetch_sub(1, Ordering::AcqRel);
+            }
+        });
+    if let Err(e) = spawned {
+        live.notifiers.lock().retain(|n| !Arc::ptr_eq(n, &notifier));
+        finished.cancel();
+        threads.fetch_sub(1, Ordering::AcqRel);
+        tracing::error!(error = %e, "cannot start a connection thread");
+    }
 }
 
 type Negotiated = (Stream, crate::negotiate::Transmission<Arc<Export>>);
@@ -509,34 +732,49 @@ fn invalid(e: proto::ProtoError) -> std::io::Error {
 
 fn transmit(
     stream: StdStream,
-    t: crate::negotiate::Transmission<Arc<Export>>,
+    t: Transmission,
     notifier: Arc<Notifier>,
-) {
+) -> Option<Parked<StdStream>> {
     curve_blockdev::exec::batch_scheduling();
     let export = t.export;
     export.connections.fetch_add(1, Ordering::Relaxed);
+    let summary = export.summary();
     let limits = Limits {
-        size: t.summary.size,
-        min_block: t.summary.min_block,
-        max_block: t.summary.max_block,
+        size: summary.size,
+        min_block: summary.min_block,
+        max_block: summary.max_block,
         read_only: export.read_only,
-        block_status: t.base_allocation,
+        block_status: t.block_status,
     };
     tracing::debug!(export = %export.name, structured = t.structured, "transmission started");
-    let conn = Connection::new(stream, export.device.as_ref(), limits, t.structured);
-    if let Err(e) = conn.serve(&notifier) {
-        tracing::info!(export = %export.name, error = %e, "connection closed");
-    }
+    let conn = Connection::resume(
+        stream,
+        export.device.as_ref(),
+        limits,
+        t.structured,
+        &t.leftover,
+    );
+    let parked = match conn.serve(&notifier) {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::info!(export = %export.name, error = %e, "connection closed");
+            None
+        }
+    };
     export.connections.fetch_sub(1, Ordering::Relaxed);
+    parked
 }
 
 /// Serves one socket the kernel's NBD driver holds the other end of: transmission from the
-/// first byte (the handshake is implied by NBD_CMD_CONNECT), simple replies only.
+/// first byte (the handshake is implied by NBD_CMD_CONNECT), simple replies only. `leftover`:
+/// bytes a previous process read from it (a hand-over). Returns the connection parked when
+/// stopped for a hand-over.
 pub(crate) fn serve_kernel_connection(
     export: &Export,
     stream: std::os::unix::net::UnixStream,
+    leftover: &[u8],
     notifier: &Arc<Notifier>,
-) {
+) -> Option<Parked<StdStream>> {
     curve_blockdev::exec::batch_scheduling();
     let summary = export.summary();
     export.connections.fetch_add(1, Ordering::Relaxed);
@@ -547,17 +785,25 @@ pub(crate) fn serve_kernel_connection(
         read_only: export.read_only,
         block_status: false,
     };
-    let conn = Connection::new(
+    let conn = Connection::resume(
         StdStream::Unix(stream),
         export.device.as_ref(),
         limits,
         false,
+        leftover,
     );
-    match conn.serve(notifier) {
-        Ok(()) => tracing::debug!(export = %export.name, "kernel connection closed"),
-        Err(e) => tracing::info!(export = %export.name, error = %e, "kernel connection closed"),
-    }
+    let parked = match conn.serve(notifier) {
+        Ok(p) => {
+            tracing::debug!(export = %export.name, parked = p.is_some(), "kernel connection stopped");
+            p
+        }
+        Err(e) => {
+            tracing::info!(export = %export.name, error = %e, "kernel connection closed");
+            None
+        }
+    };
     export.connections.fetch_sub(1, Ordering::Relaxed);
+    parked
 }
 
 #[cfg(test)]

@@ -37,6 +37,32 @@ fn cluster_defaults() -> ClusterDefaults {
     })
 }
 
+/// The cluster volumes this process opened (their sessions go to the next part2 in a live
+/// upgrade).
+static OPEN_CLUSTER: parking_lot::Mutex<Vec<std::sync::Weak<curve_client::CurveDevice>>> =
+    parking_lot::Mutex::new(Vec::new());
+
+/// Sessions handed over by the previous part2, by volume path: the next open of that path
+/// continues the session instead of opening a new one (which would raise the epoch).
+static HANDED_OVER: std::sync::LazyLock<
+    parking_lot::Mutex<std::collections::HashMap<String, curve_client::SessionState>>,
+> = std::sync::LazyLock::new(Default::default);
+
+/// The sessions of the cluster volumes open now, by path.
+pub fn cluster_sessions() -> Vec<(String, curve_client::SessionState)> {
+    let mut open = OPEN_CLUSTER.lock();
+    open.retain(|w| w.strong_count() > 0);
+    open.iter()
+        .filter_map(|w| w.upgrade())
+        .map(|d| (d.volume().path().to_owned(), d.volume().session()))
+        .collect()
+}
+
+/// Sessions to continue instead of opening (see [`cluster_sessions`]).
+pub fn adopt_sessions(sessions: Vec<(String, curve_client::SessionState)>) {
+    HANDED_OVER.lock().extend(sessions);
+}
+
 /// What a volume is and where it lives.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum VolumeSpec {
@@ -222,8 +248,17 @@ impl VolumeSpec {
                     owner.as_deref().unwrap_or(&d.owner),
                 );
                 opts.client_id = d.client_id;
-                curve_client::CurveDevice::open(path, opts, read_only)
-                    .map(|d| Arc::new(d) as _)
+                let handed = HANDED_OVER.lock().remove(path);
+                let adopted = handed.is_some();
+                curve_client::CurveDevice::open_with(path, opts, read_only, handed)
+                    .map(|d| {
+                        let d = Arc::new(d);
+                        if adopted {
+                            tracing::info!(path, "volume session taken over");
+                        }
+                        OPEN_CLUSTER.lock().push(Arc::downgrade(&d));
+                        d as _
+                    })
                     .map_err(|e| IoError::Backend(e.to_string()))
             }
         };
