@@ -14,7 +14,6 @@ use std::fs::File;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
@@ -83,19 +82,89 @@ pub struct Options {
 #[derive(Debug)]
 pub struct Server {
     path: PathBuf,
-    stop: Arc<AtomicBool>,
+    ctl: Arc<Notifier>,
+    cmds: std::sync::mpsc::Sender<Cmd>,
+    paused: std::sync::mpsc::Receiver<Result<Frozen, Error>>,
     thread: Option<JoinHandle<()>>,
+    /// Set when handed over: the socket file is the next process's, not removed on drop.
+    handed_over: bool,
+}
+
+enum Cmd {
+    /// Stop accepting and handling messages, freeze the queues, answer with [`Frozen`].
+    Pause,
+    /// Serve again after a pause (a hand-over that failed).
+    Resume,
+    /// End the thread (leaving the connection alone when `keep`).
+    Stop { keep: bool },
+}
+
+/// A back-end frozen for a hand-over to another process: the listening socket, and the
+/// connected front-end (if any) with everything negotiated on it. Descriptors are in `fds`;
+/// the state refers to them by index.
+#[derive(Debug)]
+pub struct Frozen {
+    /// What was negotiated.
+    pub state: FrozenState,
+    /// The listening socket, then the descriptors `state` names.
+    pub fds: Vec<OwnedFd>,
+}
+
+/// The negotiated state of a frozen back-end (fds by index into [`Frozen::fds`]).
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct FrozenState {
+    /// The connected front-end, if any.
+    pub conn: Option<FrozenConn>,
+}
+
+/// One front-end connection, frozen.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct FrozenConn {
+    /// Its socket.
+    pub sock: usize,
+    /// Virtio features acked.
+    pub features: u64,
+    /// Protocol features acked.
+    pub protocol_features: u64,
+    /// Guest memory regions, and each one's descriptor.
+    pub regions: Vec<(MemRegion, usize)>,
+    /// The inflight buffer: (descriptor, size, offset, queues, queue size).
+    pub inflight: Option<(usize, usize, u64, u16, u16)>,
+    /// The queues.
+    pub queues: Vec<FrozenQueue>,
+}
+
+/// One queue, frozen (its worker stopped, everything taken answered).
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct FrozenQueue {
+    /// Index.
+    pub index: u32,
+    /// Ring size.
+    pub num: u16,
+    /// Next available index to take.
+    pub base: u16,
+    /// Ring addresses (desc, used, avail) in front-end virtual addresses.
+    pub addr: Option<(u64, u64, u64)>,
+    /// Kick eventfd.
+    pub kick: Option<usize>,
+    /// Call eventfd.
+    pub call: Option<usize>,
+    /// Enabled.
+    pub enabled: bool,
 }
 
 impl Drop for Server {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        // Wake the accept loop.
-        let _ = UnixStream::connect(&self.path);
+        let _ = self.cmds.send(Cmd::Stop {
+            keep: self.handed_over,
+        });
+        self.ctl.notify();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
-        let _ = std::fs::remove_file(&self.path);
+        if !self.handed_over {
+            let _ = std::fs::remove_file(&self.path);
+        }
     }
 }
 
@@ -108,47 +177,239 @@ impl Server {
     ) -> std::io::Result<Self> {
         let _ = std::fs::remove_file(path);
         let listener = UnixListener::bind(path)?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let s2 = stop.clone();
+        Self::spawn(path, listener, None, device, opts)
+    }
+
+    /// Serves what another process froze (see [`Server::pause`]): its listening socket, and
+    /// its front-end with everything negotiated, from where it stopped. The front-end sees
+    /// nothing happen.
+    pub fn adopt(
+        path: &Path,
+        frozen: Frozen,
+        device: Arc<dyn BlockDevice>,
+        opts: Options,
+    ) -> Result<Self, Error> {
+        let mut fds: Vec<Option<OwnedFd>> = frozen.fds.into_iter().map(Some).collect();
+        let listener = fds
+            .first_mut()
+            .and_then(Option::take)
+            .ok_or_else(|| Error::Bad("no listening socket".into()))?;
+        let conn = match frozen.state.conn {
+            Some(c) => Some(Backend::thaw_from(device.clone(), opts.clone(), &c, &mut fds)?),
+            None => None,
+        };
+        Ok(Self::spawn(
+            path,
+            UnixListener::from(listener),
+            conn,
+            device,
+            opts,
+        )?)
+    }
+
+    fn spawn(
+        path: &Path,
+        listener: UnixListener,
+        conn: Option<(UnixStream, Backend)>,
+        device: Arc<dyn BlockDevice>,
+        opts: Options,
+    ) -> std::io::Result<Self> {
+        let ctl = Notifier::new()?;
+        let (cmds, cmd_rx) = std::sync::mpsc::channel();
+        let (paused_tx, paused) = std::sync::mpsc::channel();
+        let ctl2 = ctl.clone();
         let thread = std::thread::Builder::new()
             .name("vhost-user-blk".into())
             .spawn(move || {
-                for conn in listener.incoming() {
-                    if s2.load(Ordering::SeqCst) {
-                        return;
-                    }
-                    let Ok(conn) = conn else { continue };
-                    // One front-end at a time: a reconnecting QEMU comes after the old one left.
-                    serve(conn, device.clone(), opts.clone());
+                let mut l = Loop {
+                    listener,
+                    device,
+                    opts,
+                    conn: None,
+                    ctl: ctl2,
+                    cmds: cmd_rx,
+                    paused: paused_tx,
+                };
+                if let Some((sock, backend)) = conn {
+                    l.connect(sock, backend);
                 }
+                l.run();
             })?;
         Ok(Server {
             path: path.to_owned(),
-            stop,
+            ctl,
+            cmds,
+            paused,
             thread: Some(thread),
+            handed_over: false,
         })
+    }
+
+    /// Freezes the export for a hand-over: no new front-end is accepted, no message handled;
+    /// every queue stops once what it took is answered. Returns duplicates of everything the
+    /// next process needs. [`resume`](Self::resume) undoes it.
+    pub fn pause(&self) -> Result<Frozen, Error> {
+        self.cmds
+            .send(Cmd::Pause)
+            .map_err(|_| Error::Bad("the vhost-user thread ended".into()))?;
+        self.ctl.notify();
+        self.paused
+            .recv()
+            .map_err(|_| Error::Bad("the vhost-user thread ended".into()))?
+    }
+
+    /// Serves again after [`pause`](Self::pause).
+    pub fn resume(&self) {
+        let _ = self.cmds.send(Cmd::Resume);
+        self.ctl.notify();
+    }
+
+    /// The export now belongs to another process: dropping this stops serving without
+    /// touching the socket, the front-end or its queues.
+    pub fn handed_over(&mut self) {
+        self.handed_over = true;
     }
 }
 
-/// Serves one front-end connection until it closes; its queues are stopped then.
-pub fn serve(conn: UnixStream, device: Arc<dyn BlockDevice>, opts: Options) {
-    let backend = Arc::new(Mutex::new(Backend::new(device, opts)));
-    let mut handler = BackendReqHandler::from_stream(conn, backend.clone());
-    loop {
-        match handler.handle_request() {
-            Ok(()) => {}
-            Err(VuError::Disconnected) | Err(VuError::PartialMessage) => {
-                tracing::info!("vhost-user front-end disconnected");
-                break;
-            }
-            Err(e @ (VuError::SocketBroken(_) | VuError::SocketError(_))) => {
-                tracing::warn!(error = %e, "vhost-user connection ended");
-                break;
-            }
-            Err(e) => tracing::warn!(error = %e, "vhost-user request refused"),
+/// The thread of one export: accepts a front-end, handles its messages.
+struct Loop {
+    listener: UnixListener,
+    device: Arc<dyn BlockDevice>,
+    opts: Options,
+    conn: Option<Conn>,
+    ctl: Arc<Notifier>,
+    cmds: std::sync::mpsc::Receiver<Cmd>,
+    paused: std::sync::mpsc::Sender<Result<Frozen, Error>>,
+}
+
+struct Conn {
+    /// A duplicate of the socket the handler owns (polled here, handed over).
+    sock: UnixStream,
+    backend: Arc<Mutex<Backend>>,
+    handler: BackendReqHandler<Mutex<Backend>>,
+}
+
+impl Loop {
+    fn connect(&mut self, sock: UnixStream, backend: Backend) {
+        let Ok(dup) = sock.try_clone() else {
+            tracing::warn!("cannot duplicate the front-end socket");
+            return;
+        };
+        let backend = Arc::new(Mutex::new(backend));
+        let handler = BackendReqHandler::from_stream(sock, backend.clone());
+        self.conn = Some(Conn {
+            sock: dup,
+            backend,
+            handler,
+        });
+    }
+
+    fn disconnect(&mut self) {
+        if let Some(c) = self.conn.take() {
+            c.backend
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .stop_all();
         }
     }
-    backend.lock().unwrap_or_else(|p| p.into_inner()).stop_all();
+
+    fn run(&mut self) {
+        let mut paused = false;
+        loop {
+            let watched = match (&self.conn, paused) {
+                (_, true) => None,
+                (Some(c), false) => Some(c.sock.as_raw_fd()),
+                (None, false) => Some(self.listener.as_raw_fd()),
+            };
+            let mut fds = [
+                libc::pollfd {
+                    fd: self.ctl.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+                libc::pollfd {
+                    fd: watched.unwrap_or(-1),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+            ];
+            // SAFETY: poll on two pollfds we own, for as long as it takes.
+            let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+            if n < 0 {
+                continue; // EINTR
+            }
+            if fds[0].revents != 0 {
+                self.ctl.reset();
+                while let Ok(cmd) = self.cmds.try_recv() {
+                    match cmd {
+                        Cmd::Pause => {
+                            paused = true;
+                            let frozen = self.freeze();
+                            let _ = self.paused.send(frozen);
+                        }
+                        Cmd::Resume => {
+                            paused = false;
+                            if let Some(c) = &self.conn {
+                                c.backend.lock().unwrap_or_else(|p| p.into_inner()).thaw();
+                            }
+                            tracing::info!("vhost-user export resumed");
+                        }
+                        Cmd::Stop { keep } => {
+                            if !keep {
+                                self.disconnect();
+                            }
+                            return;
+                        }
+                    }
+                }
+                continue;
+            }
+            if fds[1].revents == 0 || paused {
+                continue;
+            }
+            if self.conn.is_none() {
+                match self.listener.accept() {
+                    // One front-end at a time: a reconnecting QEMU comes after the old one left.
+                    Ok((sock, _)) => {
+                        let backend = Backend::new(self.device.clone(), self.opts.clone());
+                        self.connect(sock, backend);
+                    }
+                    Err(e) => tracing::warn!(error = %e, "vhost-user accept failed"),
+                }
+                continue;
+            }
+            let Some(c) = self.conn.as_mut() else {
+                continue;
+            };
+            match c.handler.handle_request() {
+                Ok(()) => {}
+                Err(VuError::Disconnected) | Err(VuError::PartialMessage) => {
+                    tracing::info!("vhost-user front-end disconnected");
+                    self.disconnect();
+                }
+                Err(e @ (VuError::SocketBroken(_) | VuError::SocketError(_))) => {
+                    tracing::warn!(error = %e, "vhost-user connection ended");
+                    self.disconnect();
+                }
+                Err(e) => tracing::warn!(error = %e, "vhost-user request refused"),
+            }
+        }
+    }
+
+    fn freeze(&mut self) -> Result<Frozen, Error> {
+        let mut fds = vec![OwnedFd::from(self.listener.try_clone()?)];
+        let mut state = FrozenState::default();
+        if let Some(c) = &self.conn {
+            fds.push(OwnedFd::from(c.sock.try_clone()?));
+            let mut b = c.backend.lock().unwrap_or_else(|p| p.into_inner());
+            state.conn = Some(b.freeze(&mut fds)?);
+        }
+        tracing::info!(
+            connected = state.conn.is_some(),
+            "vhost-user export frozen for a hand-over"
+        );
+        Ok(Frozen { state, fds })
+    }
 }
 
 #[derive(Default)]
@@ -356,6 +617,122 @@ impl Backend {
             "vhost-user queue started"
         );
         Ok(())
+    }
+
+    /// Stops every queue (what each took is answered first) and describes the connection for
+    /// another process: descriptors are appended to `fds`. [`thaw`](Self::thaw) restarts
+    /// the queues here.
+    fn freeze(&mut self, fds: &mut Vec<OwnedFd>) -> Result<FrozenConn, Error> {
+        let sock = fds.len() - 1;
+        let running: Vec<u32> = self.queues.keys().copied().collect();
+        for i in running {
+            self.stop_queue(i).map_err(|e| Error::Bad(e.to_string()))?;
+        }
+        let mut c = FrozenConn {
+            sock,
+            features: self.features,
+            protocol_features: self.protocol_features,
+            ..Default::default()
+        };
+        if let Some(mem) = &self.mem {
+            for (r, f) in mem.regions().iter().zip(mem.files()?) {
+                fds.push(OwnedFd::from(f));
+                c.regions.push((*r, fds.len() - 1));
+            }
+        }
+        if let Some(b) = &self.inflight {
+            fds.push(OwnedFd::from(b.file().try_clone()?));
+            c.inflight = Some((fds.len() - 1, b.len(), b.offset(), b.queues, b.queue_size));
+        }
+        let mut indices: Vec<u32> = self.queues.keys().copied().collect();
+        indices.sort();
+        for i in indices {
+            let q = &self.queues[&i];
+            let mut dup = |fd: Option<&OwnedFd>| -> Result<Option<usize>, Error> {
+                Ok(match fd {
+                    Some(f) => {
+                        fds.push(f.try_clone()?);
+                        Some(fds.len() - 1)
+                    }
+                    None => None,
+                })
+            };
+            let kick = dup(q.kick.as_ref())?;
+            let call = dup(q.call.as_deref())?;
+            c.queues.push(FrozenQueue {
+                index: i,
+                num: q.num,
+                base: q.base,
+                addr: q.addr,
+                kick,
+                call,
+                enabled: q.enabled,
+            });
+        }
+        Ok(c)
+    }
+
+    /// Starts every queue that can run (after [`freeze`](Self::freeze), or on adoption).
+    fn thaw(&mut self) {
+        let indices: Vec<u32> = self.queues.keys().copied().collect();
+        for i in indices {
+            if let Err(e) = self.maybe_start(i) {
+                tracing::error!(queue = i, error = %e, "cannot restart a queue");
+            }
+        }
+    }
+
+    /// The back-end of a connection another process froze, its queues running.
+    fn thaw_from(
+        device: Arc<dyn BlockDevice>,
+        opts: Options,
+        c: &FrozenConn,
+        fds: &mut [Option<OwnedFd>],
+    ) -> Result<(UnixStream, Backend), Error> {
+        let mut take = |i: usize| {
+            fds.get_mut(i)
+                .and_then(Option::take)
+                .ok_or_else(|| Error::Bad(format!("descriptor {i} missing or used twice")))
+        };
+        let sock = UnixStream::from(take(c.sock)?);
+        let mut b = Backend::new(device, opts);
+        b.features = c.features;
+        b.protocol_features = c.protocol_features;
+        if !c.regions.is_empty() {
+            let regions: Vec<MemRegion> = c.regions.iter().map(|(r, _)| *r).collect();
+            let mut files = Vec::new();
+            for (_, i) in &c.regions {
+                files.push(File::from(take(*i)?));
+            }
+            b.mem = Some(Arc::new(Memory::map(&regions, files)?));
+        }
+        if let Some((i, len, offset, queues, size)) = c.inflight {
+            let f = File::from(take(i)?);
+            b.inflight = Some(Arc::new(Inflight::map(f, len, offset, queues, size)?));
+        }
+        for q in &c.queues {
+            let kick = match q.kick {
+                Some(i) => Some(take(i)?),
+                None => None,
+            };
+            let call = match q.call {
+                Some(i) => Some(Arc::new(take(i)?)),
+                None => None,
+            };
+            let setup = b.queue(q.index).map_err(|e| Error::Bad(e.to_string()))?;
+            setup.num = q.num;
+            setup.base = q.base;
+            setup.addr = q.addr;
+            setup.kick = kick;
+            setup.call = call;
+            setup.enabled = q.enabled;
+        }
+        b.thaw();
+        tracing::info!(
+            queues = c.queues.len(),
+            "vhost-user front-end taken over"
+        );
+        Ok((sock, b))
     }
 
     /// Stops every queue (their in-flight requests finish) and forgets guest memory.

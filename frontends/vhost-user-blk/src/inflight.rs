@@ -34,6 +34,7 @@ pub struct Inflight {
     map: MmapRegion<()>,
     file: File,
     len: usize,
+    offset: u64,
     /// Queues it covers.
     pub queues: u16,
     /// Ring size it was made for.
@@ -85,6 +86,7 @@ impl Inflight {
             map,
             file,
             len,
+            offset,
             queues,
             queue_size,
         })
@@ -93,6 +95,11 @@ impl Inflight {
     /// Its file (to hand to the front-end).
     pub fn file(&self) -> &File {
         &self.file
+    }
+
+    /// Where it starts in its file.
+    pub fn offset(&self) -> u64 {
+        self.offset
     }
 
     /// Its size.

@@ -21,7 +21,7 @@ pub mod memory;
 pub mod request;
 pub mod virtq;
 
-pub use backend::{Options, Server};
+pub use backend::{Frozen, FrozenConn, FrozenQueue, FrozenState, Options, Server};
 
 /// What the back-end refuses or fails at.
 #[derive(Debug, thiserror::Error)]

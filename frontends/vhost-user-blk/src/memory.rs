@@ -13,7 +13,7 @@ use vm_memory::{
 use crate::Error;
 
 /// One region as the front-end described it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct MemRegion {
     /// Guest physical address.
     pub gpa: u64,
@@ -61,6 +61,29 @@ impl Memory {
             mem,
             regions: regions.to_vec(),
         })
+    }
+
+    /// The regions as the front-end described them.
+    pub fn regions(&self) -> &[MemRegion] {
+        &self.regions
+    }
+
+    /// A duplicate of each region's descriptor, in the order of [`regions`](Self::regions)
+    /// (to map the same memory in another process).
+    pub fn files(&self) -> Result<Vec<File>, Error> {
+        use vm_memory::GuestMemoryRegion;
+        self.regions
+            .iter()
+            .map(|r| {
+                let m = self
+                    .mem
+                    .iter()
+                    .find(|m| m.start_addr().0 == r.gpa)
+                    .and_then(|m| m.file_offset())
+                    .ok_or_else(|| Error::Bad(format!("region {r:?} has no file")))?;
+                Ok(m.file().try_clone()?)
+            })
+            .collect()
     }
 
     /// The guest memory, for virtio-queue.
