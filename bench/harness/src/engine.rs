@@ -26,4 +26,9 @@ pub trait Engine: Send {
 pub trait Driver: Send + Sync {
     /// A new queue.
     fn open(&self) -> Result<Box<dyn Engine>, String>;
+
+    /// Times the driver had to reconnect to its target (drivers that reconnect say so).
+    fn reconnects(&self) -> Option<u64> {
+        None
+    }
 }

@@ -205,7 +205,7 @@ pub fn run(driver: Arc<dyn Driver>, spec: &Spec, head: (&str, &str)) -> Result<S
     }
     let secs = start.elapsed().as_secs_f64();
     let name = spec.workload.name().to_string();
-    Ok(summarise(
+    let mut summary = summarise(
         all,
         secs,
         (
@@ -216,7 +216,9 @@ pub fn run(driver: Arc<dyn Driver>, spec: &Spec, head: (&str, &str)) -> Result<S
             spec.block_size,
             spec.jobs,
         ),
-    ))
+    );
+    summary.reconnects = driver.reconnects();
+    Ok(summary)
 }
 
 #[cfg(test)]

@@ -86,6 +86,9 @@ pub struct Summary {
     pub errors: u64,
     /// Verify mismatches.
     pub mismatches: u64,
+    /// Reconnects to the target (drivers that reconnect: vhost-user).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reconnects: Option<u64>,
     /// Latency histogram (log2 buckets).
     pub histogram: Vec<Bucket>,
 }
@@ -148,6 +151,7 @@ pub fn summarise(
         lat_p999_us: pct(99.9),
         errors: r.errors,
         mismatches: r.mismatches,
+        reconnects: None,
         histogram,
     }
 }

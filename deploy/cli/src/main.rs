@@ -50,6 +50,22 @@ enum Command {
     Cluster(ClusterCommand),
     /// Measure a target like SPDK's bdevperf: IOPS, bandwidth, latency percentiles, histogram.
     Bench(BenchArgs),
+    /// Live upgrade of the local nebd-server: a new binary takes over every export, device,
+    /// connection and session while I/O flows; consumers see a pause, never a disconnect.
+    Upgrade(UpgradeArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct UpgradeArgs {
+    /// The new nebd-server binary (default: the path the running one was started from).
+    #[arg(long)]
+    binary: Option<PathBuf>,
+    /// How long the new binary may take to start and take over, ms.
+    #[arg(long, default_value_t = 10_000)]
+    timeout_ms: u64,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    format: Format,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -128,6 +144,14 @@ enum PlaygroundCommand {
         /// Its directory.
         #[arg(long, default_value = "/tmp/curve-playground")]
         dir: PathBuf,
+    },
+    /// Live upgrade of the playground's nebd-server (as `curve upgrade` on its run dir).
+    Upgrade {
+        /// Its directory.
+        #[arg(long, default_value = "/tmp/curve-playground")]
+        dir: PathBuf,
+        #[command(flatten)]
+        args: UpgradeArgs,
     },
     /// Whether it runs, its URI and its cluster's health.
     Status {
@@ -351,6 +375,10 @@ fn run(cli: Cli) -> Result<(), String> {
             playground::status(&dir, json(format))?;
         }
         Command::Bench(b) => bench(b, &cli.mds, &cli.owner)?,
+        Command::Upgrade(args) => upgrade(&cli.run_dir, &args)?,
+        Command::Playground(PlaygroundCommand::Upgrade { dir, args }) => {
+            upgrade(&dir.join("nebd"), &args)?
+        }
         Command::Cluster(ClusterCommand::Status { format }) => {
             let rt = runtime()?;
             let c = cluster::client(&cli.mds, 10);
@@ -501,6 +529,44 @@ fn run(cli: Cli) -> Result<(), String> {
                 Format::Text => print_table(&exports),
             }
         }
+    }
+    Ok(())
+}
+
+fn upgrade(run_dir: &std::path::Path, args: &UpgradeArgs) -> Result<(), String> {
+    let binary = match &args.binary {
+        Some(b) => Some(
+            std::path::absolute(b)
+                .map_err(|e| format!("{}: {e}", b.display()))?
+                .display()
+                .to_string(),
+        ),
+        None => None,
+    };
+    let mut client = ControlClient::connect(run_dir).map_err(|e| error_chain(&e))?;
+    let resp = client
+        .call(&Request::Upgrade {
+            binary,
+            timeout_ms: args.timeout_ms,
+        })
+        .map_err(|e| error_chain(&e))?;
+    if !resp.ok {
+        return Err(resp.error.unwrap_or_else(|| "upgrade failed".into()));
+    }
+    let r = resp.upgrade.unwrap_or_default();
+    match args.format {
+        Format::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(&r).expect("reports serialise")
+        ),
+        Format::Text => println!(
+            "upgraded: nebd-server pid {} -> {}, {} exports and {} connections handed over, I/O paused {:.1} ms",
+            r.old_pid,
+            r.new_pid,
+            r.exports,
+            r.connections,
+            r.pause_us as f64 / 1000.0
+        ),
     }
     Ok(())
 }

@@ -422,7 +422,12 @@ impl KernelDevice {
         while !self.shared.notifiers.lock().is_empty() {
             if std::time::Instant::now() > deadline {
                 let parked = std::mem::take(&mut *self.shared.parked.lock());
-                self.resume(parked.into_iter().map(|(s, l)| (OwnedFd::from(s), l)).collect());
+                self.resume(
+                    parked
+                        .into_iter()
+                        .map(|(s, l)| (OwnedFd::from(s), l))
+                        .collect(),
+                );
                 return Err(KernelError::Socket(io::Error::other(format!(
                     "{}: connections did not finish their requests within {timeout:?}",
                     self.path().display()

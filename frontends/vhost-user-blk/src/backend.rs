@@ -195,7 +195,12 @@ impl Server {
             .and_then(Option::take)
             .ok_or_else(|| Error::Bad("no listening socket".into()))?;
         let conn = match frozen.state.conn {
-            Some(c) => Some(Backend::thaw_from(device.clone(), opts.clone(), &c, &mut fds)?),
+            Some(c) => Some(Backend::thaw_from(
+                device.clone(),
+                opts.clone(),
+                &c,
+                &mut fds,
+            )?),
             None => None,
         };
         Ok(Self::spawn(
@@ -728,10 +733,7 @@ impl Backend {
             setup.enabled = q.enabled;
         }
         b.thaw();
-        tracing::info!(
-            queues = c.queues.len(),
-            "vhost-user front-end taken over"
-        );
+        tracing::info!(queues = c.queues.len(), "vhost-user front-end taken over");
         Ok((sock, b))
     }
 

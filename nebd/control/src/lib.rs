@@ -162,6 +162,33 @@ pub enum Request {
     ListExports,
     /// Every file part1 has open.
     ListFiles,
+    /// Live upgrade: start `binary` (this server's own by default) with `--takeover` and
+    /// hand everything over to it; answered once the new server serves (then this one exits).
+    Upgrade {
+        /// The new nebd-server binary.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        binary: Option<String>,
+        /// How long the new one may take to start and take over, ms.
+        timeout_ms: u64,
+    },
+    /// Sent by a new nebd-server (`--takeover`): the connection turns into the hand-over
+    /// wire (see nebd-server's `handover` module).
+    Takeover,
+}
+
+/// What a live upgrade did.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct UpgradeReport {
+    /// The server that handed over (and exited).
+    pub old_pid: u32,
+    /// The server that serves now.
+    pub new_pid: u32,
+    /// From the old one's pause to the new one serving, µs.
+    pub pause_us: u64,
+    /// Exports handed over (ublk devices are recovered by the new one afterwards).
+    pub exports: usize,
+    /// NBD connections, kernel NBD connections and vhost-user front-ends handed over.
+    pub connections: usize,
 }
 
 /// A control response.
@@ -178,6 +205,9 @@ pub struct Response {
     /// Files part1 has open (for a file listing).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub files: Vec<FileStatus>,
+    /// What an upgrade did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upgrade: Option<UpgradeReport>,
 }
 
 impl Response {

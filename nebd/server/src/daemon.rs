@@ -59,60 +59,109 @@ pub fn group_id(name: &str) -> Result<u32, String> {
     Ok(unsafe { (*g).gr_gid })
 }
 
-fn spawn_part1_service(
-    run_dir: &Path,
-    files: Arc<FileManager>,
-    stop: CancellationToken,
-    group: Option<u32>,
-) -> anyhow::Result<()> {
-    let path = run_dir.join(PART1_SOCKET);
-    // We hold the run dir lock: a socket file here is left by a dead server.
-    let _ = std::fs::remove_file(&path);
-    let listener = UnixListener::bind(&path)
-        .with_context(|| format!("cannot bind part1 socket {}", path.display()))?;
-    share_socket(&path, group)?;
-    tokio::spawn(async move {
-        loop {
-            let stream = tokio::select! {
-                _ = stop.cancelled() => break,
-                r = listener.accept() => match r {
-                    Ok((s, _)) => s,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "part1 accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
-            };
-            let (Ok(sock), Ok(notifier)) = (stream.into_std(), Notifier::new()) else {
-                tracing::warn!("cannot take over a part1 connection");
-                continue;
-            };
-            let finished = CancellationToken::new();
-            tokio::spawn({
-                let (notifier, stop, finished) = (notifier.clone(), stop.clone(), finished.clone());
-                async move {
+/// The part1 socket's listener and its connections (a thread each, see [`crate::part1`]).
+/// Paused for a hand-over: no accepting (new connections wait in the backlog for the next
+/// process), every connection answers what it read and closes; libnebd reconnects and
+/// resends what it had not been answered, as it does after a crash.
+pub(crate) struct Part1Service {
+    listener: std::os::fd::OwnedFd,
+    paused: tokio::sync::watch::Sender<bool>,
+    conns: Arc<parking_lot::Mutex<Vec<Arc<Notifier>>>>,
+}
+
+impl Part1Service {
+    fn start(
+        listener: std::os::unix::net::UnixListener,
+        files: Arc<FileManager>,
+        stop: CancellationToken,
+    ) -> anyhow::Result<Arc<Self>> {
+        let dup = std::os::fd::OwnedFd::from(listener.try_clone()?);
+        listener.set_nonblocking(true)?;
+        let listener = UnixListener::from_std(listener)?;
+        let (paused, mut watch) = tokio::sync::watch::channel(false);
+        let conns: Arc<parking_lot::Mutex<Vec<Arc<Notifier>>>> = Arc::default();
+        let service = Arc::new(Part1Service {
+            listener: dup,
+            paused,
+            conns: conns.clone(),
+        });
+        tokio::spawn(async move {
+            loop {
+                if *watch.borrow_and_update() {
                     tokio::select! {
-                        _ = stop.cancelled() => notifier.cancel(),
-                        _ = finished.cancelled() => {}
+                        _ = stop.cancelled() => break,
+                        _ = watch.changed() => continue,
                     }
                 }
-            });
-            let files = files.clone();
-            let spawned = std::thread::Builder::new()
-                .name("nebd-part1".into())
-                .spawn(move || {
-                    if let Err(e) = Part1Conn::new(sock, files).serve(&notifier) {
-                        tracing::info!(error = %e, "part1 connection closed");
+                let stream = tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = watch.changed() => continue,
+                    r = listener.accept() => match r {
+                        Ok((s, _)) => s,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "part1 accept failed");
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            continue;
+                        }
+                    },
+                };
+                let (Ok(sock), Ok(notifier)) = (stream.into_std(), Notifier::new()) else {
+                    tracing::warn!("cannot take over a part1 connection");
+                    continue;
+                };
+                let finished = CancellationToken::new();
+                tokio::spawn({
+                    let (notifier, stop, finished) =
+                        (notifier.clone(), stop.clone(), finished.clone());
+                    async move {
+                        tokio::select! {
+                            _ = stop.cancelled() => notifier.cancel(),
+                            _ = finished.cancelled() => {}
+                        }
                     }
-                    finished.cancel();
                 });
-            if let Err(e) = spawned {
-                tracing::error!(error = %e, "cannot start a part1 connection thread");
+                conns.lock().push(notifier.clone());
+                let (files, conns) = (files.clone(), conns.clone());
+                let spawned =
+                    std::thread::Builder::new()
+                        .name("nebd-part1".into())
+                        .spawn(move || {
+                            if let Err(e) = Part1Conn::new(sock, files).serve(&notifier) {
+                                tracing::info!(error = %e, "part1 connection closed");
+                            }
+                            conns.lock().retain(|n| !Arc::ptr_eq(n, &notifier));
+                            finished.cancel();
+                        });
+                if let Err(e) = spawned {
+                    tracing::error!(error = %e, "cannot start a part1 connection thread");
+                }
             }
+        });
+        Ok(service)
+    }
+
+    /// Stops accepting and closes every connection once it has answered what it read.
+    async fn pause(&self, timeout: Duration) -> Result<(), String> {
+        self.paused.send_replace(true);
+        for n in self.conns.lock().iter() {
+            n.cancel();
         }
-    });
-    Ok(())
+        let deadline = tokio::time::Instant::now() + timeout;
+        while !self.conns.lock().is_empty() {
+            if tokio::time::Instant::now() > deadline {
+                self.resume();
+                return Err(format!(
+                    "part1 connections did not finish their requests within {timeout:?}"
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        Ok(())
+    }
+
+    fn resume(&self) {
+        self.paused.send_replace(false);
+    }
 }
 
 /// Default run directory.
@@ -135,6 +184,15 @@ pub struct Config {
     /// Group given the sockets consumers connect to (control, part1, NBD, vhost-user): they
     /// are 0660, so members of this group (QEMU's) may connect; the run dir is then 0750.
     pub socket_group: Option<u32>,
+    /// Take everything over from the nebd-server running on `run_dir` (a live upgrade)
+    /// instead of starting afresh.
+    pub takeover: bool,
+    /// How long a hand-over may take (the new binary starting, in-flight requests finishing).
+    pub takeover_timeout: Duration,
+    /// The binary a `curve upgrade` without `--binary` starts: this one's path.
+    pub exe: PathBuf,
+    /// The arguments the next binary gets in an upgrade (this one's, `--takeover` added).
+    pub next_args: Vec<std::ffi::OsString>,
 }
 
 impl Config {
@@ -147,21 +205,82 @@ impl Config {
             owner: "curve".into(),
             metrics_listen: None,
             socket_group: None,
+            takeover: false,
+            takeover_timeout: Duration::from_secs(10),
+            exe: std::env::current_exe().unwrap_or_else(|_| "nebd-server".into()),
+            next_args: Vec::new(),
         }
     }
 }
 
 /// What the control handlers work on.
-struct State {
-    exports: ExportManager,
-    files: Arc<FileManager>,
+pub(crate) struct State {
+    pub(crate) exports: ExportManager,
+    pub(crate) files: Arc<FileManager>,
+    pub(crate) config: Config,
+    pub(crate) lock: RunDirLock,
+    /// The control socket's listener (a duplicate: the accept loop owns another).
+    pub(crate) control: std::os::fd::OwnedFd,
+    /// Set while a hand-over holds the control socket's accepting.
+    pub(crate) control_paused: tokio::sync::watch::Sender<bool>,
+    pub(crate) part1: Arc<Part1Service>,
+    /// Whoever waits for the outcome of a hand-over in progress (`curve upgrade`).
+    pub(crate) upgrade: parking_lot::Mutex<Option<crate::upgrade::Waiter>>,
+}
+
+impl State {
+    /// Pauses the control and part1 sockets for a hand-over.
+    pub(crate) async fn pause_sockets(&self, timeout: Duration) -> Result<(), String> {
+        self.control_paused.send_replace(true);
+        if let Err(e) = self.part1.pause(timeout).await {
+            self.control_paused.send_replace(false);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Undoes [`pause_sockets`](Self::pause_sockets).
+    pub(crate) fn resume_sockets(&self) {
+        self.part1.resume();
+        self.control_paused.send_replace(false);
+    }
+
+    /// Duplicates of the part1 and control listeners.
+    pub(crate) fn listeners(
+        &self,
+    ) -> std::io::Result<(std::os::fd::OwnedFd, std::os::fd::OwnedFd)> {
+        Ok((self.control.try_clone()?, self.part1.listener.try_clone()?))
+    }
 }
 
 /// Holds the run directory's lock for the life of the process.
 #[derive(Debug)]
-struct RunDirLock {
-    _file: File,
+pub(crate) struct RunDirLock {
+    file: File,
     path: PathBuf,
+}
+
+impl RunDirLock {
+    /// The lock handed over by the previous process (the same open file, so the same flock).
+    pub(crate) fn adopt(fd: std::os::fd::OwnedFd, run_dir: &Path) -> Self {
+        RunDirLock {
+            file: File::from(fd),
+            path: run_dir.join(control::PID_FILE),
+        }
+    }
+
+    /// A duplicate, to hand over.
+    pub(crate) fn dup(&self) -> std::io::Result<std::os::fd::OwnedFd> {
+        Ok(self.file.try_clone()?.into())
+    }
+
+    /// Writes this process's pid into the pid file.
+    pub(crate) fn write_pid(&self) -> std::io::Result<()> {
+        let mut f = &self.file;
+        f.set_len(0)?;
+        f.rewind()?;
+        writeln!(f, "{}", std::process::id())
+    }
 }
 
 impl Drop for RunDirLock {
@@ -191,15 +310,52 @@ fn lock_run_dir(run_dir: &Path) -> anyhow::Result<RunDirLock> {
             run_dir.display()
         );
     }
-    file.set_len(0)?;
-    file.rewind()?;
-    writeln!(file, "{}", std::process::id())?;
-    Ok(RunDirLock { _file: file, path })
+    let lock = RunDirLock { file, path };
+    lock.write_pid()?;
+    Ok(lock)
 }
 
-/// Runs nebd-server until `shutdown` completes; then closes every export cleanly.
+/// Runs nebd-server until `shutdown` completes; then closes every export cleanly. With
+/// `config.takeover`, takes the running server's place instead (see [`crate::upgrade`]).
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-    let _lock = lock_run_dir(&config.run_dir)?;
+    if config.takeover {
+        return crate::upgrade::take(config, shutdown).await;
+    }
+    let lock = lock_run_dir(&config.run_dir)?;
+    prepare_run_dir(&config)?;
+    let socket = control::control_socket(&config.run_dir);
+    // We hold the lock, so a socket file left here belongs to a dead server.
+    let _ = std::fs::remove_file(&socket);
+    let control = std::os::unix::net::UnixListener::bind(&socket)
+        .with_context(|| format!("cannot bind control socket {}", socket.display()))?;
+    share_socket(&socket, config.socket_group)?;
+    let meta = Arc::new(Metafile::open(&config.run_dir)?);
+    let files = Arc::new(FileManager::restore(meta.clone()));
+    let exports = ExportManager::new(Some(meta)).with_socket_group(config.socket_group);
+    exports.restore().await;
+    let path = config.run_dir.join(PART1_SOCKET);
+    // We hold the run dir lock: a socket file here is left by a dead server.
+    let _ = std::fs::remove_file(&path);
+    let part1 = std::os::unix::net::UnixListener::bind(&path)
+        .with_context(|| format!("cannot bind part1 socket {}", path.display()))?;
+    share_socket(&path, config.socket_group)?;
+    let stop = CancellationToken::new();
+    let state = start(config, lock, control, part1, files, exports, stop.clone())?;
+    serve_metrics(&state).await?;
+    crate::upgrade::sd_notify("READY=1");
+    tracing::info!(run_dir = %state.config.run_dir.display(), pid = std::process::id(), "nebd-server started");
+    shutdown.await;
+    tracing::info!("shutting down");
+    stop.cancel();
+    let _ = std::fs::remove_file(&socket);
+    let _ = std::fs::remove_file(state.config.run_dir.join(PART1_SOCKET));
+    state.exports.shutdown(Duration::from_secs(5)).await;
+    tracing::info!("nebd-server stopped");
+    Ok(())
+}
+
+/// Modes of the run directory, and this process's identity at the MDS.
+pub(crate) fn prepare_run_dir(config: &Config) -> anyhow::Result<()> {
     // The metafile and pid file are this user's (0600 by the umask); the directory lets only
     // the socket group through.
     let dir_mode = if config.socket_group.is_some() {
@@ -226,21 +382,14 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
                 .display()
         ),
     });
-    let socket = control::control_socket(&config.run_dir);
-    // We hold the lock, so a socket file left here belongs to a dead server.
-    let _ = std::fs::remove_file(&socket);
-    let listener = UnixListener::bind(&socket)
-        .with_context(|| format!("cannot bind control socket {}", socket.display()))?;
-    share_socket(&socket, config.socket_group)?;
-    let meta = Arc::new(Metafile::open(&config.run_dir)?);
-    let files = Arc::new(FileManager::restore(meta.clone()));
-    let state = Arc::new(State {
-        exports: ExportManager::new(Some(meta)).with_socket_group(config.socket_group),
-        files: files.clone(),
-    });
-    if let Some(addr) = &config.metrics_listen {
+    Ok(())
+}
+
+/// The Prometheus endpoint, if configured.
+pub(crate) async fn serve_metrics(state: &Arc<State>) -> anyhow::Result<()> {
+    if let Some(addr) = &state.config.metrics_listen {
         let m = &crate::metered::METRICS.metrics;
-        let s = Arc::downgrade(&state);
+        let s = Arc::downgrade(state);
         m.on_scrape(move || {
             if let Some(s) = s.upgrade() {
                 s.exports.update_gauges();
@@ -248,17 +397,23 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         });
         curve_metrics::serve(addr, m.clone()).await?;
     }
-    state.exports.restore().await;
-    let stop = CancellationToken::new();
-    spawn_part1_service(
-        &config.run_dir,
-        files.clone(),
-        stop.clone(),
-        config.socket_group,
-    )?;
+    Ok(())
+}
+
+/// Starts serving part1, the control socket and the heartbeat expiry on the listeners given.
+pub(crate) fn start(
+    config: Config,
+    lock: RunDirLock,
+    control: std::os::unix::net::UnixListener,
+    part1: std::os::unix::net::UnixListener,
+    files: Arc<FileManager>,
+    exports: ExportManager,
+    stop: CancellationToken,
+) -> anyhow::Result<Arc<State>> {
+    let part1 = Part1Service::start(part1, files.clone(), stop.clone())?;
     let timeout = config.heartbeat_timeout;
     tokio::spawn({
-        let stop = stop.clone();
+        let (stop, files) = (stop.clone(), files.clone());
         async move {
             let mut tick = tokio::time::interval((timeout / 4).max(Duration::from_millis(10)));
             loop {
@@ -269,15 +424,33 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
             }
         }
     });
-    tracing::info!(run_dir = %config.run_dir.display(), pid = std::process::id(), "nebd-server started");
-
-    let accept = {
+    let dup = std::os::fd::OwnedFd::from(control.try_clone()?);
+    control.set_nonblocking(true)?;
+    let listener = UnixListener::from_std(control)?;
+    let (control_paused, mut watch) = tokio::sync::watch::channel(false);
+    let state = Arc::new(State {
+        exports,
+        files,
+        config,
+        lock,
+        control: dup,
+        control_paused,
+        part1,
+        upgrade: parking_lot::Mutex::new(None),
+    });
+    tokio::spawn({
         let state = state.clone();
-        let stop = stop.clone();
         async move {
             loop {
+                if *watch.borrow_and_update() {
+                    tokio::select! {
+                        _ = stop.cancelled() => break,
+                        _ = watch.changed() => continue,
+                    }
+                }
                 let (stream, _) = tokio::select! {
                     _ = stop.cancelled() => break,
+                    _ = watch.changed() => continue,
                     r = listener.accept() => match r {
                         Ok(x) => x,
                         Err(e) => {
@@ -296,22 +469,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
                 });
             }
         }
-    };
-    tokio::select! {
-        _ = accept => {}
-        _ = shutdown => tracing::info!("shutting down"),
-    }
-    stop.cancel();
-    let _ = std::fs::remove_file(&socket);
-    let _ = std::fs::remove_file(config.run_dir.join(PART1_SOCKET));
-    state.exports.shutdown(Duration::from_secs(5)).await;
-    tracing::info!("nebd-server stopped");
-    Ok(())
+    });
+    Ok(state)
 }
 
 async fn serve_control(
     stream: UnixStream,
-    state: &State,
+    state: &Arc<State>,
     stop: &CancellationToken,
 ) -> std::io::Result<()> {
     let (r, mut w) = stream.into_split();
@@ -335,6 +499,35 @@ async fn serve_control(
         }
         let response = match control::parse_request(line.trim()) {
             Err(e) => Response::error(e),
+            Ok(Request::Takeover) => {
+                // The connection becomes the hand-over wire.
+                let stream = r
+                    .into_inner()
+                    .reunite(w)
+                    .map_err(|e| std::io::Error::other(e.to_string()))?;
+                crate::upgrade::give(state, stream).await;
+                return Ok(());
+            }
+            Ok(Request::Upgrade { binary, timeout_ms }) => {
+                let r = crate::upgrade::upgrade(state, binary, timeout_ms).await;
+                let done = r.is_ok();
+                let response = match r {
+                    Ok(report) => Response {
+                        ok: true,
+                        upgrade: Some(report),
+                        ..Default::default()
+                    },
+                    Err(e) => Response::error(e),
+                };
+                let mut reply = serde_json::to_string(&response)?;
+                reply.push('\n');
+                w.write_all(reply.as_bytes()).await?;
+                w.flush().await?;
+                if done {
+                    crate::upgrade::exit_handed_over();
+                }
+                continue;
+            }
             Ok(req) => handle(state, req).await,
         };
         let mut reply = serde_json::to_string(&response)?;
@@ -359,6 +552,9 @@ async fn handle(state: &State, req: Request) -> Response {
             files: state.files.list(),
             ..Default::default()
         },
+        Request::Upgrade { .. } | Request::Takeover => {
+            Response::error("handled on the connection itself")
+        }
     }
 }
 

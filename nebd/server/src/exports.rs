@@ -43,6 +43,50 @@ struct Entry {
     served: Served,
 }
 
+/// What the previous process handed over for one export.
+enum Handed {
+    /// The NBD listener of the export's address (None: another export of the address got it).
+    Listener(Option<std::os::fd::OwnedFd>),
+    /// A frozen vhost-user-blk back-end.
+    Vhost(curve_vhost_user_blk::Frozen),
+    /// A kernel NBD device's connections and their unconsumed bytes.
+    Device(Vec<(std::os::fd::OwnedFd, Vec<u8>)>),
+}
+
+/// The exports held still for a hand-over (see [`ExportManager::hold`]).
+pub struct Held<'a>(tokio::sync::MutexGuard<'a, BTreeMap<String, Entry>>);
+
+impl Held<'_> {
+    /// Exports.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// No exports.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl std::fmt::Debug for Held<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Held")
+            .field("exports", &self.0.len())
+            .finish()
+    }
+}
+
+/// What [`ExportManager::pause`] stopped.
+#[derive(Debug, Default)]
+pub struct Paused {
+    /// NBD listeners and connections.
+    pub nbd: curve_nbd::Paused,
+    /// Kernel NBD devices: export, connections.
+    pub devices: Vec<(String, Vec<(std::os::fd::OwnedFd, Vec<u8>)>)>,
+    /// vhost-user-blk exports: name, frozen back-end.
+    pub vhost: Vec<(String, curve_vhost_user_blk::Frozen)>,
+}
+
 /// Every export of this nebd-server.
 pub struct ExportManager {
     nbd: NbdServer,
@@ -97,7 +141,7 @@ impl ExportManager {
         let Some(meta) = &self.meta else { return };
         for spec in meta.state().exports {
             let name = spec.name.clone();
-            match self.add_inner(spec, false).await {
+            match self.add_inner(spec, false, None).await {
                 Ok(s) => tracing::info!(name, uri = %s.uri, "export restored"),
                 Err(e) => tracing::error!(name, error = %e, "cannot restore export"),
             }
@@ -106,10 +150,26 @@ impl ExportManager {
 
     /// Opens the volume, starts serving it and records it in the metafile.
     pub async fn add(&self, spec: ExportSpec) -> Result<ExportStatus, String> {
-        self.add_inner(spec, true).await
+        self.add_inner(spec, true, None).await
     }
 
-    async fn add_inner(&self, mut spec: ExportSpec, persist: bool) -> Result<ExportStatus, String> {
+    async fn add_inner(
+        &self,
+        spec: ExportSpec,
+        persist: bool,
+        handed: Option<Handed>,
+    ) -> Result<ExportStatus, String> {
+        let mut entries = self.entries.lock().await;
+        self.add_locked(&mut entries, spec, persist, handed).await
+    }
+
+    async fn add_locked(
+        &self,
+        entries: &mut BTreeMap<String, Entry>,
+        mut spec: ExportSpec,
+        persist: bool,
+        handed: Option<Handed>,
+    ) -> Result<ExportStatus, String> {
         validate_name(&spec.name)?;
         let volume: VolumeSpec = spec.volume.parse().map_err(|e| format!("{e}"))?;
         let addr: Option<ListenAddr> = match &spec.frontend {
@@ -150,7 +210,6 @@ impl ExportManager {
                 None
             }
         };
-        let mut entries = self.entries.lock().await;
         if entries.contains_key(&spec.name) {
             return Err(format!("an export named {:?} already exists", spec.name));
         }
@@ -170,8 +229,12 @@ impl ExportManager {
         let served = match (&spec.frontend, addr) {
             (Frontend::Nbd { .. }, Some(addr)) => {
                 let export = Export::new(spec.name.clone(), spec.volume.clone(), device, read_only);
+                let listening = match handed {
+                    Some(Handed::Listener(fd)) => fd,
+                    _ => None,
+                };
                 self.nbd
-                    .add_export(&addr, export.clone())
+                    .add_export_on(&addr, export.clone(), listening)
                     .await
                     .map_err(|e| error_chain(&e))?;
                 if let ListenAddr::Unix(path) = &addr {
@@ -181,16 +244,22 @@ impl ExportManager {
                 Served::Nbd { addr, export }
             }
             (Frontend::VhostUserBlk { path, queues }, _) => {
-                let server = curve_vhost_user_blk::Server::start(
-                    std::path::Path::new(path),
-                    device.clone(),
-                    curve_vhost_user_blk::Options {
-                        queues: *queues,
-                        read_only,
-                        serial: spec.name.clone(),
-                    },
-                )
-                .map_err(|e| format!("cannot serve vhost-user-blk at {path}: {e}"))?;
+                let opts = curve_vhost_user_blk::Options {
+                    queues: *queues,
+                    read_only,
+                    serial: spec.name.clone(),
+                };
+                let sock = std::path::Path::new(path);
+                let server = match handed {
+                    Some(Handed::Vhost(frozen)) => {
+                        curve_vhost_user_blk::Server::adopt(sock, frozen, device.clone(), opts)
+                            .map_err(|e| {
+                                format!("cannot take over vhost-user-blk at {path}: {e}")
+                            })?
+                    }
+                    _ => curve_vhost_user_blk::Server::start(sock, device.clone(), opts)
+                        .map_err(|e| format!("cannot serve vhost-user-blk at {path}: {e}"))?,
+                };
                 crate::daemon::share_socket(std::path::Path::new(path), self.socket_group)
                     .map_err(|e| format!("{path}: {e}"))?;
                 Served::VhostUserBlk {
@@ -267,11 +336,16 @@ impl ExportManager {
                     Some(p) => Some(nbd_kernel::parse_device_path(p).map_err(|e| e.to_string())?),
                     None => None,
                 };
+                let handed_conns = match handed {
+                    Some(Handed::Device(c)) => Some(c),
+                    _ => None,
+                };
                 let kernel = tokio::task::spawn_blocking({
                     let export = export.clone();
                     let opts = opts.clone();
-                    move || match (recorded, index) {
-                        (Some(_), Some(i)) => KernelDevice::reattach(export, i, &opts),
+                    move || match (recorded, index, handed_conns) {
+                        (Some(_), Some(i), Some(c)) => KernelDevice::adopt(export, i, &opts, c),
+                        (Some(_), Some(i), None) => KernelDevice::reattach(export, i, &opts),
                         _ => KernelDevice::attach(export, index, &opts),
                     }
                 })
@@ -331,6 +405,164 @@ impl ExportManager {
         let status = status(&entry);
         entries.insert(entry.spec.name.clone(), entry);
         Ok(status)
+    }
+
+    /// Holds the exports for a hand-over: nothing is added or removed until the guard goes.
+    pub async fn hold(&self) -> Held<'_> {
+        Held(self.entries.lock().await)
+    }
+
+    /// Pauses every frontend that hands over (NBD listeners and connections, kernel NBD
+    /// devices, vhost-user-blk): what they had in flight is answered, and they stop between
+    /// requests with their sockets open. ublk devices go on serving (the next process takes
+    /// them through the kernel's recovery once this one has exited). On failure what was
+    /// paused resumes.
+    pub async fn pause(&self, held: &mut Held<'_>, timeout: Duration) -> Result<Paused, String> {
+        let mut paused = Paused {
+            nbd: self.nbd.pause(timeout).await?,
+            ..Default::default()
+        };
+        let mut failed = None;
+        for (name, e) in held.0.iter() {
+            let r = tokio::task::block_in_place(|| match &e.served {
+                Served::NbdDevice {
+                    kernel: Some(k), ..
+                } => k
+                    .pause(timeout)
+                    .map(|c| paused.devices.push((name.clone(), c)))
+                    .map_err(|e| error_chain(&e)),
+                Served::VhostUserBlk { _server: s, .. } => s
+                    .pause()
+                    .map(|f| paused.vhost.push((name.clone(), f)))
+                    .map_err(|e| format!("{name}: {e}")),
+                _ => Ok(()),
+            });
+            if let Err(e) = r {
+                failed = Some(e);
+                break;
+            }
+        }
+        match failed {
+            None => Ok(paused),
+            Some(e) => {
+                self.resume(held, paused).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Serves again what [`pause`](Self::pause) stopped (the hand-over failed).
+    pub async fn resume(&self, held: &mut Held<'_>, paused: Paused) {
+        let Paused {
+            nbd,
+            devices,
+            vhost,
+        } = paused;
+        let mut devices: std::collections::HashMap<_, _> = devices.into_iter().collect();
+        for (name, e) in held.0.iter() {
+            match &e.served {
+                Served::NbdDevice {
+                    kernel: Some(k), ..
+                } => {
+                    if let Some(c) = devices.remove(name) {
+                        k.resume(c);
+                    }
+                }
+                Served::VhostUserBlk { _server: s, .. } => {
+                    if vhost.iter().any(|(n, _)| n == name) {
+                        s.resume();
+                    }
+                }
+                _ => {}
+            }
+        }
+        self.nbd.resume(nbd).await;
+        tracing::info!("exports resumed after a failed hand-over");
+    }
+
+    /// Serves the exports of the metafile on what the previous process handed over
+    /// (`offer`); ublk exports are left for [`restore_ublk`](Self::restore_ublk), once the
+    /// previous process is gone. Fails at the first export that cannot be taken over.
+    pub async fn adopt(
+        &self,
+        offer: &mut crate::handover::Offer,
+        rec: &mut crate::handover::Received,
+    ) -> Result<(), String> {
+        let Some(meta) = &self.meta else {
+            return Ok(());
+        };
+        let io = |e: std::io::Error| e.to_string();
+        let mut listeners: Vec<(String, Option<std::os::fd::OwnedFd>)> = Vec::new();
+        for (addr, fd, _) in &offer.nbd_listeners {
+            listeners.push((addr.clone(), Some(rec.fd(*fd).map_err(io)?)));
+        }
+        for spec in meta.state().exports {
+            let handed = match &spec.frontend {
+                Frontend::Ublk { .. } => continue,
+                Frontend::Nbd { address } => {
+                    let fd = listeners
+                        .iter_mut()
+                        .find(|(a, _)| a == address)
+                        .and_then(|(_, fd)| fd.take());
+                    Handed::Listener(fd)
+                }
+                Frontend::VhostUserBlk { .. } => {
+                    let Some(i) = offer.vhost.iter().position(|(n, _, _)| *n == spec.name) else {
+                        return Err(format!("{}: the offer has no vhost-user state", spec.name));
+                    };
+                    let (_, state, idx) = offer.vhost.swap_remove(i);
+                    let mut fds = Vec::new();
+                    for i in idx {
+                        fds.push(rec.fd(i).map_err(io)?);
+                    }
+                    Handed::Vhost(curve_vhost_user_blk::Frozen { state, fds })
+                }
+                Frontend::NbdDevice { .. } => {
+                    let Some(i) = offer.nbd_devices.iter().position(|(n, _)| *n == spec.name)
+                    else {
+                        return Err(format!("{}: the offer has no NBD device", spec.name));
+                    };
+                    let (_, conns) = offer.nbd_devices.swap_remove(i);
+                    let mut c = Vec::new();
+                    for (fd, blob) in conns {
+                        c.push((rec.fd(fd).map_err(io)?, rec.blob(blob).map_err(io)?));
+                    }
+                    Handed::Device(c)
+                }
+            };
+            let name = spec.name.clone();
+            self.add_inner(spec, false, Some(handed))
+                .await
+                .map_err(|e| format!("{name}: {e}"))?;
+        }
+        for c in std::mem::take(&mut offer.nbd_connections) {
+            let parked = curve_nbd::ParkedConnection {
+                export: c.export,
+                fd: rec.fd(c.fd).map_err(io)?,
+                tcp: c.tcp,
+                structured: c.structured,
+                block_status: c.block_status,
+                leftover: rec.blob(c.leftover).map_err(io)?,
+            };
+            self.nbd.adopt_connection(parked).await?;
+        }
+        Ok(())
+    }
+
+    /// Recovers the ublk exports of the metafile (after a hand-over, once the previous
+    /// process has exited and the kernel holds their I/O).
+    pub async fn restore_ublk(&self) {
+        let Some(meta) = &self.meta else { return };
+        for spec in meta.state().exports {
+            if !matches!(spec.frontend, Frontend::Ublk { .. }) {
+                continue;
+            }
+            let name = spec.name.clone();
+            match self.add_inner(spec, false, None).await {
+                Ok(s) => tracing::info!(name, uri = %s.uri, "ublk export recovered"),
+                Err(e) => tracing::error!(name, error = %e, "cannot recover ublk export"),
+            }
+        }
     }
 
     /// Stops serving an export and closes its volume once its connections are gone.

@@ -36,6 +36,32 @@ struct Args {
     /// vhost-user; all 0660): e.g. QEMU's group. The run dir is then 0750.
     #[arg(long, value_name = "GROUP")]
     socket_group: Option<String>,
+    /// Take over from the nebd-server running on --run-dir: its sockets, devices, front-ends
+    /// and sessions, while I/O flows (a live upgrade; `curve upgrade` starts this).
+    #[arg(long)]
+    takeover: bool,
+    /// How long a hand-over may take: in-flight requests finishing, the offer, the answer.
+    #[arg(long, default_value_t = 10_000)]
+    takeover_timeout_ms: u64,
+}
+
+/// This process's arguments for the binary an upgrade starts (without the take-over flags,
+/// which the upgrade adds).
+fn next_args() -> Vec<std::ffi::OsString> {
+    let mut out = Vec::new();
+    let mut skip_value = false;
+    for a in std::env::args_os().skip(1) {
+        if std::mem::take(&mut skip_value) {
+            continue;
+        }
+        match a.to_str() {
+            Some("--takeover") => {}
+            Some("--takeover-timeout-ms") => skip_value = true,
+            Some(s) if s.starts_with("--takeover-timeout-ms=") => {}
+            _ => out.push(a),
+        }
+    }
+    out
 }
 
 fn main() -> anyhow::Result<()> {
@@ -63,6 +89,9 @@ fn main() -> anyhow::Result<()> {
             Some(g) => Some(daemon::group_id(g).map_err(anyhow::Error::msg)?),
             None => None,
         },
+        takeover: args.takeover,
+        takeover_timeout: std::time::Duration::from_millis(args.takeover_timeout_ms),
+        next_args: next_args(),
         ..Config::new(args.run_dir)
     };
     rt.block_on(daemon::run(config, shutdown_signal()))

@@ -550,6 +550,14 @@ struct Queue {
 }
 
 impl Driver for VhostUserDriver {
+    fn reconnects(&self) -> Option<u64> {
+        let c = self.conn.lock().ok()?;
+        Some(
+            c.as_ref()
+                .map_or(0, |c| c.reconnects.load(Ordering::SeqCst) as u64),
+        )
+    }
+
     fn open(&self) -> Result<Box<dyn Engine>, String> {
         let conn = {
             let mut c = self.conn.lock().map_err(|e| e.to_string())?;
