@@ -131,6 +131,17 @@ pub struct Part2 {
     pub dir: tempfile::TempDir,
     args: Vec<String>,
     incarnation: u32,
+    /// The nebd-server that took over in a live upgrade (not our child: killed by pid).
+    upgraded: Option<u32>,
+}
+
+impl Drop for Part2 {
+    fn drop(&mut self) {
+        if let Some(pid) = self.upgraded.take() {
+            // SAFETY: kill(2) of the nebd-server our `curve upgrade` started (its pid file).
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        }
+    }
 }
 
 impl Part2 {
@@ -152,18 +163,74 @@ impl Part2 {
             dir,
             args,
             incarnation: 0,
+            upgraded: None,
         }
     }
 
     /// Plays the supervisor after a crash: kill -9, then start a new nebd-server on the same
     /// run dir at once. Returns how long the new one took to answer on its control socket.
     pub fn kill9_and_restart(&mut self) -> Duration {
-        self.daemon.signal(libc::SIGKILL);
-        self.daemon.wait(Duration::from_secs(10));
+        if let Some(pid) = self.upgraded.take() {
+            // SAFETY: kill(2) of the nebd-server our `curve upgrade` started (its pid file).
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            wait_until(Duration::from_secs(10), || !pid_alive(pid));
+        } else {
+            self.daemon.signal(libc::SIGKILL);
+            self.daemon.wait(Duration::from_secs(10));
+        }
         let t = Instant::now();
         self.incarnation += 1;
         self.daemon = spawn_part2(self.dir.path(), &self.args, self.incarnation);
         t.elapsed()
+    }
+
+    /// `curve upgrade ARGS --format json` (live upgrade): the report. The old process is
+    /// waited for (it exits 0); the new one is tracked by its pid (the pid file) and killed
+    /// on drop. Panics when the upgrade fails.
+    pub fn upgrade(&mut self, args: &[&str]) -> serde_json::Value {
+        let mut full = vec!["upgrade", "--format", "json"];
+        full.extend_from_slice(args);
+        let out = self.curve_ok(&full);
+        let report: serde_json::Value = serde_json::from_str(&out).expect("upgrade report");
+        let old = report["old_pid"].as_u64().expect("old pid") as u32;
+        let new = report["new_pid"].as_u64().expect("new pid") as u32;
+        if self.upgraded.is_none() {
+            assert_eq!(
+                old,
+                self.daemon.pid(),
+                "the first upgrade replaces our child"
+            );
+            assert_eq!(
+                self.daemon.wait(Duration::from_secs(10)),
+                Some(0),
+                "the old nebd-server exits 0 after handing over"
+            );
+        } else {
+            assert!(
+                wait_until(Duration::from_secs(10), || !pid_alive(old)),
+                "the old nebd-server exits after handing over"
+            );
+        }
+        self.upgraded = Some(new);
+        let pid_file = self.run_dir().join("nebd-server.pid");
+        assert!(
+            wait_until(Duration::from_secs(10), || {
+                std::fs::read_to_string(&pid_file).is_ok_and(|p| p.trim() == new.to_string())
+            }),
+            "the pid file names the new nebd-server {new}"
+        );
+        report
+    }
+
+    /// The pid of the nebd-server serving now.
+    pub fn pid(&self) -> u32 {
+        self.upgraded.unwrap_or_else(|| self.daemon.pid())
+    }
+
+    /// Sends `signal` to the nebd-server serving now.
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: kill(2) of the nebd-server this harness started (directly or by upgrade).
+        unsafe { libc::kill(self.pid() as i32, signal) };
     }
 
     /// The log of one incarnation (0: the first start, 1: after the first restart, ...).
@@ -261,6 +328,14 @@ fn spawn_part2(dir: &Path, args: &[String], incarnation: u32) -> Daemon {
         read_log(dir)
     );
     daemon
+}
+
+/// Whether `pid` runs (a zombie does not).
+pub fn pid_alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        !s.rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
+    })
 }
 
 /// Every log of every incarnation, in order.

@@ -33,6 +33,10 @@ use parking_lot::Mutex;
 use crate::netlink::{self, Reply, Request, ctrl, nbd};
 use crate::server::Export;
 
+/// A kernel NBD connection parked for a hand-over: our end of its socket pair and the bytes
+/// read from it that no request consumed yet.
+pub type ParkedSocket = (OwnedFd, Vec<u8>);
+
 /// Most connections per device.
 pub const MAX_CONNECTIONS: u16 = 16;
 
@@ -398,7 +402,7 @@ impl KernelDevice {
         export: Arc<Export>,
         index: u32,
         opts: &DeviceOptions,
-        connections: Vec<(OwnedFd, Vec<u8>)>,
+        connections: Vec<ParkedSocket>,
     ) -> Result<KernelDevice, KernelError> {
         let mut ours = Vec::new();
         for (fd, leftover) in connections {
@@ -413,7 +417,7 @@ impl KernelDevice {
     /// Parks every connection between requests (what is in flight is answered first), for a
     /// hand-over: the sockets and their unconsumed bytes. Fails, resuming, when a connection
     /// does not stop within `timeout`.
-    pub fn pause(&self, timeout: Duration) -> Result<Vec<(OwnedFd, Vec<u8>)>, KernelError> {
+    pub fn pause(&self, timeout: Duration) -> Result<Vec<ParkedSocket>, KernelError> {
         let notifiers = self.shared.notifiers.lock().clone();
         for n in &notifiers {
             n.hand_over();
@@ -443,7 +447,7 @@ impl KernelDevice {
     }
 
     /// Serves again the connections [`pause`](Self::pause) parked (a hand-over that failed).
-    pub fn resume(&self, parked: Vec<(OwnedFd, Vec<u8>)>) {
+    pub fn resume(&self, parked: Vec<ParkedSocket>) {
         for (fd, leftover) in parked {
             spawn_connection(&self.shared, UnixStream::from(fd), leftover);
         }

@@ -50,7 +50,7 @@ enum Handed {
     /// A frozen vhost-user-blk back-end.
     Vhost(curve_vhost_user_blk::Frozen),
     /// A kernel NBD device's connections and their unconsumed bytes.
-    Device(Vec<(std::os::fd::OwnedFd, Vec<u8>)>),
+    Device(Vec<nbd_kernel::ParkedSocket>),
 }
 
 /// The exports held still for a hand-over (see [`ExportManager::hold`]).
@@ -82,7 +82,7 @@ pub struct Paused {
     /// NBD listeners and connections.
     pub nbd: curve_nbd::Paused,
     /// Kernel NBD devices: export, connections.
-    pub devices: Vec<(String, Vec<(std::os::fd::OwnedFd, Vec<u8>)>)>,
+    pub devices: Vec<(String, Vec<nbd_kernel::ParkedSocket>)>,
     /// vhost-user-blk exports: name, frozen back-end.
     pub vhost: Vec<(String, curve_vhost_user_blk::Frozen)>,
 }
@@ -468,10 +468,8 @@ impl ExportManager {
                         k.resume(c);
                     }
                 }
-                Served::VhostUserBlk { _server: s, .. } => {
-                    if vhost.iter().any(|(n, _)| n == name) {
-                        s.resume();
-                    }
+                Served::VhostUserBlk { _server: s, .. } if vhost.iter().any(|(n, _)| n == name) => {
+                    s.resume();
                 }
                 _ => {}
             }
