@@ -376,6 +376,7 @@ impl Loop {
                 match self.listener.accept() {
                     // One front-end at a time: a reconnecting QEMU comes after the old one left.
                     Ok((sock, _)) => {
+                        tracing::info!("vhost-user front-end connected");
                         let backend = Backend::new(self.device.clone(), self.opts.clone());
                         self.connect(sock, backend);
                     }

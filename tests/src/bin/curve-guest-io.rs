@@ -41,7 +41,7 @@ fn run(args: &[String]) -> Result<bool, String> {
         "write" => {
             let f = open(dev)?;
             let t = Instant::now();
-            let errors = write_region(&f, o.offset, o.size, o.bs, o.seed);
+            let (errors, _) = write_region(&f, o.offset, o.size, o.bs, o.seed);
             report("write", o.size, o.bs, t.elapsed(), errors, 0);
             Ok(errors == 0)
         }
@@ -170,17 +170,21 @@ fn pattern(buf: &mut [u8], offset: u64, seed: u64) {
     }
 }
 
-fn write_region(f: &File, offset: u64, size: u64, bs: usize, seed: u64) -> u64 {
+/// Writes the region; returns the errors and the longest single write.
+fn write_region(f: &File, offset: u64, size: u64, bs: usize, seed: u64) -> (u64, Duration) {
     let mut buf = Aligned::new(bs);
     let mut errors = 0;
+    let mut longest = Duration::ZERO;
     for off in (offset..offset + size).step_by(bs) {
         pattern(buf.as_mut(), off, seed);
+        let t = Instant::now();
         if let Err(e) = f.write_all_at(buf.as_mut(), off) {
             println!("CURVE-IO-ERROR write offset={off} {e}");
             errors += 1;
         }
+        longest = longest.max(t.elapsed());
     }
-    errors
+    (errors, longest)
 }
 
 fn verify_region(f: &File, offset: u64, size: u64, bs: usize, seed: u64) -> (u64, u64) {
@@ -220,13 +224,14 @@ fn writers(dev: &str, o: &Opts) -> Result<bool, String> {
     let files: Vec<File> = (0..o.jobs).map(|_| open(dev)).collect::<Result<_, _>>()?;
     let started = AtomicBool::new(false);
     let written = AtomicU64::new(0);
+    let longest_us = AtomicU64::new(0);
     let t = Instant::now();
     let results: Vec<(u64, u64)> = std::thread::scope(|s| {
         let handles: Vec<_> = files
             .iter()
             .enumerate()
             .map(|(j, f)| {
-                let (started, written) = (&started, &written);
+                let (started, written, longest_us) = (&started, &written, &longest_us);
                 s.spawn(move || {
                     let base = o.offset + j as u64 * o.size;
                     let mut errors = 0;
@@ -235,7 +240,9 @@ fn writers(dev: &str, o: &Opts) -> Result<bool, String> {
                         if !started.swap(true, Ordering::SeqCst) {
                             println!("CURVE-WRITERS-STARTED jobs={}", o.jobs);
                         }
-                        errors += write_region(f, base, o.size, o.bs, seed_of(j, pass));
+                        let (e, longest) = write_region(f, base, o.size, o.bs, seed_of(j, pass));
+                        errors += e;
+                        longest_us.fetch_max(longest.as_micros() as u64, Ordering::Relaxed);
                         written.fetch_add(o.size, Ordering::Relaxed);
                         pass += 1;
                     }
@@ -257,6 +264,10 @@ fn writers(dev: &str, o: &Opts) -> Result<bool, String> {
         took,
         write_errors,
         0,
+    );
+    println!(
+        "CURVE-RESULT op=writers-latency max_us={}",
+        longest_us.load(Ordering::Relaxed)
     );
     let (mut errors, mut bad) = (0, 0);
     for (j, (f, (_, passes))) in files.iter().zip(&results).enumerate() {
