@@ -4,8 +4,8 @@
 
 use std::time::Duration;
 
-use curve_tests::{Part2, bin};
 use curve_tests::guest::{Guest, GuestSpec, md5_of};
+use curve_tests::{Part2, bin};
 
 /// Creates a sparse `mib` MiB file volume and a vhost-user-blk export of it; returns the
 /// file and the socket.
@@ -224,7 +224,10 @@ fn guest_writers_see_only_a_pause_across_two_live_upgrades() {
         "the host reads what the guest verified"
     );
     for u in [&first, &back] {
-        assert_eq!(u["connections"], 1, "QEMU's connection was handed over: {u}");
+        assert_eq!(
+            u["connections"], 1,
+            "QEMU's connection was handed over: {u}"
+        );
     }
     let log = p.log();
     assert_eq!(
