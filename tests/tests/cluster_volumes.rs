@@ -242,3 +242,76 @@ fn three_mds_on_etcd_kill_9_of_the_leader_is_invisible_to_fio() {
         t.elapsed()
     );
 }
+
+/// A cluster volume served over NBD under fio verify while part2 is upgraded live twice: the
+/// volume's MDS session is handed over (no new open: the epoch stays 1, so nothing the old
+/// process wrote is fenced and the new one is never OCCUPIED), fio sees no error.
+#[test]
+fn live_upgrades_of_part2_keep_the_cluster_session_under_fio_verify() {
+    require_tool("fio");
+    let tmp = tempfile::tempdir().unwrap();
+    let cluster = MiniCluster::start(tmp.path(), 1, false);
+    let addrs = cluster.mds_addrs();
+    let mut part2 = Part2::start_with(&["--mds", &addrs.join(",")]);
+    let run = part2.run_dir();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mds = MdsClient::new(addrs.clone());
+    rt.block_on(mds.create(
+        "/v",
+        curve_proto::mds::FileType::Volume,
+        1 << 30,
+        4096,
+        "curve",
+    ))
+    .unwrap();
+    let sock = run.join("v.sock");
+    let uri = part2
+        .curve_ok(&[
+            "export",
+            "add",
+            "--volume",
+            "curve:/v",
+            "--nbd",
+            &format!("unix:{}", sock.display()),
+            "--name",
+            "v",
+        ])
+        .trim()
+        .to_string();
+    let writer = std::thread::spawn(move || {
+        run_ok(Command::new("fio").args([
+            "--name=upgrade",
+            "--ioengine=nbd",
+            &format!("--uri={uri}"),
+            "--rw=randwrite",
+            "--bs=4k",
+            "--iodepth=8",
+            "--size=256M",
+            "--time_based",
+            "--runtime=10",
+            "--verify=crc32c",
+            "--verify_state_save=0",
+            "--do_verify=1",
+            "--verify_fatal=1",
+        ]))
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    let first = part2.upgrade(&[]);
+    std::thread::sleep(Duration::from_secs(2));
+    let second = part2.upgrade(&[]);
+    let out = writer.join().unwrap();
+    assert!(out.contains("err= 0"), "{out}");
+    let info = rt.block_on(mds.stat("/v")).unwrap();
+    assert_eq!(info.epoch, 1, "the session was handed over, never reopened");
+    let log = part2.log();
+    assert_eq!(log.matches("volume session taken over").count(), 2, "{log}");
+    assert!(
+        !log.contains("OCCUPIED") && !log.to_lowercase().contains("fenced"),
+        "{log}"
+    );
+    println!(
+        "cluster volume under fio verify: part2 paused {:.1} ms and {:.1} ms",
+        first["pause_us"].as_f64().unwrap() / 1000.0,
+        second["pause_us"].as_f64().unwrap() / 1000.0
+    );
+}
