@@ -304,7 +304,24 @@ fn playground_fio_verify_and_faults_invisible() {
     let victim = pid_in(&leader_dir().join("chunkserver.pid")).expect("leader pid");
     // SAFETY: a chunkserver of the playground this test started (its pid file, under lock).
     unsafe { libc::kill(victim, libc::SIGKILL) };
-    std::thread::sleep(Duration::from_secs(6));
+    std::thread::sleep(Duration::from_secs(3));
+    // A live upgrade of the playground's part2 in the middle of it: fio's connection and the
+    // volume's session go to the new process; the playground supervises that one now.
+    let nebd_before = pid_in(&dir.join("nebd/nebd-server.pid")).expect("nebd pid");
+    let upgraded = run_ok(
+        Command::new(bin("curve"))
+            .args(["playground", "upgrade", "--dir"])
+            .arg(&dir),
+    );
+    assert!(
+        upgraded.starts_with("upgraded: nebd-server pid"),
+        "{upgraded}"
+    );
+    println!("{}", upgraded.trim());
+    assert!(wait_until(Duration::from_secs(10), || {
+        pid_in(&dir.join("nebd/nebd-server.pid")).is_some_and(|p| p != nebd_before && alive(p))
+    }));
+    std::thread::sleep(Duration::from_secs(3));
     let mds_pid = pid_in(&dir.join("mds/mds.pid")).expect("mds pid");
     // SAFETY: the MDS of the playground this test started.
     unsafe { libc::kill(mds_pid, libc::SIGKILL) };
@@ -322,6 +339,11 @@ fn playground_fio_verify_and_faults_invisible() {
     let v: serde_json::Value = serde_json::from_str(&status).unwrap();
     assert_eq!(v["running"], true, "{status}");
     assert_eq!(v["uri"], uri.as_str());
+    let err = std::fs::read_to_string(dir.with_extension("err")).unwrap_or_default();
+    assert!(
+        err.contains("nebd-server upgraded live") && !err.contains("nebd-server exited"),
+        "the playground followed its part2 to the new process:\n{err}"
+    );
 
     // `down` from another shell stops everything.
     let pids: Vec<i32> = [

@@ -59,6 +59,10 @@ struct Daemon {
     args: Vec<String>,
     log: PathBuf,
     child: Option<Child>,
+    /// Where a daemon that can be upgraded live (nebd-server) names the process serving now.
+    pid_file: Option<PathBuf>,
+    /// The process that took over in a live upgrade: our child too (we are a subreaper).
+    adopted: Option<i32>,
 }
 
 impl Daemon {
@@ -88,18 +92,90 @@ impl Daemon {
         Ok(())
     }
 
-    /// Restarts it if it exited; says so.
+    /// Restarts it if it exited; says so. A daemon that exited 0 after handing over to a new
+    /// process (a live upgrade) is followed to that process instead.
     fn supervise(&mut self) -> Result<(), String> {
+        if let Some(pid) = self.adopted {
+            let mut status = 0;
+            // SAFETY: waitpid(2) without blocking on the process that took over, reparented
+            // to us (PR_SET_CHILD_SUBREAPER).
+            let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+            if r == pid || (r < 0 && !alive(pid)) {
+                self.adopted = None;
+                if libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0 {
+                    if let Some(next) = self.took_over(pid) {
+                        eprintln!("{} upgraded live: pid {pid} -> {next}", self.name);
+                        self.adopted = Some(next);
+                        return Ok(());
+                    }
+                }
+                eprintln!("{} (pid {pid}) exited; restarting it", self.name);
+                self.start()?;
+            }
+            return Ok(());
+        }
         if let Some(c) = self.child.as_mut()
             && let Ok(Some(status)) = c.try_wait()
         {
+            let old = c.id() as i32;
+            if status.success()
+                && let Some(next) = self.took_over(old)
+            {
+                eprintln!("{} upgraded live: pid {old} -> {next}", self.name);
+                self.child = None;
+                self.adopted = Some(next);
+                return Ok(());
+            }
             eprintln!("{} exited ({status}); restarting it", self.name);
             self.start()?;
         }
         Ok(())
     }
 
+    /// The process that took over from `old`, if one did: its pid file names another live
+    /// process within 2 s.
+    fn took_over(&self, old: i32) -> Option<i32> {
+        let path = self.pid_file.as_ref()?;
+        let deadline = Instant::now() + Duration::from_secs(2);
+        loop {
+            if let Some(pid) = std::fs::read_to_string(path)
+                .ok()
+                .and_then(|s| s.trim().parse::<i32>().ok())
+                .filter(|p| *p != old && alive(*p))
+            {
+                return Some(pid);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn running(&self) -> bool {
+        self.child.is_some() || self.adopted.is_some()
+    }
+
     fn stop(&mut self) {
+        if let Some(pid) = self.adopted.take() {
+            // SAFETY: kill(2) and waitpid(2) on the process that took over from our child
+            // (reparented to us, so not reaped by anyone else).
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let mut status = 0;
+            // SAFETY: as above.
+            while unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) } == 0 {
+                if Instant::now() > deadline {
+                    // SAFETY: as above.
+                    unsafe {
+                        libc::kill(pid, libc::SIGKILL);
+                        libc::waitpid(pid, &mut status, 0);
+                    }
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
         let Some(mut c) = self.child.take() else {
             return;
         };
@@ -179,6 +255,10 @@ pub fn up(o: &Options) -> Result<(), String> {
     std::fs::create_dir_all(dir.join("logs")).map_err(|e| format!("{}: {e}", dir.display()))?;
     let dir = dir.canonicalize().map_err(|e| e.to_string())?;
     let _lock = lock(&dir)?;
+    // A nebd-server upgraded live (`curve playground upgrade`) is started by the old one,
+    // which then exits: its successor is reparented to us, and supervised like our own child.
+    // SAFETY: prctl only marks this process as a subreaper.
+    unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1) };
     // SAFETY: installing a handler that only stores to an atomic.
     unsafe {
         libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
@@ -202,6 +282,8 @@ pub fn up(o: &Options) -> Result<(), String> {
         ],
         log: dir.join("logs/mds.log"),
         child: None,
+        pid_file: None,
+        adopted: None,
     }];
     for i in 1..=3u16 {
         daemons.push(Daemon {
@@ -225,6 +307,8 @@ pub fn up(o: &Options) -> Result<(), String> {
             ],
             log: dir.join(format!("logs/cs{i}.log")),
             child: None,
+            pid_file: None,
+            adopted: None,
         });
     }
     daemons.push(Daemon {
@@ -240,6 +324,8 @@ pub fn up(o: &Options) -> Result<(), String> {
         ],
         log: dir.join("logs/nebd-server.log"),
         child: None,
+        pid_file: Some(dir.join("nebd/nebd-server.pid")),
+        adopted: None,
     });
     let result = serve(o, &dir, &mds_addr, &mut daemons);
     for dmn in daemons.iter_mut().rev() {
@@ -289,7 +375,7 @@ fn wait_for(
             eprintln!("  waiting for {what}...");
             said = true;
         }
-        for dmn in daemons.iter_mut().filter(|d| d.child.is_some()) {
+        for dmn in daemons.iter_mut().filter(|d| d.running()) {
             dmn.supervise()?;
         }
         if Instant::now() > deadline {
@@ -432,6 +518,14 @@ Logs: {logs}. Ctrl-C (or `curve playground down --dir {dir}`) stops.",
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// Whether `pid` runs (a zombie does not).
+fn alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        !s.rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
+    })
 }
 
 fn human(n: u64) -> String {
