@@ -102,12 +102,13 @@ impl Daemon {
             let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
             if r == pid || (r < 0 && !alive(pid)) {
                 self.adopted = None;
-                if libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0 {
-                    if let Some(next) = self.took_over(pid) {
-                        eprintln!("{} upgraded live: pid {pid} -> {next}", self.name);
-                        self.adopted = Some(next);
-                        return Ok(());
-                    }
+                if libc::WIFEXITED(status)
+                    && libc::WEXITSTATUS(status) == 0
+                    && let Some(next) = self.took_over(pid)
+                {
+                    eprintln!("{} upgraded live: pid {pid} -> {next}", self.name);
+                    self.adopted = Some(next);
+                    return Ok(());
                 }
                 eprintln!("{} (pid {pid}) exited; restarting it", self.name);
                 self.start()?;
