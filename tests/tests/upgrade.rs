@@ -409,3 +409,29 @@ fn failed_upgrades_are_no_ops_the_load_never_sees() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// What systemd (`Type=notify`, `NotifyAccess=all`, deploy/systemd/nebd-server.service) hears,
+/// on a notify socket of our own: READY=1 when part2 serves; on a live upgrade the old process
+/// names the new main PID (MAINPID=) before it exits, and the new one says READY=1.
+#[test]
+fn systemd_hears_ready_and_the_new_main_pid() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("notify.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    // SAFETY: set before any thread of this test process reads the environment (nextest runs
+    // each test in a process of its own); part2 inherits it.
+    unsafe { std::env::set_var("NOTIFY_SOCKET", &path) };
+    let mut p = Part2::start();
+    let mut buf = [0u8; 256];
+    let mut next = || {
+        let n = sock.recv(&mut buf).expect("a notification");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    assert_eq!(next(), "READY=1");
+    let r = p.upgrade(&[]);
+    let new = r["new_pid"].as_u64().unwrap();
+    let mut got = vec![next(), next()];
+    got.sort();
+    assert_eq!(got, vec![format!("MAINPID={new}"), "READY=1".to_owned()]);
+}
