@@ -300,6 +300,26 @@ fn recv_fds(sock: &UnixStream, max: usize) -> io::Result<Vec<OwnedFd>> {
     Ok(fds)
 }
 
+/// Body of the `handover_offer` fuzz target: `data` arrives as an offer (and, after it, an
+/// answer) from a peer; anything may be refused, nothing may panic or allocate without bound.
+pub fn fuzz_offer(data: &[u8]) {
+    let Ok((mut a, mut b)) = UnixStream::pair() else {
+        return;
+    };
+    let owned = data.to_vec();
+    let writer = std::thread::spawn(move || {
+        let _ = a.write_all(&owned);
+    });
+    let _ = b.set_read_timeout(Some(std::time::Duration::from_secs(5)));
+    if let Ok((offer, mut rec)) = recv_offer(&mut b) {
+        for i in 0..offer.fds.min(4) {
+            let _ = rec.fd(i);
+        }
+        let _ = read_json::<Answer>(&mut b);
+    }
+    let _ = writer.join();
+}
+
 /// Microseconds since the Unix epoch.
 pub fn now_us() -> u64 {
     std::time::SystemTime::now()
@@ -350,6 +370,41 @@ mod tests {
             assert_eq!(u32::from_le_bytes(v) as usize, i, "descriptor {i}");
         }
         assert!(rec.fd(0).is_err());
+    }
+
+    #[test]
+    fn random_offers_are_refused_without_panicking() {
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut next = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let good = {
+            let mut v = Vec::new();
+            let body = serde_json::to_vec(&Offer {
+                version: VERSION,
+                blobs: 1,
+                ..Default::default()
+            })
+            .unwrap();
+            v.extend_from_slice(&(body.len() as u32).to_be_bytes());
+            v.extend_from_slice(&body);
+            v.extend_from_slice(&3u64.to_be_bytes());
+            v.extend_from_slice(b"abc");
+            v
+        };
+        fuzz_offer(&good);
+        for _ in 0..300 {
+            let mut v = good.clone();
+            for _ in 0..(next() % 4 + 1) {
+                let i = (next() as usize) % v.len();
+                v[i] = next() as u8;
+            }
+            v.truncate((next() as usize) % (v.len() + 1));
+            fuzz_offer(&v);
+        }
     }
 
     #[test]
