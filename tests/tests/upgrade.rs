@@ -418,7 +418,8 @@ fn systemd_hears_ready_and_the_new_main_pid() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("notify.sock");
     let sock = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
-    sock.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
     // SAFETY: set before any thread of this test process reads the environment (nextest runs
     // each test in a process of its own); part2 inherits it.
     unsafe { std::env::set_var("NOTIFY_SOCKET", &path) };

@@ -272,6 +272,8 @@ pub struct Paused {
 /// Connections in transmission, for a hand-over.
 #[derive(Debug, Default)]
 struct Live {
+    /// A pause is under way: connections that start transmission now park at once.
+    pausing: std::sync::atomic::AtomicBool,
     notifiers: parking_lot::Mutex<Vec<Arc<Notifier>>>,
     parked: parking_lot::Mutex<Vec<ParkedConnection>>,
 }
@@ -362,6 +364,7 @@ impl NbdServer {
         for l in listeners.values() {
             l.accepting.cancel();
         }
+        self.live.pausing.store(true, Ordering::SeqCst);
         for n in self.live.notifiers.lock().iter() {
             n.hand_over();
         }
@@ -398,6 +401,7 @@ impl NbdServer {
     /// Serves again what [`pause`](Self::pause) stopped (a hand-over that failed): the
     /// listeners accept, the parked connections go on from where they stopped.
     pub async fn resume(&self, paused: Paused) {
+        self.live.pausing.store(false, Ordering::SeqCst);
         {
             let mut listeners = self.inner.lock().await;
             for (addr, l) in listeners.iter_mut() {
@@ -665,7 +669,14 @@ fn spawn_transmission(
         }
     });
     threads.fetch_add(1, Ordering::AcqRel);
-    live.notifiers.lock().push(notifier.clone());
+    {
+        // A connection that finished negotiating during a pause parks at once (see `pause`).
+        let mut live_notifiers = live.notifiers.lock();
+        live_notifiers.push(notifier.clone());
+        if live.pausing.load(Ordering::SeqCst) {
+            notifier.hand_over();
+        }
+    }
     let spawned = std::thread::Builder::new()
         .name(format!("nbd-{}", t.export.name))
         .spawn({

@@ -382,6 +382,12 @@ pub(crate) async fn take(config: Config, shutdown: impl Future<Output = ()>) -> 
     let t = Instant::now();
     let (mut offer, mut rec) = tokio::task::block_in_place(|| handover::recv_offer(&mut sock))
         .context("receiving the running nebd-server's offer")?;
+    tracing::info!(
+        fds = offer.fds,
+        blobs = offer.blobs,
+        waited = ?t.elapsed(),
+        "received the offer"
+    );
     failpoint("takeover-offer-received");
     let old_pid = offer.old_pid;
     let stop = tokio_util::sync::CancellationToken::new();
@@ -443,6 +449,7 @@ async fn adopt(
     stop: tokio_util::sync::CancellationToken,
 ) -> Result<Arc<State>, String> {
     let io = |e: std::io::Error| e.to_string();
+    let t = Instant::now();
     let lock = RunDirLock::adopt(rec.fd(offer.lock).map_err(io)?, &config.run_dir);
     crate::daemon::prepare_run_dir(&config).map_err(|e| e.to_string())?;
     let control = std::os::unix::net::UnixListener::from(rec.fd(offer.control).map_err(io)?);
@@ -452,8 +459,12 @@ async fn adopt(
     let files = Arc::new(tokio::task::block_in_place(|| {
         FileManager::restore(meta.clone())
     }));
+    let files_at = t.elapsed();
     let exports = ExportManager::new(Some(meta)).with_socket_group(config.socket_group);
     exports.adopt(offer, rec).await?;
-    crate::daemon::start(config, lock, control, part1, files, exports, stop)
-        .map_err(|e| e.to_string())
+    let exports_at = t.elapsed();
+    let state = crate::daemon::start(config, lock, control, part1, files, exports, stop)
+        .map_err(|e| e.to_string())?;
+    tracing::info!(?files_at, ?exports_at, serving_at = ?t.elapsed(), "adopted the offer");
+    Ok(state)
 }

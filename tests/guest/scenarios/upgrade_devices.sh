@@ -44,7 +44,7 @@ echo "CURVE-MD5 k-writers $(md5_range "$k" 0 $total)"
 echo "CURVE-MD5 k-file $(dd if=/tmp/k.img bs=1M count=$total 2> /dev/null | md5sum | cut -d' ' -f1)"
 echo "CURVE-MD5 u-writers $(md5_range "$u" 0 $total)"
 echo "CURVE-MD5 u-file $(dd if=/tmp/u.img bs=1M count=$total 2> /dev/null | md5sum | cut -d' ' -f1)"
-grep -E 'took over|recover|paused' /tmp/part2.log | sed 's/^/CURVE-PART2 /'
+grep -E 'took over|recover|paused|offer' /tmp/part2.log | sed 's/^/CURVE-PART2 /'
 dmesg | grep -iE 'nbd|ublk' | grep -v 'command line' | sed 's/^/CURVE-KERNEL /'
 dmesg_check || rc=1
 [ $rc = 0 ] || part2_log
