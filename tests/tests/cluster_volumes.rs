@@ -310,8 +310,12 @@ fn live_upgrades_of_part2_keep_the_cluster_session_under_fio_verify() {
         "{log}"
     );
     println!(
-        "cluster volume under fio verify: part2 paused {:.1} ms and {:.1} ms",
+        "cluster volume under fio verify: part2 paused {:.1} ms and {:.1} ms\n{}",
         first["pause_us"].as_f64().unwrap() / 1000.0,
-        second["pause_us"].as_f64().unwrap() / 1000.0
+        second["pause_us"].as_f64().unwrap() / 1000.0,
+        log.lines()
+            .filter(|l| l.contains("paused for") || l.contains("offer") || l.contains("took over"))
+            .collect::<Vec<_>>()
+            .join("\n")
     );
 }

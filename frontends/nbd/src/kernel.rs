@@ -396,8 +396,9 @@ impl KernelDevice {
         Ok(Self::start(export, index, opts.clone(), fresh(ours)))
     }
 
-    /// Serves `/dev/nbd<index>` on the connections another process parked for a hand-over
-    /// (see [`pause`](Self::pause)): the kernel sees nothing happen.
+    /// Takes `/dev/nbd<index>` with the connections another process parked for a hand-over
+    /// (see [`pause`](Self::pause)), paused: nothing is read from them until
+    /// [`resume_parked`](Self::resume_parked). The kernel sees nothing happen.
     pub fn adopt(
         export: Arc<Export>,
         index: u32,
@@ -411,7 +412,17 @@ impl KernelDevice {
             ours.push((s, leftover));
         }
         tracing::info!(device = %device_path(index).display(), export = export.name(), connections = ours.len(), "kernel NBD device taken over");
-        Ok(Self::start(export, index, opts.clone(), ours))
+        let dev = Self::start(export, index, opts.clone(), Vec::new());
+        *dev.shared.parked.lock() = ours;
+        Ok(dev)
+    }
+
+    /// Serves the connections parked here (an adopted device, once the hand-over commits).
+    pub fn resume_parked(&self) {
+        let parked = std::mem::take(&mut *self.shared.parked.lock());
+        for (s, leftover) in parked {
+            spawn_connection(&self.shared, s, leftover);
+        }
     }
 
     /// Parks every connection between requests (what is in flight is answered first), for a

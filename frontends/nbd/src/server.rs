@@ -285,6 +285,9 @@ pub struct NbdServer {
     shutdown: CancellationToken,
     threads: Arc<AtomicUsize>,
     live: Arc<Live>,
+    /// Listeners added now do not accept until [`resume`](Self::resume) (a process taking
+    /// over, before the hand-over commits).
+    held: std::sync::atomic::AtomicBool,
 }
 
 impl fmt::Debug for Listener {
@@ -309,7 +312,13 @@ impl NbdServer {
             shutdown: CancellationToken::new(),
             threads: Arc::new(AtomicUsize::new(0)),
             live: Arc::default(),
+            held: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// Listeners added from now on wait for [`resume`](Self::resume) before they accept.
+    pub fn hold(&self) {
+        self.held.store(true, Ordering::SeqCst);
     }
 
     /// Offers `export` at `addr`, binding the address if no export uses it yet.
@@ -351,7 +360,11 @@ impl NbdServer {
             cancel,
             sock,
         };
-        self.spawn_listener(addr, &listener)?;
+        if self.held.load(Ordering::SeqCst) {
+            listener.accepting.cancel();
+        } else {
+            self.spawn_listener(addr, &listener)?;
+        }
         listeners.insert(addr.clone(), listener);
         Ok(())
     }
@@ -402,6 +415,7 @@ impl NbdServer {
     /// listeners accept, the parked connections go on from where they stopped.
     pub async fn resume(&self, paused: Paused) {
         self.live.pausing.store(false, Ordering::SeqCst);
+        self.held.store(false, Ordering::SeqCst);
         {
             let mut listeners = self.inner.lock().await;
             for (addr, l) in listeners.iter_mut() {

@@ -86,8 +86,6 @@ pub struct Server {
     cmds: std::sync::mpsc::Sender<Cmd>,
     paused: std::sync::mpsc::Receiver<Result<Frozen, Error>>,
     thread: Option<JoinHandle<()>>,
-    /// Set when handed over: the socket file is the next process's, not removed on drop.
-    handed_over: bool,
 }
 
 enum Cmd {
@@ -95,8 +93,8 @@ enum Cmd {
     Pause,
     /// Serve again after a pause (a hand-over that failed).
     Resume,
-    /// End the thread (leaving the connection alone when `keep`).
-    Stop { keep: bool },
+    /// End the thread and its connection.
+    Stop,
 }
 
 /// A back-end frozen for a hand-over to another process: the listening socket, and the
@@ -155,16 +153,12 @@ pub struct FrozenQueue {
 
 impl Drop for Server {
     fn drop(&mut self) {
-        let _ = self.cmds.send(Cmd::Stop {
-            keep: self.handed_over,
-        });
+        let _ = self.cmds.send(Cmd::Stop);
         self.ctl.notify();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
-        if !self.handed_over {
-            let _ = std::fs::remove_file(&self.path);
-        }
+        let _ = std::fs::remove_file(&self.path);
     }
 }
 
@@ -177,12 +171,13 @@ impl Server {
     ) -> std::io::Result<Self> {
         let _ = std::fs::remove_file(path);
         let listener = UnixListener::bind(path)?;
-        Self::spawn(path, listener, None, device, opts)
+        Self::spawn(path, listener, None, device, opts, false)
     }
 
-    /// Serves what another process froze (see [`Server::pause`]): its listening socket, and
-    /// its front-end with everything negotiated, from where it stopped. The front-end sees
-    /// nothing happen.
+    /// Takes what another process froze (see [`Server::pause`]): its listening socket, and
+    /// its front-end with everything negotiated (guest memory mapped here at once). Paused:
+    /// nothing is served until [`resume`](Self::resume) (the hand-over commits); then it goes
+    /// on from where the other process stopped. The front-end sees nothing happen.
     pub fn adopt(
         path: &Path,
         frozen: Frozen,
@@ -209,6 +204,7 @@ impl Server {
             conn,
             device,
             opts,
+            true,
         )?)
     }
 
@@ -218,6 +214,7 @@ impl Server {
         conn: Option<(UnixStream, Backend)>,
         device: Arc<dyn BlockDevice>,
         opts: Options,
+        start_paused: bool,
     ) -> std::io::Result<Self> {
         let ctl = Notifier::new()?;
         let (cmds, cmd_rx) = std::sync::mpsc::channel();
@@ -238,7 +235,7 @@ impl Server {
                 if let Some((sock, backend)) = conn {
                     l.connect(sock, backend);
                 }
-                l.run();
+                l.run(start_paused);
             })?;
         Ok(Server {
             path: path.to_owned(),
@@ -246,7 +243,6 @@ impl Server {
             cmds,
             paused,
             thread: Some(thread),
-            handed_over: false,
         })
     }
 
@@ -267,12 +263,6 @@ impl Server {
     pub fn resume(&self) {
         let _ = self.cmds.send(Cmd::Resume);
         self.ctl.notify();
-    }
-
-    /// The export now belongs to another process: dropping this stops serving without
-    /// touching the socket, the front-end or its queues.
-    pub fn handed_over(&mut self) {
-        self.handed_over = true;
     }
 }
 
@@ -318,8 +308,7 @@ impl Loop {
         }
     }
 
-    fn run(&mut self) {
-        let mut paused = false;
+    fn run(&mut self, mut paused: bool) {
         loop {
             let watched = match (&self.conn, paused) {
                 (_, true) => None,
@@ -359,10 +348,8 @@ impl Loop {
                             }
                             tracing::info!("vhost-user export resumed");
                         }
-                        Cmd::Stop { keep } => {
-                            if !keep {
-                                self.disconnect();
-                            }
+                        Cmd::Stop => {
+                            self.disconnect();
                             return;
                         }
                     }
@@ -688,7 +675,7 @@ impl Backend {
         }
     }
 
-    /// The back-end of a connection another process froze, its queues running.
+    /// The back-end of a connection another process froze, its queues stopped.
     fn thaw_from(
         device: Arc<dyn BlockDevice>,
         opts: Options,

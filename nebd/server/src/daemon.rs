@@ -74,11 +74,12 @@ impl Part1Service {
         listener: std::os::unix::net::UnixListener,
         files: Arc<FileManager>,
         stop: CancellationToken,
+        paused: bool,
     ) -> anyhow::Result<Arc<Self>> {
         let dup = std::os::fd::OwnedFd::from(listener.try_clone()?);
         listener.set_nonblocking(true)?;
         let listener = UnixListener::from_std(listener)?;
-        let (paused, mut watch) = tokio::sync::watch::channel(false);
+        let (paused, mut watch) = tokio::sync::watch::channel(paused);
         let conns: Arc<parking_lot::Mutex<Vec<Arc<Notifier>>>> = Arc::default();
         let service = Arc::new(Part1Service {
             listener: dup,
@@ -340,7 +341,15 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         .with_context(|| format!("cannot bind part1 socket {}", path.display()))?;
     share_socket(&path, config.socket_group)?;
     let stop = CancellationToken::new();
-    let state = start(config, lock, control, part1, files, exports, stop.clone())?;
+    let parts = Parts {
+        config,
+        lock,
+        control,
+        part1,
+        files,
+        exports,
+    };
+    let state = start(parts, stop.clone(), false)?;
     serve_metrics(&state).await?;
     crate::upgrade::sd_notify("READY=1");
     tracing::info!(run_dir = %state.config.run_dir.display(), pid = std::process::id(), "nebd-server started");
@@ -400,17 +409,32 @@ pub(crate) async fn serve_metrics(state: &Arc<State>) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Starts serving part1, the control socket and the heartbeat expiry on the listeners given.
+/// What a serving nebd-server is made of, before it serves.
+pub(crate) struct Parts {
+    pub(crate) config: Config,
+    pub(crate) lock: RunDirLock,
+    pub(crate) control: std::os::unix::net::UnixListener,
+    pub(crate) part1: std::os::unix::net::UnixListener,
+    pub(crate) files: Arc<FileManager>,
+    pub(crate) exports: ExportManager,
+}
+
+/// Starts serving part1, the control socket and the heartbeat expiry on the listeners given
+/// (with `paused`, the two sockets accept only after [`State::resume_sockets`]).
 pub(crate) fn start(
-    config: Config,
-    lock: RunDirLock,
-    control: std::os::unix::net::UnixListener,
-    part1: std::os::unix::net::UnixListener,
-    files: Arc<FileManager>,
-    exports: ExportManager,
+    parts: Parts,
     stop: CancellationToken,
+    paused: bool,
 ) -> anyhow::Result<Arc<State>> {
-    let part1 = Part1Service::start(part1, files.clone(), stop.clone())?;
+    let Parts {
+        config,
+        lock,
+        control,
+        part1,
+        files,
+        exports,
+    } = parts;
+    let part1 = Part1Service::start(part1, files.clone(), stop.clone(), paused)?;
     let timeout = config.heartbeat_timeout;
     tokio::spawn({
         let (stop, files) = (stop.clone(), files.clone());
@@ -427,7 +451,7 @@ pub(crate) fn start(
     let dup = std::os::fd::OwnedFd::from(control.try_clone()?);
     control.set_nonblocking(true)?;
     let listener = UnixListener::from_std(control)?;
-    let (control_paused, mut watch) = tokio::sync::watch::channel(false);
+    let (control_paused, mut watch) = tokio::sync::watch::channel(paused);
     let state = Arc::new(State {
         exports,
         files,
@@ -509,9 +533,9 @@ async fn serve_control(
                 return Ok(());
             }
             Ok(Request::Upgrade { binary, timeout_ms }) => {
-                let r = crate::upgrade::upgrade(state, binary, timeout_ms).await;
-                let done = r.is_ok();
-                let response = match r {
+                let outcome = crate::upgrade::upgrade(state, binary, timeout_ms).await;
+                let (ok, committed) = (outcome.result.is_ok(), outcome.committed);
+                let response = match outcome.result {
                     Ok(report) => Response {
                         ok: true,
                         upgrade: Some(report),
@@ -522,9 +546,9 @@ async fn serve_control(
                 let mut reply = serde_json::to_string(&response)?;
                 reply.push('\n');
                 w.write_all(reply.as_bytes()).await?;
-                w.flush().await?;
-                if done {
-                    crate::upgrade::exit_handed_over();
+                let _ = w.flush().await;
+                if committed {
+                    crate::upgrade::exit_handed_over(ok);
                 }
                 continue;
             }

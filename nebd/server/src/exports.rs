@@ -90,6 +90,8 @@ pub struct Paused {
 /// Every export of this nebd-server.
 pub struct ExportManager {
     nbd: NbdServer,
+    /// NBD connections handed over, served once the hand-over commits.
+    adopted: parking_lot::Mutex<Vec<curve_nbd::ParkedConnection>>,
     socket_group: Option<u32>,
     entries: tokio::sync::Mutex<BTreeMap<String, Entry>>,
     meta: Option<Arc<Metafile>>,
@@ -123,6 +125,7 @@ impl ExportManager {
     pub fn new(meta: Option<Arc<Metafile>>) -> Self {
         ExportManager {
             nbd: NbdServer::new(),
+            adopted: Default::default(),
             socket_group: None,
             entries: Default::default(),
             meta,
@@ -206,7 +209,10 @@ impl ExportManager {
                         nbd_kernel::MAX_CONNECTIONS
                     ));
                 }
-                nbd_kernel::check_driver().map_err(|e| error_chain(&e))?;
+                if handed.is_none() {
+                    // (A device handed over proves the driver is there.)
+                    nbd_kernel::check_driver().map_err(|e| error_chain(&e))?;
+                }
                 None
             }
         };
@@ -340,6 +346,7 @@ impl ExportManager {
                     Some(Handed::Device(c)) => Some(c),
                     _ => None,
                 };
+                let adopted = handed_conns.is_some();
                 let kernel = tokio::task::spawn_blocking({
                     let export = export.clone();
                     let opts = opts.clone();
@@ -360,7 +367,11 @@ impl ExportManager {
                     reattach_timeout: *reattach_timeout,
                     cookie: Some(opts.cookie),
                 };
-                if !persist && let Some(meta) = &self.meta {
+                // A device taken over keeps its record as it is.
+                if !persist
+                    && !adopted
+                    && let Some(meta) = &self.meta
+                {
                     let record = spec.clone();
                     let _ = meta.update(|s| {
                         for e in s.exports.iter_mut().filter(|e| e.name == record.name) {
@@ -489,6 +500,8 @@ impl ExportManager {
         let Some(meta) = &self.meta else {
             return Ok(());
         };
+        // Nothing is served before the hand-over commits (see `start_adopted`).
+        self.nbd.hold();
         let io = |e: std::io::Error| e.to_string();
         let mut listeners: Vec<(String, Option<std::os::fd::OwnedFd>)> = Vec::new();
         for (addr, fd, _) in &offer.nbd_listeners {
@@ -533,18 +546,45 @@ impl ExportManager {
                 .await
                 .map_err(|e| format!("{name}: {e}"))?;
         }
+        let entries = self.entries.lock().await;
         for c in std::mem::take(&mut offer.nbd_connections) {
-            let parked = curve_nbd::ParkedConnection {
+            if !matches!(
+                entries.get(&c.export).map(|e| &e.served),
+                Some(Served::Nbd { .. })
+            ) {
+                return Err(format!("a connection to {:?}, not an NBD export", c.export));
+            }
+            self.adopted.lock().push(curve_nbd::ParkedConnection {
                 export: c.export,
                 fd: rec.fd(c.fd).map_err(io)?,
                 tcp: c.tcp,
                 structured: c.structured,
                 block_status: c.block_status,
                 leftover: rec.blob(c.leftover).map_err(io)?,
-            };
-            self.nbd.adopt_connection(parked).await?;
+            });
         }
         Ok(())
+    }
+
+    /// Serves what [`adopt`](Self::adopt) took (the hand-over committed): NBD listeners and
+    /// connections, kernel NBD connections, vhost-user front-ends.
+    pub async fn start_adopted(&self) {
+        for e in self.entries.lock().await.values() {
+            match &e.served {
+                Served::NbdDevice {
+                    kernel: Some(k), ..
+                } => k.resume_parked(),
+                Served::VhostUserBlk { _server: s, .. } => s.resume(),
+                _ => {}
+            }
+        }
+        let connections = std::mem::take(&mut *self.adopted.lock());
+        self.nbd
+            .resume(curve_nbd::Paused {
+                listeners: Vec::new(),
+                connections,
+            })
+            .await;
     }
 
     /// Recovers the ublk exports of the metafile (after a hand-over, once the previous

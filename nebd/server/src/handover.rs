@@ -1,19 +1,26 @@
 //! The wire of a live upgrade: how the running nebd-server (the old one) hands its sockets,
 //! devices and sessions to a new one over a Unix socket, descriptors passed with SCM_RIGHTS.
+//! Two phases, so that the pause holds only what must happen while I/O waits:
 //!
 //! ```text
-//!  new ── {"op":"takeover","pid":P}\n ──────────────────────────> old   (control socket)
+//!  new ── {"op":"takeover"}\n ──────────────────────────────────> old   (control socket)
+//!      <── Preview: u32 len + JSON (version, the MDS sessions) ──  old holds its exports
+//!  new opens every volume of the metafile (cluster volumes continue the sessions)
+//!      ── Ready ──────────────────────────────────────────────────>
 //!      <── Offer: u32 len + JSON, then blobs (u64 len + bytes), ─  old pauses every frontend
 //!          then the descriptors in batches (1 byte + SCM_RIGHTS)
-//!  new adopts everything and serves
-//!      ── Prepared (u32 len + JSON) ─────────────────────────────>  old exits (status 0)
+//!  new adopts everything, paused (nothing read from any consumer yet)
+//!      ── Prepared (u32 len + JSON) ─────────────────────────────>
 //!      ── or Abort {reason} / EOF / nothing in time ─────────────>  old kills the new one
 //!                                                                    and resumes serving
+//!      <── Commit ───────────────────────────────────────────────  old will never serve again
+//!  new serves
+//!      ── Serving {pause} ───────────────────────────────────────>  old exits (status 0)
 //!  new reads EOF: the old one is gone; ublk devices are recovered now
 //! ```
 //!
 //! The JSON names descriptors and blobs by their index in the message. This module is the
-//! encoding only: [`crate::daemon`] decides what to pause and adopt.
+//! encoding only: [`crate::upgrade`] decides what to pause and adopt.
 
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -23,7 +30,7 @@ use serde::{Deserialize, Serialize};
 
 /// Bumped when the offer changes incompatibly: a new binary refuses an offer it cannot read
 /// (and the old one resumes).
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 3;
 /// Descriptors per sendmsg (the kernel allows 253).
 const FDS_PER_MESSAGE: usize = 200;
 /// Largest JSON message accepted.
@@ -31,6 +38,29 @@ const MAX_JSON: usize = 64 << 20;
 /// Largest blob (a connection's unconsumed bytes: at most one request and its payload plus
 /// a read buffer).
 const MAX_BLOB: u64 = 64 << 20;
+
+/// What the new process needs before the pause: enough to open every volume.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct Preview {
+    /// [`VERSION`].
+    pub version: u32,
+    /// The old process.
+    pub old_pid: u32,
+    /// Sessions of the cluster volumes open, by path.
+    pub sessions: Vec<(String, curve_client::SessionState)>,
+}
+
+/// Reads a [`Preview`], refusing another version.
+pub fn recv_preview(sock: &mut UnixStream) -> io::Result<Preview> {
+    let p: Preview = read_json(sock)?;
+    if p.version != VERSION {
+        return Err(bad(format!(
+            "hand-over version {} (this binary speaks {VERSION})",
+            p.version
+        )));
+    }
+    Ok(p)
+}
 
 /// Everything the old process hands over.
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -47,8 +77,6 @@ pub struct Offer {
     pub control: usize,
     /// The part1 socket's listener.
     pub part1: usize,
-    /// Sessions of the cluster volumes open, by path.
-    pub sessions: Vec<(String, curve_client::SessionState)>,
     /// NBD listeners: address, descriptor, exports on it.
     pub nbd_listeners: Vec<(String, usize, Vec<String>)>,
     /// NBD connections in transmission.
@@ -80,14 +108,19 @@ pub struct NbdConnection {
     pub leftover: usize,
 }
 
-/// The new process's answer.
+/// The new process's answers.
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "answer", rename_all = "snake_case")]
 pub enum Answer {
-    /// Everything adopted and served: the old one may go.
+    /// Every volume is open: the old one may pause and send the offer.
+    Ready,
+    /// Everything adopted, nothing served yet: the old one may commit.
     Prepared {
         /// The new process.
         pid: u32,
+    },
+    /// Serving since the commit.
+    Serving {
         /// From the old one's pause to serving here, µs.
         pause_us: u64,
     },
@@ -96,6 +129,13 @@ pub enum Answer {
         /// Why.
         reason: String,
     },
+}
+
+/// The old process's decision after Prepared.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Commit {
+    /// Serve (the old process will not serve again).
+    pub serve: bool,
 }
 
 /// Descriptors and blobs of an offer being built.

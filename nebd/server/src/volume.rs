@@ -219,9 +219,41 @@ impl fmt::Display for VolumeSpec {
     }
 }
 
+/// Volumes a new process opened before the pause of a hand-over, by specification and mode:
+/// the next open of the same volume takes one from here (so the pause holds no opening).
+static PREOPENED: std::sync::LazyLock<parking_lot::Mutex<Preopened>> =
+    std::sync::LazyLock::new(Default::default);
+
+/// Open devices by (volume specification, read-only).
+type Preopened = std::collections::HashMap<(String, bool), Vec<Arc<dyn BlockDevice>>>;
+
+/// Opens `spec` now, for a later [`VolumeSpec::open`] of the same volume and mode.
+pub fn preopen(spec: &VolumeSpec, read_only: bool) -> Result<(), VolumeError> {
+    let d = spec.open_now(read_only)?;
+    PREOPENED
+        .lock()
+        .entry((spec.to_string(), read_only))
+        .or_default()
+        .push(d);
+    Ok(())
+}
+
+/// Closes what was pre-opened and not used.
+pub fn drop_preopened() {
+    PREOPENED.lock().clear();
+}
+
 impl VolumeSpec {
-    /// Opens the volume.
+    /// Opens the volume (or takes it from what a hand-over pre-opened, see [`preopen`]).
     pub fn open(&self, read_only: bool) -> Result<Arc<dyn BlockDevice>, VolumeError> {
+        let key = (self.to_string(), read_only);
+        if let Some(d) = PREOPENED.lock().get_mut(&key).and_then(Vec::pop) {
+            return Ok(d);
+        }
+        self.open_now(read_only)
+    }
+
+    fn open_now(&self, read_only: bool) -> Result<Arc<dyn BlockDevice>, VolumeError> {
         let opened: Result<Arc<dyn BlockDevice>, IoError> = match self {
             VolumeSpec::Mem { size } => MemDevice::new(*size).map(|d| Arc::new(d) as _),
             VolumeSpec::File { path, direct } => FileDevice::open(
@@ -233,7 +265,7 @@ impl VolumeSpec {
             )
             .map(|d| Arc::new(d) as _),
             VolumeSpec::Delayed { every, ms, inner } => {
-                return inner.open(read_only).map(|d| {
+                return inner.open_now(read_only).map(|d| {
                     Arc::new(curve_blockdev::DelayDevice::new(
                         d,
                         *every,
