@@ -297,6 +297,11 @@ impl DataStore {
     pub fn chunk_size(&self) -> u64 {
         self.chunk_size
     }
+
+    /// I/O alignment of reads and writes.
+    pub fn page_size(&self) -> u64 {
+        self.page_size
+    }
 }
 
 #[cfg(test)]

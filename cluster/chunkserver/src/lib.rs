@@ -6,9 +6,9 @@
 //!  <data-dir>/copysets/<pool>_<copyset>/data/chunk_<id>   chunk files (DataStore)
 //! ```
 //!
-//! Built so far: the DataStore, the ChunkFilePool, the raft log store (RaftLog) and the state
-//! machine (CopysetStateMachine), both checked by openraft's testing suite. CopysetNode, the
-//! services and the daemon come next.
+//! The DataStore, the ChunkFilePool, the raft log store (RaftLog) and the state machine
+//! (CopysetStateMachine, snapshots streamed from the chunk files), both checked by openraft's
+//! testing suite; CopysetNode, the services and the daemon.
 
 // openraft's StorageError (224 bytes) is the error type its storage traits require; our
 // helpers return it so that `?` flows into those traits.
@@ -24,6 +24,7 @@ pub mod network;
 pub mod raft;
 pub mod raftlog;
 pub mod service;
+pub mod snapshot;
 pub mod statemachine;
 
 #[cfg(test)]

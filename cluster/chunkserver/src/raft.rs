@@ -1,7 +1,5 @@
 //! Raft types of a copyset: the commands its log carries and what applying them answers.
 
-use std::io::Cursor;
-
 use serde::{Deserialize, Serialize};
 
 /// A command of a copyset's raft log, applied to its DataStore.
@@ -43,6 +41,7 @@ openraft::declare_raft_types!(
         R = ChunkResult,
         NodeId = u64,
         Node = openraft::BasicNode,
+        SnapshotData = crate::snapshot::SnapshotData,
 );
 
 /// A storage error of a copyset's raft.
