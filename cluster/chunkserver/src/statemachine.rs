@@ -173,8 +173,13 @@ impl RaftSnapshotBuilder<TypeConfig> for CopysetStateMachine {
                 snapshot_id: id,
             }
         };
-        // Nothing is copied: the image reads the chunk files when it is read.
-        self.save_meta(&meta)?;
+        // Nothing is copied: the image reads the chunk files when it is read. The fsyncs of
+        // the store run off the runtime's threads.
+        let this = self.clone();
+        let m = meta.clone();
+        tokio::task::spawn_blocking(move || this.save_meta(&m))
+            .await
+            .map_err(sm_err)??;
         let data = self.image(&meta)?;
         self.inner.state.lock().current = Some(meta.clone());
         Ok(Snapshot {
@@ -261,15 +266,22 @@ impl RaftStateMachine<TypeConfig> for CopysetStateMachine {
         meta: &SnapshotMeta<u64, BasicNode>,
         mut snapshot: Box<SnapshotData>,
     ) -> Result<(), StorageError> {
-        let carried = snapshot.install(&self.inner.store).map_err(|e| {
-            StorageError::from(StorageIOError::read_snapshot(Some(meta.signature()), &e))
-        })?;
-        drop(snapshot);
-        let _ = std::fs::remove_file(self.inner.dir.join(RECEIVED));
-        if carried.last_log_id != meta.last_log_id {
-            tracing::warn!(?carried, ?meta, "the snapshot image carries another meta");
-        }
-        self.save_meta(meta)?;
+        // Chunk by chunk off the runtime's threads: a whole copyset is written here.
+        let this = self.clone();
+        let m = meta.clone();
+        tokio::task::spawn_blocking(move || {
+            let carried = snapshot.install(&this.inner.store).map_err(|e| {
+                StorageError::from(StorageIOError::read_snapshot(Some(m.signature()), &e))
+            })?;
+            drop(snapshot);
+            let _ = std::fs::remove_file(this.inner.dir.join(RECEIVED));
+            if carried.last_log_id != m.last_log_id {
+                tracing::warn!(?carried, meta = ?m, "the snapshot image carries another meta");
+            }
+            this.save_meta(&m)
+        })
+        .await
+        .map_err(sm_err)??;
         let mut st = self.inner.state.lock();
         st.last_applied = meta.last_log_id;
         st.membership = meta.last_membership.clone();
@@ -394,10 +406,11 @@ mod tests {
         }
         drop(data);
         let mut sm = CopysetStateMachine::open(store.clone(), &dir.path().join("sm")).unwrap();
+        let rt = tokio::runtime::Runtime::new().unwrap();
         let base = rss_mib();
-        let mut builder = block_on(sm.get_snapshot_builder());
+        let mut builder = rt.block_on(sm.get_snapshot_builder());
         let t = std::time::Instant::now();
-        let snap = block_on(builder.build_snapshot()).unwrap();
+        let snap = rt.block_on(builder.build_snapshot()).unwrap();
         let build = (rss_mib() - base, t.elapsed());
         // Streaming it to a follower: read in 1 MiB pieces, as openraft sends it.
         let mut image = snap.snapshot;
