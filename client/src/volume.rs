@@ -21,9 +21,11 @@ use curve_proto::mds::{FileInfo, MdsStatus, Segment};
 use parking_lot::RwLock;
 
 use crate::chunk::Connections;
+use crate::iotracker::{IoTracker, Part};
 use crate::mds::{MdsClient, MdsError};
 use crate::metacache::MetaCache;
 use crate::qos::Limiter;
+use crate::retry::{Action, Failure, Next, Outcome, RetryPolicy};
 
 /// How a volume is opened.
 #[derive(Debug, Clone)]
@@ -115,35 +117,6 @@ pub struct SessionState {
 #[derive(Debug, Clone)]
 pub struct Volume {
     inner: Arc<Inner>,
-}
-
-/// One part of a user request: a range inside one chunk.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Part {
-    /// Offset in the volume.
-    pub offset: u64,
-    /// Length.
-    pub len: u64,
-    /// Offset in the user buffer.
-    pub buf_offset: usize,
-}
-
-/// Splits `[offset, offset+len)` at chunk boundaries and at most `max` bytes per part.
-pub fn split(offset: u64, len: u64, chunk_size: u64, max: u64) -> Vec<Part> {
-    let mut parts = Vec::new();
-    let mut at = offset;
-    let end = offset + len;
-    while at < end {
-        let chunk_end = (at / chunk_size + 1) * chunk_size;
-        let n = (end.min(chunk_end) - at).min(max.max(1));
-        parts.push(Part {
-            offset: at,
-            len: n,
-            buf_offset: (at - offset) as usize,
-        });
-        at += n;
-    }
-    parts
 }
 
 fn jitter(d: Duration) -> Duration {
@@ -250,17 +223,19 @@ impl Volume {
         self.check(offset, buf.len() as u64)?;
         self.inner.qos.admit(false, buf.len() as u64).await;
         let (chunk, max) = self.geometry();
-        let parts = split(offset, buf.len() as u64, chunk, max);
+        let mut tracker = IoTracker::new(offset, buf.len() as u64, chunk, max);
+        let parts = tracker.parts().to_vec();
         let results = futures::future::join_all(parts.iter().map(|p| self.read_part(*p))).await;
         for (p, r) in parts.iter().zip(results) {
-            let data = r?;
-            let dst = &mut buf[p.buf_offset..p.buf_offset + p.len as usize];
-            match data {
-                Some(d) => dst.copy_from_slice(&d),
-                None => dst.fill(0),
-            }
+            tracker.record(r.map(|data| {
+                let dst = &mut buf[p.buf_offset..p.buf_offset + p.len as usize];
+                match data {
+                    Some(d) => dst.copy_from_slice(&d),
+                    None => dst.fill(0),
+                }
+            }));
         }
-        Ok(())
+        tracker.result()
     }
 
     /// Writes `buf` at `offset`; durable (on a raft quorum) when it returns.
@@ -268,13 +243,16 @@ impl Volume {
         self.check(offset, buf.len() as u64)?;
         self.inner.qos.admit(true, buf.len() as u64).await;
         let (chunk, max) = self.geometry();
-        let parts = split(offset, buf.len() as u64, chunk, max);
-        let results = futures::future::join_all(parts.iter().map(|p| {
+        let mut tracker = IoTracker::new(offset, buf.len() as u64, chunk, max);
+        let results = futures::future::join_all(tracker.parts().iter().map(|p| {
             let data = buf[p.buf_offset..p.buf_offset + p.len as usize].to_vec();
             self.write_part(*p, data)
         }))
         .await;
-        results.into_iter().collect()
+        for r in results {
+            tracker.record(r);
+        }
+        tracker.result()
     }
 
     /// Makes the range read as zeros: unallocated segments already do; allocated ones get
@@ -285,7 +263,7 @@ impl Volume {
         let seg = self.inner.info.read().segment_size;
         let zeros = vec![0u8; max as usize];
         // Sixteen parts at a time: zeroing a whole device must not build it all in memory.
-        for group in split(offset, len, chunk, max).chunks(16) {
+        for group in IoTracker::new(offset, len, chunk, max).parts().chunks(16) {
             let mut jobs = Vec::new();
             for p in group {
                 if self.segment(p.offset / seg, false).await?.is_none() {
@@ -394,8 +372,8 @@ impl Volume {
         self.send(true, req).await.map(|_| ())
     }
 
-    /// Sends one chunk request to its copyset's leader until it is done. Reads of a chunk that
-    /// does not exist answer `None`.
+    /// Sends one chunk request to its copyset's leader until it is done, as the retry policy
+    /// ([`crate::retry`]) says. Reads of a chunk that does not exist answer `None`.
     async fn send(
         &self,
         write: bool,
@@ -403,14 +381,11 @@ impl Volume {
     ) -> Result<Option<ChunkResponse>, ClientError> {
         let (pool, copyset) = (req.logical_pool_id, req.copyset_id);
         let inner = &self.inner;
-        let mut timeout = Duration::from_secs(1);
-        let mut backoff = Duration::from_millis(1);
-        let mut attempt = 0u32;
+        let mut policy = RetryPolicy::default();
         loop {
             if inner.closed.load(Ordering::Acquire) {
                 return Err(ClientError::Closed);
             }
-            attempt += 1;
             req.epoch = inner.epoch.load(Ordering::Acquire);
             let route = match inner.cache.route(pool, copyset) {
                 Some(r) => r,
@@ -420,102 +395,90 @@ impl Volume {
                     inner.cache.route(pool, copyset).unwrap_or_default()
                 }
             };
-            let Some(leader) = route
+            let leader = route
                 .leader
                 .clone()
-                .or_else(|| route.peers.first().map(|p| p.address.clone()))
-            else {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                self.refresh_route(pool, copyset).await;
-                continue;
-            };
-            let mut c = inner.conns.chunk(&leader);
-            let call = async {
-                if write {
-                    c.write_chunk(req.clone()).await
-                } else {
-                    c.read_chunk(req.clone()).await
-                }
-            };
-            let answer = tokio::time::timeout(timeout, call).await;
-            let status = match answer {
-                Ok(Ok(r)) => r.into_inner(),
-                Ok(Err(e)) => {
-                    tracing::debug!(%leader, error = %e, "chunk request failed; finding the leader");
-                    self.find_leader(pool, copyset, &route, &leader).await;
-                    tokio::time::sleep(jitter(backoff)).await;
-                    backoff = (backoff * 2).min(Duration::from_millis(200));
-                    continue;
-                }
-                Err(_) => {
-                    tracing::debug!(%leader, ?timeout, "chunk request timed out");
-                    timeout = (timeout * 2).min(Duration::from_secs(16));
-                    self.find_leader(pool, copyset, &route, &leader).await;
-                    continue;
-                }
-            };
-            match ChunkStatus::try_from(status.status).unwrap_or(ChunkStatus::FailureUnknown) {
-                ChunkStatus::Success => return Ok(Some(status)),
-                ChunkStatus::ChunkNotexist if !write => return Ok(None),
-                ChunkStatus::Redirected => {
-                    if attempt > 3 {
-                        // Peers naming each other during an election: do not spin.
-                        tokio::time::sleep(jitter(Duration::from_millis(10))).await;
-                    }
-                    match status.redirect.filter(|l| !l.address.is_empty()) {
-                        Some(l) if l.address != leader => {
-                            inner.cache.set_leader(pool, copyset, &l.address);
+                .or_else(|| route.peers.first().map(|p| p.address.clone()));
+            let (outcome, answer) = match &leader {
+                None => (Outcome::NoAddress, None),
+                Some(leader) => {
+                    let mut c = inner.conns.chunk(leader);
+                    let call = async {
+                        if write {
+                            c.write_chunk(req.clone()).await
+                        } else {
+                            c.read_chunk(req.clone()).await
                         }
-                        _ => {
-                            // No leader yet (an election): wait a little, ask around.
-                            tokio::time::sleep(jitter(Duration::from_millis(50))).await;
-                            self.find_leader(pool, copyset, &route, &leader).await;
+                    };
+                    match tokio::time::timeout(policy.timeout(), call).await {
+                        Ok(Ok(r)) => {
+                            let r = r.into_inner();
+                            let status = ChunkStatus::try_from(r.status)
+                                .unwrap_or(ChunkStatus::FailureUnknown);
+                            // A redirect to the node asked tells nothing.
+                            let redirect = r
+                                .redirect
+                                .as_ref()
+                                .map(|l| l.address.clone())
+                                .filter(|a| a != leader);
+                            (Outcome::Answered { status, redirect }, Some(r))
+                        }
+                        Ok(Err(e)) => {
+                            tracing::debug!(%leader, error = %e, "chunk request failed; finding the leader");
+                            (Outcome::Transport, None)
+                        }
+                        Err(_) => {
+                            tracing::debug!(%leader, timeout = ?policy.timeout(), "chunk request timed out");
+                            (Outcome::TimedOut, None)
                         }
                     }
                 }
-                ChunkStatus::Overload => {
-                    tokio::time::sleep(jitter(backoff)).await;
-                    backoff = (backoff * 2).min(Duration::from_millis(100));
+            };
+            let epoch_now = inner.epoch.load(Ordering::Acquire);
+            match policy.next(&outcome, write, req.epoch, epoch_now, jitter) {
+                Action::Done => return Ok(answer),
+                Action::Missing => return Ok(None),
+                Action::Fail(f) => {
+                    return Err(match f {
+                        Failure::Fenced => ClientError::Fenced,
+                        Failure::NoSpace => {
+                            ClientError::Chunk("no space left on the chunkservers".into())
+                        }
+                        Failure::Invalid => ClientError::Chunk(format!(
+                            "invalid request {:?}",
+                            (req.chunk_id, req.offset, req.size)
+                        )),
+                        Failure::Status(s) => {
+                            ClientError::Chunk(format!("copyset {pool}.{copyset}: status {s}"))
+                        }
+                    });
                 }
-                ChunkStatus::CopysetNotexist => {
-                    // The copyset moved (recovery, balance): ask the MDS where it is now.
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    self.refresh_route(pool, copyset).await;
-                    self.find_leader(pool, copyset, &route, &leader).await;
-                }
-                // Our own reopen raised the epoch after this request was built: send it again.
-                ChunkStatus::EpochTooOld if inner.epoch.load(Ordering::Acquire) > req.epoch => {}
-                ChunkStatus::EpochTooOld => return Err(ClientError::Fenced),
-                ChunkStatus::Nospace => {
-                    return Err(ClientError::Chunk(
-                        "no space left on the chunkservers".into(),
-                    ));
-                }
-                ChunkStatus::DiskFail | ChunkStatus::CrcFail | ChunkStatus::Backward
-                    if attempt >= 20 =>
-                {
-                    return Err(ClientError::Chunk(format!(
-                        "copyset {pool}.{copyset}: status {}",
-                        status.status
-                    )));
-                }
-                ChunkStatus::InvalidRequest => {
-                    return Err(ClientError::Chunk(format!(
-                        "invalid request {req:?}",
-                        req = (req.chunk_id, req.offset, req.size)
-                    )));
-                }
-                other => {
-                    if attempt.is_multiple_of(50) {
+                Action::Retry { wait, next } => {
+                    if let Outcome::Answered { status, .. } = &outcome
+                        && !matches!(status, ChunkStatus::Redirected | ChunkStatus::Overload)
+                        && policy.worth_a_warning()
+                    {
                         tracing::warn!(
-                            ?other,
+                            ?status,
                             pool,
                             copyset,
                             "chunk request still failing; retrying"
                         );
                     }
-                    tokio::time::sleep(jitter(backoff.max(Duration::from_millis(10)))).await;
-                    backoff = (backoff * 2).min(Duration::from_millis(500));
+                    if !wait.is_zero() {
+                        tokio::time::sleep(wait).await;
+                    }
+                    let failed = leader.as_deref().unwrap_or_default();
+                    match next {
+                        Next::Resend => {}
+                        Next::Leader(l) => inner.cache.set_leader(pool, copyset, &l),
+                        Next::FindLeader => self.find_leader(pool, copyset, &route, failed).await,
+                        Next::RefreshRoute => self.refresh_route(pool, copyset).await,
+                        Next::RefreshRouteAndFindLeader => {
+                            self.refresh_route(pool, copyset).await;
+                            self.find_leader(pool, copyset, &route, failed).await;
+                        }
+                    }
                 }
             }
         }
@@ -615,33 +578,5 @@ async fn refresh_loop(inner: std::sync::Weak<Inner>, lease: Duration) {
             }
             Err(e) => tracing::warn!(path = %inner.path, error = %e, "session refresh failed"),
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn split_at_chunks_and_max() {
-        let c = 16 << 20;
-        assert_eq!(
-            split(0, 4096, c, 1 << 20),
-            vec![Part {
-                offset: 0,
-                len: 4096,
-                buf_offset: 0
-            }]
-        );
-        let p = split(c - 4096, 8192, c, 1 << 20);
-        assert_eq!(p.len(), 2);
-        assert_eq!((p[0].len, p[1].offset, p[1].buf_offset), (4096, c, 4096));
-        let p = split(512, 3 << 20, c, 1 << 20);
-        assert_eq!(p.len(), 3);
-        let p = split(c - 512, 3 << 20, c, 1 << 20);
-        assert_eq!(p.len(), 4, "512 B, then 1 MiB, 1 MiB, 1 MiB - 512 B");
-        assert_eq!(p.iter().map(|p| p.len).sum::<u64>(), 3 << 20);
-        assert!(p.iter().all(|p| p.len <= 1 << 20));
-        assert!(split(0, 0, c, 1 << 20).is_empty());
     }
 }
