@@ -194,7 +194,9 @@ impl Part2 {
         let report: serde_json::Value = serde_json::from_str(&out).expect("upgrade report");
         let old = report["old_pid"].as_u64().expect("old pid") as u32;
         let new = report["new_pid"].as_u64().expect("new pid") as u32;
-        if self.upgraded.is_none() {
+        // Recorded first: the new process is killed on drop even if a check below fails.
+        let first = self.upgraded.replace(new).is_none();
+        if first {
             assert_eq!(
                 old,
                 self.daemon.pid(),
@@ -211,7 +213,6 @@ impl Part2 {
                 "the old nebd-server exits after handing over"
             );
         }
-        self.upgraded = Some(new);
         let pid_file = self.run_dir().join("nebd-server.pid");
         assert!(
             wait_until(Duration::from_secs(10), || {
