@@ -150,6 +150,23 @@ fn verify_through_the_client_driver_on_a_cluster_volume() {
         "200",
     ]);
     clean(&v, 800);
+    // The run closed its session: a second run opens the volume at once (no OCCUPIED while a
+    // lease lapses).
+    let v = bench(&[
+        "--mds",
+        &mds,
+        "--driver",
+        "client",
+        "--target",
+        "curve:/b",
+        "-w",
+        "randread",
+        "-q",
+        "4",
+        "--io-count",
+        "100",
+    ]);
+    clean(&v, 100);
     // The same cluster through part1 -> part2 (the nebd driver opens curve:/b2 there).
     let out = Command::new(bin("curve"))
         .args(["--mds", &mds, "volume", "create", "/b2", "--size", "1G"])

@@ -31,4 +31,7 @@ pub trait Driver: Send + Sync {
     fn reconnects(&self) -> Option<u64> {
         None
     }
+
+    /// Ends what the run opened (a cluster volume's session), once every job is done.
+    fn close(&self) {}
 }

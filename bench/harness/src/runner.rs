@@ -201,6 +201,7 @@ pub fn run(driver: Arc<dyn Driver>, spec: &Spec, head: (&str, &str)) -> Result<S
         }
     }
     if let Some(e) = first_err {
+        driver.close();
         return Err(e);
     }
     let secs = start.elapsed().as_secs_f64();
@@ -218,6 +219,7 @@ pub fn run(driver: Arc<dyn Driver>, spec: &Spec, head: (&str, &str)) -> Result<S
         ),
     );
     summary.reconnects = driver.reconnects();
+    driver.close();
     Ok(summary)
 }
 

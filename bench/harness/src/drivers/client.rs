@@ -56,6 +56,24 @@ struct ClientEngine {
 }
 
 impl Driver for ClientDriver {
+    /// Closes the volume's session at the MDS (else the next open of the volume, by another
+    /// run, waits out the lease: OCCUPIED).
+    fn close(&self) {
+        let Some(device) = self.device.lock().ok().and_then(|mut d| d.take()) else {
+            return;
+        };
+        let v = device.volume().clone();
+        let (tx, rx) = channel();
+        curve_client::device::runtime().spawn(async move {
+            let _ = tx.send(v.close().await);
+        });
+        match rx.recv_timeout(std::time::Duration::from_secs(10)) {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => eprintln!("closing {}: {e}", self.path),
+            Err(_) => eprintln!("closing {}: no answer from the MDS in 10 s", self.path),
+        }
+    }
+
     fn open(&self) -> Result<Box<dyn Engine>, String> {
         let device = {
             let mut d = self.device.lock().map_err(|e| e.to_string())?;
