@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use curve_tests::guest::{Guest, GuestSpec, md5_of};
+use curve_tests::guest::{Guest, GuestRun, GuestSpec, md5_of};
 use curve_tests::{Part2, bin};
 
 /// Creates a sparse `mib` MiB file volume and a vhost-user-blk export of it; returns the
@@ -102,6 +102,50 @@ fn guest_pattern_discard_and_flush_on_a_vhost_user_blk_export() {
     assert_ne!(run.md5("pattern"), run.md5("after-discard"));
 }
 
+/// Boots a guest whose `jobs` O_DIRECT writers rewrite `mib` MiB each on the export at `sock`
+/// for `secs` seconds; returns once they have been writing for 2 s.
+fn boot_writers(p: &Part2, sock: &std::path::Path, jobs: u64, mib: u64, secs: u64) -> Guest {
+    let mut guest = Guest::boot(
+        p.dir.path(),
+        &GuestSpec::new("writers")
+            .param("jobs", jobs)
+            .param("mib", mib)
+            .param("secs", secs)
+            .vhost_user_blk(sock, 2),
+    );
+    assert!(
+        guest.wait_for("CURVE-WRITERS-STARTED", Duration::from_secs(60)),
+        "the writers did not start:\n{}\npart2:\n{}",
+        guest.console(),
+        p.log()
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    guest
+}
+
+/// What the writers must show whatever happened to part2 meanwhile: a clean dmesg, no I/O
+/// error, every region verified after at least two passes, and the host reading the bytes the
+/// guest verified.
+fn assert_writers_clean(run: &GuestRun, file: &std::path::Path, jobs: u64, mib: u64) {
+    run.assert_ok();
+    let r = run.results();
+    assert_eq!(r["dmesg"], "clean", "{}", run.console);
+    assert_eq!(r["errors"], "0", "{}", run.console);
+    assert_eq!(r["mismatches"], "0");
+    assert!(
+        r["passes"]
+            .split(',')
+            .all(|n| n.parse::<u32>().is_ok_and(|n| n >= 2)),
+        "every writer was still writing when part2 went: {:?}",
+        r["passes"]
+    );
+    assert_eq!(
+        md5_of(file, 0, (jobs * mib) << 20),
+        run.md5("writers"),
+        "the host reads what the guest verified"
+    );
+}
+
 /// 4 O_DIRECT writers in the guest rewrite their regions pass after pass; once they are
 /// running, part2 is killed with SIGKILL and restarted (the supervisor's part); QEMU reconnects
 /// (`reconnect=1`), the new part2 re-creates the export on the same socket, and the guest
@@ -111,46 +155,17 @@ fn writers_survive_kill_9(volume_prefix: &str, mib: u64) -> String {
     let mut p = Part2::start();
     let (file, sock) = export(&p, volume_prefix, 32, 2);
     let jobs = 4u64;
-    let mut guest = Guest::boot(
-        p.dir.path(),
-        &GuestSpec::new("writers")
-            .param("jobs", jobs)
-            .param("mib", mib)
-            .param("secs", 10)
-            .vhost_user_blk(&sock, 2),
-    );
-    assert!(
-        guest.wait_for("CURVE-WRITERS-STARTED", Duration::from_secs(60)),
-        "the writers did not start:\n{}\npart2:\n{}",
-        guest.console(),
-        p.log()
-    );
-    std::thread::sleep(Duration::from_secs(2));
+    let guest = boot_writers(&p, &sock, jobs, mib, 10);
     p.kill9_and_restart();
     let run = guest
         .finish(Duration::from_secs(120))
         .unwrap_or_else(|e| panic!("{e}\npart2:\n{}", p.log()));
-    run.assert_ok();
-    let r = run.results();
-    assert_eq!(r["dmesg"], "clean", "{}", run.console);
-    assert_eq!(r["errors"], "0");
-    assert_eq!(r["mismatches"], "0");
+    assert_writers_clean(&run, &file, jobs, mib);
     println!(
         "guest writers across kill -9: {}\n  {}\n(guest ran {:.1} s)",
         run.result_line("writers").unwrap(),
         run.result_line("writers-verify").unwrap(),
         run.took.as_secs_f64()
-    );
-    let passes = r["passes"].split(',').map(|n| n.parse::<u32>().unwrap());
-    assert!(
-        passes.clone().all(|n| n >= 2),
-        "every writer was still writing when part2 died: {:?}",
-        r["passes"]
-    );
-    assert_eq!(
-        md5_of(&file, 0, (jobs * mib) << 20),
-        run.md5("writers"),
-        "the host reads what the guest verified"
     );
     p.log_of(1)
 }
@@ -185,44 +200,15 @@ fn guest_writers_see_only_a_pause_across_two_live_upgrades() {
     let second = p.path("nebd-server-2");
     std::fs::copy(bin("nebd-server"), &second).unwrap();
     let (jobs, mib) = (4u64, 4u64);
-    let mut guest = Guest::boot(
-        p.dir.path(),
-        &GuestSpec::new("writers")
-            .param("jobs", jobs)
-            .param("mib", mib)
-            .param("secs", 12)
-            .vhost_user_blk(&sock, 2),
-    );
-    assert!(
-        guest.wait_for("CURVE-WRITERS-STARTED", Duration::from_secs(60)),
-        "the writers did not start:\n{}\npart2:\n{}",
-        guest.console(),
-        p.log()
-    );
-    std::thread::sleep(Duration::from_secs(2));
+    let guest = boot_writers(&p, &sock, jobs, mib, 12);
     let first = p.upgrade(&["--binary", second.to_str().unwrap()]);
     std::thread::sleep(Duration::from_secs(2));
     let back = p.upgrade(&["--binary", bin("nebd-server").to_str().unwrap()]);
     let run = guest
         .finish(Duration::from_secs(120))
         .unwrap_or_else(|e| panic!("{e}\npart2:\n{}", p.log()));
-    run.assert_ok();
+    assert_writers_clean(&run, &file, jobs, mib);
     let r = run.results();
-    assert_eq!(r["dmesg"], "clean", "{}", run.console);
-    assert_eq!(r["errors"], "0", "{}", run.console);
-    assert_eq!(r["mismatches"], "0");
-    assert!(
-        r["passes"]
-            .split(',')
-            .all(|n| n.parse::<u32>().is_ok_and(|n| n >= 2)),
-        "every writer was writing across the upgrades: {:?}",
-        r["passes"]
-    );
-    assert_eq!(
-        md5_of(&file, 0, (jobs * mib) << 20),
-        run.md5("writers"),
-        "the host reads what the guest verified"
-    );
     for u in [&first, &back] {
         assert_eq!(
             u["connections"], 1,

@@ -353,14 +353,24 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     serve_metrics(&state).await?;
     crate::upgrade::sd_notify("READY=1");
     tracing::info!(run_dir = %state.config.run_dir.display(), pid = std::process::id(), "nebd-server started");
+    serve_until(&state, &stop, shutdown).await;
+    Ok(())
+}
+
+/// Serves until `shutdown` completes; then stops accepting, removes the sockets and closes
+/// every export cleanly.
+pub(crate) async fn serve_until(
+    state: &State,
+    stop: &CancellationToken,
+    shutdown: impl Future<Output = ()>,
+) {
     shutdown.await;
     tracing::info!("shutting down");
     stop.cancel();
-    let _ = std::fs::remove_file(&socket);
+    let _ = std::fs::remove_file(control::control_socket(&state.config.run_dir));
     let _ = std::fs::remove_file(state.config.run_dir.join(PART1_SOCKET));
     state.exports.shutdown(Duration::from_secs(5)).await;
     tracing::info!("nebd-server stopped");
-    Ok(())
 }
 
 /// Modes of the run directory, and this process's identity at the MDS.

@@ -567,13 +567,7 @@ pub(crate) async fn take(config: Config, shutdown: impl Future<Output = ()>) -> 
     }
     sd_notify("READY=1");
     tracing::info!(run_dir = %state.config.run_dir.display(), pid = std::process::id(), "nebd-server started (took over)");
-    shutdown.await;
-    tracing::info!("shutting down");
-    stop.cancel();
-    let _ = std::fs::remove_file(&socket);
-    let _ = std::fs::remove_file(state.config.run_dir.join(crate::part1::PART1_SOCKET));
-    state.exports.shutdown(Duration::from_secs(5)).await;
-    tracing::info!("nebd-server stopped");
+    crate::daemon::serve_until(&state, &stop, shutdown).await;
     Ok(())
 }
 
