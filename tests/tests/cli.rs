@@ -410,3 +410,52 @@ fn a_bad_metrics_address_is_a_clear_start_up_error() {
         }
     }
 }
+
+/// An export's socket path that holds something other than a socket (a user's file, a
+/// directory) is refused with a clear error and left as it was; a stale socket is replaced.
+#[test]
+fn an_export_never_deletes_what_is_not_a_socket() {
+    let p = Part2::start();
+    let file = p.path("precious.txt");
+    std::fs::write(&file, "not a socket").unwrap();
+    let dir = p.path("a-dir");
+    std::fs::create_dir(&dir).unwrap();
+    for (path, frontend) in [
+        (&file, "--nbd"),
+        (&file, "--vhost-user-blk"),
+        (&dir, "--nbd"),
+        (&dir, "--vhost-user-blk"),
+    ] {
+        let target = if frontend == "--nbd" {
+            format!("unix:{}", path.display())
+        } else {
+            path.display().to_string()
+        };
+        let out = p.curve(&[
+            "export", "add", "--volume", "mem:1M", frontend, &target, "--name", "x",
+        ]);
+        assert!(!out.status.success(), "{frontend} {target}");
+        assert!(
+            stderr_of(&out).contains("not a socket"),
+            "{frontend} {target}: {}",
+            stderr_of(&out)
+        );
+    }
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "not a socket");
+    assert!(dir.is_dir());
+    // A stale socket (nobody listening) is replaced.
+    let stale = p.path("stale.sock");
+    drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
+    let uri = p.curve_ok(&[
+        "export",
+        "add",
+        "--volume",
+        "mem:1M",
+        "--nbd",
+        &format!("unix:{}", stale.display()),
+        "--name",
+        "s",
+    ]);
+    assert!(uri.contains("stale.sock"), "{uri}");
+    assert!(p.curve_ok(&["export", "list"]).contains("stale.sock"));
+}

@@ -105,6 +105,9 @@ pub enum ServerError {
     /// Another process serves the socket path.
     #[error("{0} is in use by another server")]
     InUse(ListenAddr),
+    /// Something other than a socket is at the path (never replaced).
+    #[error("{0}: the path exists and is not a socket (left alone)")]
+    NotASocket(ListenAddr),
     /// The name is taken.
     #[error("an export named {0:?} already exists")]
     Exists(String),
@@ -585,7 +588,12 @@ async fn bind(addr: &ListenAddr) -> Result<OwnedFd, ServerError> {
     };
     match addr {
         ListenAddr::Unix(path) => {
-            if path.exists() {
+            if let Ok(meta) = std::fs::symlink_metadata(path) {
+                use std::os::unix::fs::FileTypeExt;
+                // Only a socket is ever replaced: anything else at the path is the user's.
+                if !meta.file_type().is_socket() {
+                    return Err(ServerError::NotASocket(addr.clone()));
+                }
                 // A live server answers; a stale socket left by a killed one refuses.
                 if tokio::net::UnixStream::connect(path).await.is_ok() {
                     return Err(ServerError::InUse(addr.clone()));

@@ -163,13 +163,26 @@ impl Drop for Server {
 }
 
 impl Server {
-    /// Serves `device` at `path` (replacing a stale socket file).
+    /// Serves `device` at `path` (replacing a stale socket file; anything else at the path is
+    /// refused, never deleted).
     pub fn start(
         path: &Path,
         device: Arc<dyn BlockDevice>,
         opts: Options,
     ) -> std::io::Result<Self> {
-        let _ = std::fs::remove_file(path);
+        if let Ok(meta) = std::fs::symlink_metadata(path) {
+            use std::os::unix::fs::FileTypeExt;
+            if !meta.file_type().is_socket() {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::AlreadyExists,
+                    format!(
+                        "{}: the path exists and is not a socket (left alone)",
+                        path.display()
+                    ),
+                ));
+            }
+            std::fs::remove_file(path)?;
+        }
         let listener = UnixListener::bind(path)?;
         Self::spawn(path, listener, None, device, opts, false)
     }
