@@ -39,6 +39,21 @@ fn strings(v: &[&str]) -> Vec<String> {
     v.iter().map(|s| s.to_string()).collect()
 }
 
+/// `curve bench --driver DRIVER --target TARGET -w WORKLOAD -q QD EXTRA...` in a thread.
+fn load(
+    driver: &str,
+    target: &str,
+    workload: &str,
+    qd: &str,
+    extra: &[&str],
+) -> std::thread::JoinHandle<serde_json::Value> {
+    let mut args = strings(&[
+        "--driver", driver, "--target", target, "-w", workload, "-q", qd,
+    ]);
+    args.extend(strings(extra));
+    bench(args)
+}
+
 fn assert_clean(what: &str, v: &serde_json::Value) {
     assert_eq!(v["errors"], 0, "{what}: {v}");
     assert_eq!(v["mismatches"], 0, "{what}: {v}");
@@ -101,67 +116,31 @@ fn two_upgrades_under_vhost_user_nbd_qemu_io_and_libnebd_load() {
     let loads = vec![
         (
             "vhost-user (2 queues)",
-            bench(strings(&[
-                "--driver",
+            load(
                 "vhost-user",
-                "--target",
                 vu.to_str().unwrap(),
-                "-w",
                 "verify",
-                "-q",
                 "16",
-                "-j",
-                "2",
-                "-t",
-                secs,
-            ])),
+                &["-j", "2", "-t", secs],
+            ),
         ),
         (
             "NBD on a Unix socket",
-            bench(strings(&[
-                "--driver",
-                "nbd",
-                "--target",
-                n_uri.trim(),
-                "-w",
-                "verify",
-                "-q",
-                "8",
-                "-t",
-                secs,
-            ])),
+            load("nbd", n_uri.trim(), "verify", "8", &["-t", secs]),
         ),
         (
             "NBD over TCP",
-            bench(strings(&[
-                "--driver",
-                "nbd",
-                "--target",
-                t_uri.trim(),
-                "-w",
-                "verify",
-                "-q",
-                "8",
-                "-t",
-                secs,
-            ])),
+            load("nbd", t_uri.trim(), "verify", "8", &["-t", secs]),
         ),
         (
             "libnebd (part1)",
-            bench(strings(&[
-                "--driver",
+            load(
                 "nebd",
-                "--target",
                 run.join("nebd.sock").to_str().unwrap(),
-                "--volume",
-                &format!("file:{p1}"),
-                "-w",
                 "verify",
-                "-q",
                 "8",
-                "-t",
-                secs,
-            ])),
+                &["--volume", &format!("file:{p1}"), "-t", secs],
+            ),
         ),
     ];
     // qemu-io, no reconnect-delay: 64 KiB blocks written with patterns while the upgrades
@@ -253,20 +232,9 @@ fn two_upgrades_under_vhost_user_nbd_qemu_io_and_libnebd_load() {
     assert_eq!(log.matches("took over: serving").count(), 2, "{log}");
     // A crash after the upgrades is still only a pause: the metafile is the new process's.
     p.kill9_and_restart();
-    let v = bench(strings(&[
-        "--driver",
-        "nbd",
-        "--target",
-        n_uri.trim(),
-        "-w",
-        "verify",
-        "-q",
-        "4",
-        "--io-count",
-        "500",
-    ]))
-    .join()
-    .unwrap();
+    let v = load("nbd", n_uri.trim(), "verify", "4", &["--io-count", "500"])
+        .join()
+        .unwrap();
     assert_clean("NBD after kill -9 of the upgraded server", &v);
 }
 
@@ -311,30 +279,14 @@ fn failed_upgrades_are_no_ops_the_load_never_sees() {
         "n",
     ]);
     let secs = "14";
-    let vhost = bench(strings(&[
-        "--driver",
+    let vhost = load(
         "vhost-user",
-        "--target",
         vu.to_str().unwrap(),
-        "-w",
         "verify",
-        "-q",
         "8",
-        "-t",
-        secs,
-    ]));
-    let nbd = bench(strings(&[
-        "--driver",
-        "nbd",
-        "--target",
-        n_uri.trim(),
-        "-w",
-        "verify",
-        "-q",
-        "8",
-        "-t",
-        secs,
-    ]));
+        &["-t", secs],
+    );
+    let nbd = load("nbd", n_uri.trim(), "verify", "8", &["-t", secs]);
     std::thread::sleep(Duration::from_millis(500));
     let old = p.pid();
     let refused = |args: &[&str], what: &str| {

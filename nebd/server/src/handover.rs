@@ -255,31 +255,57 @@ pub fn recv_offer(sock: &mut UnixStream) -> io::Result<(Offer, Received)> {
     Ok((offer, rec))
 }
 
+/// A one-byte message with room for `fds` descriptors of SCM_RIGHTS: the buffers a `msghdr`
+/// of either direction points into.
+struct FdFrame {
+    byte: [u8; 1],
+    iov: libc::iovec,
+    cbuf: Vec<u64>,
+    space: usize,
+}
+
+impl FdFrame {
+    fn new(byte: u8, fds: usize) -> Box<Self> {
+        // SAFETY: CMSG_SPACE is a pure computation on a length.
+        let space = unsafe { libc::CMSG_SPACE((fds * std::mem::size_of::<i32>()) as u32) } as usize;
+        let mut f = Box::new(FdFrame {
+            byte: [byte],
+            iov: libc::iovec {
+                iov_base: std::ptr::null_mut(),
+                iov_len: 1,
+            },
+            cbuf: vec![0u64; space.div_ceil(8)],
+            space,
+        });
+        // The frame is boxed: the iovec points into it for as long as it lives.
+        f.iov.iov_base = f.byte.as_mut_ptr().cast();
+        f
+    }
+
+    /// A `msghdr` over the frame's buffers (valid while the frame is not moved or dropped).
+    fn msg(&mut self) -> libc::msghdr {
+        // SAFETY: an all-zero msghdr is valid; its pointers are set below to live buffers.
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = &raw mut self.iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = self.cbuf.as_mut_ptr().cast();
+        msg.msg_controllen = self.space as _;
+        msg
+    }
+}
+
 /// One byte carrying `fds` as SCM_RIGHTS.
 fn send_fds(sock: &UnixStream, fds: &[OwnedFd]) -> io::Result<()> {
     let raw: Vec<i32> = fds.iter().map(AsRawFd::as_raw_fd).collect();
-    let data_len = std::mem::size_of_val(raw.as_slice());
-    // SAFETY: CMSG_SPACE is a pure computation on a length.
-    let space = unsafe { libc::CMSG_SPACE(data_len as u32) } as usize;
-    let mut cbuf = vec![0u64; space.div_ceil(8)];
-    let mut byte = [b'F'];
-    let mut iov = libc::iovec {
-        iov_base: byte.as_mut_ptr().cast(),
-        iov_len: 1,
-    };
-    // SAFETY: an all-zero msghdr is valid; its pointers are set below to live buffers.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &raw mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = cbuf.as_mut_ptr().cast();
-    msg.msg_controllen = space as _;
-    // SAFETY: msg_control points at `space` bytes, room for one header and `raw`; the first
-    // header is filled in place and the descriptors copied after it.
+    let mut frame = FdFrame::new(b'F', raw.len());
+    let msg = frame.msg();
+    // SAFETY: msg_control points at room for one header and `raw`; the first header is filled
+    // in place and the descriptors copied after it.
     unsafe {
         let c = libc::CMSG_FIRSTHDR(&msg);
         (*c).cmsg_level = libc::SOL_SOCKET;
         (*c).cmsg_type = libc::SCM_RIGHTS;
-        (*c).cmsg_len = libc::CMSG_LEN(data_len as u32) as _;
+        (*c).cmsg_len = libc::CMSG_LEN(std::mem::size_of_val(raw.as_slice()) as u32) as _;
         std::ptr::copy_nonoverlapping(raw.as_ptr(), libc::CMSG_DATA(c).cast(), raw.len());
     }
     // SAFETY: sendmsg with the message built above; the socket is ours.
@@ -292,22 +318,9 @@ fn send_fds(sock: &UnixStream, fds: &[OwnedFd]) -> io::Result<()> {
 
 /// Receives one byte carrying up to `max` descriptors.
 fn recv_fds(sock: &UnixStream, max: usize) -> io::Result<Vec<OwnedFd>> {
-    let data_len = max * std::mem::size_of::<i32>();
-    // SAFETY: CMSG_SPACE is a pure computation on a length.
-    let space = unsafe { libc::CMSG_SPACE(data_len as u32) } as usize;
-    let mut cbuf = vec![0u64; space.div_ceil(8)];
-    let mut byte = [0u8];
-    let mut iov = libc::iovec {
-        iov_base: byte.as_mut_ptr().cast(),
-        iov_len: 1,
-    };
-    // SAFETY: an all-zero msghdr is valid; its pointers are set below to live buffers.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &raw mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = cbuf.as_mut_ptr().cast();
-    msg.msg_controllen = space as _;
-    // SAFETY: recvmsg into the buffers above.
+    let mut frame = FdFrame::new(0, max);
+    let mut msg = frame.msg();
+    // SAFETY: recvmsg into the frame's buffers.
     let n = unsafe { libc::recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
     if n < 0 {
         return Err(io::Error::last_os_error());
@@ -334,7 +347,7 @@ fn recv_fds(sock: &UnixStream, max: usize) -> io::Result<Vec<OwnedFd>> {
             c = libc::CMSG_NXTHDR(&msg, c);
         }
     }
-    if byte[0] != b'F' {
+    if frame.byte[0] != b'F' {
         return Err(bad("not a descriptor message".into()));
     }
     Ok(fds)
