@@ -26,8 +26,8 @@ mod ticket;
 pub use keyring::{ClusterKey, Keyring, SharedKeyring};
 pub use keys::{KeyError, UserKey, key_from_env, public_from_file, valid_user_name};
 pub use sign::{
-    Credential, MAX_SKEW_MS, PEER_HEADER, ReplayGuard, USER_HEADER, now_ms, peer_credential,
-    verify_peer,
+    Credential, MAX_SKEW_MS, PEER_HEADER, ReplayGuard, USER_HEADER, check_peer, check_peer_over,
+    now_ms, peer_credential, peer_request, peer_request_over, user_request, verify_peer,
 };
 pub use ticket::{GRANT_LEN, TICKET_LEN, Ticket, check_grant, grant};
 
@@ -60,6 +60,9 @@ pub enum AuthError {
     /// A ticket past its expiry.
     #[error("ticket expired")]
     Expired,
+    /// A ticket of a session older than the volume's current one (reopened since).
+    #[error("ticket of epoch {0}: the volume was reopened since")]
+    StaleEpoch(u64),
     /// A ticket or grant of another volume or chunk.
     #[error("{0}")]
     WrongVolume(String),
@@ -83,6 +86,7 @@ impl AuthError {
             AuthError::Skew(_) => "clock_skew",
             AuthError::Replay => "replay",
             AuthError::Expired => "expired",
+            AuthError::StaleEpoch(_) => "stale_epoch",
             AuthError::WrongVolume(_) => "wrong_volume",
             AuthError::ReadOnly => "read_only",
             AuthError::Forbidden(_) => "forbidden",
@@ -90,7 +94,7 @@ impl AuthError {
     }
 }
 
-const REASONS: [&str; 11] = [
+const REASONS: [&str; 12] = [
     "missing",
     "malformed",
     "unknown_user",
@@ -99,12 +103,13 @@ const REASONS: [&str; 11] = [
     "clock_skew",
     "replay",
     "expired",
+    "stale_epoch",
     "wrong_volume",
     "read_only",
     "forbidden",
 ];
 
-static REFUSED: [AtomicU64; 11] = [const { AtomicU64::new(0) }; 11];
+static REFUSED: [AtomicU64; 12] = [const { AtomicU64::new(0) }; 12];
 
 /// Counts a refusal (and logs it): what the daemons export as `auth_refused_total{reason}`.
 pub fn refused(e: &AuthError, what: &str) {

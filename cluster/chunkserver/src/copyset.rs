@@ -28,6 +28,8 @@ pub struct CopysetOptions {
     pub heartbeat_ms: u64,
     /// Raft election timeout range, ms.
     pub election_ms: (u64, u64),
+    /// The cluster keyring (auth on): raft RPCs are signed with it.
+    pub ring: Option<curve_auth::SharedKeyring>,
 }
 
 impl Default for CopysetOptions {
@@ -38,6 +40,7 @@ impl Default for CopysetOptions {
             segment_size: 8 << 20,
             heartbeat_ms: 100,
             election_ms: (500, 1000),
+            ring: None,
         }
     }
 }
@@ -151,7 +154,11 @@ impl CopysetNode {
         let raft = Raft::new(
             node_id,
             Arc::new(config),
-            CopysetNetwork { pool, copyset },
+            CopysetNetwork {
+                pool,
+                copyset,
+                ring: opts.ring.clone(),
+            },
             log,
             sm.clone(),
         )

@@ -27,6 +27,7 @@ use curve_proto::heartbeat::{
 };
 use curve_proto::raft::raft_service_server::RaftServiceServer;
 
+use crate::auth::ChunkAuth;
 use crate::chunkfilepool::{ChunkFilePool, PoolOptions};
 use crate::copyset::{CopysetNode, CopysetNodeManager, CopysetOptions};
 use crate::datastore::META_PAGE;
@@ -142,6 +143,7 @@ async fn register(cfg: &Config, mds: &mut Mds) -> anyhow::Result<Identity> {
                 server: cfg.server.clone(),
                 disk_capacity: capacity,
             };
+            let req = curve_auth::peer_request(cfg.copyset.ring.as_ref(), "Register", req);
             match c.register(req).await.map(|r| r.into_inner()) {
                 Ok(r) if r.status == HeartbeatStatus::HbOk as i32 => {
                     return Ok(Identity {
@@ -150,7 +152,11 @@ async fn register(cfg: &Config, mds: &mut Mds) -> anyhow::Result<Identity> {
                     });
                 }
                 Ok(r) if r.status == HeartbeatStatus::HbNotLeader as i32 => mds.redirect(&r.leader),
-                Ok(r) => bail!("the MDS refused the registration (status {})", r.status),
+                Ok(r) => bail!(
+                    "the MDS refused the registration (status {}): {}",
+                    r.status,
+                    r.leader
+                ),
                 Err(e) => {
                     tracing::warn!(error = %e, "registration failed; retrying");
                     mds.failover();
@@ -181,23 +187,31 @@ fn copyset_info(node: &CopysetNode) -> CopysetInfo {
 /// CliService operations an operator would call.
 pub async fn execute(
     svc: &ChunkServerServices,
+    ring: Option<&curve_auth::SharedKeyring>,
     node: &CopysetNode,
     change: &ConfigChange,
 ) -> Result<(), String> {
     use curve_proto::cli::CliRequest;
     use curve_proto::cli::cli_service_server::CliService;
     let peer = change.peer.clone().ok_or("change without a peer")?;
-    let req = |peer: Peer, new_peers: Vec<Peer>| {
-        tonic::Request::new(CliRequest {
-            logical_pool_id: node.pool,
-            copyset_id: node.copyset,
-            peer: Some(peer),
-            new_peers,
-        })
+    // Signed like a request from another daemon: the MDS decided it (auth on).
+    let req = |method: &str, peer: Peer, new_peers: Vec<Peer>| {
+        curve_auth::peer_request(
+            ring,
+            method,
+            CliRequest {
+                logical_pool_id: node.pool,
+                copyset_id: node.copyset,
+                peer: Some(peer),
+                new_peers,
+            },
+        )
     };
     let answer = match ConfigChangeType::try_from(change.r#type).map_err(|e| e.to_string())? {
-        ConfigChangeType::AddPeer => svc.add_peer(req(peer, Vec::new())).await,
-        ConfigChangeType::RemovePeer => svc.remove_peer(req(peer, Vec::new())).await,
+        ConfigChangeType::AddPeer => svc.add_peer(req("AddPeer", peer, Vec::new())).await,
+        ConfigChangeType::RemovePeer => {
+            svc.remove_peer(req("RemovePeer", peer, Vec::new())).await
+        }
         ConfigChangeType::ChangePeer => {
             let old = change.old_peer.as_ref().map(|p| p.chunkserver_id);
             let mut peers: Vec<Peer> = node
@@ -207,9 +221,12 @@ pub async fn execute(
                 .filter(|p| Some(p.chunkserver_id) != old)
                 .collect();
             peers.push(peer.clone());
-            svc.change_peers(req(peer, peers)).await
+            svc.change_peers(req("ChangePeers", peer, peers)).await
         }
-        ConfigChangeType::TransferLeader => svc.transfer_leader(req(peer, Vec::new())).await,
+        ConfigChangeType::TransferLeader => {
+            svc.transfer_leader(req("TransferLeader", peer, Vec::new()))
+                .await
+        }
         ConfigChangeType::None => return Ok(()),
     };
     let r = answer.map_err(|e| e.to_string())?.into_inner();
@@ -225,8 +242,10 @@ async fn heartbeat_loop(
     identity: Identity,
     manager: Arc<CopysetNodeManager>,
     mut mds: Mds,
+    svc: ChunkServerServices,
+    auth: Option<Arc<ChunkAuth>>,
 ) {
-    let svc = ChunkServerServices::new(manager.clone());
+    let ring = cfg.copyset.ring.clone();
     let mut tick = tokio::time::interval(cfg.heartbeat);
     loop {
         tick.tick().await;
@@ -242,7 +261,10 @@ async fn heartbeat_loop(
         let Some(c) = mds.client().await else {
             continue;
         };
-        let reply = match c.heartbeat(req).await {
+        let reply = match c
+            .heartbeat(curve_auth::peer_request(ring.as_ref(), "Heartbeat", req))
+            .await
+        {
             Ok(r) => r.into_inner(),
             Err(e) => {
                 tracing::warn!(error = %e, "heartbeat failed");
@@ -254,6 +276,14 @@ async fn heartbeat_loop(
             mds.redirect(&reply.leader);
             continue;
         }
+        if reply.status != HeartbeatStatus::HbOk as i32 {
+            tracing::warn!(status = reply.status, message = %reply.leader, "heartbeat refused");
+            continue;
+        }
+        if let Some(a) = &auth {
+            let epochs: Vec<(u64, u64)> = reply.epochs.iter().map(|e| (e.volume, e.epoch)).collect();
+            a.raise(&epochs);
+        }
         for change in reply.changes {
             let Some(key) = change.key else {
                 continue;
@@ -262,8 +292,9 @@ async fn heartbeat_loop(
                 continue;
             };
             let svc = svc.clone();
+            let ring = ring.clone();
             tokio::spawn(async move {
-                match execute(&svc, &node, &change).await {
+                match execute(&svc, ring.as_ref(), &node, &change).await {
                     Ok(()) => tracing::info!(?change, "configuration change done"),
                     Err(e) => tracing::warn!(?change, error = %e, "configuration change failed"),
                 }
@@ -314,8 +345,25 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     ));
     let rebuilt = manager.rebuild().await.map_err(anyhow::Error::msg)?;
     tracing::info!(id = identity.id, listen = %cfg.listen, copysets = rebuilt, "chunkserver started");
-    let svc = ChunkServerServices::with_limit(manager.clone(), cfg.max_inflight);
-    let hb = tokio::spawn(heartbeat_loop(cfg.clone(), identity, manager.clone(), mds));
+    let auth = cfg
+        .copyset
+        .ring
+        .clone()
+        .map(|r| Arc::new(ChunkAuth::new(r)));
+    let mut svc = ChunkServerServices::with_limit(manager.clone(), cfg.max_inflight);
+    if let Some(a) = &auth {
+        svc = svc.with_auth(a.clone());
+    } else {
+        tracing::warn!("authentication is off: any client may read and write any chunk (give --cluster-key-file)");
+    }
+    let hb = tokio::spawn(heartbeat_loop(
+        cfg.clone(),
+        identity,
+        manager.clone(),
+        mds,
+        svc.clone(),
+        auth,
+    ));
     tonic::transport::Server::builder()
         .layer(crate::metrics::grpc_layer())
         .add_service(RaftServiceServer::new(svc.clone()))

@@ -3,14 +3,17 @@
 //! Each chunk is one file of `META_PAGE + chunk_size` bytes taken from the ChunkFilePool:
 //!
 //! ```text
-//!  0      meta page (4 KiB): magic "CRVCHNK1", version, chunk id, sn, epoch, crc32
+//!  0      meta page (4 KiB): magic "CRVCHNK1", version 2, chunk id, sn, epoch, volume, crc32
+//!         (version 1, written before volumes were recorded, has no volume: read as 0)
 //!  4096   chunk data (chunk_size bytes), written in place
 //! ```
 //!
 //! A chunk exists from its first write (created from the pool) until it is deleted (returned
 //! to the pool). Offsets and lengths must be multiples of the page size (4096 or 512) and stay
 //! inside the chunk. The epoch of the last writer is recorded in the meta page: a write with an
-//! older epoch is refused (fencing of a writer whose session was taken over).
+//! older epoch is refused (fencing of a writer whose session was taken over). The volume a
+//! chunk belongs to is recorded at its first write that names one (auth on: from the ticket);
+//! a write or read naming another volume is refused.
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -25,7 +28,7 @@ use crate::chunkfilepool::ChunkFilePool;
 /// Size of the meta page at the head of every chunk file.
 pub const META_PAGE: u64 = 4096;
 const MAGIC: &[u8; 8] = b"CRVCHNK1";
-const VERSION: u8 = 1;
+const VERSION: u8 = 2;
 
 /// Why a DataStore operation failed; each maps to a chunk status code.
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +39,16 @@ pub enum DataStoreError {
     /// The chunk does not exist.
     #[error("chunk {0} does not exist")]
     NotExist(u64),
+    /// The chunk belongs to another volume.
+    #[error("chunk {chunk} belongs to volume {have}, not {got}")]
+    WrongVolume {
+        /// The chunk.
+        chunk: u64,
+        /// The volume of the request.
+        got: u64,
+        /// The volume recorded on the chunk.
+        have: u64,
+    },
     /// The write carries an epoch older than the chunk's.
     #[error("epoch {got} is older than the chunk's {have}")]
     EpochTooOld {
@@ -61,33 +74,44 @@ pub struct ChunkMeta {
     pub sn: u64,
     /// Epoch of the last writer.
     pub epoch: u64,
+    /// The volume the chunk belongs to (0: not recorded).
+    pub volume: u64,
 }
 
 impl ChunkMeta {
-    fn encode(&self) -> [u8; 41] {
-        let mut b = [0u8; 41];
+    fn encode(&self) -> [u8; 45] {
+        let mut b = [0u8; 45];
         b[..8].copy_from_slice(MAGIC);
         b[8] = VERSION;
         b[9..17].copy_from_slice(&self.id.to_le_bytes());
         b[17..25].copy_from_slice(&self.sn.to_le_bytes());
         b[25..33].copy_from_slice(&self.epoch.to_le_bytes());
-        let crc = crc32fast::hash(&b[..33]);
-        b[33..37].copy_from_slice(&crc.to_le_bytes());
+        b[33..41].copy_from_slice(&self.volume.to_le_bytes());
+        let crc = crc32fast::hash(&b[..41]);
+        b[41..45].copy_from_slice(&crc.to_le_bytes());
         b
     }
 
     fn decode(b: &[u8]) -> Option<ChunkMeta> {
-        if b.len() < 37 || &b[..8] != MAGIC || b[8] != VERSION {
+        if b.len() < 45 || &b[..8] != MAGIC {
             return None;
         }
-        let crc = u32::from_le_bytes(b[33..37].try_into().ok()?);
-        if crc != crc32fast::hash(&b[..33]) {
+        // Version 1: no volume, the crc after the epoch.
+        let end = match b[8] {
+            1 => 33,
+            2 => 41,
+            _ => return None,
+        };
+        let crc = u32::from_le_bytes(b[end..end + 4].try_into().ok()?);
+        if crc != crc32fast::hash(&b[..end]) {
             return None;
         }
+        let u = |i: usize| b[i..i + 8].try_into().ok().map(u64::from_le_bytes);
         Some(ChunkMeta {
-            id: u64::from_le_bytes(b[9..17].try_into().ok()?),
-            sn: u64::from_le_bytes(b[17..25].try_into().ok()?),
-            epoch: u64::from_le_bytes(b[25..33].try_into().ok()?),
+            id: u(9)?,
+            sn: u(17)?,
+            epoch: u(25)?,
+            volume: if end == 41 { u(33)? } else { 0 },
         })
     }
 }
@@ -192,7 +216,13 @@ impl DataStore {
         Ok(())
     }
 
-    fn get_or_create(&self, id: u64, sn: u64, epoch: u64) -> Result<Arc<Chunk>, DataStoreError> {
+    fn get_or_create(
+        &self,
+        id: u64,
+        sn: u64,
+        epoch: u64,
+        volume: u64,
+    ) -> Result<Arc<Chunk>, DataStoreError> {
         if let Some(c) = self.chunks.read().get(&id) {
             return Ok(c.clone());
         }
@@ -203,7 +233,12 @@ impl DataStore {
         let path = self.dir.join(chunk_name(id));
         self.pool.take(&path)?;
         let file = OpenOptions::new().read(true).write(true).open(&path)?;
-        let meta = ChunkMeta { id, sn, epoch };
+        let meta = ChunkMeta {
+            id,
+            sn,
+            epoch,
+            volume,
+        };
         file.write_all_at(&meta.encode(), 0)?;
         file.sync_data()?;
         let c = Arc::new(Chunk {
@@ -223,18 +258,42 @@ impl DataStore {
         data: &[u8],
         epoch: u64,
     ) -> Result<(), DataStoreError> {
+        self.write_chunk_of(0, id, sn, offset, data, epoch)
+    }
+
+    /// As [`Self::write_chunk`] for a write of `volume` (0: none named): the chunk records
+    /// the volume of its first such write and refuses any other.
+    pub fn write_chunk_of(
+        &self,
+        volume: u64,
+        id: u64,
+        sn: u64,
+        offset: u64,
+        data: &[u8],
+        epoch: u64,
+    ) -> Result<(), DataStoreError> {
         self.check(offset, data.len() as u64)?;
-        let chunk = self.get_or_create(id, sn, epoch)?;
+        let chunk = self.get_or_create(id, sn, epoch, volume)?;
         {
             let mut meta = chunk.meta.lock();
+            if volume != 0 && meta.volume != 0 && meta.volume != volume {
+                return Err(DataStoreError::WrongVolume {
+                    chunk: id,
+                    got: volume,
+                    have: meta.volume,
+                });
+            }
             if epoch < meta.epoch {
                 return Err(DataStoreError::EpochTooOld {
                     got: epoch,
                     have: meta.epoch,
                 });
             }
-            if epoch > meta.epoch {
+            if epoch > meta.epoch || (volume != 0 && meta.volume == 0) {
                 meta.epoch = epoch;
+                if volume != 0 {
+                    meta.volume = volume;
+                }
                 chunk.file.write_all_at(&meta.encode(), 0)?;
             }
         }
@@ -244,6 +303,18 @@ impl DataStore {
 
     /// Reads `buf.len()` bytes at `offset` of chunk `id`.
     pub fn read_chunk(&self, id: u64, offset: u64, buf: &mut [u8]) -> Result<(), DataStoreError> {
+        self.read_chunk_of(0, id, offset, buf)
+    }
+
+    /// As [`Self::read_chunk`] for a read of `volume` (0: none named): a chunk recorded as
+    /// another volume's is refused.
+    pub fn read_chunk_of(
+        &self,
+        volume: u64,
+        id: u64,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<(), DataStoreError> {
         self.check(offset, buf.len() as u64)?;
         let chunk = self
             .chunks
@@ -251,6 +322,14 @@ impl DataStore {
             .get(&id)
             .cloned()
             .ok_or(DataStoreError::NotExist(id))?;
+        let have = chunk.meta.lock().volume;
+        if volume != 0 && have != 0 && have != volume {
+            return Err(DataStoreError::WrongVolume {
+                chunk: id,
+                got: volume,
+                have,
+            });
+        }
         chunk.file.read_exact_at(buf, META_PAGE + offset)?;
         Ok(())
     }
@@ -343,7 +422,8 @@ mod tests {
             Some(ChunkMeta {
                 id: 7,
                 sn: 1,
-                epoch: 3
+                epoch: 3,
+                volume: 0,
             })
         );
         ds.sync().unwrap();
@@ -412,5 +492,51 @@ mod tests {
         .unwrap();
         let err = DataStore::open(&dir.path().join("copyset"), CHUNK, 4096, pool).unwrap_err();
         assert!(matches!(err, DataStoreError::Corrupt(_)));
+    }
+
+    #[test]
+    fn a_chunk_records_its_volume_and_refuses_others() {
+        let dir = tempfile::tempdir().unwrap();
+        let ds = store(dir.path());
+        let e = |r: Result<(), DataStoreError>| r.unwrap_err();
+        ds.write_chunk_of(5, 1, 1, 0, &[1; 4096], 2).unwrap();
+        assert_eq!(ds.chunk_meta(1).unwrap().volume, 5);
+        assert!(matches!(
+            e(ds.write_chunk_of(6, 1, 1, 0, &[2; 4096], 9)),
+            DataStoreError::WrongVolume { chunk: 1, got: 6, have: 5 }
+        ));
+        let mut buf = [0u8; 4096];
+        assert!(matches!(
+            e(ds.read_chunk_of(6, 1, 0, &mut buf)),
+            DataStoreError::WrongVolume { .. }
+        ));
+        ds.read_chunk_of(5, 1, 0, &mut buf).unwrap();
+        assert_eq!(buf, [1; 4096]);
+        assert_eq!(ds.chunk_meta(1).unwrap().epoch, 2, "a refused write changes nothing");
+        // A chunk written before volumes were recorded takes the volume of its next write.
+        ds.write_chunk(2, 1, 0, &[1; 4096], 1).unwrap();
+        ds.write_chunk_of(7, 2, 1, 0, &[1; 4096], 1).unwrap();
+        drop(ds);
+        let ds = store(dir.path());
+        assert_eq!(ds.chunk_meta(2).unwrap().volume, 7);
+        assert_eq!(ds.chunk_meta(1).unwrap().volume, 5);
+    }
+
+    #[test]
+    fn version_1_meta_pages_read_as_no_volume() {
+        let mut b = [0u8; 4096];
+        b[..8].copy_from_slice(MAGIC);
+        b[8] = 1;
+        b[9..17].copy_from_slice(&3u64.to_le_bytes());
+        b[17..25].copy_from_slice(&1u64.to_le_bytes());
+        b[25..33].copy_from_slice(&4u64.to_le_bytes());
+        let crc = crc32fast::hash(&b[..33]);
+        b[33..37].copy_from_slice(&crc.to_le_bytes());
+        assert_eq!(
+            ChunkMeta::decode(&b),
+            Some(ChunkMeta { id: 3, sn: 1, epoch: 4, volume: 0 })
+        );
+        b[8] = 9;
+        assert_eq!(ChunkMeta::decode(&b), None);
     }
 }

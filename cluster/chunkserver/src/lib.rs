@@ -14,6 +14,7 @@
 // helpers return it so that `?` flows into those traits.
 #![allow(clippy::result_large_err)]
 
+pub mod auth;
 pub mod chunkfilepool;
 pub mod copyset;
 pub mod daemon;

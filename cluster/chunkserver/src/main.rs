@@ -47,6 +47,10 @@ struct Args {
     /// Serve Prometheus metrics at http://ADDR/metrics (host:port).
     #[arg(long)]
     metrics_listen: Option<String>,
+    /// The cluster keyring (shared with the MDS; `curve key cluster`): turns authentication on
+    /// (tickets and grants on chunk requests, the cluster key between daemons).
+    #[arg(long, env = "CURVE_CLUSTER_KEY_FILE", value_name = "PATH")]
+    cluster_key_file: Option<std::path::PathBuf>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -74,6 +78,11 @@ fn main() -> anyhow::Result<()> {
             page_size: a.page_size,
             election_ms: (a.election_ms, a.election_ms * 2),
             heartbeat_ms: (a.election_ms / 3).max(50),
+            ring: a
+                .cluster_key_file
+                .as_deref()
+                .map(|p| curve_auth::SharedKeyring::watch(p, Duration::from_secs(1)))
+                .transpose()?,
             ..CopysetOptions::default()
         },
         pool_target: a.pool_target,

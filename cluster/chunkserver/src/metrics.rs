@@ -9,7 +9,16 @@ use curve_metrics::prometheus_client::metrics::histogram::Histogram;
 use curve_metrics::{IoFamilies, IoSeries, Labels, Metrics};
 
 /// The process's registry.
-pub static METRICS: LazyLock<Arc<Metrics>> = LazyLock::new(Metrics::new);
+pub static METRICS: LazyLock<Arc<Metrics>> = LazyLock::new(|| {
+    let m = Metrics::new();
+    m.counters_from(
+        "curve_chunkserver_auth_refused",
+        "Chunk, raft and copyset requests refused by authentication, by reason",
+        "reason",
+        curve_auth::refusals,
+    );
+    m
+});
 
 struct Families {
     chunkserver: IoFamilies,

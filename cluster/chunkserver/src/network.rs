@@ -25,6 +25,8 @@ pub struct CopysetNetwork {
     pub pool: u32,
     /// Copyset id.
     pub copyset: u32,
+    /// The cluster keyring (auth on).
+    pub ring: Option<curve_auth::SharedKeyring>,
 }
 
 /// A connection to one peer of a copyset.
@@ -35,6 +37,7 @@ pub struct PeerConnection {
     target: u64,
     addr: String,
     client: Option<RaftServiceClient<tonic::transport::Channel>>,
+    ring: Option<curve_auth::SharedKeyring>,
 }
 
 impl RaftNetworkFactory<TypeConfig> for CopysetNetwork {
@@ -47,6 +50,7 @@ impl RaftNetworkFactory<TypeConfig> for CopysetNetwork {
             target,
             addr: node.addr.clone(),
             client: None,
+            ring: self.ring.clone(),
         }
     }
 }
@@ -81,11 +85,23 @@ impl PeerConnection {
         let client = self.client.as_mut().expect("connected above");
         let payload =
             bincode::serialize(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
-        let request = RaftRequest {
+        let rpc = match kind {
+            Kind::Append => "AppendEntries",
+            Kind::Vote => "Vote",
+            Kind::Snapshot => "InstallSnapshot",
+        };
+        let cred = self.ring.as_ref().map(|r| {
+            let method = crate::service::raft_method(rpc, self.pool, self.copyset);
+            curve_auth::peer_credential(&r.get(), &method, &payload)
+        });
+        let mut request = tonic::Request::new(RaftRequest {
             logical_pool_id: self.pool,
             copyset_id: self.copyset,
             payload,
-        };
+        });
+        if let Some(v) = cred.and_then(|c| c.parse().ok()) {
+            request.metadata_mut().insert(curve_auth::PEER_HEADER, v);
+        }
         let sent = match kind {
             Kind::Append => client.append_entries(request).await,
             Kind::Vote => client.vote(request).await,

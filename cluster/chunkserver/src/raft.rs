@@ -25,6 +25,24 @@ pub enum ChunkCommand {
         /// Chunk id.
         chunk_id: u64,
     },
+    /// A write of a known volume (auth on: the ticket's): as `Write`, and the chunk records the
+    /// volume (a chunk of another volume refuses it). A new variant at the end, so that logs
+    /// written before decode unchanged.
+    WriteOf {
+        /// The volume.
+        volume: u64,
+        /// Chunk id.
+        chunk_id: u64,
+        /// Sequence number.
+        sn: u64,
+        /// Offset in the chunk.
+        offset: u64,
+        /// Data.
+        #[serde(with = "serde_bytes")]
+        data: Vec<u8>,
+        /// Epoch of the writer (the ticket's).
+        epoch: u64,
+    },
 }
 
 /// Result of applying a command: a chunk status code (`curve.chunk.ChunkStatus`).

@@ -24,6 +24,7 @@ use openraft::BasicNode;
 use openraft::error::{CheckIsLeaderError, ClientWriteError, ForwardToLeader, RaftError};
 use tonic::{Request, Response, Status};
 
+use crate::auth::ChunkAuth;
 use crate::copyset::{CopysetNode, CopysetNodeManager, CreateError};
 use crate::datastore::DataStoreError;
 use crate::raft::ChunkCommand;
@@ -34,6 +35,8 @@ pub struct ChunkServerServices {
     manager: Arc<CopysetNodeManager>,
     inflight: Arc<std::sync::atomic::AtomicUsize>,
     max_inflight: usize,
+    /// Ticket and cluster-key checks (auth on).
+    auth: Option<Arc<ChunkAuth>>,
 }
 
 /// Counts one chunk request in flight while it lives.
@@ -60,7 +63,45 @@ impl ChunkServerServices {
             manager,
             inflight: Arc::default(),
             max_inflight,
+            auth: None,
         }
+    }
+
+    /// Turns authentication on: tickets and grants on chunk requests, the cluster key on
+    /// raft, copyset and configuration RPCs.
+    pub fn with_auth(mut self, auth: Arc<ChunkAuth>) -> Self {
+        self.auth = Some(auth);
+        self
+    }
+
+    fn ring(&self) -> Option<&curve_auth::SharedKeyring> {
+        self.auth.as_deref().map(|a| &a.ring)
+    }
+
+    /// The volume and epoch a chunk request may use: the ticket's with auth on, else the
+    /// request's own fields.
+    fn allowed(
+        &self,
+        req: &ChunkRequest,
+        write: bool,
+        method: &str,
+    ) -> Result<crate::auth::Allowed, ChunkStatus> {
+        match &self.auth {
+            None => Ok(crate::auth::Allowed {
+                volume: 0,
+                epoch: req.epoch,
+            }),
+            Some(a) => a.check(&req.ticket, &req.grant, req.chunk_id, write, method),
+        }
+    }
+
+    /// The cluster's signature on a copyset or configuration RPC (auth on).
+    fn cluster_only<T: prost::Message>(
+        &self,
+        req: &Request<T>,
+        method: &str,
+    ) -> Result<(), curve_auth::AuthError> {
+        curve_auth::check_peer(self.ring(), req, method)
     }
 
     /// Records a served chunk request in the chunkserver's and the copyset's metrics.
@@ -186,17 +227,32 @@ impl ChunkService for ChunkServerServices {
             return Ok(Response::new(reply(ChunkStatus::Overload)));
         };
         let req = request.into_inner();
+        let allowed = match self.allowed(&req, true, "WriteChunk") {
+            Ok(a) => a,
+            Err(s) => return Ok(Response::new(reply(s))),
+        };
         if req.data.len() != req.size as usize || !self.check(req.offset, u64::from(req.size)) {
             return Ok(Response::new(reply(ChunkStatus::InvalidRequest)));
         }
         let started = std::time::Instant::now();
         let (pool, copyset, bytes) = (req.logical_pool_id, req.copyset_id, u64::from(req.size));
-        let cmd = ChunkCommand::Write {
-            chunk_id: req.chunk_id,
-            sn: req.sn,
-            offset: req.offset,
-            data: req.data.clone(),
-            epoch: req.epoch,
+        let cmd = if allowed.volume == 0 {
+            ChunkCommand::Write {
+                chunk_id: req.chunk_id,
+                sn: req.sn,
+                offset: req.offset,
+                data: req.data.clone(),
+                epoch: allowed.epoch,
+            }
+        } else {
+            ChunkCommand::WriteOf {
+                volume: allowed.volume,
+                chunk_id: req.chunk_id,
+                sn: req.sn,
+                offset: req.offset,
+                data: req.data.clone(),
+                epoch: allowed.epoch,
+            }
         };
         let r = self.write(req, cmd).await;
         self.record(pool, copyset, true, bytes, &r, started);
@@ -211,6 +267,10 @@ impl ChunkService for ChunkServerServices {
             return Ok(Response::new(reply(ChunkStatus::Overload)));
         };
         let req = request.into_inner();
+        let allowed = match self.allowed(&req, false, "ReadChunk") {
+            Ok(a) => a,
+            Err(s) => return Ok(Response::new(reply(s))),
+        };
         if !self.check(req.offset, u64::from(req.size)) {
             return Ok(Response::new(reply(ChunkStatus::InvalidRequest)));
         }
@@ -222,7 +282,10 @@ impl ChunkService for ChunkServerServices {
         }
         let started = std::time::Instant::now();
         let mut data = vec![0u8; req.size as usize];
-        let r = match node.store().read_chunk(req.chunk_id, req.offset, &mut data) {
+        let r = match node
+            .store()
+            .read_chunk_of(allowed.volume, req.chunk_id, req.offset, &mut data)
+        {
             Ok(()) => ChunkResponse {
                 status: ChunkStatus::Success as i32,
                 data,
@@ -230,6 +293,10 @@ impl ChunkService for ChunkServerServices {
             },
             Err(DataStoreError::NotExist(_)) => reply(ChunkStatus::ChunkNotexist),
             Err(DataStoreError::Invalid(_)) => reply(ChunkStatus::InvalidRequest),
+            Err(e @ DataStoreError::WrongVolume { .. }) => {
+                curve_auth::refused(&curve_auth::AuthError::WrongVolume(e.to_string()), "ReadChunk");
+                reply(ChunkStatus::AuthFailed)
+            }
             Err(e) => {
                 tracing::error!(error = %e, "read failed");
                 reply(ChunkStatus::DiskFail)
@@ -250,6 +317,10 @@ impl ChunkService for ChunkServerServices {
         &self,
         request: Request<ChunkRequest>,
     ) -> Result<Response<ChunkResponse>, Status> {
+        // Only the MDS deletes chunks (a purged volume's), signing with the cluster key.
+        if self.cluster_only(&request, "DeleteChunk").is_err() {
+            return Ok(Response::new(reply(ChunkStatus::AuthFailed)));
+        }
         let req = request.into_inner();
         let cmd = ChunkCommand::Delete {
             chunk_id: req.chunk_id,
@@ -262,6 +333,14 @@ impl ChunkService for ChunkServerServices {
         request: Request<GetChunkInfoRequest>,
     ) -> Result<Response<GetChunkInfoResponse>, Status> {
         let req = request.into_inner();
+        if let Some(a) = &self.auth
+            && let Err(s) = a.check(&req.ticket, &req.grant, req.chunk_id, false, "GetChunkInfo")
+        {
+            return Ok(Response::new(GetChunkInfoResponse {
+                status: s as i32,
+                ..Default::default()
+            }));
+        }
         let Some(node) = self.node(req.logical_pool_id, req.copyset_id) else {
             return Ok(Response::new(GetChunkInfoResponse {
                 status: ChunkStatus::CopysetNotexist as i32,
@@ -351,12 +430,32 @@ fn decode<T: serde::de::DeserializeOwned>(req: &RaftRequest) -> Result<T, Status
     bincode::deserialize(&req.payload).map_err(|e| Status::invalid_argument(e.to_string()))
 }
 
+/// The method name a raft RPC is signed for: the RPC and the copyset.
+pub fn raft_method(rpc: &str, pool: u32, copyset: u32) -> String {
+    format!("{rpc}/{pool}/{copyset}")
+}
+
+impl ChunkServerServices {
+    /// The cluster's signature on a raft RPC (over its payload, not a copy of it).
+    fn raft_peer(&self, request: &Request<RaftRequest>, rpc: &str) -> Result<(), Status> {
+        let r = request.get_ref();
+        curve_auth::check_peer_over(
+            self.ring(),
+            request,
+            &raft_method(rpc, r.logical_pool_id, r.copyset_id),
+            &r.payload,
+        )
+        .map_err(|e| Status::unauthenticated(e.to_string()))
+    }
+}
+
 #[tonic::async_trait]
 impl RaftService for ChunkServerServices {
     async fn append_entries(
         &self,
         request: Request<RaftRequest>,
     ) -> Result<Response<RaftResponse>, Status> {
+        self.raft_peer(&request, "AppendEntries")?;
         let req = request.into_inner();
         let node = match self.raft_target(&req) {
             Ok(n) => n,
@@ -366,6 +465,7 @@ impl RaftService for ChunkServerServices {
     }
 
     async fn vote(&self, request: Request<RaftRequest>) -> Result<Response<RaftResponse>, Status> {
+        self.raft_peer(&request, "Vote")?;
         let req = request.into_inner();
         let node = match self.raft_target(&req) {
             Ok(n) => n,
@@ -378,6 +478,7 @@ impl RaftService for ChunkServerServices {
         &self,
         request: Request<RaftRequest>,
     ) -> Result<Response<RaftResponse>, Status> {
+        self.raft_peer(&request, "InstallSnapshot")?;
         let req = request.into_inner();
         let node = match self.raft_target(&req) {
             Ok(n) => n,
@@ -393,6 +494,12 @@ impl CopysetService for ChunkServerServices {
         &self,
         request: Request<CreateCopysetRequest>,
     ) -> Result<Response<CreateCopysetResponse>, Status> {
+        if let Err(e) = self.cluster_only(&request, "CreateCopysetNode") {
+            return Ok(Response::new(CreateCopysetResponse {
+                status: CopysetStatus::CopysetFailed as i32,
+                message: e.to_string(),
+            }));
+        }
         for spec in request.into_inner().copysets {
             let peers: BTreeMap<u64, BasicNode> = spec
                 .peers
@@ -541,6 +648,9 @@ impl CliService for ChunkServerServices {
         &self,
         request: Request<CliRequest>,
     ) -> Result<Response<CliResponse>, Status> {
+        if let Err(e) = self.cluster_only(&request, "AddPeer") {
+            return Ok(Response::new(cli(CliStatus::CliInvalid, e.to_string())));
+        }
         let req = request.into_inner();
         let (node, mut voters, peer) = match self.led_with_peer(req) {
             Ok(x) => x,
@@ -554,6 +664,9 @@ impl CliService for ChunkServerServices {
         &self,
         request: Request<CliRequest>,
     ) -> Result<Response<CliResponse>, Status> {
+        if let Err(e) = self.cluster_only(&request, "RemovePeer") {
+            return Ok(Response::new(cli(CliStatus::CliInvalid, e.to_string())));
+        }
         let req = request.into_inner();
         let (node, mut voters, peer) = match self.led_with_peer(req) {
             Ok(x) => x,
@@ -572,6 +685,9 @@ impl CliService for ChunkServerServices {
         &self,
         request: Request<CliRequest>,
     ) -> Result<Response<CliResponse>, Status> {
+        if let Err(e) = self.cluster_only(&request, "ChangePeers") {
+            return Ok(Response::new(cli(CliStatus::CliInvalid, e.to_string())));
+        }
         let req = request.into_inner();
         let (node, voters) = match self.led(&req) {
             Ok(x) => x,
@@ -602,6 +718,9 @@ impl CliService for ChunkServerServices {
         &self,
         request: Request<CliRequest>,
     ) -> Result<Response<CliResponse>, Status> {
+        if let Err(e) = self.cluster_only(&request, "TransferLeader") {
+            return Ok(Response::new(cli(CliStatus::CliInvalid, e.to_string())));
+        }
         let req = request.into_inner();
         let Some(node) = self.node(req.logical_pool_id, req.copyset_id) else {
             return Ok(Response::new(cli(
@@ -684,7 +803,13 @@ impl CliService for ChunkServerServices {
             let forwarded = async {
                 let mut c = CliServiceClient::connect(format!("http://{}", peer.address)).await?;
                 Ok::<_, Box<dyn std::error::Error + Send + Sync>>(
-                    c.transfer_leader(req).await?.into_inner(),
+                    c.transfer_leader(curve_auth::peer_request(
+                        self.ring(),
+                        "TransferLeader",
+                        req,
+                    ))
+                    .await?
+                    .into_inner(),
                 )
             };
             let r = match forwarded.await {

@@ -7,7 +7,7 @@
 //!
 //! ```text
 //!  image:  "CURVESNP" | version u32 | meta len u32 | meta (bincode) | chunk size u64 |
-//!          count u64 | count × (chunk id u64, sn u64, epoch u64) |
+//!          count u64 | count × (chunk id u64, sn u64, epoch u64, volume u64) |
 //!          count × chunk size bytes (chunk i's data, read from its file when that part of
 //!          the image is read; a chunk deleted since reads as zeros, and the log's delete
 //!          after the snapshot removes it again)
@@ -29,7 +29,8 @@ use openraft::{BasicNode, SnapshotMeta};
 use crate::datastore::{DataStore, DataStoreError};
 
 const MAGIC: &[u8; 8] = b"CURVESNP";
-const VERSION: u32 = 1;
+/// Version 2 added the volume to the chunk table (version 1 images are still installed).
+const VERSION: u32 = 2;
 /// Largest piece read from a chunk file per call.
 const PIECE: usize = 1 << 20;
 /// Largest meta accepted in a received image.
@@ -115,18 +116,18 @@ impl SnapshotData {
         let mut table = Vec::new();
         for id in store.chunk_ids() {
             if let Some(m) = store.chunk_meta(id) {
-                table.push((id, m.sn, m.epoch));
+                table.push((id, m.sn, m.epoch, m.volume));
             }
         }
-        let mut header = Vec::with_capacity(40 + meta.len() + table.len() * 24);
+        let mut header = Vec::with_capacity(40 + meta.len() + table.len() * 32);
         header.extend_from_slice(MAGIC);
         header.extend_from_slice(&VERSION.to_le_bytes());
         header.extend_from_slice(&(meta.len() as u32).to_le_bytes());
         header.extend_from_slice(&meta);
         header.extend_from_slice(&store.chunk_size().to_le_bytes());
         header.extend_from_slice(&(table.len() as u64).to_le_bytes());
-        for (id, sn, epoch) in &table {
-            for v in [id, sn, epoch] {
+        for (id, sn, epoch, volume) in &table {
+            for v in [id, sn, epoch, volume] {
                 header.extend_from_slice(&v.to_le_bytes());
             }
         }
@@ -167,7 +168,7 @@ impl SnapshotData {
             return Err(bad("not a copyset snapshot image".into()));
         }
         let version = u32::from_le_bytes(fixed[8..12].try_into().expect("4 bytes"));
-        if version != VERSION {
+        if version != VERSION && version != 1 {
             return Err(bad(format!("snapshot image version {version}")));
         }
         let meta_len = u32::from_le_bytes(fixed[12..16].try_into().expect("4 bytes")) as usize;
@@ -189,11 +190,12 @@ impl SnapshotData {
             )));
         }
         let mut table = Vec::new();
-        let mut row = [0u8; 24];
+        let mut row = [0u8; 32];
+        let row_len = if version == 1 { 24 } else { 32 };
         for _ in 0..count {
-            self.read_exact(&mut row)?;
+            self.read_exact(&mut row[..row_len])?;
             let v = |i: usize| u64::from_le_bytes(row[i * 8..i * 8 + 8].try_into().expect("8"));
-            table.push((v(0), v(1), v(2)));
+            table.push((v(0), v(1), v(2), if version == 1 { 0 } else { v(3) }));
         }
         let keep: std::collections::HashSet<u64> = table.iter().map(|t| t.0).collect();
         for id in store.chunk_ids() {
@@ -202,14 +204,14 @@ impl SnapshotData {
             }
         }
         let mut data = vec![0u8; chunk_size as usize];
-        for (id, sn, epoch) in table {
+        for (id, sn, epoch, volume) in table {
             self.read_exact(&mut data)?;
             if store.chunk_meta(id).is_some_and(|m| m.epoch > epoch) {
                 // Newer than the snapshot here: the log replays the difference.
                 continue;
             }
             store
-                .write_chunk(id, sn, 0, &data, epoch)
+                .write_chunk_of(volume, id, sn, 0, &data, epoch)
                 .map_err(io::Error::other)?;
         }
         Ok(meta)

@@ -40,7 +40,9 @@ const APPLY_WORKERS: usize = 4;
 
 fn lane_of(cmd: &ChunkCommand) -> usize {
     let id = match cmd {
-        ChunkCommand::Write { chunk_id, .. } | ChunkCommand::Delete { chunk_id } => *chunk_id,
+        ChunkCommand::Write { chunk_id, .. }
+        | ChunkCommand::WriteOf { chunk_id, .. }
+        | ChunkCommand::Delete { chunk_id } => *chunk_id,
     };
     (id.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 60) as usize % APPLY_WORKERS
 }
@@ -57,6 +59,8 @@ pub mod status {
     pub const CHUNK_NOTEXIST: i32 = 7;
     /// Fenced writer.
     pub const EPOCH_TOO_OLD: i32 = 12;
+    /// A chunk of another volume.
+    pub const AUTH_FAILED: i32 = 13;
 }
 
 #[derive(Debug)]
@@ -122,6 +126,17 @@ impl CopysetStateMachine {
                 .inner
                 .store
                 .write_chunk(*chunk_id, *sn, *offset, data, *epoch),
+            ChunkCommand::WriteOf {
+                volume,
+                chunk_id,
+                sn,
+                offset,
+                data,
+                epoch,
+            } => self
+                .inner
+                .store
+                .write_chunk_of(*volume, *chunk_id, *sn, *offset, data, *epoch),
             ChunkCommand::Delete { chunk_id } => match self.inner.store.delete_chunk(*chunk_id) {
                 Err(DataStoreError::NotExist(_)) => Ok(()),
                 r => r,
@@ -132,6 +147,7 @@ impl CopysetStateMachine {
             Err(DataStoreError::Invalid(_)) => status::INVALID_REQUEST,
             Err(DataStoreError::NotExist(_)) => status::CHUNK_NOTEXIST,
             Err(DataStoreError::EpochTooOld { .. }) => status::EPOCH_TOO_OLD,
+            Err(DataStoreError::WrongVolume { .. }) => status::AUTH_FAILED,
             Err(e) => {
                 tracing::error!(error = %e, "apply failed");
                 status::DISK_FAIL

@@ -193,7 +193,9 @@ async fn create_pools(mds: &Arc<Mds>) {
     let Ok(Ok(pending)) = planned else {
         return;
     };
+    let ring = mds.opts.auth.as_ref().map(|a| a.ring.clone());
     for (pool, per_cs) in pending {
+        let ring = &ring;
         // On every chunkserver at once: a replica created long before its peers would campaign
         // against peers that do not have the copyset yet.
         let results =
@@ -206,7 +208,7 @@ async fn create_pools(mds: &Arc<Mds>) {
                         peers,
                     })
                     .collect();
-                (create_on(&addr, specs).await, addr)
+                (create_on(ring.as_ref(), &addr, specs).await, addr)
             }))
             .await;
         let mut all = true;
@@ -227,7 +229,11 @@ async fn create_pools(mds: &Arc<Mds>) {
     }
 }
 
-async fn create_on(addr: &str, copysets: Vec<CopysetSpec>) -> Result<(), String> {
+async fn create_on(
+    ring: Option<&curve_auth::SharedKeyring>,
+    addr: &str,
+    copysets: Vec<CopysetSpec>,
+) -> Result<(), String> {
     let mut c = tokio::time::timeout(
         Duration::from_secs(3),
         CopysetServiceClient::connect(format!("http://{addr}")),
@@ -237,7 +243,11 @@ async fn create_on(addr: &str, copysets: Vec<CopysetSpec>) -> Result<(), String>
     .map_err(|e| e.to_string())?;
     let r = tokio::time::timeout(
         Duration::from_secs(10),
-        c.create_copyset_node(CreateCopysetRequest { copysets }),
+        c.create_copyset_node(curve_auth::peer_request(
+            ring,
+            "CreateCopysetNode",
+            CreateCopysetRequest { copysets },
+        )),
     )
     .await
     .map_err(|_| "copyset creation timed out".to_string())?
@@ -270,7 +280,8 @@ async fn schedule(mds: &Arc<Mds>) {
             copyset_id: copyset,
             peers: Vec::new(), // empty: a new replica that waits for its leader
         };
-        let r = create_on(&target.address, vec![spec]).await;
+        let ring = mds.opts.auth.as_ref().map(|a| a.ring.clone());
+        let r = create_on(ring.as_ref(), &target.address, vec![spec]).await;
         let mut st = mds.state.lock();
         match r {
             Ok(()) => st.cluster.prepared(pool, copyset),
@@ -283,8 +294,11 @@ async fn schedule(mds: &Arc<Mds>) {
 }
 
 /// Deletes chunks of purged volumes on their copysets' leaders (best effort: a chunk that
-/// stays behind only costs space).
-pub async fn delete_chunks(work: Vec<(u32, u32, u64, Vec<Peer>)>) {
+/// stays behind only costs space), signed with the cluster key when auth is on.
+pub async fn delete_chunks(
+    work: Vec<(u32, u32, u64, Vec<Peer>)>,
+    ring: Option<curve_auth::SharedKeyring>,
+) {
     for (pool, copyset, chunk, peers) in work {
         let mut target = peers.first().map(|p| p.address.clone());
         for _ in 0..(peers.len() * 2).max(1) {
@@ -301,12 +315,16 @@ pub async fn delete_chunks(work: Vec<(u32, u32, u64, Vec<Peer>)>) {
                 continue;
             };
             let r = c
-                .delete_chunk(ChunkRequest {
-                    logical_pool_id: pool,
-                    copyset_id: copyset,
-                    chunk_id: chunk,
-                    ..Default::default()
-                })
+                .delete_chunk(curve_auth::peer_request(
+                    ring.as_ref(),
+                    "DeleteChunk",
+                    ChunkRequest {
+                        logical_pool_id: pool,
+                        copyset_id: copyset,
+                        chunk_id: chunk,
+                        ..Default::default()
+                    },
+                ))
                 .await
                 .map(|r| r.into_inner());
             match r {

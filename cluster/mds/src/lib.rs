@@ -17,6 +17,7 @@
 //! [`segment::choose_copysets`], [`scheduler::schedule`], and the in-memory
 //! [`namespace::Namespace`] / [`session::Sessions`] / [`cluster::Cluster`].
 
+pub mod auth;
 pub mod cluster;
 pub mod daemon;
 pub mod etcd;

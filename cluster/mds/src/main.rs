@@ -61,6 +61,17 @@ struct Args {
     /// Serve Prometheus metrics at http://ADDR/metrics (host:port).
     #[arg(long, value_name = "ADDR")]
     metrics_listen: Option<String>,
+    /// The cluster keyring (`curve key cluster`): turns authentication on. Every request must
+    /// then be signed by a user or by the cluster; tickets and grants are sealed with it.
+    #[arg(long, env = "CURVE_CLUSTER_KEY_FILE", value_name = "PATH")]
+    cluster_key_file: Option<PathBuf>,
+    /// The admin's key file (its `public` line is enough): `root` signing with this key is the
+    /// admin. Required with --cluster-key-file.
+    #[arg(long, value_name = "PATH")]
+    admin_key_file: Option<PathBuf>,
+    /// How long a ticket works, ms (clients renew theirs with every session refresh).
+    #[arg(long, default_value_t = 600_000)]
+    ticket_ttl_ms: u64,
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -106,6 +117,25 @@ fn main() -> anyhow::Result<()> {
     if !a.segment_size.is_multiple_of(a.chunk_size) {
         anyhow::bail!("the segment size must be a multiple of the chunk size");
     }
+    let auth = match (&a.cluster_key_file, &a.admin_key_file) {
+        (None, None) => None,
+        (Some(ring), Some(admin)) => {
+            let ring = curve_auth::SharedKeyring::watch(ring, Duration::from_secs(1))?;
+            let (name, public) = curve_auth::public_from_file(admin)?;
+            if name != "root" {
+                anyhow::bail!("{}: the admin key is root's (user = root), not {name}'s", admin.display());
+            }
+            Some(std::sync::Arc::new(curve_mds::auth::Auth::new(
+                ring,
+                (name, public),
+                Duration::from_millis(a.ticket_ttl_ms.max(1000)),
+            )))
+        }
+        _ => anyhow::bail!("--cluster-key-file and --admin-key-file go together (authentication on)"),
+    };
+    if auth.is_none() {
+        tracing::warn!("authentication is off: any client may do anything (give --cluster-key-file and --admin-key-file)");
+    }
     let cfg = Config {
         listen: a.listen,
         data_dir: a.data_dir,
@@ -128,6 +158,7 @@ fn main() -> anyhow::Result<()> {
             },
             topology,
             balance: !a.no_balance,
+            auth,
         },
     };
     let rt = tokio::runtime::Builder::new_multi_thread()

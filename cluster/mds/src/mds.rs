@@ -11,6 +11,7 @@ use curve_proto::common::Peer;
 use curve_proto::heartbeat::heartbeat_service_server::HeartbeatService;
 use curve_proto::heartbeat::{
     HeartbeatRequest, HeartbeatResponse, HeartbeatStatus, RegisterRequest, RegisterResponse,
+    VolumeEpoch,
 };
 use curve_proto::mds::mds_service_server::MdsService;
 use curve_proto::mds::*;
@@ -37,6 +38,8 @@ pub struct Options {
     pub topology: TopologySpec,
     /// Whether the scheduler balances copysets and leaders (recovery always runs).
     pub balance: bool,
+    /// Authentication (on with a cluster keyring): users' signatures, tickets, grants.
+    pub auth: Option<Arc<crate::auth::Auth>>,
 }
 
 impl Default for Options {
@@ -47,6 +50,7 @@ impl Default for Options {
             timeouts: Timeouts::default(),
             topology: TopologySpec::default_single_pool(),
             balance: true,
+            auth: None,
         }
     }
 }
@@ -60,6 +64,8 @@ pub struct State {
     pub cluster: Cluster,
     /// Open volumes.
     pub sessions: Sessions,
+    /// Users and their public keys (auth on).
+    pub users: crate::auth::Users,
 }
 
 /// The leader MDS.
@@ -92,6 +98,7 @@ impl Mds {
         let mut ns = Namespace::load(&pairs, opts.geometry)?;
         let cluster = Cluster::load(&pairs, opts.topology.clone(), opts.timeouts, now)?;
         let sessions = Sessions::load(&pairs, opts.lease, now);
+        let users = crate::auth::load_users(&pairs);
         let boot = ns.bootstrap(now_ms());
         let writer = Writer::start(store, on_fatal);
         writer.queue(boot).await?;
@@ -101,6 +108,7 @@ impl Mds {
                 ns,
                 cluster,
                 sessions,
+                users,
             }),
             writer,
             opts,
@@ -259,6 +267,56 @@ fn file_reply(r: Result<FileInfo, NsError>) -> FileResponse {
     }
 }
 
+/// The caller of request `$r` (see [`Services::caller`]), or an AUTH_FAILED reply of type `$t`.
+macro_rules! caller {
+    ($self:ident, $r:ident, $t:ident, $method:expr) => {
+        match $self.caller(&$r, $method) {
+            Ok(c) => c,
+            Err(e) => return Ok(Response::new(refusal!($t, e))),
+        }
+    };
+}
+
+/// An AUTH_FAILED reply of type `$t` for `$e`.
+macro_rules! refusal {
+    ($t:ident, $e:expr) => {
+        reply!($t, MdsStatus::AuthFailed, String::new(), $e.to_string())
+    };
+}
+
+/// `$e` (a `Result<_, AuthError>`), or an AUTH_FAILED reply of type `$t`.
+macro_rules! or_refuse {
+    ($e:expr, $t:ident, $method:expr) => {
+        match $e {
+            Ok(x) => x,
+            Err(e) => {
+                curve_auth::refused(&e, $method);
+                return Ok(Response::new(refusal!($t, e)));
+            }
+        }
+    };
+}
+
+impl Services {
+    /// Who sent `r`: with auth off, anyone; a follower leaves the check to the leader (it
+    /// answers NOT_LEADER).
+    fn caller<T: prost::Message>(
+        &self,
+        r: &Request<T>,
+        method: &str,
+    ) -> Result<crate::auth::Caller, curve_auth::AuthError> {
+        let Some(mds) = self.role.mds() else {
+            return Ok(crate::auth::Caller::Anyone);
+        };
+        let Some(auth) = &mds.opts.auth else {
+            return Ok(crate::auth::Caller::Anyone);
+        };
+        let users = mds.state.lock().users.clone();
+        auth.caller(&users, r, method)
+            .inspect_err(|e| curve_auth::refused(e, method))
+    }
+}
+
 /// Deletes the chunks of purged segments on their copysets (best effort, in the background).
 fn clean(mds: &Arc<Mds>, freed: Vec<crate::namespace::SegmentRecord>) {
     if freed.is_empty() {
@@ -279,7 +337,8 @@ fn clean(mds: &Arc<Mds>, freed: Vec<crate::namespace::SegmentRecord>) {
             }
         }
     }
-    tokio::spawn(crate::daemon::delete_chunks(work));
+    let ring = mds.opts.auth.as_ref().map(|a| a.ring.clone());
+    tokio::spawn(crate::daemon::delete_chunks(work, ring));
 }
 
 impl Services {
@@ -306,7 +365,9 @@ impl MdsService for Services {
         &self,
         r: Request<CreateFileRequest>,
     ) -> Result<Response<FileResponse>, Status> {
+        let caller = caller!(self, r, FileResponse, "CreateFile");
         let r = r.into_inner();
+        let owner = or_refuse!(caller.owner(&r.owner), FileResponse, "CreateFile");
         let kind = match FileType::try_from(r.r#type) {
             Ok(FileType::Directory) => Kind::Directory,
             Ok(FileType::Volume) => Kind::Volume,
@@ -320,12 +381,13 @@ impl MdsService for Services {
             }
         };
         self.file_change(move |ns| {
-            ns.create(&r.path, kind, r.length, r.block_size, &r.owner, now_ms())
+            ns.create(&r.path, kind, r.length, r.block_size, &owner, now_ms())
         })
         .await
     }
 
     async fn stat_file(&self, r: Request<PathRequest>) -> Result<Response<FileResponse>, Status> {
+        caller!(self, r, FileResponse, "StatFile");
         let r = r.into_inner();
         leader_or!(self, FileResponse, mds => async move {
             let st = mds.state.lock();
@@ -335,6 +397,7 @@ impl MdsService for Services {
     }
 
     async fn list_dir(&self, r: Request<PathRequest>) -> Result<Response<ListDirResponse>, Status> {
+        caller!(self, r, ListDirResponse, "ListDir");
         let r = r.into_inner();
         leader_or!(self, ListDirResponse, mds => async move {
             let st = mds.state.lock();
@@ -352,8 +415,10 @@ impl MdsService for Services {
         &self,
         r: Request<ExtendFileRequest>,
     ) -> Result<Response<FileResponse>, Status> {
+        let caller = caller!(self, r, FileResponse, "ExtendFile");
         let r = r.into_inner();
-        self.file_change(move |ns| ns.extend(&r.path, r.new_length, &r.owner))
+        let owner = or_refuse!(caller.owner(&r.owner), FileResponse, "ExtendFile");
+        self.file_change(move |ns| ns.extend(&r.path, r.new_length, &owner))
             .await
     }
 
@@ -361,7 +426,9 @@ impl MdsService for Services {
         &self,
         r: Request<RenameFileRequest>,
     ) -> Result<Response<FileResponse>, Status> {
+        let caller = caller!(self, r, FileResponse, "RenameFile");
         let r = r.into_inner();
+        let owner = or_refuse!(caller.owner(&r.owner), FileResponse, "RenameFile");
         leader_or!(self, FileResponse, mds => async move {
             let now = Instant::now();
             let out = mds
@@ -375,7 +442,7 @@ impl MdsService for Services {
                             return Err(NsError::Occupied(p));
                         }
                     }
-                    let (f, ops) = st.ns.rename(&r.from, &r.to, &r.owner)?;
+                    let (f, ops) = st.ns.rename(&r.from, &r.to, &owner)?;
                     Ok((info(&st.ns, &f), ops))
                 })
                 .await?;
@@ -387,7 +454,9 @@ impl MdsService for Services {
         &self,
         r: Request<DeleteFileRequest>,
     ) -> Result<Response<FileResponse>, Status> {
+        let caller = caller!(self, r, FileResponse, "DeleteFile");
         let r = r.into_inner();
+        let owner = or_refuse!(caller.owner(&r.owner), FileResponse, "DeleteFile");
         leader_or!(self, FileResponse, mds => async move {
             let now = Instant::now();
             let out = mds
@@ -397,7 +466,7 @@ impl MdsService for Services {
                     {
                         return Ok((Err(MdsStatus::Occupied), Vec::new()));
                     }
-                    let (f, mut ops, freed) = st.ns.delete(&r.path, &r.owner, r.force)?;
+                    let (f, mut ops, freed) = st.ns.delete(&r.path, &owner, r.force)?;
                     if r.force {
                         ops.extend(st.sessions.forget(f.id));
                     }
@@ -419,8 +488,10 @@ impl MdsService for Services {
         &self,
         r: Request<RecycleRequest>,
     ) -> Result<Response<FileResponse>, Status> {
+        let caller = caller!(self, r, FileResponse, "RecoverFile");
         let r = r.into_inner();
-        self.file_change(move |ns| ns.recover(&r.path, &r.owner))
+        let owner = or_refuse!(caller.owner(&r.owner), FileResponse, "RecoverFile");
+        self.file_change(move |ns| ns.recover(&r.path, &owner))
             .await
     }
 
@@ -428,11 +499,13 @@ impl MdsService for Services {
         &self,
         r: Request<RecycleRequest>,
     ) -> Result<Response<FileResponse>, Status> {
+        let caller = caller!(self, r, FileResponse, "PurgeFile");
         let r = r.into_inner();
+        let owner = or_refuse!(caller.owner(&r.owner), FileResponse, "PurgeFile");
         leader_or!(self, FileResponse, mds => async move {
             let out = mds
                 .update(|st| {
-                    let (f, mut ops, freed) = st.ns.purge(&r.path, &r.owner)?;
+                    let (f, mut ops, freed) = st.ns.purge(&r.path, &owner)?;
                     ops.extend(st.sessions.forget(f.id));
                     Ok(((info(&st.ns, &f), freed), ops))
                 })
@@ -451,7 +524,9 @@ impl MdsService for Services {
         &self,
         r: Request<OpenFileRequest>,
     ) -> Result<Response<OpenFileResponse>, Status> {
+        let caller = caller!(self, r, OpenFileResponse, "OpenFile");
         let r = r.into_inner();
+        let owner = or_refuse!(caller.owner(&r.owner), OpenFileResponse, "OpenFile");
         leader_or!(self, OpenFileResponse, mds => async move {
             let now = Instant::now();
             let lease = mds.opts.lease;
@@ -462,7 +537,7 @@ impl MdsService for Services {
                     if f.kind != Kind::Volume || f.deleted.is_some() {
                         return Err(NsError::NotAVolume(r.path.clone()));
                     }
-                    if r.owner != "root" && f.owner != r.owner {
+                    if owner != "root" && f.owner != owner {
                         return Err(NsError::AuthFailed(r.path.clone()));
                     }
                     let (session, mut ops) = match st.sessions.open(id, &r.client, now) {
@@ -482,6 +557,7 @@ impl MdsService for Services {
                         lease_ms: lease.as_millis() as u64,
                         epoch: i.epoch,
                     }),
+                    ticket: mds.opts.auth.as_ref().map(|a| a.ticket(i.id, i.epoch)).unwrap_or_default(),
                     info: Some(i),
                     ..Default::default()
                 },
@@ -495,18 +571,29 @@ impl MdsService for Services {
         &self,
         r: Request<SessionRequest>,
     ) -> Result<Response<SessionResponse>, Status> {
+        let caller = caller!(self, r, SessionResponse, "RefreshSession");
         let r = r.into_inner();
         leader_or!(self, SessionResponse, mds => async move {
             let mut st = mds.state.lock();
             let lease = st.sessions.lease();
+            if let Ok(id) = st.ns.lookup(&r.path)
+                && let Err(e) = caller.owner(&st.ns.get(id).expect("looked up").owner)
+            {
+                curve_auth::refused(&e, "RefreshSession");
+                return Ok(refusal!(SessionResponse, e));
+            }
             Ok(match st.ns.lookup(&r.path) {
                 Err(e) => reply!(SessionResponse, status_of(&e), String::new(), e.to_string()),
                 Ok(id) => match st.sessions.refresh(id, &r.session_id, Instant::now()) {
-                    Ok(()) => SessionResponse {
-                        info: Some(info(&st.ns, st.ns.get(id).expect("looked up"))),
-                        lease_ms: lease.as_millis() as u64,
-                        ..Default::default()
-                    },
+                    Ok(()) => {
+                        let f = st.ns.get(id).expect("looked up");
+                        SessionResponse {
+                            info: Some(info(&st.ns, f)),
+                            lease_ms: lease.as_millis() as u64,
+                            ticket: mds.opts.auth.as_ref().map(|a| a.ticket(f.id, f.epoch)).unwrap_or_default(),
+                            ..Default::default()
+                        }
+                    }
                     Err(_) => reply!(SessionResponse, MdsStatus::SessionExpired, String::new(), "session expired: reopen".into()),
                 },
             })
@@ -517,11 +604,15 @@ impl MdsService for Services {
         &self,
         r: Request<SessionRequest>,
     ) -> Result<Response<SessionResponse>, Status> {
+        let caller = caller!(self, r, SessionResponse, "CloseFile");
         let r = r.into_inner();
         leader_or!(self, SessionResponse, mds => async move {
             let out = mds
                 .update(|st| {
                     let id = st.ns.lookup(&r.path)?;
+                    if caller.owner(&st.ns.get(id).expect("looked up").owner).is_err() {
+                        return Err(NsError::AuthFailed(r.path.clone()));
+                    }
                     Ok(match st.sessions.close(id, &r.session_id) {
                         Ok(ops) => (true, ops),
                         Err(_) => (false, Vec::new()),
@@ -540,13 +631,15 @@ impl MdsService for Services {
         &self,
         r: Request<SegmentRequest>,
     ) -> Result<Response<SegmentResponse>, Status> {
+        let caller = caller!(self, r, SegmentResponse, "GetOrAllocateSegment");
         let r = r.into_inner();
+        let owner = or_refuse!(caller.owner(&r.owner), SegmentResponse, "GetOrAllocateSegment");
         leader_or!(self, SegmentResponse, mds => async move {
             let out = mds
                 .update(|st| {
                     let id = st.ns.lookup(&r.path)?;
                     let f = st.ns.get(id).expect("looked up");
-                    if r.owner != "root" && f.owner != r.owner {
+                    if owner != "root" && f.owner != owner {
                         return Err(NsError::AuthFailed(r.path.clone()));
                     }
                     let pool = st.cluster.pool_copysets();
@@ -555,18 +648,25 @@ impl MdsService for Services {
                         (None, true) => return Err(NsError::NoSpace),
                         (_, false) => None,
                     };
-                    st.ns.segment(id, r.offset, alloc)
+                    st.ns
+                        .segment(id, r.offset, alloc)
+                        .map(|(s, ops)| (s.map(|s| (id, s)), ops))
                 })
                 .await?;
+            let ring = mds.opts.auth.as_ref().map(|a| a.ring.get());
             Ok(match out {
-                Ok(Some((offset, s))) => SegmentResponse {
+                Ok(Some((volume, (offset, s)))) => SegmentResponse {
                     segment: Some(Segment {
                         offset,
                         logical_pool_id: s.pool,
                         chunks: s
                             .chunks
                             .iter()
-                            .map(|(c, cs)| ChunkLocation { chunk_id: *c, copyset_id: *cs })
+                            .map(|(c, cs)| ChunkLocation {
+                                chunk_id: *c,
+                                copyset_id: *cs,
+                                grant: ring.as_ref().map(|r| curve_auth::grant(r, volume, *c)).unwrap_or_default(),
+                            })
                             .collect(),
                     }),
                     ..Default::default()
@@ -578,7 +678,9 @@ impl MdsService for Services {
     }
 
     async fn set_qos(&self, r: Request<SetQosRequest>) -> Result<Response<FileResponse>, Status> {
+        let caller = caller!(self, r, FileResponse, "SetQos");
         let r = r.into_inner();
+        let owner = or_refuse!(caller.owner(&r.owner), FileResponse, "SetQos");
         let q = r.qos.unwrap_or_default();
         let qos = crate::namespace::QosRecord {
             iops_total: q.iops_total,
@@ -589,7 +691,7 @@ impl MdsService for Services {
             bps_write: q.bps_write,
             burst_ms: q.burst_ms,
         };
-        self.file_change(move |ns| ns.set_qos(&r.path, qos, &r.owner))
+        self.file_change(move |ns| ns.set_qos(&r.path, qos, &owner))
             .await
     }
 
@@ -597,6 +699,7 @@ impl MdsService for Services {
         &self,
         r: Request<GetCopysetsRequest>,
     ) -> Result<Response<GetCopysetsResponse>, Status> {
+        caller!(self, r, GetCopysetsResponse, "GetCopysets");
         let r = r.into_inner();
         leader_or!(self, GetCopysetsResponse, mds => async move {
             let st = mds.state.lock();
@@ -614,8 +717,15 @@ impl MdsService for Services {
 
     async fn get_topology(
         &self,
-        _r: Request<TopologyRequest>,
+        r: Request<TopologyRequest>,
     ) -> Result<Response<TopologyResponse>, Status> {
+        if let Err(e) = self.caller(&r, "GetTopology") {
+            return Ok(Response::new(TopologyResponse {
+                status: MdsStatus::AuthFailed as i32,
+                ..Default::default()
+            }))
+            .inspect(|_| tracing::debug!(error = %e, "topology refused"));
+        }
         let role = self.role.clone();
         match role.mds() {
             None => Ok(Response::new(TopologyResponse {
@@ -660,6 +770,77 @@ impl MdsService for Services {
             }
         }
     }
+
+    async fn create_user(&self, r: Request<UserRequest>) -> Result<Response<UserResponse>, Status> {
+        self.users_change(r, "CreateUser", |users, r| {
+            if !curve_auth::valid_user_name(&r.name) || r.name == "root" {
+                return Err(format!("bad user name {:?} (1-64 of A-Z a-z 0-9 _ -; not root)", r.name));
+            }
+            let key: [u8; 32] = r.public_key.as_slice().try_into().map_err(|_| "the public key is 32 bytes".to_string())?;
+            if users.contains_key(&r.name) {
+                return Err(format!("user {} exists", r.name));
+            }
+            users.insert(r.name.clone(), key);
+            Ok(vec![Op::Put(crate::auth::user_key(&r.name), key.to_vec())])
+        })
+        .await
+    }
+
+    async fn list_users(&self, r: Request<UserRequest>) -> Result<Response<UserResponse>, Status> {
+        self.users_change(r, "ListUsers", |_, _| Ok(Vec::new())).await
+    }
+
+    async fn delete_user(&self, r: Request<UserRequest>) -> Result<Response<UserResponse>, Status> {
+        self.users_change(r, "DeleteUser", |users, r| {
+            users
+                .remove(&r.name)
+                .map(|_| vec![Op::Delete(crate::auth::user_key(&r.name))])
+                .ok_or_else(|| format!("no user {}", r.name))
+        })
+        .await
+    }
+}
+
+impl Services {
+    /// A change of the users (admin only), answered with the users after it.
+    async fn users_change(
+        &self,
+        r: Request<UserRequest>,
+        method: &'static str,
+        change: impl FnOnce(&mut crate::auth::Users, &UserRequest) -> Result<Vec<Op>, String>
+        + Send
+        + 'static,
+    ) -> Result<Response<UserResponse>, Status> {
+        let caller = caller!(self, r, UserResponse, method);
+        or_refuse!(caller.admin(), UserResponse, method);
+        let r = r.into_inner();
+        leader_or!(self, UserResponse, mds => async move {
+            let Some(auth) = mds.opts.auth.clone() else {
+                return Ok(reply!(UserResponse, MdsStatus::Invalid, String::new(), "authentication is off on this cluster (no --cluster-key-file)".into()));
+            };
+            let out = mds
+                .update(|st| change(&mut st.users, &r).map(|ops| (users_of(&auth, &st.users), ops)))
+                .await?;
+            Ok(match out {
+                Ok(users) => UserResponse { users, ..Default::default() },
+                Err(e) => reply!(UserResponse, MdsStatus::Invalid, String::new(), e),
+            })
+        })
+    }
+}
+
+fn users_of(auth: &crate::auth::Auth, users: &crate::auth::Users) -> Vec<UserInfo> {
+    std::iter::once(UserInfo {
+        name: auth.admin.0.clone(),
+        public_key_hex: curve_auth::hex(&auth.admin.1),
+        admin: true,
+    })
+    .chain(users.iter().map(|(n, k)| UserInfo {
+        name: n.clone(),
+        public_key_hex: curve_auth::hex(k),
+        admin: false,
+    }))
+    .collect()
 }
 
 fn location(
@@ -682,6 +863,13 @@ impl HeartbeatService for Services {
         &self,
         r: Request<RegisterRequest>,
     ) -> Result<Response<RegisterResponse>, Status> {
+        if let Err(e) = self.caller(&r, "Register").and_then(|c| c.cluster()) {
+            return Ok(Response::new(RegisterResponse {
+                status: HeartbeatStatus::HbInvalid as i32,
+                leader: e.to_string(),
+                ..Default::default()
+            }));
+        }
         let r = r.into_inner();
         let Some(mds) = self.role.mds() else {
             return Ok(Response::new(RegisterResponse {
@@ -725,6 +913,13 @@ impl HeartbeatService for Services {
         &self,
         r: Request<HeartbeatRequest>,
     ) -> Result<Response<HeartbeatResponse>, Status> {
+        if let Err(e) = self.caller(&r, "Heartbeat").and_then(|c| c.cluster()) {
+            return Ok(Response::new(HeartbeatResponse {
+                status: HeartbeatStatus::HbInvalid as i32,
+                leader: e.to_string(),
+                ..Default::default()
+            }));
+        }
         let r = r.into_inner();
         let Some(mds) = self.role.mds() else {
             return Ok(Response::new(HeartbeatResponse {
@@ -750,6 +945,16 @@ impl HeartbeatService for Services {
             Ok(changes) => HeartbeatResponse {
                 status: HeartbeatStatus::HbOk as i32,
                 changes,
+                epochs: if mds.opts.auth.is_some() {
+                    let st = mds.state.lock();
+                    st.sessions
+                        .open_files(Instant::now())
+                        .into_iter()
+                        .filter_map(|id| st.ns.get(id).map(|f| VolumeEpoch { volume: id, epoch: f.epoch }))
+                        .collect()
+                } else {
+                    Vec::new()
+                },
                 ..Default::default()
             },
             Err(e) => HeartbeatResponse {

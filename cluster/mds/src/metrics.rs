@@ -17,6 +17,12 @@ fn label(k: &str, v: &str) -> Labels {
 /// Registers the MDS's families in `m`; returns the layer for the gRPC server.
 pub fn register(m: &Metrics, role: Arc<Role>) -> GrpcMetrics {
     let grpc = GrpcMetrics::register(m, "curve_mds_grpc");
+    m.counters_from(
+        "curve_mds_auth_refused",
+        "Requests refused by authentication, by reason (missing, bad_signature, replay, ...)",
+        "reason",
+        curve_auth::refusals,
+    );
     let leader = m.gauge("curve_mds_leader", "1 while this MDS is the leader");
     let chunkservers = m.gauge(
         "curve_mds_chunkservers",

@@ -75,6 +75,24 @@ impl Metrics {
         f
     }
 
+    /// Registers a counter family labelled `label` whose values are read from `read` (running
+    /// totals kept elsewhere, e.g. refusals counted by a library) just before each scrape.
+    pub fn counters_from(
+        &self,
+        name: &str,
+        help: &str,
+        label: &'static str,
+        read: impl Fn() -> Vec<(&'static str, u64)> + Send + Sync + 'static,
+    ) {
+        let f = self.counter(name, help);
+        self.on_scrape(move || {
+            for (v, n) in read() {
+                let c = f.get_or_create(&vec![(label.to_string(), v.to_string())]);
+                c.inc_by(n.saturating_sub(c.get()));
+            }
+        });
+    }
+
     /// Registers a gauge family.
     pub fn gauge(&self, name: &str, help: &str) -> Family<Labels, Gauge> {
         let f = Family::<Labels, Gauge>::default();
