@@ -2,6 +2,7 @@
 //! to the leader it names, a transport error to the next address, until `deadline`.
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use curve_proto::mds::mds_service_client::MdsServiceClient;
@@ -9,13 +10,15 @@ use curve_proto::mds::*;
 use tokio::sync::Mutex;
 use tonic::transport::Channel;
 
-/// Calls `$method` with `$req` through [`MdsClient::call`] (leader following, failover).
+/// Calls `$method` (`$name` on the wire) with `$req` through [`MdsClient::call`] (leader
+/// following, failover), signed afresh for every attempt when the client has a key.
 macro_rules! rpc {
-    ($self:ident, $method:ident, $req:expr) => {{
+    ($self:ident, $method:ident, $name:literal, $req:expr) => {{
         let req = $req;
+        let key = $self.key.clone();
         $self
             .call(|mut c| {
-                let req = req.clone();
+                let req = curve_auth::user_request(key.as_deref(), $name, req.clone());
                 async move { c.$method(req).await }
             })
             .await
@@ -69,6 +72,7 @@ macro_rules! reply {
 }
 reply!(
     FileResponse,
+    UserResponse,
     ListDirResponse,
     OpenFileResponse,
     SessionResponse,
@@ -101,11 +105,18 @@ pub struct MdsClient {
     current: Mutex<Current>,
     /// How long a call keeps trying (elections, restarts).
     pub deadline: Duration,
+    /// The user's key: every request is signed with it (needed when the cluster has auth on).
+    key: Option<Arc<curve_auth::UserKey>>,
 }
 
 impl MdsClient {
-    /// A client of the MDS at `addrs` (host:port).
+    /// A client of the MDS at `addrs` (host:port), without a key.
     pub fn new(addrs: Vec<String>) -> Self {
+        Self::with_key(addrs, None)
+    }
+
+    /// A client of the MDS at `addrs` signing with `key`.
+    pub fn with_key(addrs: Vec<String>, key: Option<Arc<curve_auth::UserKey>>) -> Self {
         MdsClient {
             addrs,
             current: Mutex::new(Current {
@@ -113,7 +124,13 @@ impl MdsClient {
                 client: None,
             }),
             deadline: Duration::from_secs(30),
+            key,
         }
+    }
+
+    /// The key it signs with.
+    pub fn key(&self) -> Option<&Arc<curve_auth::UserKey>> {
+        self.key.as_ref()
     }
 
     /// The address currently used.
@@ -199,7 +216,7 @@ impl MdsClient {
             block_size,
             owner: owner.into(),
         };
-        Ok(rpc!(self, create_file, req)?.info.unwrap_or_default())
+        Ok(rpc!(self, create_file, "CreateFile", req)?.info.unwrap_or_default())
     }
 
     /// Stats a path.
@@ -208,7 +225,7 @@ impl MdsClient {
             path: path.into(),
             owner: String::new(),
         };
-        Ok(rpc!(self, stat_file, req)?.info.unwrap_or_default())
+        Ok(rpc!(self, stat_file, "StatFile", req)?.info.unwrap_or_default())
     }
 
     /// Lists a directory.
@@ -217,7 +234,7 @@ impl MdsClient {
             path: path.into(),
             owner: String::new(),
         };
-        Ok(rpc!(self, list_dir, req)?.files)
+        Ok(rpc!(self, list_dir, "ListDir", req)?.files)
     }
 
     /// Grows a volume.
@@ -227,7 +244,7 @@ impl MdsClient {
             new_length: length,
             owner: owner.into(),
         };
-        Ok(rpc!(self, extend_file, req)?.info.unwrap_or_default())
+        Ok(rpc!(self, extend_file, "ExtendFile", req)?.info.unwrap_or_default())
     }
 
     /// Renames or moves.
@@ -237,7 +254,7 @@ impl MdsClient {
             to: to.into(),
             owner: owner.into(),
         };
-        Ok(rpc!(self, rename_file, req)?.info.unwrap_or_default())
+        Ok(rpc!(self, rename_file, "RenameFile", req)?.info.unwrap_or_default())
     }
 
     /// Moves to the recycle bin (`force`: purges at once).
@@ -247,7 +264,7 @@ impl MdsClient {
             owner: owner.into(),
             force,
         };
-        Ok(rpc!(self, delete_file, req)?.info.unwrap_or_default())
+        Ok(rpc!(self, delete_file, "DeleteFile", req)?.info.unwrap_or_default())
     }
 
     /// Brings a file back from the recycle bin.
@@ -256,7 +273,7 @@ impl MdsClient {
             path: path.into(),
             owner: owner.into(),
         };
-        Ok(rpc!(self, recover_file, req)?.info.unwrap_or_default())
+        Ok(rpc!(self, recover_file, "RecoverFile", req)?.info.unwrap_or_default())
     }
 
     /// Sets a volume's QoS limits.
@@ -266,23 +283,27 @@ impl MdsClient {
             owner: owner.into(),
             qos: Some(qos),
         };
-        Ok(rpc!(self, set_qos, req)?.info.unwrap_or_default())
+        Ok(rpc!(self, set_qos, "SetQos", req)?.info.unwrap_or_default())
     }
 
-    /// Opens a volume (exclusive): its info and the session.
+    /// Opens a volume (exclusive): its info, the session and (auth on) the ticket.
     pub async fn open(
         &self,
         path: &str,
         owner: &str,
         client: &str,
-    ) -> Result<(FileInfo, Session), MdsError> {
+    ) -> Result<(FileInfo, Session, Vec<u8>), MdsError> {
         let req = OpenFileRequest {
             path: path.into(),
             owner: owner.into(),
             client: client.into(),
         };
-        let r = rpc!(self, open_file, req)?;
-        Ok((r.info.unwrap_or_default(), r.session.unwrap_or_default()))
+        let r = rpc!(self, open_file, "OpenFile", req)?;
+        Ok((
+            r.info.unwrap_or_default(),
+            r.session.unwrap_or_default(),
+            r.ticket,
+        ))
     }
 
     /// Refreshes a session's lease.
@@ -291,7 +312,7 @@ impl MdsClient {
             path: path.into(),
             session_id: session.into(),
         };
-        rpc!(self, refresh_session, req)
+        rpc!(self, refresh_session, "RefreshSession", req)
     }
 
     /// Closes a session.
@@ -300,7 +321,7 @@ impl MdsClient {
             path: path.into(),
             session_id: session.into(),
         };
-        rpc!(self, close_file, req).map(|_| ())
+        rpc!(self, close_file, "CloseFile", req).map(|_| ())
     }
 
     /// The segment containing `offset` (allocated when `allocate`); `Ok(None)` when it is not
@@ -318,7 +339,7 @@ impl MdsClient {
             allocate,
             owner: owner.into(),
         };
-        match rpc!(self, get_or_allocate_segment, req) {
+        match rpc!(self, get_or_allocate_segment, "GetOrAllocateSegment", req) {
             Ok(r) => Ok(r.segment),
             Err(e) if !allocate && e.status() == Some(MdsStatus::Unallocated) => Ok(None),
             Err(e) => Err(e),
@@ -331,12 +352,39 @@ impl MdsClient {
             logical_pool_id: pool,
             copyset_ids: ids.to_vec(),
         };
-        Ok(rpc!(self, get_copysets, req)?.copysets)
+        Ok(rpc!(self, get_copysets, "GetCopysets", req)?.copysets)
     }
 
     /// Chunkservers, copysets and operators in flight.
     pub async fn topology(&self) -> Result<TopologyResponse, MdsError> {
-        self.call(|mut c| async move { c.get_topology(TopologyRequest {}).await })
-            .await
+        let key = self.key.clone();
+        self.call(|mut c| {
+            let req = curve_auth::user_request(key.as_deref(), "GetTopology", TopologyRequest {});
+            async move { c.get_topology(req).await }
+        })
+        .await
+    }
+
+    /// Registers user `name` with its public key (admin only); the users after.
+    pub async fn create_user(&self, name: &str, public: [u8; 32]) -> Result<Vec<UserInfo>, MdsError> {
+        let req = UserRequest {
+            name: name.into(),
+            public_key: public.to_vec(),
+        };
+        Ok(rpc!(self, create_user, "CreateUser", req)?.users)
+    }
+
+    /// The users (admin only).
+    pub async fn list_users(&self) -> Result<Vec<UserInfo>, MdsError> {
+        Ok(rpc!(self, list_users, "ListUsers", UserRequest::default())?.users)
+    }
+
+    /// Removes user `name` (admin only); the users after.
+    pub async fn delete_user(&self, name: &str) -> Result<Vec<UserInfo>, MdsError> {
+        let req = UserRequest {
+            name: name.into(),
+            public_key: Vec::new(),
+        };
+        Ok(rpc!(self, delete_user, "DeleteUser", req)?.users)
     }
 }

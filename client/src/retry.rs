@@ -55,6 +55,9 @@ pub enum Failure {
     NoSpace,
     /// The request itself is wrong.
     Invalid,
+    /// The chunkserver refused the credentials (no valid ticket or grant: a cluster with
+    /// auth on and a client without a key, or keys that do not match).
+    Unauthorized,
     /// A persistent chunkserver failure (status code).
     Status(i32),
 }
@@ -72,6 +75,8 @@ pub enum Next {
     RefreshRoute,
     /// The MDS's route, then who leads.
     RefreshRouteAndFindLeader,
+    /// A fresh ticket from the MDS, then the same leader.
+    RenewTicket,
 }
 
 /// What to do after an attempt.
@@ -221,6 +226,20 @@ impl RetryPolicy {
                 next: Next::Resend,
             },
             ChunkStatus::EpochTooOld => Action::Fail(Failure::Fenced),
+            ChunkStatus::AuthFailed => Action::Fail(Failure::Unauthorized),
+            // The ticket ran out (a long pause, an MDS away): renew it, then send again.
+            ChunkStatus::TicketExpired => {
+                let wait = if self.attempts > 1 {
+                    jitter(self.backoff.max(ms(50)))
+                } else {
+                    Duration::ZERO
+                };
+                self.backoff = (self.backoff * 2).min(ms(500));
+                Action::Retry {
+                    wait,
+                    next: Next::RenewTicket,
+                }
+            }
             ChunkStatus::Nospace => Action::Fail(Failure::NoSpace),
             ChunkStatus::InvalidRequest => Action::Fail(Failure::Invalid),
             ChunkStatus::DiskFail | ChunkStatus::CrcFail | ChunkStatus::Backward
@@ -429,6 +448,26 @@ mod tests {
         assert_eq!(
             wait_of(p.next(&answered(ChunkStatus::Overload), true, 1, 1, |d| d / 2)),
             Duration::from_micros(500)
+        );
+    }
+
+    #[test]
+    fn an_expired_ticket_is_renewed_and_a_refused_one_fails() {
+        let mut p = RetryPolicy::default();
+        assert_eq!(
+            p.next(&answered(ChunkStatus::TicketExpired), true, 1, 1, same),
+            Action::Retry {
+                wait: Duration::ZERO,
+                next: Next::RenewTicket
+            }
+        );
+        assert!(matches!(
+            p.next(&answered(ChunkStatus::TicketExpired), true, 1, 1, same),
+            Action::Retry { next: Next::RenewTicket, wait } if !wait.is_zero()
+        ));
+        assert_eq!(
+            p.next(&answered(ChunkStatus::AuthFailed), false, 1, 1, same),
+            Action::Fail(Failure::Unauthorized)
         );
     }
 }

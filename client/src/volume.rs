@@ -38,6 +38,8 @@ pub struct VolumeOptions {
     pub client_id: String,
     /// Largest request sent to a chunkserver.
     pub max_request: u32,
+    /// The user's key (clusters with auth on): MDS requests are signed with it.
+    pub key: Option<Arc<curve_auth::UserKey>>,
 }
 
 impl VolumeOptions {
@@ -56,7 +58,17 @@ impl VolumeOptions {
                 rand::random::<u32>()
             ),
             max_request: 1 << 20,
+            key: None,
         }
+    }
+
+    /// Signs with `key`; the owner becomes the key's user.
+    pub fn with_key(mut self, key: Option<Arc<curve_auth::UserKey>>) -> Self {
+        if let Some(k) = &key {
+            self.owner = k.user.clone();
+        }
+        self.key = key;
+        self
     }
 }
 
@@ -95,6 +107,8 @@ struct Inner {
     info: RwLock<FileInfo>,
     session: RwLock<String>,
     epoch: AtomicU64,
+    /// The MDS's ticket for the volume's chunks (auth on; renewed by every refresh).
+    ticket: RwLock<Vec<u8>>,
     lease: Duration,
     cache: MetaCache,
     conns: Arc<Connections>,
@@ -111,6 +125,9 @@ pub struct SessionState {
     pub epoch: u64,
     /// The lease, ms.
     pub lease_ms: u64,
+    /// The ticket (auth on), so that the next process serves before its first refresh.
+    #[serde(default)]
+    pub ticket: Vec<u8>,
 }
 
 /// An open volume. Cheap to clone; closed by [`Volume::close`].
@@ -130,12 +147,13 @@ impl Volume {
         opts: VolumeOptions,
         conns: Arc<Connections>,
     ) -> Result<Self, ClientError> {
-        let mds = MdsClient::new(opts.mds.clone());
-        let (info, session) = mds.open(path, &opts.owner, &opts.client_id).await?;
+        let mds = MdsClient::with_key(opts.mds.clone(), opts.key.clone());
+        let (info, session, ticket) = mds.open(path, &opts.owner, &opts.client_id).await?;
         let state = SessionState {
             session_id: session.session_id,
             epoch: session.epoch,
             lease_ms: session.lease_ms,
+            ticket,
         };
         Ok(Self::with_session(mds, path, opts, conns, info, state))
     }
@@ -149,9 +167,13 @@ impl Volume {
         conns: Arc<Connections>,
         state: SessionState,
     ) -> Result<Self, ClientError> {
-        let mds = MdsClient::new(opts.mds.clone());
-        mds.refresh(path, &state.session_id).await?;
+        let mds = MdsClient::with_key(opts.mds.clone(), opts.key.clone());
+        let r = mds.refresh(path, &state.session_id).await?;
         let info = mds.stat(path).await?;
+        let state = SessionState {
+            ticket: if r.ticket.is_empty() { state.ticket } else { r.ticket },
+            ..state
+        };
         Ok(Self::with_session(mds, path, opts, conns, info, state))
     }
 
@@ -171,6 +193,7 @@ impl Volume {
                 info: RwLock::new(info.clone()),
                 session: RwLock::new(state.session_id),
                 epoch: AtomicU64::new(state.epoch),
+                ticket: RwLock::new(state.ticket),
                 lease,
                 cache: MetaCache::default(),
                 conns,
@@ -192,6 +215,7 @@ impl Volume {
             session_id: self.inner.session.read().clone(),
             epoch: self.inner.epoch.load(Ordering::Acquire),
             lease_ms: self.inner.lease.as_millis() as u64,
+            ticket: self.inner.ticket.read().clone(),
         }
     }
 
@@ -322,17 +346,21 @@ impl Volume {
         Ok(Some(self.inner.cache.put_segment(index, s)))
     }
 
-    /// (pool, copyset, chunk id, offset in chunk) of a part.
-    fn locate(&self, s: &Segment, offset: u64) -> (u32, u32, u64, u64) {
+    /// The request for a part: pool, copyset, chunk id, offset in the chunk, size, grant.
+    fn locate(&self, s: &Segment, p: Part) -> ChunkRequest {
         let i = self.inner.info.read();
-        let in_seg = offset % i.segment_size;
+        let in_seg = p.offset % i.segment_size;
         let c = &s.chunks[(in_seg / i.chunk_size) as usize];
-        (
-            s.logical_pool_id,
-            c.copyset_id,
-            c.chunk_id,
-            in_seg % i.chunk_size,
-        )
+        ChunkRequest {
+            logical_pool_id: s.logical_pool_id,
+            copyset_id: c.copyset_id,
+            chunk_id: c.chunk_id,
+            offset: in_seg % i.chunk_size,
+            size: p.len as u32,
+            file_id: i.id,
+            grant: c.grant.clone(),
+            ..Default::default()
+        }
     }
 
     async fn read_part(&self, p: Part) -> Result<Option<Vec<u8>>, ClientError> {
@@ -340,15 +368,7 @@ impl Volume {
         let Some(s) = self.segment(p.offset / seg, false).await? else {
             return Ok(None); // never written: zeros
         };
-        let (pool, copyset, chunk_id, off) = self.locate(&s, p.offset);
-        let req = ChunkRequest {
-            logical_pool_id: pool,
-            copyset_id: copyset,
-            chunk_id,
-            offset: off,
-            size: p.len as u32,
-            ..Default::default()
-        };
+        let req = self.locate(&s, p);
         let r = self.send(false, req).await?;
         Ok(r.map(|r| r.data))
     }
@@ -359,15 +379,9 @@ impl Volume {
             .segment(p.offset / seg, true)
             .await?
             .expect("allocated on write");
-        let (pool, copyset, chunk_id, off) = self.locate(&s, p.offset);
         let req = ChunkRequest {
-            logical_pool_id: pool,
-            copyset_id: copyset,
-            chunk_id,
-            offset: off,
-            size: p.len as u32,
             data,
-            ..Default::default()
+            ..self.locate(&s, p)
         };
         self.send(true, req).await.map(|_| ())
     }
@@ -387,6 +401,7 @@ impl Volume {
                 return Err(ClientError::Closed);
             }
             req.epoch = inner.epoch.load(Ordering::Acquire);
+            req.ticket.clone_from(&inner.ticket.read());
             let route = match inner.cache.route(pool, copyset) {
                 Some(r) => r,
                 None => {
@@ -444,6 +459,10 @@ impl Volume {
                         Failure::NoSpace => {
                             ClientError::Chunk("no space left on the chunkservers".into())
                         }
+                        Failure::Unauthorized => ClientError::Chunk(format!(
+                            "copyset {pool}.{copyset}: the chunkserver refused our ticket \
+                             (authentication: is the cluster's key the one the MDS uses?)"
+                        )),
                         Failure::Invalid => ClientError::Chunk(format!(
                             "invalid request {:?}",
                             (req.chunk_id, req.offset, req.size)
@@ -471,6 +490,7 @@ impl Volume {
                     let failed = leader.as_deref().unwrap_or_default();
                     match next {
                         Next::Resend => {}
+                        Next::RenewTicket => self.renew_ticket().await,
                         Next::Leader(l) => inner.cache.set_leader(pool, copyset, &l),
                         Next::FindLeader => self.find_leader(pool, copyset, &route, failed).await,
                         Next::RefreshRoute => self.refresh_route(pool, copyset).await,
@@ -515,6 +535,16 @@ impl Volume {
         }
     }
 
+    /// A fresh ticket from the MDS (a refresh of the session), after TICKET_EXPIRED.
+    async fn renew_ticket(&self) {
+        let session = self.inner.session.read().clone();
+        match self.inner.mds.refresh(&self.inner.path, &session).await {
+            Ok(r) if !r.ticket.is_empty() => *self.inner.ticket.write() = r.ticket,
+            Ok(_) => {}
+            Err(e) => tracing::warn!(path = %self.inner.path, error = %e, "ticket renewal failed"),
+        }
+    }
+
     async fn refresh_route(&self, pool: u32, copyset: u32) {
         if let Ok(locs) = self.inner.mds.copysets(pool, &[copyset]).await {
             self.inner.cache.put_copysets(&locs);
@@ -553,6 +583,9 @@ async fn refresh_loop(inner: std::sync::Weak<Inner>, lease: Duration) {
         let session = inner.session.read().clone();
         match inner.mds.refresh(&inner.path, &session).await {
             Ok(r) => {
+                if !r.ticket.is_empty() {
+                    *inner.ticket.write() = r.ticket;
+                }
                 if let Some(i) = r.info {
                     if let Some(q) = &i.qos {
                         inner.qos.set(q);
@@ -566,9 +599,10 @@ async fn refresh_loop(inner: std::sync::Weak<Inner>, lease: Duration) {
                     .open(&inner.path, &inner.opts.owner, &inner.opts.client_id)
                     .await
                 {
-                    Ok((_, s)) => {
+                    Ok((_, s, ticket)) => {
                         tracing::warn!(path = %inner.path, epoch = s.epoch, "session lost and reopened");
                         *inner.session.write() = s.session_id;
+                        *inner.ticket.write() = ticket;
                         inner.epoch.store(s.epoch, Ordering::Release);
                     }
                     Err(e) => {

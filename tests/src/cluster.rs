@@ -209,6 +209,27 @@ pub struct MiniCluster {
     pub mds: Vec<Mds>,
     /// The chunkservers.
     pub chunkservers: Vec<Chunkserver>,
+    /// root's key (authentication is on: every client signs with it or a user's key).
+    pub admin_key: PathBuf,
+    /// The cluster keyring the MDS and the chunkservers share.
+    pub cluster_key: PathBuf,
+}
+
+/// Makes a cluster keyring and root's key under `dir/keys` (0700; the files 0600).
+pub fn make_keys(dir: &Path) -> (PathBuf, PathBuf) {
+    let keys = dir.join("keys");
+    std::fs::create_dir_all(&keys).unwrap();
+    std::fs::set_permissions(&keys, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+    let cluster = keys.join("cluster.key");
+    if !cluster.exists() {
+        curve_auth::write_secret_file(&cluster, &curve_auth::Keyring::generate().to_file_text())
+            .unwrap();
+    }
+    let admin = keys.join("admin.key");
+    if !admin.exists() {
+        curve_auth::UserKey::generate("root").save_new(&admin).unwrap();
+    }
+    (cluster, admin)
 }
 
 impl MiniCluster {
@@ -226,8 +247,13 @@ impl MiniCluster {
         }
         let topo_path = dir.join("topology.toml");
         std::fs::write(&topo_path, topo).unwrap();
+        let (cluster_key, admin_key) = make_keys(dir);
         let mut args = vec![
-            "--topology".to_string(),
+            "--cluster-key-file".to_string(),
+            cluster_key.display().to_string(),
+            "--admin-key-file".into(),
+            admin_key.display().to_string(),
+            "--topology".into(),
             topo_path.display().to_string(),
             "--unstable-timeout-ms".into(),
             "2000".into(),
@@ -250,6 +276,7 @@ impl MiniCluster {
             .map(|i| Mds::start(&dir.join(format!("mds{i}")), &args))
             .collect();
         let addrs: Vec<String> = mds.iter().map(|m| m.addr.clone()).collect();
+        let ck = cluster_key.display().to_string();
         let chunkservers = (1..=3)
             .map(|i| {
                 Chunkserver::start(
@@ -257,7 +284,14 @@ impl MiniCluster {
                     &addrs,
                     &format!("z{i}"),
                     &format!("s{i}"),
-                    &["--pool-target", "2", "--heartbeat-ms", "300"],
+                    &[
+                        "--pool-target",
+                        "2",
+                        "--heartbeat-ms",
+                        "300",
+                        "--cluster-key-file",
+                        &ck,
+                    ],
                 )
             })
             .collect();
@@ -265,6 +299,8 @@ impl MiniCluster {
             etcd,
             mds,
             chunkservers,
+            admin_key,
+            cluster_key,
         };
         c.wait_healthy(Duration::from_secs(120));
         c
@@ -275,13 +311,28 @@ impl MiniCluster {
         self.mds.iter().map(|m| m.addr.clone()).collect()
     }
 
+    /// root's key file, as a string (for `--key-file` and `CURVE_KEY_FILE`).
+    pub fn key(&self) -> String {
+        self.admin_key.display().to_string()
+    }
+
+    /// A client of the MDS signing as root.
+    pub fn mds_client(&self) -> curve_client::MdsClient {
+        curve_client::MdsClient::with_key(
+            self.mds_addrs(),
+            Some(std::sync::Arc::new(
+                curve_auth::UserKey::load(&self.admin_key).unwrap(),
+            )),
+        )
+    }
+
     /// Waits until every copyset has 3 peers and a leader.
     pub fn wait_healthy(&self, timeout: Duration) {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .unwrap();
-        let mut c = curve_client::MdsClient::new(self.mds_addrs());
+        let mut c = self.mds_client();
         c.deadline = Duration::from_secs(2);
         let ok = wait_until(timeout, || {
             rt.block_on(c.topology()).is_ok_and(|t| {

@@ -7,8 +7,15 @@ use std::process::Command;
 use curve_tests::cluster::MiniCluster;
 use curve_tests::{Part2, bin};
 
+/// root's key of the cluster a test runs, if any (authentication is on).
+static KEY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
 fn bench(args: &[&str]) -> serde_json::Value {
-    let out = Command::new(bin("curve"))
+    let mut cmd = Command::new(bin("curve"));
+    if let Some(k) = KEY.get() {
+        cmd.env("CURVE_KEY_FILE", k);
+    }
+    let out = cmd
         .arg("bench")
         .args(args)
         .args(["--format", "json"])
@@ -122,8 +129,10 @@ fn verify_through_nbd_and_nebd_drivers() {
 fn verify_through_the_client_driver_on_a_cluster_volume() {
     let tmp = tempfile::tempdir().unwrap();
     let cluster = MiniCluster::start(tmp.path(), 1, false);
+    let _ = KEY.set(cluster.key());
     let mds = cluster.mds_addrs()[0].clone();
     let out = Command::new(bin("curve"))
+        .env("CURVE_KEY_FILE", cluster.key())
         .args(["--mds", &mds, "volume", "create", "/b", "--size", "2G"])
         .output()
         .unwrap();
@@ -169,6 +178,7 @@ fn verify_through_the_client_driver_on_a_cluster_volume() {
     clean(&v, 100);
     // The same cluster through part1 -> part2 (the nebd driver opens curve:/b2 there).
     let out = Command::new(bin("curve"))
+        .env("CURVE_KEY_FILE", cluster.key())
         .args(["--mds", &mds, "volume", "create", "/b2", "--size", "1G"])
         .output()
         .unwrap();
@@ -177,7 +187,7 @@ fn verify_through_the_client_driver_on_a_cluster_volume() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let p = Part2::start_with(&["--mds", &mds]);
+    let p = Part2::start_with(&["--mds", &mds, "--key-file", &cluster.key()]);
     let sock = p.part1_socket();
     let v = bench(&[
         "--driver",

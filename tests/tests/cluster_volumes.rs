@@ -4,12 +4,15 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use curve_client::MdsClient;
 use curve_tests::cluster::MiniCluster;
 use curve_tests::{Part2, bin, require_tool, run_ok};
 
+/// root's key of the cluster the test runs (authentication is on).
+static KEY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
 fn curve(mds: &str, run_dir: &std::path::Path, args: &[&str]) -> std::process::Output {
     Command::new(bin("curve"))
+        .env("CURVE_KEY_FILE", KEY.get().expect("a cluster runs"))
         .args(["--mds", mds, "--run-dir"])
         .arg(run_dir)
         .args(args)
@@ -28,8 +31,9 @@ fn bad_input_and_qos_on_cluster_volumes() {
     require_tool("fio");
     let tmp = tempfile::tempdir().unwrap();
     let cluster = MiniCluster::start(tmp.path(), 1, false);
+    let _ = KEY.set(cluster.key());
     let mds = cluster.mds_addrs()[0].clone();
-    let part2 = Part2::start_with(&["--mds", &mds]);
+    let part2 = Part2::start_with(&["--mds", &mds, "--key-file", &cluster.key()]);
     let run = part2.run_dir();
     let ok = |args: &[&str]| {
         let out = curve(&mds, &run, args);
@@ -82,8 +86,8 @@ fn bad_input_and_qos_on_cluster_volumes() {
     );
     ok(&["volume", "create", "/held", "--size", "1G"]);
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let other = MdsClient::new(vec![mds.clone()]);
-    let (_, session) = rt
+    let other = cluster.mds_client();
+    let (_, session, _) = rt
         .block_on(other.open("/held", "curve", "another-host"))
         .unwrap();
     fails_with(
@@ -183,11 +187,12 @@ fn three_mds_on_etcd_kill_9_of_the_leader_is_invisible_to_fio() {
     require_tool("fio");
     let tmp = tempfile::tempdir().unwrap();
     let mut cluster = MiniCluster::start(tmp.path(), 3, true);
+    let _ = KEY.set(cluster.key());
     let addrs = cluster.mds_addrs();
-    let part2 = Part2::start_with(&["--mds", &addrs.join(",")]);
+    let part2 = Part2::start_with(&["--mds", &addrs.join(","), "--key-file", &cluster.key()]);
     let run = part2.run_dir();
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let mds = MdsClient::new(addrs.clone());
+    let mds = cluster.mds_client();
     rt.block_on(mds.create(
         "/v",
         curve_proto::mds::FileType::Volume,
@@ -251,11 +256,12 @@ fn live_upgrades_of_part2_keep_the_cluster_session_under_fio_verify() {
     require_tool("fio");
     let tmp = tempfile::tempdir().unwrap();
     let cluster = MiniCluster::start(tmp.path(), 1, false);
+    let _ = KEY.set(cluster.key());
     let addrs = cluster.mds_addrs();
-    let mut part2 = Part2::start_with(&["--mds", &addrs.join(",")]);
+    let mut part2 = Part2::start_with(&["--mds", &addrs.join(","), "--key-file", &cluster.key()]);
     let run = part2.run_dir();
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let mds = MdsClient::new(addrs.clone());
+    let mds = cluster.mds_client();
     rt.block_on(mds.create(
         "/v",
         curve_proto::mds::FileType::Volume,

@@ -98,7 +98,7 @@ async fn namespace_scenario(mds: &mut Mds) {
         Some(MdsStatus::Ok)
     );
     // Exclusive open, lease refresh, close.
-    let (info, s) = c.open("/vms/disk0", "alice", "host-a").await.unwrap();
+    let (info, s, _) = c.open("/vms/disk0", "alice", "host-a").await.unwrap();
     assert_eq!(info.length, 20 * G);
     assert_eq!(s.epoch, 1);
     assert_eq!(
@@ -194,7 +194,7 @@ async fn namespace_scenario(mds: &mut Mds) {
     let c = MdsClient::new(vec![mds.addr.clone()]);
     assert_eq!(c.stat("/vms/disk0").await.unwrap().length, 20 * G);
     assert_eq!(c.stat("/small").await.unwrap().block_size, 512);
-    let (_, s) = c.open("/vms/disk0", "alice", "host-b").await.unwrap();
+    let (_, s, _) = c.open("/vms/disk0", "alice", "host-b").await.unwrap();
     assert_eq!(
         s.epoch, 2,
         "epochs survive restarts (old writers stay fenced)"

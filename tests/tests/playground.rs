@@ -250,6 +250,8 @@ fn playground_fio_verify_and_faults_invisible() {
             "nebd/nebd-server.meta",
             "mds/mds.redb",
             "cs1/chunkserver.dat",
+            "keys/admin.key",
+            "keys/cluster.key",
         ] {
             let out = Command::new(runuser)
                 .args(["-u", "nobody", "--", "cat"])
@@ -263,7 +265,33 @@ fn playground_fio_verify_and_faults_invisible() {
     // The copyset behind offset 0, and its leader's process.
     let mds_addr = format!("127.0.0.1:{port}");
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let mds = MdsClient::new(vec![mds_addr.clone()]);
+    // Authentication is on: the playground says how to use its admin key; without a key the
+    // MDS refuses (and counts it), with it the CLI works.
+    let err = std::fs::read_to_string(dir.with_extension("err")).unwrap_or_default();
+    let admin_key = dir.join("keys/admin.key");
+    assert!(
+        err.contains(&format!("export CURVE_KEY_FILE={}", admin_key.display())),
+        "{err}"
+    );
+    let anon = Command::new(bin("curve"))
+        .env_remove("CURVE_KEY_FILE")
+        .args(["--mds", &mds_addr, "volume", "list", "/"])
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&anon.stderr);
+    assert!(!anon.status.success() && said.contains("not signed"), "{said}");
+    let listed = run_ok(
+        Command::new(bin("curve"))
+            .env("CURVE_KEY_FILE", &admin_key)
+            .args(["--mds", &mds_addr, "volume", "list", "/"]),
+    );
+    assert!(listed.contains("/vol0"), "{listed}");
+    let refused = metric(&scrape(&addr("curve-mds")), "curve_mds_auth_refused_total", "reason=\"missing\"");
+    assert!(refused.is_some_and(|n| n >= 1.0), "the refusal is counted");
+    let mds = MdsClient::with_key(
+        vec![mds_addr.clone()],
+        Some(std::sync::Arc::new(curve_auth::UserKey::load(&admin_key).unwrap())),
+    );
     let seg = rt
         .block_on(mds.segment("/vol0", "curve", 0, true))
         .unwrap()

@@ -51,6 +51,7 @@ async fn start_with(id: u32, max_inflight: usize) -> Node {
         segment_size: 1 << 20,
         heartbeat_ms: 100,
         election_ms: (500, 1000),
+        ring: None,
     };
     let manager = Arc::new(CopysetNodeManager::new(
         u64::from(id),

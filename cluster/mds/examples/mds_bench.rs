@@ -81,7 +81,7 @@ async fn main() {
     phase(&label, "open", n, conc, move |i| {
         let (c, r, s) = (cc.clone(), r.clone(), s.clone());
         async move {
-            let (_, sess) = c
+            let (_, sess, _) = c
                 .open(&format!("{r}/v{i}"), "bench", "bench")
                 .await
                 .unwrap();

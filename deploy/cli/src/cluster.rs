@@ -182,9 +182,66 @@ pub async fn volume(
     Ok(())
 }
 
-/// A client of `mds` that gives up after `secs` (the CLI should not hang).
-pub fn client(mds: &[String], secs: u64) -> MdsClient {
-    let mut c = MdsClient::new(mds.to_vec());
+/// A client of `mds` signing with `key`, that gives up after `secs` (the CLI should not
+/// hang).
+pub fn client(
+    mds: &[String],
+    secs: u64,
+    key: Option<std::sync::Arc<curve_auth::UserKey>>,
+) -> MdsClient {
+    let mut c = MdsClient::with_key(mds.to_vec(), key);
     c.deadline = Duration::from_secs(secs);
     c
+}
+
+/// What `curve user` does.
+#[derive(Debug)]
+pub enum UserOp {
+    /// Create a user, writing its key file here.
+    Create(String, std::path::PathBuf),
+    /// List (JSON or not).
+    List(bool),
+    /// Delete.
+    Delete(String),
+}
+
+/// Runs a `curve user` command.
+pub async fn user(c: &MdsClient, op: UserOp) -> Result<(), String> {
+    match op {
+        UserOp::Create(name, out) => {
+            if !curve_auth::valid_user_name(&name) {
+                return Err(format!("bad user name {name:?} (1-64 of A-Z a-z 0-9 _ -)"));
+            }
+            if out.exists() {
+                return Err(format!("{} exists: not replaced", out.display()));
+            }
+            let key = curve_auth::UserKey::generate(&name);
+            c.create_user(&name, key.public())
+                .await
+                .map_err(|e| e.to_string())?;
+            key.save_new(&out)
+                .map_err(|e| format!("{}: {e} (the user was created: delete it and retry)", out.display()))?;
+            println!("user {name} created; key in {} (mode 0600)", out.display());
+        }
+        UserOp::List(json) => {
+            let users = c.list_users().await.map_err(|e| e.to_string())?;
+            if json {
+                let v: Vec<Value> = users
+                    .iter()
+                    .map(|u| json!({"name": u.name, "admin": u.admin, "public_key": u.public_key_hex}))
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&v).expect("json"));
+            } else {
+                for u in users {
+                    let admin = if u.admin { "  admin" } else { "" };
+                    println!("{:<24} {}{admin}", u.name, u.public_key_hex);
+                }
+            }
+        }
+        UserOp::Delete(name) => {
+            c.delete_user(&name).await.map_err(|e| e.to_string())?;
+            println!("user {name} deleted");
+        }
+    }
+    Ok(())
 }

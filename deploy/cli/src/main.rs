@@ -4,6 +4,7 @@ mod cluster;
 mod playground;
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
@@ -27,9 +28,13 @@ struct Cli {
         default_value = "127.0.0.1:6700"
     )]
     mds: Vec<String>,
-    /// Owner of the volumes a command works on.
-    #[arg(long, global = true, env = "CURVE_OWNER", default_value = "curve")]
-    owner: String,
+    /// Owner of the volumes a command works on (default: the key's user, else `curve`).
+    #[arg(long, global = true, env = "CURVE_OWNER")]
+    owner: Option<String>,
+    /// Your key file (`curve user create`, or the playground's DIR/keys/admin.key): every MDS
+    /// request is signed with it, as a cluster with authentication on requires.
+    #[arg(long, global = true, env = "CURVE_KEY_FILE", value_name = "PATH")]
+    key_file: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -50,6 +55,12 @@ enum Command {
     Cluster(ClusterCommand),
     /// Measure a target like SPDK's bdevperf: IOPS, bandwidth, latency percentiles, histogram.
     Bench(BenchArgs),
+    /// Users of a cluster with authentication on (admin only: root with the admin key).
+    #[command(subcommand)]
+    User(UserCommand),
+    /// Key files: the cluster keyring (create, rotate) and user keys.
+    #[command(subcommand)]
+    Key(KeyCommand),
     /// Live upgrade of the local nebd-server: a new binary takes over every export, device,
     /// connection and session while I/O flows; consumers see a pause, never a disconnect.
     Upgrade(UpgradeArgs),
@@ -250,6 +261,45 @@ enum VolumeCommand {
 }
 
 #[derive(Debug, Subcommand)]
+enum UserCommand {
+    /// Creates user NAME: makes its key pair here, writes the key file (0600) and registers
+    /// the public key with the MDS (the secret never leaves this machine).
+    Create {
+        name: String,
+        /// Where to write the key file.
+        #[arg(long, default_value = "NAME.key")]
+        out: String,
+    },
+    /// The users and their public keys.
+    List {
+        #[arg(long, value_enum, default_value_t = Format::Text)]
+        format: Format,
+    },
+    /// Removes user NAME (its volumes stay; an admin manages them).
+    Delete { name: String },
+}
+
+#[derive(Debug, Subcommand)]
+enum KeyCommand {
+    /// Writes a new cluster keyring (one key) for the MDS and the chunkservers.
+    Cluster { file: PathBuf },
+    /// Writes a new key file for user NAME without registering it (the admin's `root` key
+    /// that the MDS starts with: --admin-key-file).
+    User {
+        name: String,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Rotation step 1: adds a new key to the keyring (not primary yet); prints its id. Copy
+    /// the file to every MDS and chunkserver (they reload it within a second).
+    Rotate { file: PathBuf },
+    /// Rotation step 2: makes key ID the one that signs (once every daemon has it).
+    Promote { file: PathBuf, id: u32 },
+    /// Rotation step 3: removes key ID (once the tickets it sealed have expired).
+    Retire { file: PathBuf, id: u32 },
+}
+
+#[derive(Debug, Subcommand)]
 enum ClusterCommand {
     /// MDS leader, chunkservers online, copysets healthy and degraded.
     Status {
@@ -352,10 +402,18 @@ fn call(run_dir: &std::path::Path, req: &Request) -> Result<Vec<ExportStatus>, S
 
 fn run(cli: Cli) -> Result<(), String> {
     let json = |f: Format| matches!(f, Format::Json);
+    let key = curve_auth::key_from_env(cli.key_file.as_deref())
+        .map_err(|e| e.to_string())?
+        .map(Arc::new);
+    let owner = cli
+        .owner
+        .clone()
+        .or_else(|| key.as_ref().map(|k| k.user.clone()))
+        .unwrap_or_else(|| "curve".into());
     let volume = |op: cluster::VolumeOp, f: Format| -> Result<(), String> {
         let rt = runtime()?;
-        let c = cluster::client(&cli.mds, 30);
-        rt.block_on(cluster::volume(&c, &cli.owner, op, json(f)))
+        let c = cluster::client(&cli.mds, 30, key.clone());
+        rt.block_on(cluster::volume(&c, &owner, op, json(f)))
             .map_err(|e| e.to_string())
     };
     match cli.command {
@@ -374,14 +432,20 @@ fn run(cli: Cli) -> Result<(), String> {
         Command::Playground(PlaygroundCommand::Status { dir, format }) => {
             playground::status(&dir, json(format))?;
         }
-        Command::Bench(b) => bench(b, &cli.mds, &cli.owner)?,
+        Command::Bench(b) => bench(b, &cli.mds, &owner, key.clone())?,
+        Command::User(u) => {
+            let rt = runtime()?;
+            let c = cluster::client(&cli.mds, 30, key.clone());
+            rt.block_on(cluster::user(&c, u_op(u)?))?;
+        }
+        Command::Key(k) => key_command(k)?,
         Command::Upgrade(args) => upgrade(&cli.run_dir, &args)?,
         Command::Playground(PlaygroundCommand::Upgrade { dir, args }) => {
             upgrade(&dir.join("nebd"), &args)?
         }
         Command::Cluster(ClusterCommand::Status { format }) => {
             let rt = runtime()?;
-            let c = cluster::client(&cli.mds, 10);
+            let c = cluster::client(&cli.mds, 10, key.clone());
             let s = rt
                 .block_on(cluster::summary(&c))
                 .map_err(|e| e.to_string())?;
@@ -624,11 +688,75 @@ fn runtime() -> Result<tokio::runtime::Runtime, String> {
         .map_err(|e| e.to_string())
 }
 
-fn bench(b: BenchArgs, mds: &[String], owner: &str) -> Result<(), String> {
+fn u_op(u: UserCommand) -> Result<cluster::UserOp, String> {
+    Ok(match u {
+        UserCommand::Create { name, out } => {
+            let out = if out == "NAME.key" {
+                format!("{name}.key")
+            } else {
+                out
+            };
+            cluster::UserOp::Create(name, PathBuf::from(out))
+        }
+        UserCommand::List { format } => cluster::UserOp::List(matches!(format, Format::Json)),
+        UserCommand::Delete { name } => cluster::UserOp::Delete(name),
+    })
+}
+
+fn key_command(k: KeyCommand) -> Result<(), String> {
+    use curve_auth::Keyring;
+    let edit = |file: &std::path::Path, f: &dyn Fn(&mut Keyring) -> Result<String, String>| {
+        let mut ring = Keyring::load(file).map_err(|e| e.to_string())?;
+        let said = f(&mut ring)?;
+        curve_auth::replace_secret_file(file, &ring.to_file_text())
+            .map_err(|e| format!("{}: {e}", file.display()))?;
+        println!("{said}");
+        Ok::<(), String>(())
+    };
+    match k {
+        KeyCommand::Cluster { file } => {
+            curve_auth::write_secret_file(&file, &Keyring::generate().to_file_text())
+                .map_err(|e| format!("{}: {e}", file.display()))?;
+            println!("cluster keyring written to {} (mode 0600)", file.display());
+        }
+        KeyCommand::User { name, out } => {
+            if !curve_auth::valid_user_name(&name) {
+                return Err(format!("bad user name {name:?}"));
+            }
+            curve_auth::UserKey::generate(&name)
+                .save_new(&out)
+                .map_err(|e| format!("{}: {e}", out.display()))?;
+            println!("key of {name} written to {} (mode 0600)", out.display());
+        }
+        KeyCommand::Rotate { file } => edit(&file, &|r| {
+            let id = r.add();
+            Ok(format!(
+                "key {id} added to {}; copy it to every daemon, then `curve key promote {} {id}`",
+                file.display(),
+                file.display()
+            ))
+        })?,
+        KeyCommand::Promote { file, id } => edit(&file, &|r| {
+            r.promote(id)?;
+            Ok(format!("key {id} is primary in {}", file.display()))
+        })?,
+        KeyCommand::Retire { file, id } => edit(&file, &|r| {
+            r.retire(id)?;
+            Ok(format!("key {id} removed from {}", file.display()))
+        })?,
+    }
+    Ok(())
+}
+
+fn bench(
+    b: BenchArgs,
+    mds: &[String],
+    owner: &str,
+    key: Option<Arc<curve_auth::UserKey>>,
+) -> Result<(), String> {
     use curve_bench::drivers::{
         client::ClientDriver, nbd::NbdDriver, nbd::NbdTarget, nebd::NebdDriver,
     };
-    use std::sync::Arc;
     let workload: curve_bench::Workload = b.workload.parse()?;
     if b.block_size == 0 || b.block_size > (64 << 20) {
         return Err("--block-size: 1 byte to 64 MiB".into());
@@ -651,7 +779,11 @@ fn bench(b: BenchArgs, mds: &[String], owner: &str) -> Result<(), String> {
             "nebd",
         ),
         BenchDriver::Client => (
-            Arc::new(ClientDriver::parse(&b.target, mds, owner)?),
+            Arc::new({
+                let mut d = ClientDriver::parse(&b.target, mds, owner)?;
+                d.key = key;
+                d
+            }),
             "client",
         ),
         BenchDriver::VhostUser => (

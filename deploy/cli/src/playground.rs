@@ -266,6 +266,7 @@ pub fn up(o: &Options) -> Result<(), String> {
         libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
     }
     std::fs::write(dir.join("topology.toml"), TOPOLOGY).map_err(|e| e.to_string())?;
+    let keys = make_keys(&dir)?;
     let mds_addr = format!("127.0.0.1:{}", o.port);
     let d = |p: &str| dir.join(p).display().to_string();
     let mut daemons = vec![Daemon {
@@ -280,6 +281,10 @@ pub fn up(o: &Options) -> Result<(), String> {
             d("topology.toml"),
             "--metrics-listen".into(),
             format!("127.0.0.1:{}", o.port + 10),
+            "--cluster-key-file".into(),
+            d("keys/cluster.key"),
+            "--admin-key-file".into(),
+            d("keys/admin.key"),
         ],
         log: dir.join("logs/mds.log"),
         child: None,
@@ -305,6 +310,8 @@ pub fn up(o: &Options) -> Result<(), String> {
                 "4".into(),
                 "--metrics-listen".into(),
                 format!("127.0.0.1:{}", o.port + 10 + i),
+                "--cluster-key-file".into(),
+                d("keys/cluster.key"),
             ],
             log: dir.join(format!("logs/cs{i}.log")),
             child: None,
@@ -322,13 +329,17 @@ pub fn up(o: &Options) -> Result<(), String> {
             mds_addr.clone(),
             "--metrics-listen".into(),
             format!("127.0.0.1:{}", o.port + 14),
+            "--key-file".into(),
+            d("keys/admin.key"),
+            "--owner".into(),
+            "curve".into(),
         ],
         log: dir.join("logs/nebd-server.log"),
         child: None,
         pid_file: Some(dir.join("nebd/nebd-server.pid")),
         adopted: None,
     });
-    let result = serve(o, &dir, &mds_addr, &mut daemons);
+    let result = serve(o, &dir, &mds_addr, &keys, &mut daemons);
     for dmn in daemons.iter_mut().rev() {
         dmn.stop();
     }
@@ -386,7 +397,36 @@ fn wait_for(
     }
 }
 
-fn serve(o: &Options, dir: &Path, mds_addr: &str, daemons: &mut [Daemon]) -> Result<(), String> {
+/// The playground's keys in DIR/keys (0700): the cluster keyring and root's key (0600 from
+/// their creation), made once and kept across restarts; root's key.
+fn make_keys(dir: &Path) -> Result<std::sync::Arc<curve_auth::UserKey>, String> {
+    let keys = dir.join("keys");
+    std::fs::create_dir_all(&keys).map_err(|e| format!("{}: {e}", keys.display()))?;
+    std::fs::set_permissions(&keys, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+        .map_err(|e| format!("{}: {e}", keys.display()))?;
+    let cluster = keys.join("cluster.key");
+    if !cluster.exists() {
+        curve_auth::write_secret_file(&cluster, &curve_auth::Keyring::generate().to_file_text())
+            .map_err(|e| format!("{}: {e}", cluster.display()))?;
+    }
+    let admin = keys.join("admin.key");
+    if !admin.exists() {
+        curve_auth::UserKey::generate("root")
+            .save_new(&admin)
+            .map_err(|e| format!("{}: {e}", admin.display()))?;
+    }
+    curve_auth::UserKey::load(&admin)
+        .map(std::sync::Arc::new)
+        .map_err(|e| e.to_string())
+}
+
+fn serve(
+    o: &Options,
+    dir: &Path,
+    mds_addr: &str,
+    keys: &std::sync::Arc<curve_auth::UserKey>,
+    daemons: &mut [Daemon],
+) -> Result<(), String> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -402,7 +442,7 @@ fn serve(o: &Options, dir: &Path, mds_addr: &str, daemons: &mut [Daemon]) -> Res
     for dmn in &mut daemons[1..4] {
         dmn.start()?;
     }
-    let mut mds = MdsClient::new(vec![mds_addr.to_string()]);
+    let mut mds = MdsClient::with_key(vec![mds_addr.to_string()], Some(keys.clone()));
     mds.deadline = Duration::from_secs(2);
     wait_for(
         "the copysets (3 replicas each, with leaders)",
@@ -492,10 +532,12 @@ Attach with:
   qemu-io --image-opts 'driver=nbd,server.type=unix,server.path={s},export={name}' -c 'write -P 0xab 0 1M' -c 'read -P 0xab 0 1M'
   fio --name=t --ioengine=nbd --uri='{uri}' --rw=randrw --bs=4k --iodepth=32 --time_based --runtime=10
   qemu-system-x86_64 ... -drive driver=nbd,server.type=unix,server.path={s},export={name},if=virtio
+  export CURVE_KEY_FILE={admin_key}   # authentication is on: the admin's key
   curve --mds {mds_addr} cluster status
   curve --mds {mds_addr} volume list /
 Logs: {logs}. Ctrl-C (or `curve playground down --dir {dir}`) stops.",
         size = human(o.size),
+        admin_key = dir.join("keys/admin.key").display(),
         p1 = o.port + 1,
         p2 = o.port + 2,
         p3 = o.port + 3,
@@ -584,7 +626,10 @@ pub fn status(dir: &Path, json: bool) -> Result<(), String> {
         .enable_all()
         .build()
         .map_err(|e| e.to_string())?;
-    let mut client = MdsClient::new(vec![mds.clone()]);
+    let key = curve_auth::UserKey::load(&dir.join("keys/admin.key"))
+        .ok()
+        .map(std::sync::Arc::new);
+    let mut client = MdsClient::with_key(vec![mds.clone()], key);
     client.deadline = Duration::from_secs(3);
     let cluster = rt.block_on(crate::cluster::summary(&client));
     if json {

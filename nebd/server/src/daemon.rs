@@ -180,6 +180,8 @@ pub struct Config {
     pub mds: Vec<String>,
     /// Owner `curve:` volumes are opened as.
     pub owner: String,
+    /// The key MDS requests are signed with (clusters with auth on).
+    pub key: Option<std::sync::Arc<curve_auth::UserKey>>,
     /// host:port of the Prometheus endpoint (`GET /metrics`), if any.
     pub metrics_listen: Option<String>,
     /// Group given the sockets consumers connect to (control, part1, NBD, vhost-user): they
@@ -204,6 +206,7 @@ impl Config {
             heartbeat_timeout: Duration::from_secs(30),
             mds: vec!["127.0.0.1:6700".into()],
             owner: "curve".into(),
+            key: None,
             metrics_listen: None,
             socket_group: None,
             takeover: false,
@@ -391,6 +394,7 @@ pub(crate) fn prepare_run_dir(config: &Config) -> anyhow::Result<()> {
     crate::volume::set_cluster_defaults(crate::volume::ClusterDefaults {
         mds: config.mds.clone(),
         owner: config.owner.clone(),
+        key: config.key.clone(),
         client_id: format!(
             "nebd-server:{}:{}",
             hostname(),

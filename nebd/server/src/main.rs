@@ -25,9 +25,13 @@ struct Args {
         default_value = "127.0.0.1:6700"
     )]
     mds: Vec<String>,
-    /// Owner `curve:` volumes are opened as.
-    #[arg(long, env = "CURVE_OWNER", default_value = "curve")]
-    owner: String,
+    /// Owner `curve:` volumes are opened as (default: the key's user, else `curve`).
+    #[arg(long, env = "CURVE_OWNER")]
+    owner: Option<String>,
+    /// The user's key file (`curve user create`): MDS requests are signed with it, as a
+    /// cluster with authentication on requires.
+    #[arg(long, env = "CURVE_KEY_FILE", value_name = "PATH")]
+    key_file: Option<std::path::PathBuf>,
     /// Serve Prometheus metrics at http://ADDR/metrics (host:port): per export and part1 file,
     /// operations, bytes, errors, latency, in flight, connections.
     #[arg(long, value_name = "ADDR")]
@@ -80,10 +84,15 @@ fn main() -> anyhow::Result<()> {
         .thread_name("nebd-ctl")
         .enable_all()
         .build()?;
+    let key = curve_auth::key_from_env(args.key_file.as_deref())?.map(std::sync::Arc::new);
     let config = Config {
         heartbeat_timeout: std::time::Duration::from_millis(args.heartbeat_timeout_ms),
         mds: args.mds,
-        owner: args.owner,
+        owner: args
+            .owner
+            .or_else(|| key.as_ref().map(|k| k.user.clone()))
+            .unwrap_or_else(|| "curve".into()),
+        key,
         metrics_listen: args.metrics_listen,
         socket_group: match &args.socket_group {
             Some(g) => Some(daemon::group_id(g).map_err(anyhow::Error::msg)?),

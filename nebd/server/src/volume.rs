@@ -18,6 +18,8 @@ pub struct ClusterDefaults {
     pub mds: Vec<String>,
     /// Owner the volumes are opened as.
     pub owner: String,
+    /// The key MDS requests are signed with.
+    pub key: Option<Arc<curve_auth::UserKey>>,
     /// This part2's identity at the MDS (a restart takes its own sessions over).
     pub client_id: String,
 }
@@ -33,6 +35,7 @@ fn cluster_defaults() -> ClusterDefaults {
     DEFAULTS.get().cloned().unwrap_or_else(|| ClusterDefaults {
         mds: vec!["127.0.0.1:6700".into()],
         owner: "curve".into(),
+        key: None,
         client_id: format!("nebd-server-{}", std::process::id()),
     })
 }
@@ -280,6 +283,7 @@ impl VolumeSpec {
                     owner.as_deref().unwrap_or(&d.owner),
                 );
                 opts.client_id = d.client_id;
+                opts.key = d.key;
                 let handed = HANDED_OVER.lock().remove(path);
                 let adopted = handed.is_some();
                 curve_client::CurveDevice::open_with(path, opts, read_only, handed)

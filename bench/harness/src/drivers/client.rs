@@ -18,6 +18,8 @@ pub struct ClientDriver {
     pub mds: Vec<String>,
     /// Owner.
     pub owner: String,
+    /// The user's key (clusters with authentication on).
+    pub key: Option<Arc<curve_auth::UserKey>>,
     /// The volume, opened once and shared by the jobs (one session).
     device: Arc<Mutex<Option<Arc<CurveDevice>>>>,
 }
@@ -34,6 +36,7 @@ impl ClientDriver {
             path: path.into(),
             mds: mds.to_vec(),
             owner: owner.into(),
+            key: None,
             device: Arc::default(),
         };
         for kv in q.split('&').filter(|s| !s.is_empty()) {
@@ -82,6 +85,7 @@ impl Driver for ClientDriver {
                 None => {
                     let mut opts = VolumeOptions::new(self.mds.clone(), &self.owner);
                     opts.client_id = format!("curve-bench-{}", std::process::id());
+                    opts.key = self.key.clone();
                     let dev = Arc::new(
                         CurveDevice::open(&self.path, opts, false).map_err(|e| e.to_string())?,
                     );
