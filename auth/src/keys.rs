@@ -94,7 +94,9 @@ impl UserKey {
         for (k, v) in fields(text) {
             match k {
                 "user" => user = Some(v.to_string()),
-                "secret" => secret = Some(crate::unhex::<32>(v).ok_or("secret is not 64 hex digits")?),
+                "secret" => {
+                    secret = Some(crate::unhex::<32>(v).ok_or("secret is not 64 hex digits")?)
+                }
                 _ => {}
             }
         }
@@ -194,14 +196,25 @@ mod tests {
         assert_eq!(public_from_file(&p).unwrap(), ("alice".into(), k.public()));
         // A public-only file names the key but cannot sign.
         let pubfile = d.path().join("alice.pub");
-        std::fs::write(&pubfile, format!("user = alice\npublic = {}\n", crate::hex(&k.public()))).unwrap();
+        std::fs::write(
+            &pubfile,
+            format!("user = alice\npublic = {}\n", crate::hex(&k.public())),
+        )
+        .unwrap();
         assert_eq!(public_from_file(&pubfile).unwrap().1, k.public());
-        assert!(UserKey::load(&pubfile).unwrap_err().to_string().contains("cannot sign"));
+        assert!(
+            UserKey::load(&pubfile)
+                .unwrap_err()
+                .to_string()
+                .contains("cannot sign")
+        );
         for bad in ["", "user = a b\nsecret = 00", "user = x\nsecret = 1234"] {
             assert!(UserKey::parse(bad).is_err(), "{bad:?}");
         }
         assert!(UserKey::load(&d.path().join("missing")).is_err());
         assert!(valid_user_name("root") && valid_user_name("a-b_9"));
-        assert!(!valid_user_name("") && !valid_user_name("a/b") && !valid_user_name(&"x".repeat(65)));
+        assert!(
+            !valid_user_name("") && !valid_user_name("a/b") && !valid_user_name(&"x".repeat(65))
+        );
     }
 }

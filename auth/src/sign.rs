@@ -231,7 +231,9 @@ mod tests {
         let now = now_ms();
         let parsed = Credential::parse(&c.to_header()).unwrap();
         assert_eq!(parsed, c);
-        parsed.verify(&k.public(), "OpenFile", b"body", now).unwrap();
+        parsed
+            .verify(&k.public(), "OpenFile", b"body", now)
+            .unwrap();
         assert_eq!(
             parsed.verify(&k.public(), "OpenFile", b"other", now),
             Err(AuthError::BadSignature)
@@ -262,7 +264,13 @@ mod tests {
         guard.check(&k.sign("OpenFile", b"body"), now).unwrap();
         // Nonces are forgotten once their time is out of the window.
         guard.check(&c, now + 3 * MAX_SKEW_MS).unwrap();
-        for bad in ["", "a.b.c", "alice.1.2.3", "a/b.1.0000000000000000.00", "alice.x.0000000000000000.00"] {
+        for bad in [
+            "",
+            "a.b.c",
+            "alice.1.2.3",
+            "a/b.1.0000000000000000.00",
+            "alice.x.0000000000000000.00",
+        ] {
             assert!(Credential::parse(bad).is_err(), "{bad:?}");
         }
     }
@@ -288,11 +296,25 @@ mod tests {
         let other = Keyring::generate();
         assert!(verify_peer(&other, Some(&h), "AppendEntries", b"x", now).is_err());
         assert!(matches!(
-            verify_peer(&ring, Some(&h), "AppendEntries", b"x", now + 10 * MAX_SKEW_MS),
+            verify_peer(
+                &ring,
+                Some(&h),
+                "AppendEntries",
+                b"x",
+                now + 10 * MAX_SKEW_MS
+            ),
             Err(AuthError::Skew(_))
         ));
-        for bad in ["", "1.2.3", "x.1.0000000000000000.00", "1.1.0000000000000000.zz"] {
-            assert!(verify_peer(&ring, Some(bad), "m", b"", now).is_err(), "{bad:?}");
+        for bad in [
+            "",
+            "1.2.3",
+            "x.1.0000000000000000.00",
+            "1.1.0000000000000000.zz",
+        ] {
+            assert!(
+                verify_peer(&ring, Some(bad), "m", b"", now).is_err(),
+                "{bad:?}"
+            );
         }
     }
 }
@@ -360,7 +382,10 @@ pub fn check_peer_over<T>(
     let header = req
         .metadata()
         .get(PEER_HEADER)
-        .map(|v| v.to_str().map_err(|_| AuthError::Malformed("not ASCII".into())))
+        .map(|v| {
+            v.to_str()
+                .map_err(|_| AuthError::Malformed("not ASCII".into()))
+        })
         .transpose()
         .inspect_err(|e| crate::refused(e, method))?;
     verify_peer(&ring.get(), header, method, body, now_ms())

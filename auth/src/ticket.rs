@@ -155,7 +155,11 @@ mod tests {
         let id = ring.add();
         ring.promote(id).unwrap();
         assert_eq!(Ticket::open(&b, &ring, 0), Ok(t));
-        let ro = Ticket { read_only: true, ..t }.seal(&ring);
+        let ro = Ticket {
+            read_only: true,
+            ..t
+        }
+        .seal(&ring);
         assert!(Ticket::open(&ro, &ring, 0).unwrap().read_only);
         ring.retire(1).unwrap();
         assert_eq!(Ticket::open(&b, &ring, 0), Err(AuthError::UnknownKey(1)));
@@ -167,8 +171,14 @@ mod tests {
         let g = grant(&ring, 7, 100);
         assert_eq!(g.len(), GRANT_LEN);
         check_grant(&g, &ring, 7, 100).unwrap();
-        assert!(matches!(check_grant(&g, &ring, 8, 100), Err(AuthError::WrongVolume(_))));
-        assert!(matches!(check_grant(&g, &ring, 7, 101), Err(AuthError::WrongVolume(_))));
+        assert!(matches!(
+            check_grant(&g, &ring, 8, 100),
+            Err(AuthError::WrongVolume(_))
+        ));
+        assert!(matches!(
+            check_grant(&g, &ring, 7, 101),
+            Err(AuthError::WrongVolume(_))
+        ));
         assert_eq!(check_grant(&[], &ring, 7, 100), Err(AuthError::Missing));
         assert!(check_grant(&g[..10], &ring, 7, 100).is_err());
         assert!(check_grant(&g, &Keyring::generate(), 7, 100).is_err());

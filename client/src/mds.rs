@@ -216,7 +216,9 @@ impl MdsClient {
             block_size,
             owner: owner.into(),
         };
-        Ok(rpc!(self, create_file, "CreateFile", req)?.info.unwrap_or_default())
+        Ok(rpc!(self, create_file, "CreateFile", req)?
+            .info
+            .unwrap_or_default())
     }
 
     /// Stats a path.
@@ -225,7 +227,9 @@ impl MdsClient {
             path: path.into(),
             owner: String::new(),
         };
-        Ok(rpc!(self, stat_file, "StatFile", req)?.info.unwrap_or_default())
+        Ok(rpc!(self, stat_file, "StatFile", req)?
+            .info
+            .unwrap_or_default())
     }
 
     /// Lists a directory.
@@ -244,7 +248,9 @@ impl MdsClient {
             new_length: length,
             owner: owner.into(),
         };
-        Ok(rpc!(self, extend_file, "ExtendFile", req)?.info.unwrap_or_default())
+        Ok(rpc!(self, extend_file, "ExtendFile", req)?
+            .info
+            .unwrap_or_default())
     }
 
     /// Renames or moves.
@@ -254,7 +260,9 @@ impl MdsClient {
             to: to.into(),
             owner: owner.into(),
         };
-        Ok(rpc!(self, rename_file, "RenameFile", req)?.info.unwrap_or_default())
+        Ok(rpc!(self, rename_file, "RenameFile", req)?
+            .info
+            .unwrap_or_default())
     }
 
     /// Moves to the recycle bin (`force`: purges at once).
@@ -264,7 +272,9 @@ impl MdsClient {
             owner: owner.into(),
             force,
         };
-        Ok(rpc!(self, delete_file, "DeleteFile", req)?.info.unwrap_or_default())
+        Ok(rpc!(self, delete_file, "DeleteFile", req)?
+            .info
+            .unwrap_or_default())
     }
 
     /// Brings a file back from the recycle bin.
@@ -273,7 +283,9 @@ impl MdsClient {
             path: path.into(),
             owner: owner.into(),
         };
-        Ok(rpc!(self, recover_file, "RecoverFile", req)?.info.unwrap_or_default())
+        Ok(rpc!(self, recover_file, "RecoverFile", req)?
+            .info
+            .unwrap_or_default())
     }
 
     /// Sets a volume's QoS limits.
@@ -366,7 +378,11 @@ impl MdsClient {
     }
 
     /// Registers user `name` with its public key (admin only); the users after.
-    pub async fn create_user(&self, name: &str, public: [u8; 32]) -> Result<Vec<UserInfo>, MdsError> {
+    pub async fn create_user(
+        &self,
+        name: &str,
+        public: [u8; 32],
+    ) -> Result<Vec<UserInfo>, MdsError> {
         let req = UserRequest {
             name: name.into(),
             public_key: public.to_vec(),

@@ -171,7 +171,11 @@ impl Volume {
         let r = mds.refresh(path, &state.session_id).await?;
         let info = mds.stat(path).await?;
         let state = SessionState {
-            ticket: if r.ticket.is_empty() { state.ticket } else { r.ticket },
+            ticket: if r.ticket.is_empty() {
+                state.ticket
+            } else {
+                r.ticket
+            },
             ..state
         };
         Ok(Self::with_session(mds, path, opts, conns, info, state))

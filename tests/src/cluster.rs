@@ -213,6 +213,8 @@ pub struct MiniCluster {
     pub admin_key: PathBuf,
     /// The cluster keyring the MDS and the chunkservers share.
     pub cluster_key: PathBuf,
+    /// Metrics endpoints (host:port): the MDS, then the chunkservers (empty unless asked).
+    pub metrics: Vec<String>,
 }
 
 /// Makes a cluster keyring and root's key under `dir/keys` (0700; the files 0600).
@@ -227,7 +229,9 @@ pub fn make_keys(dir: &Path) -> (PathBuf, PathBuf) {
     }
     let admin = keys.join("admin.key");
     if !admin.exists() {
-        curve_auth::UserKey::generate("root").save_new(&admin).unwrap();
+        curve_auth::UserKey::generate("root")
+            .save_new(&admin)
+            .unwrap();
     }
     (cluster, admin)
 }
@@ -236,6 +240,25 @@ impl MiniCluster {
     /// Starts `n_mds` MDS (on etcd when more than one, or when `etcd`) and 3 chunkservers
     /// under `dir`, and waits until every copyset has 3 peers and a leader.
     pub fn start(dir: &Path, n_mds: usize, etcd: bool) -> Self {
+        Self::start_with(dir, n_mds, etcd, &[], false)
+    }
+
+    /// As [`MiniCluster::start`], the MDS with `mds_extra` arguments, and with `metrics` every
+    /// daemon serving Prometheus metrics ([`MiniCluster::metrics`]: the MDS first).
+    pub fn start_with(
+        dir: &Path,
+        n_mds: usize,
+        etcd: bool,
+        mds_extra: &[&str],
+        metrics: bool,
+    ) -> Self {
+        let metrics: Vec<String> = if metrics {
+            (0..n_mds + 3)
+                .map(|_| format!("127.0.0.1:{}", free_port()))
+                .collect()
+        } else {
+            Vec::new()
+        };
         let etcd = (etcd || n_mds > 1).then(|| Etcd::start(dir));
         let mut topo = String::from(
             "[[pool]]\nname = \"pool1\"\nreplicas = 3\ncopysets_per_chunkserver = 4\n",
@@ -271,27 +294,37 @@ impl MiniCluster {
                 "2".into(),
             ]);
         }
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        args.extend(mds_extra.iter().map(|s| s.to_string()));
         let mds: Vec<Mds> = (0..n_mds)
-            .map(|i| Mds::start(&dir.join(format!("mds{i}")), &args))
+            .map(|i| {
+                let mut args: Vec<&str> = args.iter().map(String::as_str).collect();
+                if let Some(m) = metrics.get(i) {
+                    args.extend(["--metrics-listen", m]);
+                }
+                Mds::start(&dir.join(format!("mds{i}")), &args)
+            })
             .collect();
         let addrs: Vec<String> = mds.iter().map(|m| m.addr.clone()).collect();
         let ck = cluster_key.display().to_string();
         let chunkservers = (1..=3)
             .map(|i| {
+                let mut extra = vec![
+                    "--pool-target",
+                    "2",
+                    "--heartbeat-ms",
+                    "300",
+                    "--cluster-key-file",
+                    &ck,
+                ];
+                if let Some(m) = metrics.get(n_mds + i - 1) {
+                    extra.extend(["--metrics-listen", m]);
+                }
                 Chunkserver::start(
                     &dir.join(format!("cs{i}")),
                     &addrs,
                     &format!("z{i}"),
                     &format!("s{i}"),
-                    &[
-                        "--pool-target",
-                        "2",
-                        "--heartbeat-ms",
-                        "300",
-                        "--cluster-key-file",
-                        &ck,
-                    ],
+                    &extra,
                 )
             })
             .collect();
@@ -301,6 +334,7 @@ impl MiniCluster {
             chunkservers,
             admin_key,
             cluster_key,
+            metrics,
         };
         c.wait_healthy(Duration::from_secs(120));
         c

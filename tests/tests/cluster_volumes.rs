@@ -88,7 +88,7 @@ fn bad_input_and_qos_on_cluster_volumes() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let other = cluster.mds_client();
     let (_, session, _) = rt
-        .block_on(other.open("/held", "curve", "another-host"))
+        .block_on(other.open("/held", "root", "another-host"))
         .unwrap();
     fails_with(
         curve(

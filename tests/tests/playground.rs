@@ -279,18 +279,27 @@ fn playground_fio_verify_and_faults_invisible() {
         .output()
         .unwrap();
     let said = String::from_utf8_lossy(&anon.stderr);
-    assert!(!anon.status.success() && said.contains("not signed"), "{said}");
+    assert!(
+        !anon.status.success() && said.contains("not signed"),
+        "{said}"
+    );
     let listed = run_ok(
         Command::new(bin("curve"))
             .env("CURVE_KEY_FILE", &admin_key)
             .args(["--mds", &mds_addr, "volume", "list", "/"]),
     );
     assert!(listed.contains("/vol0"), "{listed}");
-    let refused = metric(&scrape(&addr("curve-mds")), "curve_mds_auth_refused_total", "reason=\"missing\"");
+    let refused = metric(
+        &scrape(&addr("curve-mds")),
+        "curve_mds_auth_refused_total",
+        "reason=\"missing\"",
+    );
     assert!(refused.is_some_and(|n| n >= 1.0), "the refusal is counted");
     let mds = MdsClient::with_key(
         vec![mds_addr.clone()],
-        Some(std::sync::Arc::new(curve_auth::UserKey::load(&admin_key).unwrap())),
+        Some(std::sync::Arc::new(
+            curve_auth::UserKey::load(&admin_key).unwrap(),
+        )),
     );
     let seg = rt
         .block_on(mds.segment("/vol0", "curve", 0, true))

@@ -101,25 +101,61 @@ mod tests {
         let ring = curve_auth::Keyring::generate();
         let a = ChunkAuth::new(SharedKeyring::fixed(ring.clone()));
         let t = |volume, epoch, expiry_ms, read_only| {
-            Ticket { volume, epoch, expiry_ms, read_only }.seal(&ring)
+            Ticket {
+                volume,
+                epoch,
+                expiry_ms,
+                read_only,
+            }
+            .seal(&ring)
         };
         let far = curve_auth::now_ms() + 60_000;
         let g = curve_auth::grant(&ring, 5, 100);
-        assert_eq!(a.check(&t(5, 2, far, false), &g, 100, true, "w"), Ok(Allowed { volume: 5, epoch: 2 }));
+        assert_eq!(
+            a.check(&t(5, 2, far, false), &g, 100, true, "w"),
+            Ok(Allowed {
+                volume: 5,
+                epoch: 2
+            })
+        );
         // Another chunk, another volume's ticket, no ticket, no grant, expired, read-only.
-        assert_eq!(a.check(&t(5, 2, far, false), &g, 101, true, "w"), Err(ChunkStatus::AuthFailed));
-        assert_eq!(a.check(&t(6, 9, far, false), &g, 100, true, "w"), Err(ChunkStatus::AuthFailed));
-        assert_eq!(a.check(&[], &g, 100, true, "w"), Err(ChunkStatus::AuthFailed));
-        assert_eq!(a.check(&t(5, 2, far, false), &[], 100, true, "w"), Err(ChunkStatus::AuthFailed));
-        assert_eq!(a.check(&t(5, 2, 1, false), &g, 100, true, "w"), Err(ChunkStatus::TicketExpired));
-        assert_eq!(a.check(&t(5, 2, far, true), &g, 100, true, "w"), Err(ChunkStatus::AuthFailed));
+        assert_eq!(
+            a.check(&t(5, 2, far, false), &g, 101, true, "w"),
+            Err(ChunkStatus::AuthFailed)
+        );
+        assert_eq!(
+            a.check(&t(6, 9, far, false), &g, 100, true, "w"),
+            Err(ChunkStatus::AuthFailed)
+        );
+        assert_eq!(
+            a.check(&[], &g, 100, true, "w"),
+            Err(ChunkStatus::AuthFailed)
+        );
+        assert_eq!(
+            a.check(&t(5, 2, far, false), &[], 100, true, "w"),
+            Err(ChunkStatus::AuthFailed)
+        );
+        assert_eq!(
+            a.check(&t(5, 2, 1, false), &g, 100, true, "w"),
+            Err(ChunkStatus::TicketExpired)
+        );
+        assert_eq!(
+            a.check(&t(5, 2, far, true), &g, 100, true, "w"),
+            Err(ChunkStatus::AuthFailed)
+        );
         assert!(a.check(&t(5, 2, far, true), &g, 100, false, "r").is_ok());
         // A newer session's ticket raises the floor: the older one stops working.
         a.check(&t(5, 3, far, false), &g, 100, true, "w").unwrap();
-        assert_eq!(a.check(&t(5, 2, far, false), &g, 100, false, "r"), Err(ChunkStatus::EpochTooOld));
+        assert_eq!(
+            a.check(&t(5, 2, far, false), &g, 100, false, "r"),
+            Err(ChunkStatus::EpochTooOld)
+        );
         // The MDS's push does the same before the new session wrote here.
         a.raise(&[(5, 7)]);
-        assert_eq!(a.check(&t(5, 3, far, false), &g, 100, true, "w"), Err(ChunkStatus::EpochTooOld));
+        assert_eq!(
+            a.check(&t(5, 3, far, false), &g, 100, true, "w"),
+            Err(ChunkStatus::EpochTooOld)
+        );
         assert!(a.check(&t(5, 7, far, false), &g, 100, true, "w").is_ok());
     }
 }

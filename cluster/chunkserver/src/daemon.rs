@@ -209,9 +209,7 @@ pub async fn execute(
     };
     let answer = match ConfigChangeType::try_from(change.r#type).map_err(|e| e.to_string())? {
         ConfigChangeType::AddPeer => svc.add_peer(req("AddPeer", peer, Vec::new())).await,
-        ConfigChangeType::RemovePeer => {
-            svc.remove_peer(req("RemovePeer", peer, Vec::new())).await
-        }
+        ConfigChangeType::RemovePeer => svc.remove_peer(req("RemovePeer", peer, Vec::new())).await,
         ConfigChangeType::ChangePeer => {
             let old = change.old_peer.as_ref().map(|p| p.chunkserver_id);
             let mut peers: Vec<Peer> = node
@@ -281,7 +279,8 @@ async fn heartbeat_loop(
             continue;
         }
         if let Some(a) = &auth {
-            let epochs: Vec<(u64, u64)> = reply.epochs.iter().map(|e| (e.volume, e.epoch)).collect();
+            let epochs: Vec<(u64, u64)> =
+                reply.epochs.iter().map(|e| (e.volume, e.epoch)).collect();
             a.raise(&epochs);
         }
         for change in reply.changes {
@@ -354,7 +353,9 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     if let Some(a) = &auth {
         svc = svc.with_auth(a.clone());
     } else {
-        tracing::warn!("authentication is off: any client may read and write any chunk (give --cluster-key-file)");
+        tracing::warn!(
+            "authentication is off: any client may read and write any chunk (give --cluster-key-file)"
+        );
     }
     let hb = tokio::spawn(heartbeat_loop(
         cfg.clone(),

@@ -503,7 +503,11 @@ mod tests {
         assert_eq!(ds.chunk_meta(1).unwrap().volume, 5);
         assert!(matches!(
             e(ds.write_chunk_of(6, 1, 1, 0, &[2; 4096], 9)),
-            DataStoreError::WrongVolume { chunk: 1, got: 6, have: 5 }
+            DataStoreError::WrongVolume {
+                chunk: 1,
+                got: 6,
+                have: 5
+            }
         ));
         let mut buf = [0u8; 4096];
         assert!(matches!(
@@ -512,7 +516,11 @@ mod tests {
         ));
         ds.read_chunk_of(5, 1, 0, &mut buf).unwrap();
         assert_eq!(buf, [1; 4096]);
-        assert_eq!(ds.chunk_meta(1).unwrap().epoch, 2, "a refused write changes nothing");
+        assert_eq!(
+            ds.chunk_meta(1).unwrap().epoch,
+            2,
+            "a refused write changes nothing"
+        );
         // A chunk written before volumes were recorded takes the volume of its next write.
         ds.write_chunk(2, 1, 0, &[1; 4096], 1).unwrap();
         ds.write_chunk_of(7, 2, 1, 0, &[1; 4096], 1).unwrap();
@@ -534,7 +542,12 @@ mod tests {
         b[33..37].copy_from_slice(&crc.to_le_bytes());
         assert_eq!(
             ChunkMeta::decode(&b),
-            Some(ChunkMeta { id: 3, sn: 1, epoch: 4, volume: 0 })
+            Some(ChunkMeta {
+                id: 3,
+                sn: 1,
+                epoch: 4,
+                volume: 0
+            })
         );
         b[8] = 9;
         assert_eq!(ChunkMeta::decode(&b), None);

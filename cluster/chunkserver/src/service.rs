@@ -282,26 +282,30 @@ impl ChunkService for ChunkServerServices {
         }
         let started = std::time::Instant::now();
         let mut data = vec![0u8; req.size as usize];
-        let r = match node
-            .store()
-            .read_chunk_of(allowed.volume, req.chunk_id, req.offset, &mut data)
-        {
-            Ok(()) => ChunkResponse {
-                status: ChunkStatus::Success as i32,
-                data,
-                ..Default::default()
-            },
-            Err(DataStoreError::NotExist(_)) => reply(ChunkStatus::ChunkNotexist),
-            Err(DataStoreError::Invalid(_)) => reply(ChunkStatus::InvalidRequest),
-            Err(e @ DataStoreError::WrongVolume { .. }) => {
-                curve_auth::refused(&curve_auth::AuthError::WrongVolume(e.to_string()), "ReadChunk");
-                reply(ChunkStatus::AuthFailed)
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "read failed");
-                reply(ChunkStatus::DiskFail)
-            }
-        };
+        let r =
+            match node
+                .store()
+                .read_chunk_of(allowed.volume, req.chunk_id, req.offset, &mut data)
+            {
+                Ok(()) => ChunkResponse {
+                    status: ChunkStatus::Success as i32,
+                    data,
+                    ..Default::default()
+                },
+                Err(DataStoreError::NotExist(_)) => reply(ChunkStatus::ChunkNotexist),
+                Err(DataStoreError::Invalid(_)) => reply(ChunkStatus::InvalidRequest),
+                Err(e @ DataStoreError::WrongVolume { .. }) => {
+                    curve_auth::refused(
+                        &curve_auth::AuthError::WrongVolume(e.to_string()),
+                        "ReadChunk",
+                    );
+                    reply(ChunkStatus::AuthFailed)
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "read failed");
+                    reply(ChunkStatus::DiskFail)
+                }
+            };
         self.record(
             req.logical_pool_id,
             req.copyset_id,
@@ -803,13 +807,9 @@ impl CliService for ChunkServerServices {
             let forwarded = async {
                 let mut c = CliServiceClient::connect(format!("http://{}", peer.address)).await?;
                 Ok::<_, Box<dyn std::error::Error + Send + Sync>>(
-                    c.transfer_leader(curve_auth::peer_request(
-                        self.ring(),
-                        "TransferLeader",
-                        req,
-                    ))
-                    .await?
-                    .into_inner(),
+                    c.transfer_leader(curve_auth::peer_request(self.ring(), "TransferLeader", req))
+                        .await?
+                        .into_inner(),
                 )
             };
             let r = match forwarded.await {

@@ -169,7 +169,10 @@ impl Auth {
 mod tests {
     use super::*;
 
-    fn request(body: curve_proto::mds::PathRequest, cred: Option<Credential>) -> tonic::Request<curve_proto::mds::PathRequest> {
+    fn request(
+        body: curve_proto::mds::PathRequest,
+        cred: Option<Credential>,
+    ) -> tonic::Request<curve_proto::mds::PathRequest> {
         let mut r = tonic::Request::new(body);
         if let Some(c) = cred {
             c.attach(&mut r);
@@ -193,29 +196,73 @@ mod tests {
             owner: String::new(),
         };
         let sig = |k: &curve_auth::UserKey| k.sign("StatFile", &body.encode_to_vec());
-        let c = auth.caller(&users, &request(body.clone(), Some(sig(&alice))), "StatFile").unwrap();
-        assert_eq!(c, Caller::User { name: "alice".into(), admin: false });
+        let c = auth
+            .caller(
+                &users,
+                &request(body.clone(), Some(sig(&alice))),
+                "StatFile",
+            )
+            .unwrap();
+        assert_eq!(
+            c,
+            Caller::User {
+                name: "alice".into(),
+                admin: false
+            }
+        );
         assert_eq!(c.owner("").unwrap(), "alice");
         assert!(c.owner("bob").is_err());
         assert!(c.admin().is_err() && c.cluster().is_err());
-        let r = auth.caller(&users, &request(body.clone(), Some(sig(&root))), "StatFile").unwrap();
+        let r = auth
+            .caller(&users, &request(body.clone(), Some(sig(&root))), "StatFile")
+            .unwrap();
         assert_eq!(r.owner("bob").unwrap(), "bob");
         r.admin().unwrap();
         // No credential, a replay, another method, a user signing as root, an unknown user.
-        assert_eq!(auth.caller(&users, &request(body.clone(), None), "StatFile"), Err(AuthError::Missing));
+        assert_eq!(
+            auth.caller(&users, &request(body.clone(), None), "StatFile"),
+            Err(AuthError::Missing)
+        );
         let once = sig(&alice);
-        auth.caller(&users, &request(body.clone(), Some(once.clone())), "StatFile").unwrap();
-        assert_eq!(auth.caller(&users, &request(body.clone(), Some(once)), "StatFile"), Err(AuthError::Replay));
-        assert_eq!(auth.caller(&users, &request(body.clone(), Some(sig(&alice))), "DeleteFile"), Err(AuthError::BadSignature));
+        auth.caller(
+            &users,
+            &request(body.clone(), Some(once.clone())),
+            "StatFile",
+        )
+        .unwrap();
+        assert_eq!(
+            auth.caller(&users, &request(body.clone(), Some(once)), "StatFile"),
+            Err(AuthError::Replay)
+        );
+        assert_eq!(
+            auth.caller(
+                &users,
+                &request(body.clone(), Some(sig(&alice))),
+                "DeleteFile"
+            ),
+            Err(AuthError::BadSignature)
+        );
         let fake_root = curve_auth::UserKey::generate("root");
-        assert_eq!(auth.caller(&users, &request(body.clone(), Some(sig(&fake_root))), "StatFile"), Err(AuthError::BadSignature));
+        assert_eq!(
+            auth.caller(
+                &users,
+                &request(body.clone(), Some(sig(&fake_root))),
+                "StatFile"
+            ),
+            Err(AuthError::BadSignature)
+        );
         let bob = curve_auth::UserKey::generate("bob");
-        assert!(matches!(auth.caller(&users, &request(body.clone(), Some(sig(&bob))), "StatFile"), Err(AuthError::UnknownUser(_))));
+        assert!(matches!(
+            auth.caller(&users, &request(body.clone(), Some(sig(&bob))), "StatFile"),
+            Err(AuthError::UnknownUser(_))
+        ));
         // The cluster key.
         let mut r = request(body.clone(), None);
         r.metadata_mut().insert(
             curve_auth::PEER_HEADER,
-            curve_auth::peer_credential(&ring, "Heartbeat", &body.encode_to_vec()).parse().unwrap(),
+            curve_auth::peer_credential(&ring, "Heartbeat", &body.encode_to_vec())
+                .parse()
+                .unwrap(),
         );
         let c = auth.caller(&users, &r, "Heartbeat").unwrap();
         assert_eq!(c, Caller::Cluster);

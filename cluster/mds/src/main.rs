@@ -123,7 +123,10 @@ fn main() -> anyhow::Result<()> {
             let ring = curve_auth::SharedKeyring::watch(ring, Duration::from_secs(1))?;
             let (name, public) = curve_auth::public_from_file(admin)?;
             if name != "root" {
-                anyhow::bail!("{}: the admin key is root's (user = root), not {name}'s", admin.display());
+                anyhow::bail!(
+                    "{}: the admin key is root's (user = root), not {name}'s",
+                    admin.display()
+                );
             }
             Some(std::sync::Arc::new(curve_mds::auth::Auth::new(
                 ring,
@@ -131,10 +134,14 @@ fn main() -> anyhow::Result<()> {
                 Duration::from_millis(a.ticket_ttl_ms.max(1000)),
             )))
         }
-        _ => anyhow::bail!("--cluster-key-file and --admin-key-file go together (authentication on)"),
+        _ => {
+            anyhow::bail!("--cluster-key-file and --admin-key-file go together (authentication on)")
+        }
     };
     if auth.is_none() {
-        tracing::warn!("authentication is off: any client may do anything (give --cluster-key-file and --admin-key-file)");
+        tracing::warn!(
+            "authentication is off: any client may do anything (give --cluster-key-file and --admin-key-file)"
+        );
     }
     let cfg = Config {
         listen: a.listen,

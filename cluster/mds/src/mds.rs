@@ -461,10 +461,15 @@ impl MdsService for Services {
             let now = Instant::now();
             let out = mds
                 .update(|st| {
-                    if let Ok(id) = st.ns.lookup(&r.path)
-                        && st.sessions.is_open(id, now)
-                    {
-                        return Ok((Err(MdsStatus::Occupied), Vec::new()));
+                    if let Ok(id) = st.ns.lookup(&r.path) {
+                        // Whose it is first: others learn nothing, not even that it is open.
+                        let f = st.ns.get(id).expect("looked up");
+                        if owner != "root" && f.owner != owner {
+                            return Err(NsError::AuthFailed(r.path.clone()));
+                        }
+                        if st.sessions.is_open(id, now) {
+                            return Ok((Err(MdsStatus::Occupied), Vec::new()));
+                        }
                     }
                     let (f, mut ops, freed) = st.ns.delete(&r.path, &owner, r.force)?;
                     if r.force {
@@ -633,7 +638,11 @@ impl MdsService for Services {
     ) -> Result<Response<SegmentResponse>, Status> {
         let caller = caller!(self, r, SegmentResponse, "GetOrAllocateSegment");
         let r = r.into_inner();
-        let owner = or_refuse!(caller.owner(&r.owner), SegmentResponse, "GetOrAllocateSegment");
+        let owner = or_refuse!(
+            caller.owner(&r.owner),
+            SegmentResponse,
+            "GetOrAllocateSegment"
+        );
         leader_or!(self, SegmentResponse, mds => async move {
             let out = mds
                 .update(|st| {
@@ -774,9 +783,16 @@ impl MdsService for Services {
     async fn create_user(&self, r: Request<UserRequest>) -> Result<Response<UserResponse>, Status> {
         self.users_change(r, "CreateUser", |users, r| {
             if !curve_auth::valid_user_name(&r.name) || r.name == "root" {
-                return Err(format!("bad user name {:?} (1-64 of A-Z a-z 0-9 _ -; not root)", r.name));
+                return Err(format!(
+                    "bad user name {:?} (1-64 of A-Z a-z 0-9 _ -; not root)",
+                    r.name
+                ));
             }
-            let key: [u8; 32] = r.public_key.as_slice().try_into().map_err(|_| "the public key is 32 bytes".to_string())?;
+            let key: [u8; 32] = r
+                .public_key
+                .as_slice()
+                .try_into()
+                .map_err(|_| "the public key is 32 bytes".to_string())?;
             if users.contains_key(&r.name) {
                 return Err(format!("user {} exists", r.name));
             }
@@ -787,7 +803,8 @@ impl MdsService for Services {
     }
 
     async fn list_users(&self, r: Request<UserRequest>) -> Result<Response<UserResponse>, Status> {
-        self.users_change(r, "ListUsers", |_, _| Ok(Vec::new())).await
+        self.users_change(r, "ListUsers", |_, _| Ok(Vec::new()))
+            .await
     }
 
     async fn delete_user(&self, r: Request<UserRequest>) -> Result<Response<UserResponse>, Status> {
@@ -950,7 +967,12 @@ impl HeartbeatService for Services {
                     st.sessions
                         .open_files(Instant::now())
                         .into_iter()
-                        .filter_map(|id| st.ns.get(id).map(|f| VolumeEpoch { volume: id, epoch: f.epoch }))
+                        .filter_map(|id| {
+                            st.ns.get(id).map(|f| VolumeEpoch {
+                                volume: id,
+                                epoch: f.epoch,
+                            })
+                        })
                         .collect()
                 } else {
                     Vec::new()

@@ -219,8 +219,12 @@ pub async fn user(c: &MdsClient, op: UserOp) -> Result<(), String> {
             c.create_user(&name, key.public())
                 .await
                 .map_err(|e| e.to_string())?;
-            key.save_new(&out)
-                .map_err(|e| format!("{}: {e} (the user was created: delete it and retry)", out.display()))?;
+            key.save_new(&out).map_err(|e| {
+                format!(
+                    "{}: {e} (the user was created: delete it and retry)",
+                    out.display()
+                )
+            })?;
             println!("user {name} created; key in {} (mode 0600)", out.display());
         }
         UserOp::List(json) => {

@@ -4,8 +4,8 @@ mod cluster;
 mod playground;
 
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use nebd_control::DEFAULT_RUN_DIR;
