@@ -149,6 +149,10 @@ enum PlaygroundCommand {
         /// MDS port; the chunkservers take the next three.
         #[arg(long, default_value_t = 6700)]
         port: u16,
+        /// Authentication off (any local user may read and write every volume): only to
+        /// measure what authentication costs (bench/auth_overhead).
+        #[arg(long)]
+        no_auth: bool,
     },
     /// Stop the playground running in DIR.
     Down {
@@ -422,11 +426,13 @@ fn run(cli: Cli) -> Result<(), String> {
             size,
             name,
             port,
+            no_auth,
         }) => playground::up(&playground::Options {
             dir,
             size,
             port,
             name,
+            auth: !no_auth,
         })?,
         Command::Playground(PlaygroundCommand::Down { dir }) => playground::down(&dir)?,
         Command::Playground(PlaygroundCommand::Status { dir, format }) => {

@@ -35,6 +35,8 @@ pub struct Options {
     pub port: u16,
     /// Name of the volume and of its export.
     pub name: String,
+    /// Authentication on (the default): keys in DIR/keys.
+    pub auth: bool,
 }
 
 static STOP: AtomicBool = AtomicBool::new(false);
@@ -281,11 +283,18 @@ pub fn up(o: &Options) -> Result<(), String> {
             d("topology.toml"),
             "--metrics-listen".into(),
             format!("127.0.0.1:{}", o.port + 10),
-            "--cluster-key-file".into(),
-            d("keys/cluster.key"),
-            "--admin-key-file".into(),
-            d("keys/admin.key"),
-        ],
+        ]
+        .into_iter()
+        .chain(auth_args(
+            o.auth,
+            &[
+                "--cluster-key-file",
+                &d("keys/cluster.key"),
+                "--admin-key-file",
+                &d("keys/admin.key"),
+            ],
+        ))
+        .collect(),
         log: dir.join("logs/mds.log"),
         child: None,
         pid_file: None,
@@ -310,9 +319,13 @@ pub fn up(o: &Options) -> Result<(), String> {
                 "4".into(),
                 "--metrics-listen".into(),
                 format!("127.0.0.1:{}", o.port + 10 + i),
-                "--cluster-key-file".into(),
-                d("keys/cluster.key"),
-            ],
+            ]
+            .into_iter()
+            .chain(auth_args(
+                o.auth,
+                &["--cluster-key-file", &d("keys/cluster.key")],
+            ))
+            .collect(),
             log: dir.join(format!("logs/cs{i}.log")),
             child: None,
             pid_file: None,
@@ -329,11 +342,12 @@ pub fn up(o: &Options) -> Result<(), String> {
             mds_addr.clone(),
             "--metrics-listen".into(),
             format!("127.0.0.1:{}", o.port + 14),
-            "--key-file".into(),
-            d("keys/admin.key"),
             "--owner".into(),
             "curve".into(),
-        ],
+        ]
+        .into_iter()
+        .chain(auth_args(o.auth, &["--key-file", &d("keys/admin.key")]))
+        .collect(),
         log: dir.join("logs/nebd-server.log"),
         child: None,
         pid_file: Some(dir.join("nebd/nebd-server.pid")),
@@ -394,6 +408,14 @@ fn wait_for(
             return Err(format!("timed out waiting for {what}"));
         }
         std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn auth_args(on: bool, args: &[&str]) -> Vec<String> {
+    if on {
+        args.iter().map(|s| s.to_string()).collect()
+    } else {
+        Vec::new()
     }
 }
 
