@@ -22,6 +22,7 @@ mod keyring;
 mod keys;
 mod sign;
 mod ticket;
+pub mod tls;
 
 pub use keyring::{ClusterKey, Keyring, SharedKeyring};
 pub use keys::{KeyError, UserKey, key_from_env, public_from_file, valid_user_name};

@@ -25,7 +25,7 @@ impl Connections {
         if let Some(c) = m.get(addr) {
             return c.clone();
         }
-        let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        let ch = curve_auth::tls::endpoint(addr)
             .expect("host:port makes a URI")
             .tcp_nodelay(true)
             .connect_timeout(Duration::from_millis(500))

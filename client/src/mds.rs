@@ -157,7 +157,7 @@ impl MdsClient {
                 let mut c = self.current.lock().await;
                 if c.client.is_none() {
                     let addr = &self.addrs[c.index % self.addrs.len()];
-                    let ep = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+                    let ep = curve_auth::tls::endpoint(addr)
                         .map_err(|e| MdsError::Unavailable(e.to_string()))?
                         .connect_timeout(Duration::from_secs(1))
                         .timeout(Duration::from_secs(10));

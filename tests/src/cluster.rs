@@ -215,6 +215,19 @@ pub struct MiniCluster {
     pub cluster_key: PathBuf,
     /// Metrics endpoints (host:port): the MDS, then the chunkservers (empty unless asked).
     pub metrics: Vec<String>,
+    /// The TLS directory every daemon serves with (when asked): `--tls-dir` for clients.
+    pub tls_dir: Option<PathBuf>,
+}
+
+/// What a [`MiniCluster`] adds to its defaults.
+#[derive(Debug, Clone, Default)]
+pub struct Extras {
+    /// More arguments of every MDS.
+    pub mds_args: Vec<String>,
+    /// Every daemon serves Prometheus metrics ([`MiniCluster::metrics`]: the MDS first).
+    pub metrics: bool,
+    /// Every daemon speaks TLS (a CA and a certificate made in DIR/tls).
+    pub tls: bool,
 }
 
 /// Makes a cluster keyring and root's key under `dir/keys` (0700; the files 0600).
@@ -240,19 +253,26 @@ impl MiniCluster {
     /// Starts `n_mds` MDS (on etcd when more than one, or when `etcd`) and 3 chunkservers
     /// under `dir`, and waits until every copyset has 3 peers and a leader.
     pub fn start(dir: &Path, n_mds: usize, etcd: bool) -> Self {
-        Self::start_with(dir, n_mds, etcd, &[], false)
+        Self::start_with(dir, n_mds, etcd, &Extras::default())
     }
 
-    /// As [`MiniCluster::start`], the MDS with `mds_extra` arguments, and with `metrics` every
-    /// daemon serving Prometheus metrics ([`MiniCluster::metrics`]: the MDS first).
-    pub fn start_with(
-        dir: &Path,
-        n_mds: usize,
-        etcd: bool,
-        mds_extra: &[&str],
-        metrics: bool,
-    ) -> Self {
-        let metrics: Vec<String> = if metrics {
+    /// As [`MiniCluster::start`], with [`Extras`].
+    pub fn start_with(dir: &Path, n_mds: usize, etcd: bool, extras: &Extras) -> Self {
+        let mds_extra: Vec<&str> = extras.mds_args.iter().map(String::as_str).collect();
+        let tls_dir = extras.tls.then(|| {
+            let d = dir.join("tls");
+            if !d.join("ca.pem").exists() {
+                curve_auth::tls::generate(&d).unwrap();
+            }
+            // This process's own clients (wait_healthy, mds_client) speak TLS too.
+            curve_auth::tls::init(Some(&d), false).unwrap();
+            d
+        });
+        let tls_args: Vec<String> = tls_dir
+            .iter()
+            .flat_map(|d| ["--tls-dir".to_string(), d.display().to_string()])
+            .collect();
+        let metrics: Vec<String> = if extras.metrics {
             (0..n_mds + 3)
                 .map(|_| format!("127.0.0.1:{}", free_port()))
                 .collect()
@@ -295,6 +315,7 @@ impl MiniCluster {
             ]);
         }
         args.extend(mds_extra.iter().map(|s| s.to_string()));
+        args.extend(tls_args.iter().cloned());
         let mds: Vec<Mds> = (0..n_mds)
             .map(|i| {
                 let mut args: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -319,6 +340,7 @@ impl MiniCluster {
                 if let Some(m) = metrics.get(n_mds + i - 1) {
                     extra.extend(["--metrics-listen", m]);
                 }
+                extra.extend(tls_args.iter().map(String::as_str));
                 Chunkserver::start(
                     &dir.join(format!("cs{i}")),
                     &addrs,
@@ -335,6 +357,7 @@ impl MiniCluster {
             admin_key,
             cluster_key,
             metrics,
+            tls_dir,
         };
         c.wait_healthy(Duration::from_secs(120));
         c

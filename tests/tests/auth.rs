@@ -22,8 +22,8 @@ use curve_proto::mds::mds_service_client::MdsServiceClient;
 use curve_proto::mds::{DeleteFileRequest, MdsStatus, PathRequest};
 use curve_proto::raft::RaftRequest;
 use curve_proto::raft::raft_service_client::RaftServiceClient;
-use curve_tests::cluster::MiniCluster;
-use curve_tests::{bin, metric, scrape};
+use curve_tests::cluster::{Extras, MiniCluster};
+use curve_tests::{Part2, bin, metric, require_tool, run_ok, scrape};
 
 fn curve(key: Option<&Path>, mds: &str, args: &[&str]) -> std::process::Output {
     let mut c = Command::new(bin("curve"));
@@ -119,7 +119,16 @@ fn write_req(t: &Target, ticket: &[u8], data: u8) -> ChunkRequest {
 #[test]
 fn every_rpc_needs_the_right_credential_and_the_owner_never_notices() {
     let tmp = tempfile::tempdir().unwrap();
-    let cluster = MiniCluster::start_with(tmp.path(), 1, false, &["--ticket-ttl-ms", "4000"], true);
+    let cluster = MiniCluster::start_with(
+        tmp.path(),
+        1,
+        false,
+        &Extras {
+            mds_args: vec!["--ticket-ttl-ms".into(), "4000".into()],
+            metrics: true,
+            ..Extras::default()
+        },
+    );
     let mds = cluster.mds_addrs()[0].clone();
     let admin = cluster.admin_key.clone();
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -607,4 +616,91 @@ fn every_rpc_needs_the_right_credential_and_the_owner_never_notices() {
     ] {
         assert!(total(reason) >= 1.0, "chunkservers counted no {reason}");
     }
+}
+
+/// TLS on every connection: daemons, the CLI, part2 and its NBD consumer (fio verifying); a
+/// client that does not speak TLS reaches nothing.
+#[test]
+fn a_cluster_on_tls_serves_volumes_and_plaintext_reaches_nothing() {
+    require_tool("fio");
+    let tmp = tempfile::tempdir().unwrap();
+    let cluster = MiniCluster::start_with(
+        tmp.path(),
+        1,
+        false,
+        &Extras {
+            tls: true,
+            ..Extras::default()
+        },
+    );
+    let mds = cluster.mds_addrs()[0].clone();
+    let tls = cluster.tls_dir.clone().unwrap();
+    let tls_s = tls.display().to_string();
+    let admin = cluster.admin_key.clone();
+    // Plaintext: the MDS answers nothing (the CLI gives up quickly on a transport error).
+    let out = curve(Some(&admin), &mds, &["cluster", "status"]);
+    assert!(!out.status.success(), "plaintext reached a TLS MDS");
+    let plain = tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let mut c = MdsServiceClient::connect(format!("http://{mds}"))
+            .await
+            .unwrap();
+        c.stat_file(PathRequest {
+            path: "/".into(),
+            owner: String::new(),
+        })
+        .await
+    });
+    assert!(plain.is_err(), "a plaintext gRPC call was answered");
+    // Over TLS: a volume, exported by part2 (TLS to the cluster), written and verified by fio.
+    ok(curve(
+        Some(&admin),
+        &mds,
+        &[
+            "--tls-dir",
+            &tls_s,
+            "volume",
+            "create",
+            "/t",
+            "--size",
+            "1G",
+        ],
+    ));
+    let status = ok(curve(
+        Some(&admin),
+        &mds,
+        &["--tls-dir", &tls_s, "cluster", "status", "--format", "json"],
+    ));
+    assert!(status.contains("\"copysets_healthy\""), "{status}");
+    let part2 = Part2::start_with(&[
+        "--mds",
+        &mds,
+        "--key-file",
+        &cluster.key(),
+        "--tls-dir",
+        &tls_s,
+    ]);
+    let sock = part2.run_dir().join("t.sock");
+    let uri = part2.curve_ok(&[
+        "export",
+        "add",
+        "--volume",
+        "curve:/t",
+        "--nbd",
+        &format!("unix:{}", sock.display()),
+        "--name",
+        "t",
+    ]);
+    let out = run_ok(Command::new("fio").args([
+        "--name=tls",
+        "--ioengine=nbd",
+        &format!("--uri={}", uri.trim()),
+        "--rw=randwrite",
+        "--bs=4k",
+        "--iodepth=8",
+        "--size=16M",
+        "--verify=crc32c",
+        "--verify_fatal=1",
+        "--do_verify=1",
+    ]));
+    assert!(out.contains("err= 0"), "{out}");
 }

@@ -70,7 +70,10 @@ impl Mds {
     async fn client(&mut self) -> Option<&mut HeartbeatServiceClient<tonic::transport::Channel>> {
         if self.client.is_none() {
             let addr = &self.addrs[self.current % self.addrs.len()];
-            match HeartbeatServiceClient::connect(format!("http://{addr}")).await {
+            match curve_auth::tls::connect(addr, Duration::from_secs(3))
+                .await
+                .map(HeartbeatServiceClient::new)
+            {
                 Ok(c) => self.client = Some(c),
                 Err(e) => {
                     tracing::warn!(mds = %addr, error = %e, "MDS unreachable");
@@ -365,7 +368,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         svc.clone(),
         auth,
     ));
-    tonic::transport::Server::builder()
+    curve_auth::tls::server()?
         .layer(crate::metrics::grpc_layer())
         .add_service(RaftServiceServer::new(svc.clone()))
         .add_service(ChunkServiceServer::new(svc.clone()))

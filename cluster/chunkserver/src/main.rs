@@ -51,6 +51,10 @@ struct Args {
     /// (tickets and grants on chunk requests, the cluster key between daemons).
     #[arg(long, env = "CURVE_CLUSTER_KEY_FILE", value_name = "PATH")]
     cluster_key_file: Option<std::path::PathBuf>,
+    /// TLS for every gRPC connection: DIR/ca.pem (the cluster's CA), DIR/cert.pem and
+    /// DIR/key.pem (this daemon's certificate; `curve key tls DIR` makes them).
+    #[arg(long, env = "CURVE_TLS_DIR", value_name = "DIR")]
+    tls_dir: Option<std::path::PathBuf>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -67,6 +71,7 @@ fn main() -> anyhow::Result<()> {
     if !matches!(a.page_size, 512 | 4096) || a.chunk_size == 0 || a.chunk_size % a.page_size != 0 {
         anyhow::bail!("--chunk-size must be a multiple of --page-size (512 or 4096)");
     }
+    curve_auth::tls::init(a.tls_dir.as_deref(), true)?;
     let cfg = Config {
         data_dir: a.data_dir,
         listen: a.listen,

@@ -77,7 +77,7 @@ impl PeerConnection {
             // A lazy channel connects (and reconnects) in the background and survives RPCs
             // that openraft abandons at their timeout, so a slow first handshake cannot make
             // every later RPC start over.
-            let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{}", self.addr))
+            let endpoint = curve_auth::tls::endpoint(&self.addr)
                 .map_err(|e| RPCError::Unreachable(Unreachable::new(&e)))?
                 .tcp_nodelay(true);
             self.client = Some(RaftServiceClient::new(endpoint.connect_lazy()));

@@ -805,7 +805,10 @@ impl CliService for ChunkServerServices {
         } else {
             node.raft.runtime_config().heartbeat(false);
             let forwarded = async {
-                let mut c = CliServiceClient::connect(format!("http://{}", peer.address)).await?;
+                let mut c = CliServiceClient::new(
+                    curve_auth::tls::connect(&peer.address, std::time::Duration::from_secs(3))
+                        .await?,
+                );
                 Ok::<_, Box<dyn std::error::Error + Send + Sync>>(
                     c.transfer_leader(curve_auth::peer_request(self.ring(), "TransferLeader", req))
                         .await?

@@ -98,7 +98,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         curve_metrics::serve(addr, metrics.clone()).await?;
     }
     let services = Services::new(role.clone());
-    let server = tonic::transport::Server::builder()
+    let server = curve_auth::tls::server()?
         .layer(grpc_metrics)
         .add_service(MdsServiceServer::new(services.clone()))
         .add_service(HeartbeatServiceServer::new(services))
@@ -234,13 +234,11 @@ async fn create_on(
     addr: &str,
     copysets: Vec<CopysetSpec>,
 ) -> Result<(), String> {
-    let mut c = tokio::time::timeout(
-        Duration::from_secs(3),
-        CopysetServiceClient::connect(format!("http://{addr}")),
-    )
-    .await
-    .map_err(|_| "connect timed out".to_string())?
-    .map_err(|e| e.to_string())?;
+    let mut c = CopysetServiceClient::new(
+        curve_auth::tls::connect(addr, Duration::from_secs(3))
+            .await
+            .map_err(|e| e.to_string())?,
+    );
     let r = tokio::time::timeout(
         Duration::from_secs(10),
         c.create_copyset_node(curve_auth::peer_request(
@@ -305,11 +303,9 @@ pub async fn delete_chunks(
             let Some(addr) = target.take() else {
                 break;
             };
-            let Ok(Ok(mut c)) = tokio::time::timeout(
-                Duration::from_secs(2),
-                ChunkServiceClient::connect(format!("http://{addr}")),
-            )
-            .await
+            let Ok(mut c) = curve_auth::tls::connect(&addr, Duration::from_secs(2))
+                .await
+                .map(ChunkServiceClient::new)
             else {
                 target = next_peer(&peers, &addr);
                 continue;

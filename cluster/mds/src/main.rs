@@ -69,6 +69,10 @@ struct Args {
     /// admin. Required with --cluster-key-file.
     #[arg(long, value_name = "PATH")]
     admin_key_file: Option<PathBuf>,
+    /// TLS for every gRPC connection: DIR/ca.pem (the cluster's CA), DIR/cert.pem and
+    /// DIR/key.pem (this daemon's certificate; `curve key tls DIR` makes them).
+    #[arg(long, env = "CURVE_TLS_DIR", value_name = "DIR")]
+    tls_dir: Option<PathBuf>,
     /// How long a ticket works, ms (clients renew theirs with every session refresh).
     #[arg(long, default_value_t = 600_000)]
     ticket_ttl_ms: u64,
@@ -117,6 +121,7 @@ fn main() -> anyhow::Result<()> {
     if !a.segment_size.is_multiple_of(a.chunk_size) {
         anyhow::bail!("the segment size must be a multiple of the chunk size");
     }
+    curve_auth::tls::init(a.tls_dir.as_deref(), true)?;
     let auth = match (&a.cluster_key_file, &a.admin_key_file) {
         (None, None) => None,
         (Some(ring), Some(admin)) => {

@@ -35,6 +35,9 @@ struct Cli {
     /// request is signed with it, as a cluster with authentication on requires.
     #[arg(long, global = true, env = "CURVE_KEY_FILE", value_name = "PATH")]
     key_file: Option<PathBuf>,
+    /// TLS to the cluster: DIR/ca.pem verifies its daemons (the cluster's `--tls-dir`).
+    #[arg(long, global = true, env = "CURVE_TLS_DIR", value_name = "DIR")]
+    tls_dir: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -294,6 +297,9 @@ enum KeyCommand {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Writes a new CA and a certificate for the cluster into DIR (ca.pem, cert.pem, key.pem)
+    /// for the daemons' --tls-dir; clients need only ca.pem.
+    Tls { dir: PathBuf },
     /// Rotation step 1: adds a new key to the keyring (not primary yet); prints its id. Copy
     /// the file to every MDS and chunkserver (they reload it within a second).
     Rotate { file: PathBuf },
@@ -409,6 +415,7 @@ fn run(cli: Cli) -> Result<(), String> {
     let key = curve_auth::key_from_env(cli.key_file.as_deref())
         .map_err(|e| e.to_string())?
         .map(Arc::new);
+    curve_auth::tls::init(cli.tls_dir.as_deref(), false).map_err(|e| e.to_string())?;
     let owner = cli
         .owner
         .clone()
@@ -733,6 +740,13 @@ fn key_command(k: KeyCommand) -> Result<(), String> {
                 .save_new(&out)
                 .map_err(|e| format!("{}: {e}", out.display()))?;
             println!("key of {name} written to {} (mode 0600)", out.display());
+        }
+        KeyCommand::Tls { dir } => {
+            curve_auth::tls::generate(&dir)?;
+            println!(
+                "TLS CA and certificate written to {} (ca.pem, cert.pem, key.pem)",
+                dir.display()
+            );
         }
         KeyCommand::Rotate { file } => edit(&file, &|r| {
             let id = r.add();

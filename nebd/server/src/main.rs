@@ -32,6 +32,9 @@ struct Args {
     /// cluster with authentication on requires.
     #[arg(long, env = "CURVE_KEY_FILE", value_name = "PATH")]
     key_file: Option<std::path::PathBuf>,
+    /// TLS to the cluster: DIR/ca.pem verifies its daemons (the cluster's `--tls-dir`).
+    #[arg(long, env = "CURVE_TLS_DIR", value_name = "DIR")]
+    tls_dir: Option<std::path::PathBuf>,
     /// Serve Prometheus metrics at http://ADDR/metrics (host:port): per export and part1 file,
     /// operations, bytes, errors, latency, in flight, connections.
     #[arg(long, value_name = "ADDR")]
@@ -85,6 +88,7 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     let key = curve_auth::key_from_env(args.key_file.as_deref())?.map(std::sync::Arc::new);
+    curve_auth::tls::init(args.tls_dir.as_deref(), false)?;
     let config = Config {
         heartbeat_timeout: std::time::Duration::from_millis(args.heartbeat_timeout_ms),
         mds: args.mds,
