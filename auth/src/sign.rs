@@ -219,6 +219,79 @@ pub fn verify_peer(
     check_time(time_ms, now)
 }
 
+/// A request to `method` signed by the cluster (when `ring` is given; unsigned with auth off).
+pub fn peer_request<T: prost::Message>(
+    ring: Option<&crate::SharedKeyring>,
+    method: &str,
+    msg: T,
+) -> tonic::Request<T> {
+    let body = ring.map(|_| msg.encode_to_vec()).unwrap_or_default();
+    peer_request_over(ring, method, &body, msg)
+}
+
+/// As [`peer_request`], the credential over `body` (a large message's payload, not copied
+/// into an encoding of the whole message).
+pub fn peer_request_over<T>(
+    ring: Option<&crate::SharedKeyring>,
+    method: &str,
+    body: &[u8],
+    msg: T,
+) -> tonic::Request<T> {
+    let cred = ring.map(|r| peer_credential(&r.get(), method, body));
+    let mut req = tonic::Request::new(msg);
+    if let Some(v) = cred.and_then(|c| c.parse().ok()) {
+        req.metadata_mut().insert(PEER_HEADER, v);
+    }
+    req
+}
+
+/// A request to `method` signed by `key` (unsigned without a key).
+pub fn user_request<T: prost::Message>(
+    key: Option<&crate::UserKey>,
+    method: &str,
+    msg: T,
+) -> tonic::Request<T> {
+    let cred = key.map(|k| k.sign(method, &msg.encode_to_vec()));
+    let mut req = tonic::Request::new(msg);
+    if let Some(c) = cred {
+        c.attach(&mut req);
+    }
+    req
+}
+
+/// Checks the cluster's credential on a request (`Ok` with auth off).
+pub fn check_peer<T: prost::Message>(
+    ring: Option<&crate::SharedKeyring>,
+    req: &tonic::Request<T>,
+    method: &str,
+) -> Result<(), AuthError> {
+    if ring.is_none() {
+        return Ok(());
+    }
+    check_peer_over(ring, req, method, &req.get_ref().encode_to_vec())
+}
+
+/// As [`check_peer`], the credential over `body` (see [`peer_request_over`]).
+pub fn check_peer_over<T>(
+    ring: Option<&crate::SharedKeyring>,
+    req: &tonic::Request<T>,
+    method: &str,
+    body: &[u8],
+) -> Result<(), AuthError> {
+    let Some(ring) = ring else { return Ok(()) };
+    let header = req
+        .metadata()
+        .get(PEER_HEADER)
+        .map(|v| {
+            v.to_str()
+                .map_err(|_| AuthError::Malformed("not ASCII".into()))
+        })
+        .transpose()
+        .inspect_err(|e| crate::refused(e, method))?;
+    verify_peer(&ring.get(), header, method, body, now_ms())
+        .inspect_err(|e| crate::refused(e, method))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -317,77 +390,4 @@ mod tests {
             );
         }
     }
-}
-
-/// A request to `method` signed by the cluster (when `ring` is given; unsigned with auth off).
-pub fn peer_request<T: prost::Message>(
-    ring: Option<&crate::SharedKeyring>,
-    method: &str,
-    msg: T,
-) -> tonic::Request<T> {
-    let body = ring.map(|_| msg.encode_to_vec()).unwrap_or_default();
-    peer_request_over(ring, method, &body, msg)
-}
-
-/// As [`peer_request`], the credential over `body` (a large message's payload, not copied
-/// into an encoding of the whole message).
-pub fn peer_request_over<T>(
-    ring: Option<&crate::SharedKeyring>,
-    method: &str,
-    body: &[u8],
-    msg: T,
-) -> tonic::Request<T> {
-    let cred = ring.map(|r| peer_credential(&r.get(), method, body));
-    let mut req = tonic::Request::new(msg);
-    if let Some(v) = cred.and_then(|c| c.parse().ok()) {
-        req.metadata_mut().insert(PEER_HEADER, v);
-    }
-    req
-}
-
-/// A request to `method` signed by `key` (unsigned without a key).
-pub fn user_request<T: prost::Message>(
-    key: Option<&crate::UserKey>,
-    method: &str,
-    msg: T,
-) -> tonic::Request<T> {
-    let cred = key.map(|k| k.sign(method, &msg.encode_to_vec()));
-    let mut req = tonic::Request::new(msg);
-    if let Some(c) = cred {
-        c.attach(&mut req);
-    }
-    req
-}
-
-/// Checks the cluster's credential on a request (`Ok` with auth off).
-pub fn check_peer<T: prost::Message>(
-    ring: Option<&crate::SharedKeyring>,
-    req: &tonic::Request<T>,
-    method: &str,
-) -> Result<(), AuthError> {
-    if ring.is_none() {
-        return Ok(());
-    }
-    check_peer_over(ring, req, method, &req.get_ref().encode_to_vec())
-}
-
-/// As [`check_peer`], the credential over `body` (see [`peer_request_over`]).
-pub fn check_peer_over<T>(
-    ring: Option<&crate::SharedKeyring>,
-    req: &tonic::Request<T>,
-    method: &str,
-    body: &[u8],
-) -> Result<(), AuthError> {
-    let Some(ring) = ring else { return Ok(()) };
-    let header = req
-        .metadata()
-        .get(PEER_HEADER)
-        .map(|v| {
-            v.to_str()
-                .map_err(|_| AuthError::Malformed("not ASCII".into()))
-        })
-        .transpose()
-        .inspect_err(|e| crate::refused(e, method))?;
-    verify_peer(&ring.get(), header, method, body, now_ms())
-        .inspect_err(|e| crate::refused(e, method))
 }

@@ -31,6 +31,11 @@ impl MetaCache {
         self.segments.read().get(&index).cloned()
     }
 
+    /// Forgets a segment (its grants are refetched with it).
+    pub fn drop_segment(&self, index: u64) {
+        self.segments.write().remove(&index);
+    }
+
     /// Caches a segment.
     pub fn put_segment(&self, index: u64, s: Segment) -> Arc<Segment> {
         let s = Arc::new(s);

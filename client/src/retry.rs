@@ -27,6 +27,8 @@ use curve_proto::chunk::ChunkStatus;
 
 /// Attempts after which persistent disk-side failures are reported.
 pub const MAX_DISK_FAILURES: u32 = 20;
+/// Attempts with fresh credentials before a refusal of them is reported.
+pub const MAX_AUTH_RETRIES: u32 = 4;
 
 /// How one attempt ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -75,8 +77,8 @@ pub enum Next {
     RefreshRoute,
     /// The MDS's route, then who leads.
     RefreshRouteAndFindLeader,
-    /// A fresh ticket from the MDS, then the same leader.
-    RenewTicket,
+    /// A fresh ticket and a fresh grant of the chunk from the MDS, then the same leader.
+    RenewCredentials,
 }
 
 /// What to do after an attempt.
@@ -226,6 +228,16 @@ impl RetryPolicy {
                 next: Next::Resend,
             },
             ChunkStatus::EpochTooOld => Action::Fail(Failure::Fenced),
+            // Refused credentials: the cluster key may have rotated under a cached grant or
+            // ticket. Fresh ones from the MDS, a few times; then it is for real.
+            ChunkStatus::AuthFailed if self.attempts <= MAX_AUTH_RETRIES => {
+                let wait = jitter(self.backoff.max(ms(100)));
+                self.backoff = (self.backoff * 2).min(ms(500));
+                Action::Retry {
+                    wait,
+                    next: Next::RenewCredentials,
+                }
+            }
             ChunkStatus::AuthFailed => Action::Fail(Failure::Unauthorized),
             // The ticket ran out (a long pause, an MDS away): renew it, then send again.
             ChunkStatus::TicketExpired => {
@@ -237,7 +249,7 @@ impl RetryPolicy {
                 self.backoff = (self.backoff * 2).min(ms(500));
                 Action::Retry {
                     wait,
-                    next: Next::RenewTicket,
+                    next: Next::RenewCredentials,
                 }
             }
             ChunkStatus::Nospace => Action::Fail(Failure::NoSpace),
@@ -458,13 +470,23 @@ mod tests {
             p.next(&answered(ChunkStatus::TicketExpired), true, 1, 1, same),
             Action::Retry {
                 wait: Duration::ZERO,
-                next: Next::RenewTicket
+                next: Next::RenewCredentials
             }
         );
         assert!(matches!(
             p.next(&answered(ChunkStatus::TicketExpired), true, 1, 1, same),
-            Action::Retry { next: Next::RenewTicket, wait } if !wait.is_zero()
+            Action::Retry { next: Next::RenewCredentials, wait } if !wait.is_zero()
         ));
+        let mut p = RetryPolicy::default();
+        for _ in 0..MAX_AUTH_RETRIES {
+            assert!(matches!(
+                p.next(&answered(ChunkStatus::AuthFailed), false, 1, 1, same),
+                Action::Retry {
+                    next: Next::RenewCredentials,
+                    ..
+                }
+            ));
+        }
         assert_eq!(
             p.next(&answered(ChunkStatus::AuthFailed), false, 1, 1, same),
             Action::Fail(Failure::Unauthorized)

@@ -373,7 +373,7 @@ impl Volume {
             return Ok(None); // never written: zeros
         };
         let req = self.locate(&s, p);
-        let r = self.send(false, req).await?;
+        let r = self.send(false, p.offset / seg, req).await?;
         Ok(r.map(|r| r.data))
     }
 
@@ -387,7 +387,7 @@ impl Volume {
             data,
             ..self.locate(&s, p)
         };
-        self.send(true, req).await.map(|_| ())
+        self.send(true, p.offset / seg, req).await.map(|_| ())
     }
 
     /// Sends one chunk request to its copyset's leader until it is done, as the retry policy
@@ -395,6 +395,7 @@ impl Volume {
     async fn send(
         &self,
         write: bool,
+        segment: u64,
         mut req: ChunkRequest,
     ) -> Result<Option<ChunkResponse>, ClientError> {
         let (pool, copyset) = (req.logical_pool_id, req.copyset_id);
@@ -494,7 +495,10 @@ impl Volume {
                     let failed = leader.as_deref().unwrap_or_default();
                     match next {
                         Next::Resend => {}
-                        Next::RenewTicket => self.renew_ticket().await,
+                        Next::RenewCredentials => {
+                            self.renew_ticket().await;
+                            self.renew_grant(segment, write, &mut req).await;
+                        }
                         Next::Leader(l) => inner.cache.set_leader(pool, copyset, &l),
                         Next::FindLeader => self.find_leader(pool, copyset, &route, failed).await,
                         Next::RefreshRoute => self.refresh_route(pool, copyset).await,
@@ -536,6 +540,20 @@ impl Volume {
                 .map_or(0, |i| i + 1);
             let next = r.peers[i % r.peers.len()].address.clone();
             inner.cache.set_leader(pool, copyset, &next);
+        }
+    }
+
+    /// The chunk's grant as the MDS gives it now (the segment fetched again).
+    async fn renew_grant(&self, segment: u64, write: bool, req: &mut ChunkRequest) {
+        self.inner.cache.drop_segment(segment);
+        match self.segment(segment, write).await {
+            Ok(Some(s)) => {
+                if let Some(c) = s.chunks.iter().find(|c| c.chunk_id == req.chunk_id) {
+                    req.grant.clone_from(&c.grant);
+                }
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!(path = %self.inner.path, error = %e, "grant renewal failed"),
         }
     }
 

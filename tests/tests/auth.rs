@@ -704,3 +704,98 @@ fn a_cluster_on_tls_serves_volumes_and_plaintext_reaches_nothing() {
     ]));
     assert!(out.contains("err= 0"), "{out}");
 }
+
+/// The cluster key rotates while the owner writes: a new key added everywhere, made primary,
+/// the old one retired; no write fails, every block reads back; a ticket sealed with the old
+/// key stops working once it is retired.
+#[test]
+fn the_cluster_key_rotates_without_downtime() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cluster = MiniCluster::start_with(
+        tmp.path(),
+        1,
+        false,
+        &Extras {
+            mds_args: vec!["--ticket-ttl-ms".into(), "3000".into()],
+            ..Extras::default()
+        },
+    );
+    let mds = cluster.mds_addrs()[0].clone();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let root = cluster.mds_client();
+    rt.block_on(root.create(
+        "/k",
+        curve_proto::mds::FileType::Volume,
+        1 << 30,
+        4096,
+        "root",
+    ))
+    .unwrap();
+    // A grant sealed with key 1, to try after the retirement.
+    rt.block_on(root.create(
+        "/old",
+        curve_proto::mds::FileType::Volume,
+        1 << 30,
+        4096,
+        "root",
+    ))
+    .unwrap();
+    let old = rt.block_on(target(&root, "/old", "root"));
+    let opts = VolumeOptions::new(vec![mds.clone()], "").with_key(Some(key(&cluster.admin_key)));
+    let volume = rt
+        .block_on(Volume::open("/k", opts, Arc::new(Connections::default())))
+        .unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (v, stop) = (volume.clone(), stop.clone());
+        rt.spawn(async move {
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) && n < 200_000 {
+                // Blocks over two segments' first chunks: two grants to renew.
+                let off = (n % 32) * 4096 + (n % 2) * (1 << 30) / 2;
+                v.write(off.min((1 << 30) - 4096), &vec![(n % 251) as u8; 4096])
+                    .await?;
+                n += 1;
+            }
+            Ok::<u64, curve_client::ClientError>(n)
+        })
+    };
+    let ring = cluster.cluster_key.to_str().unwrap().to_string();
+    let step = |args: &[&str], wait: u64| {
+        let said = ok(curve(None, &mds, args));
+        println!("{}", said.trim());
+        std::thread::sleep(Duration::from_secs(wait));
+    };
+    std::thread::sleep(Duration::from_secs(2));
+    step(&["key", "rotate", &ring], 3); // every daemon has key 2 (reloads within 1 s)
+    step(&["key", "promote", &ring, "2"], 5); // tickets sealed with key 2 from now on (TTL 3 s)
+    step(&["key", "retire", &ring, "1"], 3);
+    stop.store(true, Ordering::Relaxed);
+    let n = rt
+        .block_on(writer)
+        .unwrap()
+        .expect("no write failed across the rotation");
+    assert!(n >= 64, "{n} writes");
+    let ids = curve_auth::Keyring::load(&cluster.cluster_key)
+        .unwrap()
+        .ids();
+    assert_eq!(ids, vec![2]);
+    // A grant sealed with key 1 (fetched before the rotation) is refused now.
+    let (_, _, t) = rt.block_on(root.open("/old", "root", "old-host")).unwrap();
+    assert_eq!(
+        u32::from_le_bytes(t[1..5].try_into().unwrap()),
+        2,
+        "sealed with key 2"
+    );
+    let r = rt.block_on(chunk_status(&old, write_req(&old, &t, 1), true));
+    assert_eq!(r, ChunkStatus::AuthFailed, "a grant of the retired key");
+    // The owner's data: every block of the first segment holds its last write.
+    let mut buf = vec![0u8; 4096];
+    for i in 0..32u64 {
+        let last = (0..n).rev().find(|k| k % 32 == i && k % 2 == 0);
+        let Some(last) = last else { continue };
+        rt.block_on(volume.read(i * 4096, &mut buf)).unwrap();
+        assert!(buf.iter().all(|&x| x == (last % 251) as u8), "block {i}");
+    }
+    rt.block_on(volume.close()).unwrap();
+}
