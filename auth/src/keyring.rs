@@ -125,14 +125,7 @@ impl Keyring {
 
     /// Reads a keyring file.
     pub fn load(path: &Path) -> Result<Self, KeyError> {
-        let text = std::fs::read_to_string(path).map_err(|source| KeyError::Io {
-            path: path.to_owned(),
-            source,
-        })?;
-        Self::parse(&text).map_err(|why| KeyError::Format {
-            path: path.to_owned(),
-            why,
-        })
+        crate::keys::load_file(path, Self::parse)
     }
 }
 

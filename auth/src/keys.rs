@@ -113,14 +113,7 @@ impl UserKey {
 
     /// Reads a key file.
     pub fn load(path: &Path) -> Result<Self, KeyError> {
-        let text = std::fs::read_to_string(path).map_err(|source| KeyError::Io {
-            path: path.to_owned(),
-            source,
-        })?;
-        Self::parse(&text).map_err(|why| KeyError::Format {
-            path: path.to_owned(),
-            why,
-        })
+        load_file(path, Self::parse)
     }
 
     /// Writes a new key file (0600, never over an existing file).
@@ -140,6 +133,21 @@ impl UserKey {
             sig: self.signing.sign(&msg).to_bytes(),
         }
     }
+}
+
+/// Reads `path` and parses it with `parse`, naming the file in either error.
+pub(crate) fn load_file<T>(
+    path: &Path,
+    parse: impl FnOnce(&str) -> Result<T, String>,
+) -> Result<T, KeyError> {
+    let text = std::fs::read_to_string(path).map_err(|source| KeyError::Io {
+        path: path.to_owned(),
+        source,
+    })?;
+    parse(&text).map_err(|why| KeyError::Format {
+        path: path.to_owned(),
+        why,
+    })
 }
 
 /// The public key in a key file (`public = HEX`, or derived from `secret`), with the user.

@@ -85,16 +85,10 @@ pub async fn connect(
     timeout: Duration,
 ) -> Result<tonic::transport::Channel, Box<dyn std::error::Error + Send + Sync>> {
     let ep = endpoint(addr)?.connect_timeout(timeout);
-    Ok(tokio_timeout(timeout, ep.connect()).await??)
-}
-
-async fn tokio_timeout<F: std::future::Future>(
-    d: Duration,
-    f: F,
-) -> Result<F::Output, Box<dyn std::error::Error + Send + Sync>> {
-    tokio::time::timeout(d, f)
+    tokio::time::timeout(timeout, ep.connect())
         .await
-        .map_err(|_| "connect timed out".into())
+        .map_err(|_| "connect timed out")?
+        .map_err(Into::into)
 }
 
 /// A server builder, with this daemon's certificate when TLS is on.
