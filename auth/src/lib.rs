@@ -234,6 +234,7 @@ mod cost {
             epoch: 3,
             expiry_ms: now + 60_000,
             read_only: false,
+            fill: false,
         }
         .seal(&ring);
         let grant = crate::grant(&ring, 7, 100);

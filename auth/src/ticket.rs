@@ -21,6 +21,7 @@ pub const TICKET_LEN: usize = 62;
 /// Length of a grant.
 pub const GRANT_LEN: usize = 20;
 const READ_ONLY: u8 = 1;
+const FILL: u8 = 2;
 
 /// What a ticket allows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,6 +34,9 @@ pub struct Ticket {
     pub expiry_ms: u64,
     /// Reads only.
     pub read_only: bool,
+    /// May also fill a clone's chunks from its source (with `read_only`: a flatten's ticket,
+    /// which writes nothing else).
+    pub fill: bool,
 }
 
 fn ticket_mac(key: &[u8; 32], body: &[u8]) -> [u8; 32] {
@@ -52,7 +56,7 @@ impl Ticket {
         b.extend_from_slice(&self.volume.to_le_bytes());
         b.extend_from_slice(&self.epoch.to_le_bytes());
         b.extend_from_slice(&self.expiry_ms.to_le_bytes());
-        b.push(if self.read_only { READ_ONLY } else { 0 });
+        b.push(if self.read_only { READ_ONLY } else { 0 } | if self.fill { FILL } else { 0 });
         let mac = ticket_mac(key, &b);
         b.extend_from_slice(&mac);
         b
@@ -63,7 +67,7 @@ impl Ticket {
         if b.is_empty() {
             return Err(AuthError::Missing);
         }
-        if b.len() != TICKET_LEN || b[0] != 1 || b[29] & !READ_ONLY != 0 {
+        if b.len() != TICKET_LEN || b[0] != 1 || b[29] & !(READ_ONLY | FILL) != 0 {
             return Err(AuthError::Malformed("not a ticket".into()));
         }
         let u64_at = |i: usize| u64::from_le_bytes(b[i..i + 8].try_into().expect("8 bytes"));
@@ -78,6 +82,7 @@ impl Ticket {
             epoch: u64_at(13),
             expiry_ms: u64_at(21),
             read_only: b[29] & READ_ONLY != 0,
+            fill: b[29] & FILL != 0,
         };
         if now >= t.expiry_ms {
             return Err(AuthError::Expired);
@@ -138,6 +143,7 @@ mod tests {
             epoch: 3,
             expiry_ms: 1000,
             read_only: false,
+            fill: false,
         };
         let b = t.seal(&ring);
         assert_eq!(b.len(), TICKET_LEN);
@@ -157,6 +163,7 @@ mod tests {
         assert_eq!(Ticket::open(&b, &ring, 0), Ok(t));
         let ro = Ticket {
             read_only: true,
+            fill: false,
             ..t
         }
         .seal(&ring);

@@ -75,7 +75,8 @@ impl CurveDevice {
             alignment: block,
             optimal_io_size: 64 << 10,
             max_io_size: 32 << 20,
-            read_only,
+            // A snapshot (PATH@NAME) is read-only whatever was asked.
+            read_only: read_only || volume.is_read_only(),
             can_discard: false,
             fast_zero: false,
             volatile_cache: false,

@@ -77,7 +77,8 @@ reply!(
     OpenFileResponse,
     SessionResponse,
     SegmentResponse,
-    GetCopysetsResponse
+    GetCopysetsResponse,
+    SnapshotResponse
 );
 
 impl Reply for TopologyResponse {
@@ -305,10 +306,24 @@ impl MdsClient {
         owner: &str,
         client: &str,
     ) -> Result<(FileInfo, Session, Vec<u8>), MdsError> {
+        self.open_with(path, owner, client, false).await
+    }
+
+    /// As [`MdsClient::open`]; `fill`: a sessionless, read-only open of a clone whose ticket
+    /// may fill its chunks (a flatten). `PATH@NAME` opens a snapshot (read-only, sessionless:
+    /// the session id is empty).
+    pub async fn open_with(
+        &self,
+        path: &str,
+        owner: &str,
+        client: &str,
+        fill: bool,
+    ) -> Result<(FileInfo, Session, Vec<u8>), MdsError> {
         let req = OpenFileRequest {
             path: path.into(),
             owner: owner.into(),
             client: client.into(),
+            fill,
         };
         let r = rpc!(self, open_file, "OpenFile", req)?;
         Ok((
@@ -320,11 +335,92 @@ impl MdsClient {
 
     /// Refreshes a session's lease.
     pub async fn refresh(&self, path: &str, session: &str) -> Result<SessionResponse, MdsError> {
+        self.refresh_with(path, session, 0, false).await
+    }
+
+    /// As [`MdsClient::refresh`], saying that the client's writes carry snapshot sequence
+    /// number `snap_seq`; a sessionless open (empty `session`) renews its ticket (`fill`: a
+    /// flatten's).
+    pub async fn refresh_with(
+        &self,
+        path: &str,
+        session: &str,
+        snap_seq: u64,
+        fill: bool,
+    ) -> Result<SessionResponse, MdsError> {
         let req = SessionRequest {
             path: path.into(),
             session_id: session.into(),
+            snap_seq,
+            fill,
         };
         rpc!(self, refresh_session, "RefreshSession", req)
+    }
+
+    /// Takes snapshot `name` of the volume at `path`; answers once the volume's writer (if
+    /// any) took it.
+    pub async fn create_snapshot(
+        &self,
+        path: &str,
+        name: &str,
+        owner: &str,
+    ) -> Result<SnapshotInfo, MdsError> {
+        let req = SnapshotRequest {
+            path: path.into(),
+            name: name.into(),
+            owner: owner.into(),
+        };
+        Ok(rpc!(self, create_snapshot, "CreateSnapshot", req)?
+            .snapshots
+            .pop()
+            .unwrap_or_default())
+    }
+
+    /// The snapshots of the volume at `path`, oldest first.
+    pub async fn list_snapshots(&self, path: &str) -> Result<Vec<SnapshotInfo>, MdsError> {
+        let req = SnapshotRequest {
+            path: path.into(),
+            ..Default::default()
+        };
+        Ok(rpc!(self, list_snapshots, "ListSnapshots", req)?.snapshots)
+    }
+
+    /// Deletes the snapshot `PATH@NAME`.
+    pub async fn delete_snapshot(&self, path: &str, owner: &str) -> Result<(), MdsError> {
+        let req = SnapshotRequest {
+            path: path.into(),
+            owner: owner.into(),
+            ..Default::default()
+        };
+        rpc!(self, delete_snapshot, "DeleteSnapshot", req).map(|_| ())
+    }
+
+    /// Creates volume `path` as a clone of the snapshot `source` (`PATH@NAME`).
+    pub async fn clone_volume(
+        &self,
+        source: &str,
+        path: &str,
+        owner: &str,
+    ) -> Result<FileInfo, MdsError> {
+        let req = CloneRequest {
+            source: source.into(),
+            path: path.into(),
+            owner: owner.into(),
+        };
+        Ok(rpc!(self, clone_volume, "CloneVolume", req)?
+            .info
+            .unwrap_or_default())
+    }
+
+    /// Ends a filled clone's tie to its source.
+    pub async fn flatten(&self, path: &str, owner: &str) -> Result<FileInfo, MdsError> {
+        let req = PathRequest {
+            path: path.into(),
+            owner: owner.into(),
+        };
+        Ok(rpc!(self, flatten_volume, "FlattenVolume", req)?
+            .info
+            .unwrap_or_default())
     }
 
     /// Closes a session.
@@ -332,6 +428,7 @@ impl MdsClient {
         let req = SessionRequest {
             path: path.into(),
             session_id: session.into(),
+            ..Default::default()
         };
         rpc!(self, close_file, "CloseFile", req).map(|_| ())
     }

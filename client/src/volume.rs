@@ -27,6 +27,17 @@ use crate::metacache::MetaCache;
 use crate::qos::Limiter;
 use crate::retry::{Action, Failure, Next, Outcome, RetryPolicy};
 
+/// Unit of a clone's fill state (and of snapshots' copy-on-write) on the chunkservers.
+const UNIT: u64 = 4096;
+
+/// What a chunk request does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Op {
+    Read,
+    Write,
+    Fill,
+}
+
 /// How a volume is opened.
 #[derive(Debug, Clone)]
 pub struct VolumeOptions {
@@ -40,6 +51,11 @@ pub struct VolumeOptions {
     pub max_request: u32,
     /// The user's key (clusters with auth on): MDS requests are signed with it.
     pub key: Option<Arc<curve_auth::UserKey>>,
+    /// Open a clone sessionless and read-only, to fill it from its source (a flatten).
+    pub fill: bool,
+    /// A clone open for writing copies its source in the background at this many bytes per
+    /// second (the seed's CloneManager), then flattens it; 0: never.
+    pub fill_rate: u64,
 }
 
 impl VolumeOptions {
@@ -59,6 +75,8 @@ impl VolumeOptions {
             ),
             max_request: 1 << 20,
             key: None,
+            fill: false,
+            fill_rate: 8 << 20,
         }
     }
 
@@ -97,6 +115,9 @@ pub enum ClientError {
     /// The volume is closed.
     #[error("the volume is closed")]
     Closed,
+    /// A snapshot (or a volume opened to be filled) takes no writes.
+    #[error("{0} is read-only")]
+    ReadOnly(String),
 }
 
 #[derive(Debug)]
@@ -107,8 +128,12 @@ struct Inner {
     info: RwLock<FileInfo>,
     session: RwLock<String>,
     epoch: AtomicU64,
+    /// The sequence number of the volume's newest snapshot, which writes carry.
+    snap_seq: AtomicU64,
     /// The MDS's ticket for the volume's chunks (auth on; renewed by every refresh).
     ticket: RwLock<Vec<u8>>,
+    /// A clone's source (`PATH@NAME`, sessionless), opened at its first use.
+    source: tokio::sync::OnceCell<Volume>,
     lease: Duration,
     cache: MetaCache,
     conns: Arc<Connections>,
@@ -148,7 +173,9 @@ impl Volume {
         conns: Arc<Connections>,
     ) -> Result<Self, ClientError> {
         let mds = MdsClient::with_key(opts.mds.clone(), opts.key.clone());
-        let (info, session, ticket) = mds.open(path, &opts.owner, &opts.client_id).await?;
+        let (info, session, ticket) = mds
+            .open_with(path, &opts.owner, &opts.client_id, opts.fill)
+            .await?;
         let state = SessionState {
             session_id: session.session_id,
             epoch: session.epoch,
@@ -197,7 +224,9 @@ impl Volume {
                 info: RwLock::new(info.clone()),
                 session: RwLock::new(state.session_id),
                 epoch: AtomicU64::new(state.epoch),
+                snap_seq: AtomicU64::new(info.snap_seq),
                 ticket: RwLock::new(state.ticket),
+                source: tokio::sync::OnceCell::new(),
                 lease,
                 cache: MetaCache::default(),
                 conns,
@@ -210,7 +239,39 @@ impl Volume {
             v.inner.qos.set(q);
         }
         tokio::spawn(refresh_loop(Arc::downgrade(&v.inner), lease));
+        if info.clone_source.is_some() && !v.is_read_only() && v.inner.opts.fill_rate > 0 {
+            tokio::spawn(clone_manager(Arc::downgrade(&v.inner)));
+        }
         v
+    }
+
+    /// A snapshot (`PATH@NAME`) or a volume opened to be filled: no session, no writes.
+    pub fn is_read_only(&self) -> bool {
+        self.inner.session.read().is_empty()
+    }
+
+    /// The snapshot this volume reads (0: the volume itself).
+    fn read_snap(&self) -> u64 {
+        self.inner.info.read().snapshot_seq
+    }
+
+    /// The clone's source while it has one (opened at first use).
+    async fn source(&self) -> Result<Option<&Volume>, ClientError> {
+        let Some(src) = self.inner.info.read().clone_source.clone() else {
+            return Ok(None);
+        };
+        let inner = &self.inner;
+        let v = inner
+            .source
+            .get_or_try_init(|| {
+                let opts = VolumeOptions {
+                    fill: false,
+                    ..inner.opts.clone()
+                };
+                Box::pin(Volume::open(&src.path, opts, inner.conns.clone()))
+            })
+            .await?;
+        Ok(Some(v))
     }
 
     /// The session this volume holds, to hand over to another process.
@@ -253,7 +314,8 @@ impl Volume {
         let (chunk, max) = self.geometry();
         let mut tracker = IoTracker::new(offset, buf.len() as u64, chunk, max);
         let parts = tracker.parts().to_vec();
-        let results = futures::future::join_all(parts.iter().map(|p| self.read_part(*p))).await;
+        let results =
+            futures::future::join_all(parts.iter().map(|p| self.read_part_full(*p))).await;
         for (p, r) in parts.iter().zip(results) {
             tracker.record(r.map(|data| {
                 let dst = &mut buf[p.buf_offset..p.buf_offset + p.len as usize];
@@ -269,6 +331,9 @@ impl Volume {
     /// Writes `buf` at `offset`; durable (on a raft quorum) when it returns.
     pub async fn write(&self, offset: u64, buf: &[u8]) -> Result<(), ClientError> {
         self.check(offset, buf.len() as u64)?;
+        if self.is_read_only() {
+            return Err(ClientError::ReadOnly(self.inner.path.clone()));
+        }
         self.inner.qos.admit(true, buf.len() as u64).await;
         let (chunk, max) = self.geometry();
         let mut tracker = IoTracker::new(offset, buf.len() as u64, chunk, max);
@@ -287,6 +352,10 @@ impl Volume {
     /// zeros written.
     pub async fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), ClientError> {
         self.check(offset, len)?;
+        if self.is_read_only() {
+            return Err(ClientError::ReadOnly(self.inner.path.clone()));
+        }
+        let clone = self.inner.info.read().clone_source.is_some();
         let (chunk, max) = self.geometry();
         let seg = self.inner.info.read().segment_size;
         let zeros = vec![0u8; max as usize];
@@ -294,7 +363,8 @@ impl Volume {
         for group in IoTracker::new(offset, len, chunk, max).parts().chunks(16) {
             let mut jobs = Vec::new();
             for p in group {
-                if self.segment(p.offset / seg, false).await?.is_none() {
+                // A clone's unwritten segment reads its source: zeros must be written there.
+                if !clone && self.segment(p.offset / seg, false).await?.is_none() {
                     continue;
                 }
                 jobs.push(self.write_part(*p, zeros[..p.len as usize].to_vec()));
@@ -367,17 +437,88 @@ impl Volume {
         }
     }
 
-    async fn read_part(&self, p: Part) -> Result<Option<Vec<u8>>, ClientError> {
-        let seg = self.inner.info.read().segment_size;
-        let Some(s) = self.segment(p.offset / seg, false).await? else {
-            return Ok(None); // never written: zeros
-        };
-        let req = self.locate(&s, p);
-        let r = self.send(false, p.offset / seg, req).await?;
-        Ok(r.map(|r| r.data))
+    /// A part as the volume (or snapshot) holds it: its chunk, and where a clone's chunk is
+    /// missing or has units not filled yet, its source's. `None`: never written anywhere
+    /// (zeros).
+    fn read_part_full(
+        &self,
+        p: Part,
+    ) -> futures::future::BoxFuture<'_, Result<Option<Vec<u8>>, ClientError>> {
+        Box::pin(async move {
+            let seg = self.inner.info.read().segment_size;
+            let answer = match self.segment(p.offset / seg, false).await? {
+                None => None,
+                Some(s) => {
+                    let req = ChunkRequest {
+                        sn: self.read_snap(),
+                        ..self.locate(&s, p)
+                    };
+                    self.send(Op::Read, p.offset / seg, req).await?
+                }
+            };
+            let Some(source) = self.source().await? else {
+                return Ok(answer.map(|r| r.data));
+            };
+            let Some(r) = answer else {
+                return source.read_part_full(p).await;
+            };
+            let mut data = r.data;
+            if r.unfilled.is_empty() {
+                return Ok(Some(data));
+            }
+            // Runs of unfilled units (bit i: the i-th unit from the one holding the offset).
+            let base = p.offset / UNIT;
+            let end = p.offset + p.len;
+            let mut runs: Vec<(u64, u64)> = Vec::new();
+            for i in 0..(end.div_ceil(UNIT) - base) {
+                if r.unfilled
+                    .get((i / 8) as usize)
+                    .is_some_and(|b| b & (1 << (i % 8)) != 0)
+                {
+                    let lo = ((base + i) * UNIT).max(p.offset);
+                    let hi = ((base + i + 1) * UNIT).min(end);
+                    match runs.last_mut() {
+                        Some(run) if run.1 == lo => run.1 = hi,
+                        _ => runs.push((lo, hi)),
+                    }
+                }
+            }
+            for (lo, hi) in runs {
+                let part = Part {
+                    offset: lo,
+                    len: hi - lo,
+                    buf_offset: 0,
+                };
+                let dst = &mut data[(lo - p.offset) as usize..(hi - p.offset) as usize];
+                match source.read_part_full(part).await? {
+                    Some(d) => dst.copy_from_slice(&d),
+                    None => dst.fill(0),
+                }
+            }
+            Ok(Some(data))
+        })
     }
 
-    async fn write_part(&self, p: Part, data: Vec<u8>) -> Result<(), ClientError> {
+    async fn write_part(&self, mut p: Part, mut data: Vec<u8>) -> Result<(), ClientError> {
+        let clone = self.inner.info.read().clone_source.is_some();
+        if clone && (!p.offset.is_multiple_of(UNIT) || !p.len.is_multiple_of(UNIT)) {
+            // A clone's chunk takes whole units (a unit not filled yet is the source's): read
+            // the units around the write, put the write in, write them whole.
+            let lo = p.offset / UNIT * UNIT;
+            let hi = (p.offset + p.len).div_ceil(UNIT) * UNIT;
+            let around = Part {
+                offset: lo,
+                len: hi - lo,
+                buf_offset: 0,
+            };
+            let mut full = self
+                .read_part_full(around)
+                .await?
+                .unwrap_or_else(|| vec![0u8; (hi - lo) as usize]);
+            let at = (p.offset - lo) as usize;
+            full[at..at + data.len()].copy_from_slice(&data);
+            (p, data) = (around, full);
+        }
         let seg = self.inner.info.read().segment_size;
         let s = self
             .segment(p.offset / seg, true)
@@ -385,19 +526,90 @@ impl Volume {
             .expect("allocated on write");
         let req = ChunkRequest {
             data,
+            sn: self.inner.snap_seq.load(Ordering::Acquire),
+            clone,
             ..self.locate(&s, p)
         };
-        self.send(true, p.offset / seg, req).await.map(|_| ())
+        self.send(Op::Write, p.offset / seg, req).await.map(|_| ())
+    }
+
+    /// Fills a clone's part with `data` (its source's): only units not written or filled
+    /// take it.
+    async fn fill_part(&self, p: Part, data: Vec<u8>) -> Result<(), ClientError> {
+        let seg = self.inner.info.read().segment_size;
+        let s = self
+            .segment(p.offset / seg, true)
+            .await?
+            .expect("allocated on fill");
+        let req = ChunkRequest {
+            data,
+            sn: self.inner.snap_seq.load(Ordering::Acquire),
+            clone: true,
+            ..self.locate(&s, p)
+        };
+        self.send(Op::Fill, p.offset / seg, req).await.map(|_| ())
+    }
+
+    /// Copies what the clone's source holds into the clone's units not written yet, at most
+    /// `rate` bytes per second (0: as fast as it goes), calling `progress(done, total)` (bytes
+    /// of the volume) as it goes; then tells the MDS the clone is flat. A volume that is not
+    /// a clone is flat already.
+    pub async fn fill_from_source(
+        &self,
+        rate: u64,
+        progress: &(dyn Fn(u64, u64) + Send + Sync),
+    ) -> Result<(), ClientError> {
+        let total = self.size();
+        if self.source().await?.is_none() {
+            progress(total, total);
+            return Ok(());
+        }
+        let (chunk, max) = self.geometry();
+        let started = std::time::Instant::now();
+        let mut copied = 0u64;
+        let mut at = 0u64;
+        while at < total {
+            if self.inner.closed.load(Ordering::Acquire) {
+                return Err(ClientError::Closed);
+            }
+            let Some(source) = self.source().await? else {
+                break; // flattened meanwhile
+            };
+            let n = chunk.min(total - at);
+            let parts = crate::iotracker::split(at, n, chunk, max);
+            let jobs = parts.iter().map(|p| async move {
+                match source.read_part_full(*p).await? {
+                    Some(d) => self.fill_part(*p, d).await.map(|_| p.len),
+                    None => Ok(0),
+                }
+            });
+            for r in futures::future::join_all(jobs).await {
+                copied += r?;
+            }
+            at += n;
+            progress(at, total);
+            if rate > 0 {
+                let due = Duration::from_secs_f64(copied as f64 / rate as f64);
+                if let Some(wait) = due.checked_sub(started.elapsed()) {
+                    tokio::time::sleep(wait).await;
+                }
+            }
+        }
+        let owner = self.inner.opts.owner.clone();
+        let i = self.inner.mds.flatten(&self.inner.path, &owner).await?;
+        self.inner.info.write().clone_source = i.clone_source;
+        Ok(())
     }
 
     /// Sends one chunk request to its copyset's leader until it is done, as the retry policy
     /// ([`crate::retry`]) says. Reads of a chunk that does not exist answer `None`.
     async fn send(
         &self,
-        write: bool,
+        op: Op,
         segment: u64,
         mut req: ChunkRequest,
     ) -> Result<Option<ChunkResponse>, ClientError> {
+        let write = op != Op::Read;
         let (pool, copyset) = (req.logical_pool_id, req.copyset_id);
         let inner = &self.inner;
         let mut policy = RetryPolicy::default();
@@ -424,10 +636,10 @@ impl Volume {
                 Some(leader) => {
                     let mut c = inner.conns.chunk(leader);
                     let call = async {
-                        if write {
-                            c.write_chunk(req.clone()).await
-                        } else {
-                            c.read_chunk(req.clone()).await
+                        match op {
+                            Op::Write => c.write_chunk(req.clone()).await,
+                            Op::Read => c.read_chunk(req.clone()).await,
+                            Op::Fill => c.recover_chunk(req.clone()).await,
                         }
                     };
                     match tokio::time::timeout(policy.timeout(), call).await {
@@ -560,7 +772,16 @@ impl Volume {
     /// A fresh ticket from the MDS (a refresh of the session), after TICKET_EXPIRED.
     async fn renew_ticket(&self) {
         let session = self.inner.session.read().clone();
-        match self.inner.mds.refresh(&self.inner.path, &session).await {
+        let (snap, fill) = (
+            self.inner.snap_seq.load(Ordering::Acquire),
+            self.inner.opts.fill,
+        );
+        match self
+            .inner
+            .mds
+            .refresh_with(&self.inner.path, &session, snap, fill)
+            .await
+        {
             Ok(r) if !r.ticket.is_empty() => *self.inner.ticket.write() = r.ticket,
             Ok(_) => {}
             Err(e) => tracing::warn!(path = %self.inner.path, error = %e, "ticket renewal failed"),
@@ -586,16 +807,21 @@ impl Volume {
             return Ok(());
         }
         let session = self.inner.session.read().clone();
+        if session.is_empty() {
+            return Ok(()); // sessionless (read-only)
+        }
         self.inner.mds.close(&self.inner.path, &session).await?;
         Ok(())
     }
 }
 
-/// Keeps the session alive (every third of the lease), picks up size and QoS changes, and
-/// reopens (taking the session over, new epoch) when the lease was lost.
+/// Keeps the session alive (every third of the lease, at least every second), picks up size,
+/// QoS, snapshot and clone changes, and reopens (taking the session over, new epoch) when the
+/// lease was lost. A new snapshot's number is taken at once and said back in a refresh right
+/// away: the snapshot's create waits for that.
 async fn refresh_loop(inner: std::sync::Weak<Inner>, lease: Duration) {
     loop {
-        tokio::time::sleep(lease / 3).await;
+        tokio::time::sleep((lease / 3).min(Duration::from_secs(1))).await;
         let Some(inner) = inner.upgrade() else {
             return;
         };
@@ -603,7 +829,12 @@ async fn refresh_loop(inner: std::sync::Weak<Inner>, lease: Duration) {
             return;
         }
         let session = inner.session.read().clone();
-        match inner.mds.refresh(&inner.path, &session).await {
+        let snap = inner.snap_seq.load(Ordering::Acquire);
+        match inner
+            .mds
+            .refresh_with(&inner.path, &session, snap, inner.opts.fill)
+            .await
+        {
             Ok(r) => {
                 if !r.ticket.is_empty() {
                     *inner.ticket.write() = r.ticket;
@@ -612,17 +843,36 @@ async fn refresh_loop(inner: std::sync::Weak<Inner>, lease: Duration) {
                     if let Some(q) = &i.qos {
                         inner.qos.set(q);
                     }
-                    inner.info.write().length = i.length;
+                    {
+                        let mut info = inner.info.write();
+                        info.length = i.length;
+                        info.snapshots = i.snapshots.clone();
+                        if info.snapshot_seq == 0 {
+                            info.clone_source = i.clone_source.clone();
+                            info.snap_seq = i.snap_seq;
+                        }
+                    }
+                    if !session.is_empty() && i.snap_seq != snap {
+                        inner.snap_seq.store(i.snap_seq, Ordering::Release);
+                        if let Err(e) = inner
+                            .mds
+                            .refresh_with(&inner.path, &session, i.snap_seq, false)
+                            .await
+                        {
+                            tracing::warn!(path = %inner.path, error = %e, "saying the snapshot was taken");
+                        }
+                    }
                 }
             }
-            Err(e) if e.status() == Some(MdsStatus::SessionExpired) => {
+            Err(e) if e.status() == Some(MdsStatus::SessionExpired) && !session.is_empty() => {
                 match inner
                     .mds
                     .open(&inner.path, &inner.opts.owner, &inner.opts.client_id)
                     .await
                 {
-                    Ok((_, s, ticket)) => {
+                    Ok((i, s, ticket)) => {
                         tracing::warn!(path = %inner.path, epoch = s.epoch, "session lost and reopened");
+                        inner.snap_seq.store(i.snap_seq, Ordering::Release);
                         *inner.session.write() = s.session_id;
                         *inner.ticket.write() = ticket;
                         inner.epoch.store(s.epoch, Ordering::Release);
@@ -634,5 +884,23 @@ async fn refresh_loop(inner: std::sync::Weak<Inner>, lease: Duration) {
             }
             Err(e) => tracing::warn!(path = %inner.path, error = %e, "session refresh failed"),
         }
+    }
+}
+
+/// The seed's CloneManager: a clone open for writing copies its source in the background, at
+/// the volume's fill rate, and ends flat.
+async fn clone_manager(inner: std::sync::Weak<Inner>) {
+    // Let the volume's first I/O go first.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let Some(strong) = inner.upgrade() else {
+        return;
+    };
+    let v = Volume { inner: strong };
+    let rate = v.inner.opts.fill_rate;
+    drop(inner);
+    match v.fill_from_source(rate, &|_, _| {}).await {
+        Ok(()) => tracing::info!(path = %v.inner.path, "clone filled from its source: flat"),
+        Err(ClientError::Closed) => {}
+        Err(e) => tracing::warn!(path = %v.inner.path, error = %e, "background clone fill stopped"),
     }
 }

@@ -449,6 +449,7 @@ fn every_rpc_needs_the_right_credential_and_the_owner_never_notices() {
             epoch: 1,
             expiry_ms: u64::MAX,
             read_only: false,
+            fill: false,
         }
         .seal(&curve_auth::Keyring::generate());
         assert_eq!(

@@ -45,14 +45,29 @@ impl ChunkAuth {
         write: bool,
         method: &str,
     ) -> Result<Allowed, ChunkStatus> {
-        self.allowed(ticket, grant, chunk, write).map_err(|e| {
-            curve_auth::refused(&e, method);
-            match e {
-                AuthError::Expired => ChunkStatus::TicketExpired,
-                AuthError::StaleEpoch(_) => ChunkStatus::EpochTooOld,
-                _ => ChunkStatus::AuthFailed,
-            }
-        })
+        self.check_as(ticket, grant, chunk, write, false, method)
+    }
+
+    /// As [`Self::check`] for a fill of a clone chunk (`fill`): a writer's ticket or a
+    /// read-only one that allows fills (a flatten's).
+    pub fn check_as(
+        &self,
+        ticket: &[u8],
+        grant: &[u8],
+        chunk: u64,
+        write: bool,
+        fill: bool,
+        method: &str,
+    ) -> Result<Allowed, ChunkStatus> {
+        self.allowed(ticket, grant, chunk, write, fill)
+            .map_err(|e| {
+                curve_auth::refused(&e, method);
+                match e {
+                    AuthError::Expired => ChunkStatus::TicketExpired,
+                    AuthError::StaleEpoch(_) => ChunkStatus::EpochTooOld,
+                    _ => ChunkStatus::AuthFailed,
+                }
+            })
     }
 
     fn allowed(
@@ -61,10 +76,14 @@ impl ChunkAuth {
         grant: &[u8],
         chunk: u64,
         write: bool,
+        fill: bool,
     ) -> Result<Allowed, AuthError> {
         let ring = self.ring.get();
         let t = Ticket::open(ticket, &ring, curve_auth::now_ms())?;
         if write && t.read_only {
+            return Err(AuthError::ReadOnly);
+        }
+        if fill && t.read_only && !t.fill {
             return Err(AuthError::ReadOnly);
         }
         curve_auth::check_grant(grant, &ring, t.volume, chunk)?;
@@ -106,6 +125,7 @@ mod tests {
                 epoch,
                 expiry_ms,
                 read_only,
+                fill: false,
             }
             .seal(&ring)
         };

@@ -1,11 +1,20 @@
-//! DataStore: the chunk files of one copyset.
+//! DataStore: the chunk files of one copyset, their snapshot (COW) files and clone state.
 //!
 //! Each chunk is one file of `META_PAGE + chunk_size` bytes taken from the ChunkFilePool:
 //!
 //! ```text
-//!  0      meta page (4 KiB): magic "CRVCHNK1", version 2, chunk id, sn, epoch, volume, crc32
-//!         (version 1, written before volumes were recorded, has no volume: read as 0)
+//!  chunk_<id>
+//!  0      meta page (4 KiB): magic "CRVCHNK1", version, chunk id, sn, epoch, volume, [flags],
+//!         crc32; version 3 (clone chunks) adds a flags byte and, at byte 64, the bitmap of
+//!         the 4 KiB units already filled (written or copied from the clone's source)
+//!         (version 2: no flags; version 1, written before volumes were recorded: no volume)
 //!  4096   chunk data (chunk_size bytes), written in place
+//!
+//!  chunk_<id>_snap_<tag>            a COW file: the chunk's units as they were before the
+//!  0      meta page: magic "CRVCOW01", version 1, chunk id, tag, crc32 (of the header and
+//!         both bitmaps); at 64 the bitmap of units copied, then the bitmap of the units that
+//!         were unfilled (clone chunks: their data was the source's) when copied
+//!  4096   copied units at their offsets in the chunk
 //! ```
 //!
 //! A chunk exists from its first write (created from the pool) until it is deleted (returned
@@ -14,6 +23,22 @@
 //! older epoch is refused (fencing of a writer whose session was taken over). The volume a
 //! chunk belongs to is recorded at its first write that names one (auth on: from the ticket);
 //! a write or read naming another volume is refused.
+//!
+//! Snapshots (copy-on-write by sequence number, as the seed designs them). A write carries
+//! `sn`, the sequence number of its volume's newest snapshot (0: none). A chunk records the sn
+//! it was created with: it does not exist in snapshots up to that one. Its COW files are
+//! sorted by tag; the file tagged T holds, for the snapshots after the previous file's tag up
+//! to T, the units overwritten since. The first write with a newer sn than every tag (and
+//! than the chunk's own sn) starts a file tagged with it; every write copies the units it
+//! overwrites into the newest file first, unless already there. Reading snapshot S takes each
+//! unit from the first file tagged S or later that holds it, else from the chunk. Deleting
+//! snapshots drops the files no live snapshot reads, their units merged into the file before
+//! (which reads through them). A snapshot costs nothing until its chunks are written.
+//!
+//! Clones: a clone chunk records which units are filled; a read answers the units that are
+//! not (the client reads them from the clone's source); a write fills the units it covers
+//! (whole units); a fill writes only units still unfilled (the background copy of the source,
+//! never over a newer write).
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -27,8 +52,13 @@ use crate::chunkfilepool::ChunkFilePool;
 
 /// Size of the meta page at the head of every chunk file.
 pub const META_PAGE: u64 = 4096;
+/// Unit of copy-on-write and of clone fills.
+pub const UNIT: u64 = 4096;
 const MAGIC: &[u8; 8] = b"CRVCHNK1";
-const VERSION: u8 = 2;
+const COW_MAGIC: &[u8; 8] = b"CRVCOW01";
+/// Where bitmaps start in a meta page.
+const BITMAP_AT: usize = 64;
+const FLAG_CLONE: u8 = 1;
 
 /// Why a DataStore operation failed; each maps to a chunk status code.
 #[derive(Debug, thiserror::Error)]
@@ -65,60 +95,214 @@ pub enum DataStoreError {
     Disk(#[from] std::io::Error),
 }
 
+/// A bitmap of the units of a chunk (bit i: unit i), least significant bit first.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Bitmap(Vec<u8>);
+
+impl Bitmap {
+    /// `bits` bits, all clear.
+    pub fn new(bits: usize) -> Self {
+        Bitmap(vec![0; bits.div_ceil(8)])
+    }
+
+    /// From bytes (as [`Bitmap::bytes`] gives them).
+    pub fn from_bytes(b: &[u8]) -> Self {
+        Bitmap(b.to_vec())
+    }
+
+    /// Bit `i` (false past the end).
+    pub fn get(&self, i: usize) -> bool {
+        self.0.get(i / 8).is_some_and(|b| b & (1 << (i % 8)) != 0)
+    }
+
+    /// Sets bit `i`.
+    pub fn set(&mut self, i: usize) {
+        self.0[i / 8] |= 1 << (i % 8);
+    }
+
+    /// The bytes.
+    pub fn bytes(&self) -> &[u8] {
+        &self.0
+    }
+
+    /// Whether any bit is set.
+    pub fn any(&self) -> bool {
+        self.0.iter().any(|b| *b != 0)
+    }
+}
+
 /// The meta page of a chunk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ChunkMeta {
     /// Chunk id.
     pub id: u64,
-    /// Sequence number (snapshots).
+    /// Sequence number of the volume's newest snapshot when the chunk was created: the chunk
+    /// does not exist in that snapshot or older ones.
     pub sn: u64,
     /// Epoch of the last writer.
     pub epoch: u64,
     /// The volume the chunk belongs to (0: not recorded).
     pub volume: u64,
+    /// A chunk of a clone: units not filled yet read from the clone's source.
+    pub clone: bool,
 }
 
 impl ChunkMeta {
-    fn encode(&self) -> [u8; 45] {
-        let mut b = [0u8; 45];
+    /// The meta page's bytes (version 2, or 3 with the filled bitmap for clone chunks).
+    fn encode(&self, filled: Option<&Bitmap>) -> Vec<u8> {
+        let mut b = vec![0u8; 46];
         b[..8].copy_from_slice(MAGIC);
-        b[8] = VERSION;
         b[9..17].copy_from_slice(&self.id.to_le_bytes());
         b[17..25].copy_from_slice(&self.sn.to_le_bytes());
         b[25..33].copy_from_slice(&self.epoch.to_le_bytes());
         b[33..41].copy_from_slice(&self.volume.to_le_bytes());
-        let crc = crc32fast::hash(&b[..41]);
-        b[41..45].copy_from_slice(&crc.to_le_bytes());
+        match filled.filter(|_| self.clone) {
+            None => {
+                b[8] = 2;
+                let crc = crc32fast::hash(&b[..41]);
+                b[41..45].copy_from_slice(&crc.to_le_bytes());
+                b.truncate(45);
+            }
+            Some(map) => {
+                b[8] = 3;
+                b[41] = FLAG_CLONE;
+                let mut h = crc32fast::Hasher::new();
+                h.update(&b[..42]);
+                h.update(map.bytes());
+                b[42..46].copy_from_slice(&h.finalize().to_le_bytes());
+                b.resize(BITMAP_AT, 0);
+                b.extend_from_slice(map.bytes());
+            }
+        }
         b
     }
 
-    fn decode(b: &[u8]) -> Option<ChunkMeta> {
-        if b.len() < 45 || &b[..8] != MAGIC {
-            return None;
-        }
-        // Version 1: no volume, the crc after the epoch.
-        let end = match b[8] {
-            1 => 33,
-            2 => 41,
-            _ => return None,
-        };
-        let crc = u32::from_le_bytes(b[end..end + 4].try_into().ok()?);
-        if crc != crc32fast::hash(&b[..end]) {
+    /// Decodes a meta page; `bitmap_len` is the byte length of a chunk's unit bitmap.
+    fn decode(b: &[u8], bitmap_len: usize) -> Option<(ChunkMeta, Option<Bitmap>)> {
+        if b.len() < 46 || &b[..8] != MAGIC {
             return None;
         }
         let u = |i: usize| b[i..i + 8].try_into().ok().map(u64::from_le_bytes);
-        Some(ChunkMeta {
-            id: u(9)?,
-            sn: u(17)?,
-            epoch: u(25)?,
-            volume: if end == 41 { u(33)? } else { 0 },
-        })
+        let crc_at = |i: usize| b[i..i + 4].try_into().ok().map(u32::from_le_bytes);
+        let (volume, clone, filled) = match b[8] {
+            // Version 1: no volume, the crc after the epoch.
+            1 => (crc_at(33)? == crc32fast::hash(&b[..33])).then_some((0, false, None))?,
+            2 => (crc_at(41)? == crc32fast::hash(&b[..41])).then_some((u(33)?, false, None))?,
+            3 => {
+                let map = b.get(BITMAP_AT..BITMAP_AT + bitmap_len)?;
+                let mut h = crc32fast::Hasher::new();
+                h.update(&b[..42]);
+                h.update(map);
+                if crc_at(42)? != h.finalize() {
+                    return None;
+                }
+                let clone = b[41] & FLAG_CLONE != 0;
+                (u(33)?, clone, clone.then(|| Bitmap::from_bytes(map)))
+            }
+            _ => return None,
+        };
+        Some((
+            ChunkMeta {
+                id: u(9)?,
+                sn: u(17)?,
+                epoch: u(25)?,
+                volume,
+                clone,
+            },
+            filled,
+        ))
     }
+}
+
+/// A COW file of a chunk.
+#[derive(Debug)]
+struct CowFile {
+    tag: u64,
+    file: File,
+    copied: Bitmap,
+    unfilled: Bitmap,
+}
+
+impl CowFile {
+    fn encode(&self, id: u64) -> Vec<u8> {
+        let mut b = vec![0u8; BITMAP_AT];
+        b[..8].copy_from_slice(COW_MAGIC);
+        b[8] = 1;
+        b[9..17].copy_from_slice(&id.to_le_bytes());
+        b[17..25].copy_from_slice(&self.tag.to_le_bytes());
+        b.extend_from_slice(self.copied.bytes());
+        b.extend_from_slice(self.unfilled.bytes());
+        let mut h = crc32fast::Hasher::new();
+        h.update(&b[..25]);
+        h.update(&b[BITMAP_AT..]);
+        let crc = h.finalize();
+        b[25..29].copy_from_slice(&crc.to_le_bytes());
+        b
+    }
+
+    /// (chunk id, tag, copied, unfilled) of a COW meta page.
+    fn decode(b: &[u8], bitmap_len: usize) -> Option<(u64, u64, Bitmap, Bitmap)> {
+        if b.len() < BITMAP_AT + 2 * bitmap_len || &b[..8] != COW_MAGIC || b[8] != 1 {
+            return None;
+        }
+        let maps = &b[BITMAP_AT..BITMAP_AT + 2 * bitmap_len];
+        let mut h = crc32fast::Hasher::new();
+        h.update(&b[..25]);
+        h.update(maps);
+        if u32::from_le_bytes(b[25..29].try_into().ok()?) != h.finalize() {
+            return None;
+        }
+        let u = |i: usize| b[i..i + 8].try_into().ok().map(u64::from_le_bytes);
+        Some((
+            u(9)?,
+            u(17)?,
+            Bitmap::from_bytes(&maps[..bitmap_len]),
+            Bitmap::from_bytes(&maps[bitmap_len..]),
+        ))
+    }
+}
+
+/// What a chunk knows besides its data.
+#[derive(Debug)]
+struct State {
+    meta: ChunkMeta,
+    /// Clone chunks: the units filled.
+    filled: Option<Bitmap>,
+    /// COW files, by tag ascending.
+    cows: Vec<CowFile>,
 }
 
 struct Chunk {
     file: File,
-    meta: Mutex<ChunkMeta>,
+    state: Mutex<State>,
+}
+
+/// A write to a chunk.
+#[derive(Debug, Clone, Copy)]
+pub struct WriteOp<'a> {
+    /// The volume (0: none named).
+    pub volume: u64,
+    /// Chunk id.
+    pub id: u64,
+    /// Sequence number of the volume's newest snapshot the writer knows (0: none).
+    pub sn: u64,
+    /// Offset in the chunk.
+    pub offset: u64,
+    /// Data.
+    pub data: &'a [u8],
+    /// Epoch of the writer.
+    pub epoch: u64,
+    /// The chunk belongs to a clone (recorded when the write creates it).
+    pub clone: bool,
+}
+
+/// One file of a chunk, for raft snapshot images: the chunk itself, or one of its COW files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileRef {
+    /// Chunk id.
+    pub id: u64,
+    /// `None`: the chunk; `Some(tag)`: its COW file of that tag.
+    pub cow: Option<u64>,
 }
 
 /// The chunks of one copyset.
@@ -126,6 +310,7 @@ pub struct DataStore {
     dir: PathBuf,
     chunk_size: u64,
     page_size: u64,
+    bitmap_len: usize,
     pool: Arc<ChunkFilePool>,
     chunks: RwLock<HashMap<u64, Arc<Chunk>>>,
 }
@@ -141,6 +326,24 @@ impl std::fmt::Debug for DataStore {
 
 fn chunk_name(id: u64) -> String {
     format!("chunk_{id}")
+}
+
+fn cow_name(id: u64, tag: u64) -> String {
+    format!("chunk_{id}_snap_{tag}")
+}
+
+/// Contiguous runs `[from, to)` of the units in `units` for which `f` holds.
+fn runs(units: std::ops::Range<usize>, f: impl Fn(usize) -> bool) -> Vec<(usize, usize)> {
+    let mut out: Vec<(usize, usize)> = Vec::new();
+    for u in units {
+        if f(u) {
+            match out.last_mut() {
+                Some(r) if r.1 == u => r.1 = u + 1,
+                _ => out.push((u, u + 1)),
+            }
+        }
+    }
+    out
 }
 
 impl DataStore {
@@ -159,38 +362,76 @@ impl DataStore {
             )));
         }
         std::fs::create_dir_all(dir)?;
+        let bitmap_len = (chunk_size.div_ceil(UNIT) as usize).div_ceil(8);
         let mut chunks = HashMap::new();
+        let mut cows: Vec<(u64, PathBuf)> = Vec::new();
         for entry in std::fs::read_dir(dir)? {
             let entry = entry?;
             let name = entry.file_name();
-            let Some(id) = name
-                .to_str()
-                .and_then(|n| n.strip_prefix("chunk_"))
-                .and_then(|n| n.parse::<u64>().ok())
-            else {
+            let Some(rest) = name.to_str().and_then(|n| n.strip_prefix("chunk_")) else {
+                continue;
+            };
+            if let Some((id, _)) = rest.split_once("_snap_") {
+                if let Ok(id) = id.parse::<u64>() {
+                    cows.push((id, entry.path()));
+                }
+                continue;
+            }
+            let Ok(id) = rest.parse::<u64>() else {
                 continue;
             };
             let file = OpenOptions::new()
                 .read(true)
                 .write(true)
                 .open(entry.path())?;
-            let mut page = [0u8; 64];
+            let mut page = vec![0u8; META_PAGE as usize];
             file.read_exact_at(&mut page, 0)?;
-            let meta = ChunkMeta::decode(&page)
-                .filter(|m| m.id == id)
+            let (meta, filled) = ChunkMeta::decode(&page, bitmap_len)
+                .filter(|(m, _)| m.id == id)
                 .ok_or_else(|| DataStoreError::Corrupt(entry.path()))?;
             chunks.insert(
                 id,
                 Arc::new(Chunk {
                     file,
-                    meta: Mutex::new(meta),
+                    state: Mutex::new(State {
+                        meta,
+                        filled,
+                        cows: Vec::new(),
+                    }),
                 }),
             );
+        }
+        for (id, path) in cows {
+            let file = OpenOptions::new().read(true).write(true).open(&path)?;
+            let mut page = vec![0u8; META_PAGE as usize];
+            file.read_exact_at(&mut page, 0)?;
+            match (
+                CowFile::decode(&page, bitmap_len).filter(|d| d.0 == id),
+                chunks.get(&id),
+            ) {
+                (Some((_, tag, copied, unfilled)), Some(c)) => {
+                    let mut st = c.state.lock();
+                    st.cows.push(CowFile {
+                        tag,
+                        file,
+                        copied,
+                        unfilled,
+                    });
+                    st.cows.sort_by_key(|c| c.tag);
+                }
+                // A COW file whose chunk is gone, or one cut short while being started (its
+                // meta page is written before anything is copied into it): back to the pool.
+                _ => {
+                    drop(file);
+                    pool.give(&path, META_PAGE)?;
+                }
+            }
         }
         Ok(DataStore {
             dir: dir.to_owned(),
             chunk_size,
             page_size,
+            bitmap_len,
             pool,
             chunks: RwLock::new(chunks),
         })
@@ -216,36 +457,62 @@ impl DataStore {
         Ok(())
     }
 
-    fn get_or_create(
-        &self,
-        id: u64,
-        sn: u64,
-        epoch: u64,
-        volume: u64,
-    ) -> Result<Arc<Chunk>, DataStoreError> {
-        if let Some(c) = self.chunks.read().get(&id) {
+    /// Whether unit bitmaps fit in a meta page (snapshots and clones need them).
+    fn check_bitmaps(&self) -> Result<(), DataStoreError> {
+        if BITMAP_AT + 2 * self.bitmap_len > META_PAGE as usize {
+            return Err(DataStoreError::Invalid(format!(
+                "snapshots and clones need chunks of at most 63 MiB, not {} bytes",
+                self.chunk_size
+            )));
+        }
+        Ok(())
+    }
+
+    fn units(&self) -> usize {
+        self.chunk_size.div_ceil(UNIT) as usize
+    }
+
+    fn get(&self, id: u64) -> Result<Arc<Chunk>, DataStoreError> {
+        self.chunks
+            .read()
+            .get(&id)
+            .cloned()
+            .ok_or(DataStoreError::NotExist(id))
+    }
+
+    fn get_or_create(&self, w: &WriteOp<'_>) -> Result<Arc<Chunk>, DataStoreError> {
+        if let Some(c) = self.chunks.read().get(&w.id) {
             return Ok(c.clone());
+        }
+        if w.clone {
+            self.check_bitmaps()?;
         }
         let mut chunks = self.chunks.write();
-        if let Some(c) = chunks.get(&id) {
+        if let Some(c) = chunks.get(&w.id) {
             return Ok(c.clone());
         }
-        let path = self.dir.join(chunk_name(id));
+        let path = self.dir.join(chunk_name(w.id));
         self.pool.take(&path)?;
         let file = OpenOptions::new().read(true).write(true).open(&path)?;
         let meta = ChunkMeta {
-            id,
-            sn,
-            epoch,
-            volume,
+            id: w.id,
+            sn: w.sn,
+            epoch: w.epoch,
+            volume: w.volume,
+            clone: w.clone,
         };
-        file.write_all_at(&meta.encode(), 0)?;
+        let filled = w.clone.then(|| Bitmap::new(self.units()));
+        file.write_all_at(&meta.encode(filled.as_ref()), 0)?;
         file.sync_data()?;
         let c = Arc::new(Chunk {
             file,
-            meta: Mutex::new(meta),
+            state: Mutex::new(State {
+                meta,
+                filled,
+                cows: Vec::new(),
+            }),
         });
-        chunks.insert(id, c.clone());
+        chunks.insert(w.id, c.clone());
         Ok(c)
     }
 
@@ -272,32 +539,191 @@ impl DataStore {
         data: &[u8],
         epoch: u64,
     ) -> Result<(), DataStoreError> {
-        self.check(offset, data.len() as u64)?;
-        let chunk = self.get_or_create(id, sn, epoch, volume)?;
+        self.write(&WriteOp {
+            volume,
+            id,
+            sn,
+            offset,
+            data,
+            epoch,
+            clone: false,
+        })
+    }
+
+    /// A write: fencing and volume checks, the units it overwrites copied into the newest
+    /// COW file first (a new one when `sn` is newer than the chunk's files), clone units
+    /// marked filled.
+    pub fn write(&self, w: &WriteOp<'_>) -> Result<(), DataStoreError> {
+        let len = w.data.len() as u64;
+        self.check(w.offset, len)?;
+        let chunk = self.get_or_create(w)?;
+        let mut guard = chunk.state.lock();
+        let st = &mut *guard;
+        if w.volume != 0 && st.meta.volume != 0 && st.meta.volume != w.volume {
+            return Err(DataStoreError::WrongVolume {
+                chunk: w.id,
+                got: w.volume,
+                have: st.meta.volume,
+            });
+        }
+        if w.epoch < st.meta.epoch {
+            return Err(DataStoreError::EpochTooOld {
+                got: w.epoch,
+                have: st.meta.epoch,
+            });
+        }
+        let units = (w.offset / UNIT) as usize..(w.offset + len).div_ceil(UNIT) as usize;
+        if st.filled.is_some()
+            && (!w.offset.is_multiple_of(UNIT) || !len.is_multiple_of(UNIT))
+            && units
+                .clone()
+                .any(|u| !st.filled.as_ref().is_some_and(|f| f.get(u)))
         {
-            let mut meta = chunk.meta.lock();
-            if volume != 0 && meta.volume != 0 && meta.volume != volume {
-                return Err(DataStoreError::WrongVolume {
-                    chunk: id,
-                    got: volume,
-                    have: meta.volume,
-                });
+            return Err(DataStoreError::Invalid(format!(
+                "a write of {}+{len} to unfilled parts of a clone chunk must cover whole {UNIT}-byte units",
+                w.offset
+            )));
+        }
+        let top = st.cows.last().map_or(0, |c| c.tag);
+        if w.sn > top && w.sn > st.meta.sn {
+            self.start_cow(w.id, st, w.sn)?;
+        }
+        if !st.cows.is_empty() {
+            self.copy_on_write(&chunk.file, w.id, st, units.clone())?;
+        }
+        let meta = &mut st.meta;
+        let mut dirty = false;
+        if w.epoch > meta.epoch || (w.volume != 0 && meta.volume == 0) {
+            meta.epoch = w.epoch;
+            if w.volume != 0 {
+                meta.volume = w.volume;
             }
-            if epoch < meta.epoch {
-                return Err(DataStoreError::EpochTooOld {
-                    got: epoch,
-                    have: meta.epoch,
-                });
-            }
-            if epoch > meta.epoch || (volume != 0 && meta.volume == 0) {
-                meta.epoch = epoch;
-                if volume != 0 {
-                    meta.volume = volume;
+            dirty = true;
+        }
+        if let Some(f) = st.filled.as_mut() {
+            for u in units {
+                if !f.get(u) {
+                    f.set(u);
+                    dirty = true;
                 }
-                chunk.file.write_all_at(&meta.encode(), 0)?;
             }
         }
-        chunk.file.write_all_at(data, META_PAGE + offset)?;
+        if dirty {
+            chunk
+                .file
+                .write_all_at(&st.meta.encode(st.filled.as_ref()), 0)?;
+        }
+        if st.cows.is_empty() && st.filled.is_none() {
+            // The common case: nothing to keep in order with the data, which goes in unlocked.
+            drop(guard);
+        }
+        chunk.file.write_all_at(w.data, META_PAGE + w.offset)?;
+        Ok(())
+    }
+
+    /// A new COW file tagged `tag` (its meta page written before anything is copied).
+    fn start_cow(&self, id: u64, st: &mut State, tag: u64) -> Result<(), DataStoreError> {
+        self.check_bitmaps()?;
+        let path = self.dir.join(cow_name(id, tag));
+        self.pool.take(&path)?;
+        let file = OpenOptions::new().read(true).write(true).open(&path)?;
+        let cow = CowFile {
+            tag,
+            file,
+            copied: Bitmap::new(self.units()),
+            unfilled: Bitmap::new(self.units()),
+        };
+        cow.file.write_all_at(&cow.encode(id), 0)?;
+        st.cows.push(cow);
+        Ok(())
+    }
+
+    /// Copies the units of `units` not yet in the newest COW file into it.
+    fn copy_on_write(
+        &self,
+        file: &File,
+        id: u64,
+        st: &mut State,
+        units: std::ops::Range<usize>,
+    ) -> Result<(), DataStoreError> {
+        let filled = st.filled.clone();
+        let cow = st.cows.last_mut().expect("a COW file");
+        let todo = runs(units, |u| !cow.copied.get(u));
+        if todo.is_empty() {
+            return Ok(());
+        }
+        let mut buf = Vec::new();
+        for (from, to) in todo {
+            buf.resize((to - from) * UNIT as usize, 0);
+            let at = META_PAGE + from as u64 * UNIT;
+            file.read_exact_at(&mut buf, at)?;
+            cow.file.write_all_at(&buf, at)?;
+            for u in from..to {
+                cow.copied.set(u);
+                if filled.as_ref().is_some_and(|f| !f.get(u)) {
+                    cow.unfilled.set(u);
+                }
+            }
+        }
+        cow.file.write_all_at(&cow.encode(id), 0)?;
+        Ok(())
+    }
+
+    /// A fill of a clone chunk from its source: `data` goes only where units are unfilled
+    /// (never over a write); creates the chunk (as a clone chunk) when missing.
+    pub fn fill(
+        &self,
+        volume: u64,
+        id: u64,
+        sn: u64,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<(), DataStoreError> {
+        let len = data.len() as u64;
+        self.check(offset, len)?;
+        if !offset.is_multiple_of(UNIT) || !len.is_multiple_of(UNIT) {
+            return Err(DataStoreError::Invalid(format!(
+                "a fill of {offset}+{len} must cover whole {UNIT}-byte units"
+            )));
+        }
+        let chunk = self.get_or_create(&WriteOp {
+            volume,
+            id,
+            sn,
+            offset,
+            data,
+            epoch: 0,
+            clone: true,
+        })?;
+        let mut st = chunk.state.lock();
+        if volume != 0 && st.meta.volume != 0 && st.meta.volume != volume {
+            return Err(DataStoreError::WrongVolume {
+                chunk: id,
+                got: volume,
+                have: st.meta.volume,
+            });
+        }
+        let Some(filled) = st.filled.as_mut() else {
+            return Ok(()); // not a clone chunk (flattened long ago, or never one): all filled
+        };
+        let first = (offset / UNIT) as usize;
+        let todo = runs(first..first + (len / UNIT) as usize, |u| !filled.get(u));
+        if todo.is_empty() {
+            return Ok(());
+        }
+        for (from, to) in &todo {
+            let at = (*from - first) * UNIT as usize;
+            let n = (to - from) * UNIT as usize;
+            chunk
+                .file
+                .write_all_at(&data[at..at + n], META_PAGE + *from as u64 * UNIT)?;
+            for u in *from..*to {
+                filled.set(u);
+            }
+        }
+        chunk
+            .file
+            .write_all_at(&st.meta.encode(st.filled.as_ref()), 0)?;
         Ok(())
     }
 
@@ -315,14 +741,26 @@ impl DataStore {
         offset: u64,
         buf: &mut [u8],
     ) -> Result<(), DataStoreError> {
-        self.check(offset, buf.len() as u64)?;
-        let chunk = self
-            .chunks
-            .read()
-            .get(&id)
-            .cloned()
-            .ok_or(DataStoreError::NotExist(id))?;
-        let have = chunk.meta.lock().volume;
+        self.read_at(volume, id, 0, offset, buf).map(|_| ())
+    }
+
+    /// Reads chunk `id` as it is (`sn` 0) or as it was in the snapshot with sequence number
+    /// `sn`. Answers the units of the range that are unfilled (clone chunks: the caller reads
+    /// them from the clone's source), bit 0 being the unit holding `offset`; `None` when all
+    /// are filled. A chunk that did not exist in the snapshot is `NotExist`.
+    pub fn read_at(
+        &self,
+        volume: u64,
+        id: u64,
+        sn: u64,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<Option<Bitmap>, DataStoreError> {
+        let len = buf.len() as u64;
+        self.check(offset, len)?;
+        let chunk = self.get(id)?;
+        let st = chunk.state.lock();
+        let have = st.meta.volume;
         if volume != 0 && have != 0 && have != volume {
             return Err(DataStoreError::WrongVolume {
                 chunk: id,
@@ -330,25 +768,120 @@ impl DataStore {
                 have,
             });
         }
-        chunk.file.read_exact_at(buf, META_PAGE + offset)?;
+        if sn != 0 && st.meta.sn >= sn {
+            return Err(DataStoreError::NotExist(id));
+        }
+        let first = (offset / UNIT) as usize;
+        let units = first..(offset + len).div_ceil(UNIT) as usize;
+        let mut unfilled = Bitmap::new(units.len());
+        let cows: Vec<&CowFile> = if sn == 0 {
+            Vec::new()
+        } else {
+            st.cows.iter().filter(|c| c.tag >= sn).collect()
+        };
+        if cows.is_empty() && st.filled.is_none() {
+            drop(st);
+            chunk.file.read_exact_at(buf, META_PAGE + offset)?;
+            return Ok(None);
+        }
+        for u in units {
+            let (lo, hi) = (
+                (u as u64 * UNIT).max(offset),
+                ((u as u64 + 1) * UNIT).min(offset + len),
+            );
+            let dst = &mut buf[(lo - offset) as usize..(hi - offset) as usize];
+            let (file, is_unfilled) = match cows.iter().find(|c| c.copied.get(u)) {
+                Some(c) => (&c.file, c.unfilled.get(u)),
+                None => (&chunk.file, st.filled.as_ref().is_some_and(|f| !f.get(u))),
+            };
+            file.read_exact_at(dst, META_PAGE + lo)?;
+            if is_unfilled {
+                unfilled.set(u - first);
+            }
+        }
+        Ok(unfilled.any().then_some(unfilled))
+    }
+
+    /// Drops what no live snapshot reads any more: every COW file of chunk `id` none of the
+    /// snapshots `live` (sequence numbers, of the chunk's volume) reads from, its units merged
+    /// into the file before it. Idempotent.
+    pub fn delete_snapshots(&self, id: u64, live: &[u64]) -> Result<(), DataStoreError> {
+        let Ok(chunk) = self.get(id) else {
+            return Ok(());
+        };
+        let mut st = chunk.state.lock();
+        let created = st.meta.sn;
+        let cows = std::mem::take(&mut st.cows);
+        let mut kept: Vec<CowFile> = Vec::new();
+        let mut dropped = Vec::new();
+        for cow in cows {
+            let from = kept.last().map_or(created, |k| k.tag).max(created);
+            if live.iter().any(|s| *s > from && *s <= cow.tag) {
+                kept.push(cow);
+                continue;
+            }
+            if let Some(prev) = kept.last_mut() {
+                let todo = runs(0..self.units(), |u| {
+                    cow.copied.get(u) && !prev.copied.get(u)
+                });
+                let mut buf = Vec::new();
+                for (a, b) in &todo {
+                    buf.resize((b - a) * UNIT as usize, 0);
+                    let at = META_PAGE + *a as u64 * UNIT;
+                    cow.file.read_exact_at(&mut buf, at)?;
+                    prev.file.write_all_at(&buf, at)?;
+                    for u in *a..*b {
+                        prev.copied.set(u);
+                        if cow.unfilled.get(u) {
+                            prev.unfilled.set(u);
+                        }
+                    }
+                }
+                if !todo.is_empty() {
+                    prev.file.write_all_at(&prev.encode(id), 0)?;
+                    prev.file.sync_data()?;
+                }
+            }
+            dropped.push(cow.tag);
+        }
+        st.cows = kept;
+        drop(st);
+        for tag in dropped {
+            self.pool
+                .give(&self.dir.join(cow_name(id, tag)), META_PAGE)?;
+        }
         Ok(())
     }
 
-    /// Deletes chunk `id`, returning its file to the pool.
+    /// Deletes chunk `id` and its COW files, returning them to the pool.
     pub fn delete_chunk(&self, id: u64) -> Result<(), DataStoreError> {
         let chunk = self
             .chunks
             .write()
             .remove(&id)
             .ok_or(DataStoreError::NotExist(id))?;
+        let tags: Vec<u64> = chunk.state.lock().cows.iter().map(|c| c.tag).collect();
         drop(chunk);
+        for tag in tags {
+            self.pool
+                .give(&self.dir.join(cow_name(id, tag)), META_PAGE)?;
+        }
         self.pool.give(&self.dir.join(chunk_name(id)), META_PAGE)?;
         Ok(())
     }
 
     /// The meta of chunk `id`, if it exists.
     pub fn chunk_meta(&self, id: u64) -> Option<ChunkMeta> {
-        self.chunks.read().get(&id).map(|c| *c.meta.lock())
+        self.chunks.read().get(&id).map(|c| c.state.lock().meta)
+    }
+
+    /// Tags of the COW files of chunk `id`, ascending.
+    pub fn cow_tags(&self, id: u64) -> Vec<u64> {
+        self.chunks
+            .read()
+            .get(&id)
+            .map(|c| c.state.lock().cows.iter().map(|c| c.tag).collect())
+            .unwrap_or_default()
     }
 
     /// Ids of every chunk.
@@ -358,11 +891,151 @@ impl DataStore {
         v
     }
 
-    /// Makes every write so far durable (all chunk files).
+    /// Every file of the store, for a raft snapshot image: each chunk followed by its COW
+    /// files, newest first (the order an image must be read in, see [`crate::snapshot`]).
+    pub fn files(&self) -> Vec<FileRef> {
+        let mut out = Vec::new();
+        for id in self.chunk_ids() {
+            out.push(FileRef { id, cow: None });
+            for tag in self.cow_tags(id).into_iter().rev() {
+                out.push(FileRef { id, cow: Some(tag) });
+            }
+        }
+        out
+    }
+
+    /// Reads the bytes of a file at `offset` (meta page included); a file gone since reads
+    /// as zeros (an invalid meta page).
+    pub fn read_raw(&self, f: FileRef, offset: u64, buf: &mut [u8]) -> Result<(), DataStoreError> {
+        let Ok(chunk) = self.get(f.id) else {
+            buf.fill(0);
+            return Ok(());
+        };
+        match f.cow {
+            None => chunk.file.read_exact_at(buf, offset)?,
+            Some(tag) => {
+                let st = chunk.state.lock();
+                match st.cows.iter().find(|c| c.tag == tag) {
+                    Some(c) => c.file.read_exact_at(buf, offset)?,
+                    None => buf.fill(0),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Installs a file of a raft snapshot image (`bytes`: the whole file). A chunk whose meta
+    /// page does not verify (deleted while the image was read) is deleted here; a chunk held
+    /// here with a newer epoch is kept (the log replays the difference); a COW file of a
+    /// chunk not here is skipped.
+    pub fn install_raw(&self, f: FileRef, bytes: &[u8]) -> Result<(), DataStoreError> {
+        match f.cow {
+            None => {
+                let Some((meta, filled)) =
+                    ChunkMeta::decode(bytes, self.bitmap_len).filter(|(m, _)| m.id == f.id)
+                else {
+                    return match self.delete_chunk(f.id) {
+                        Err(DataStoreError::NotExist(_)) => Ok(()),
+                        r => r,
+                    };
+                };
+                if self.chunk_meta(f.id).is_some_and(|m| m.epoch > meta.epoch) {
+                    return Ok(());
+                }
+                self.install_chunk(meta, filled, &bytes[META_PAGE as usize..])
+            }
+            Some(tag) => {
+                let Some((_, _, copied, unfilled)) =
+                    CowFile::decode(bytes, self.bitmap_len).filter(|d| d.0 == f.id && d.1 == tag)
+                else {
+                    return Ok(());
+                };
+                let Ok(chunk) = self.get(f.id) else {
+                    return Ok(());
+                };
+                let mut st = chunk.state.lock();
+                let path = self.dir.join(cow_name(f.id, tag));
+                let i = match st.cows.iter().position(|c| c.tag == tag) {
+                    Some(i) => i,
+                    None => {
+                        self.pool.take(&path)?;
+                        let file = OpenOptions::new().read(true).write(true).open(&path)?;
+                        st.cows.push(CowFile {
+                            tag,
+                            file,
+                            copied: Bitmap::new(self.units()),
+                            unfilled: Bitmap::new(self.units()),
+                        });
+                        st.cows.sort_by_key(|c| c.tag);
+                        st.cows.iter().position(|c| c.tag == tag).expect("pushed")
+                    }
+                };
+                let cow = &mut st.cows[i];
+                cow.file.write_all_at(bytes, 0)?;
+                cow.copied = copied;
+                cow.unfilled = unfilled;
+                Ok(())
+            }
+        }
+    }
+
+    /// Writes a whole chunk as given (no COW, no checks): raft snapshot installs.
+    pub fn install_chunk(
+        &self,
+        meta: ChunkMeta,
+        filled: Option<Bitmap>,
+        data: &[u8],
+    ) -> Result<(), DataStoreError> {
+        let chunk = self.get_or_create(&WriteOp {
+            volume: meta.volume,
+            id: meta.id,
+            sn: meta.sn,
+            offset: 0,
+            data,
+            epoch: meta.epoch,
+            clone: false,
+        })?;
+        let mut st = chunk.state.lock();
+        st.meta = meta;
+        st.filled = filled.filter(|_| meta.clone);
+        chunk
+            .file
+            .write_all_at(&st.meta.encode(st.filled.as_ref()), 0)?;
+        chunk.file.write_all_at(data, META_PAGE)?;
+        Ok(())
+    }
+
+    /// Removes the COW files of chunk `id` whose tags are not in `keep` (an installed
+    /// snapshot image did not carry them).
+    pub fn retain_cows(&self, id: u64, keep: &[u64]) -> Result<(), DataStoreError> {
+        let Ok(chunk) = self.get(id) else {
+            return Ok(());
+        };
+        let mut st = chunk.state.lock();
+        let mut gone = Vec::new();
+        st.cows.retain(|c| {
+            let k = keep.contains(&c.tag);
+            if !k {
+                gone.push(c.tag);
+            }
+            k
+        });
+        drop(st);
+        for tag in gone {
+            self.pool
+                .give(&self.dir.join(cow_name(id, tag)), META_PAGE)?;
+        }
+        Ok(())
+    }
+
+    /// Makes every write so far durable (all chunk and COW files).
     pub fn sync(&self) -> Result<(), DataStoreError> {
         let chunks: Vec<Arc<Chunk>> = self.chunks.read().values().cloned().collect();
         for c in chunks {
             c.file.sync_data()?;
+            for cow in &c.state.lock().cows {
+                cow.file.sync_data()?;
+            }
         }
         Ok(())
     }
@@ -382,7 +1055,6 @@ impl DataStore {
         self.page_size
     }
 }
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -424,6 +1096,7 @@ mod tests {
                 sn: 1,
                 epoch: 3,
                 volume: 0,
+                clone: false,
             })
         );
         ds.sync().unwrap();
@@ -541,15 +1214,212 @@ mod tests {
         let crc = crc32fast::hash(&b[..33]);
         b[33..37].copy_from_slice(&crc.to_le_bytes());
         assert_eq!(
-            ChunkMeta::decode(&b),
+            ChunkMeta::decode(&b, 8).map(|d| d.0),
             Some(ChunkMeta {
                 id: 3,
                 sn: 1,
                 epoch: 4,
-                volume: 0
+                volume: 0,
+                clone: false,
             })
         );
         b[8] = 9;
-        assert_eq!(ChunkMeta::decode(&b), None);
+        assert_eq!(ChunkMeta::decode(&b, 8), None);
+    }
+
+    fn page(v: u8) -> Vec<u8> {
+        vec![v; UNIT as usize]
+    }
+
+    fn read(ds: &DataStore, id: u64, sn: u64, offset: u64, len: usize) -> Vec<u8> {
+        let mut b = vec![0u8; len];
+        ds.read_at(0, id, sn, offset, &mut b).unwrap();
+        b
+    }
+
+    #[test]
+    fn snapshots_copy_on_write_and_read_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let ds = store(dir.path());
+        // Before any snapshot: units 0 and 1 are 1.
+        ds.write_chunk(1, 0, 0, &[1; 8192], 1).unwrap();
+        assert!(ds.cow_tags(1).is_empty(), "no snapshot: no COW file");
+        // Snapshot 1; unit 0 is overwritten twice, unit 2 written first.
+        ds.write_chunk(1, 1, 0, &page(2), 1).unwrap();
+        ds.write_chunk(1, 1, 0, &page(3), 1).unwrap();
+        ds.write_chunk(1, 1, 2 * UNIT, &page(4), 1).unwrap();
+        assert_eq!(ds.cow_tags(1), vec![1]);
+        // Snapshots 2 and 3 with no write between; then unit 1 overwritten.
+        ds.write_chunk(1, 3, UNIT, &page(5), 1).unwrap();
+        assert_eq!(ds.cow_tags(1), vec![1, 3]);
+        // A chunk created after snapshot 3 is not in it.
+        ds.write_chunk(2, 3, 0, &page(6), 1).unwrap();
+        let mut b = page(0);
+        assert!(matches!(
+            ds.read_at(0, 2, 3, 0, &mut b),
+            Err(DataStoreError::NotExist(2))
+        ));
+        assert_eq!(read(&ds, 2, 4, 0, 4096), page(6));
+        let at = |sn| read(&ds, 1, sn, 0, 3 * UNIT as usize);
+        let cat = |a: u8, b: u8, c: u8| [page(a), page(b), page(c)].concat();
+        assert_eq!(at(1), cat(1, 1, 0));
+        assert_eq!(at(2), cat(3, 1, 4));
+        assert_eq!(at(3), cat(3, 1, 4));
+        assert_eq!(at(0), cat(3, 5, 4));
+        // A stale writer (sn 1 after snapshot 3) still copies first: snapshot 3 keeps unit 2.
+        ds.write_chunk(1, 1, 2 * UNIT, &page(7), 1).unwrap();
+        assert_eq!(at(3), cat(3, 1, 4));
+        // Survives a reopen.
+        drop(ds);
+        let ds = store(dir.path());
+        let at = |sn| read(&ds, 1, sn, 0, 3 * UNIT as usize);
+        assert_eq!(at(1), cat(1, 1, 0));
+        assert_eq!(at(3), cat(3, 1, 4));
+        assert_eq!(at(0), cat(3, 5, 7));
+        // Deleting snapshot 3 (1 lives): file 3 merges into file 1 for what it lacks.
+        ds.delete_snapshots(1, &[1]).unwrap();
+        assert_eq!(ds.cow_tags(1), vec![1]);
+        assert_eq!(at(1), cat(1, 1, 0));
+        ds.delete_snapshots(1, &[1]).unwrap(); // idempotent
+        assert_eq!(at(1), cat(1, 1, 0));
+        let free = ds.pool.len();
+        ds.delete_snapshots(1, &[]).unwrap();
+        assert!(ds.cow_tags(1).is_empty());
+        assert_eq!(
+            ds.pool.len(),
+            free + 1,
+            "the COW file went back to the pool"
+        );
+        assert_eq!(at(0), cat(3, 5, 7));
+    }
+
+    #[test]
+    fn deleting_the_older_snapshot_keeps_the_newer() {
+        let dir = tempfile::tempdir().unwrap();
+        let ds = store(dir.path());
+        ds.write_chunk(1, 0, 0, &[1; 8192], 1).unwrap();
+        ds.write_chunk(1, 1, 0, &page(2), 1).unwrap(); // snap 1 keeps unit 0 = 1
+        ds.write_chunk(1, 2, UNIT, &page(3), 1).unwrap(); // snap 2 keeps unit 1 = 1
+        ds.delete_snapshots(1, &[2]).unwrap();
+        // File 1 served only snapshot 1: gone; snapshot 2 reads unit 0 from file... none
+        // before it: unit 0 of snapshot 2 is 2 (the chunk), unit 1 is 1 (file 2).
+        assert_eq!(ds.cow_tags(1), vec![2]);
+        assert_eq!(
+            read(&ds, 1, 2, 0, 8192),
+            [page(2), page(1)].concat(),
+            "snapshot 2 as it was"
+        );
+    }
+
+    #[test]
+    fn clone_chunks_fill_and_report_unfilled_units() {
+        let dir = tempfile::tempdir().unwrap();
+        let ds = store(dir.path());
+        let w = |offset: u64, data: &[u8], sn: u64| {
+            ds.write(&WriteOp {
+                volume: 0,
+                id: 4,
+                sn,
+                offset,
+                data,
+                epoch: 1,
+                clone: true,
+            })
+        };
+        w(UNIT, &page(9), 0).unwrap();
+        let mut b = vec![0u8; 3 * UNIT as usize];
+        let un = ds.read_at(0, 4, 0, 0, &mut b).unwrap().unwrap();
+        assert!(un.get(0) && !un.get(1) && un.get(2));
+        // A partial unit over an unfilled one needs the source: refused.
+        assert!(matches!(
+            ds.write(&WriteOp {
+                volume: 0,
+                id: 4,
+                sn: 0,
+                offset: 0,
+                data: &[1; 512],
+                epoch: 1,
+                clone: true
+            }),
+            Err(DataStoreError::Invalid(_))
+        ));
+        // A fill goes only where nothing was written.
+        ds.fill(0, 4, 0, 0, &[5; 3 * UNIT as usize]).unwrap();
+        assert_eq!(ds.read_at(0, 4, 0, 0, &mut b).unwrap(), None);
+        assert_eq!(b, [page(5), page(9), page(5)].concat());
+        // A snapshot of a partly filled clone chunk remembers what was unfilled.
+        ds.write(&WriteOp {
+            volume: 0,
+            id: 5,
+            sn: 0,
+            offset: 0,
+            data: &page(1),
+            epoch: 1,
+            clone: true,
+        })
+        .unwrap();
+        ds.write(&WriteOp {
+            volume: 0,
+            id: 5,
+            sn: 1,
+            offset: UNIT,
+            data: &page(2),
+            epoch: 1,
+            clone: true,
+        })
+        .unwrap();
+        let mut b = vec![0u8; 2 * UNIT as usize];
+        let un = ds.read_at(0, 5, 1, 0, &mut b).unwrap().unwrap();
+        assert!(
+            !un.get(0) && un.get(1),
+            "unit 1 was the source's in snapshot 1"
+        );
+        drop(ds);
+        let ds = store(dir.path());
+        let un = ds.read_at(0, 5, 1, 0, &mut b).unwrap().unwrap();
+        assert!(!un.get(0) && un.get(1));
+        assert_eq!(ds.read_at(0, 5, 0, 0, &mut b).unwrap(), None);
+    }
+
+    #[test]
+    fn raw_files_install_elsewhere() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = store(&dir.path().join("a"));
+        let b = store(&dir.path().join("b"));
+        a.write_chunk(1, 0, 0, &[1; 8192], 1).unwrap();
+        a.write_chunk(1, 1, 0, &page(2), 1).unwrap();
+        a.write_chunk(1, 2, UNIT, &page(3), 1).unwrap();
+        b.write_chunk(9, 0, 0, &page(1), 1).unwrap();
+        let files = a.files();
+        assert_eq!(
+            files,
+            vec![
+                FileRef { id: 1, cow: None },
+                FileRef {
+                    id: 1,
+                    cow: Some(2)
+                },
+                FileRef {
+                    id: 1,
+                    cow: Some(1)
+                }
+            ]
+        );
+        let mut buf = vec![0u8; (META_PAGE + CHUNK) as usize];
+        for f in files {
+            a.read_raw(f, 0, &mut buf).unwrap();
+            b.install_raw(f, &buf).unwrap();
+        }
+        for sn in [0, 1, 2] {
+            assert_eq!(
+                read(&a, 1, sn, 0, 8192),
+                read(&b, 1, sn, 0, 8192),
+                "sn {sn}"
+            );
+        }
+        // A file gone since reads as zeros and installs as a deletion.
+        b.install_raw(FileRef { id: 9, cow: None }, &vec![0u8; buf.len()])
+            .unwrap();
+        assert_eq!(b.chunk_ids(), vec![1]);
     }
 }

@@ -43,6 +43,44 @@ pub enum ChunkCommand {
         /// Epoch of the writer (the ticket's).
         epoch: u64,
     },
+    /// A write to a chunk of a clone: as `WriteOf`, and a chunk it creates is a clone chunk
+    /// (units not written read from the clone's source until filled).
+    WriteClone {
+        /// The volume (0: auth off).
+        volume: u64,
+        /// Chunk id.
+        chunk_id: u64,
+        /// Sequence number of the newest snapshot the writer knows.
+        sn: u64,
+        /// Offset in the chunk.
+        offset: u64,
+        /// Data.
+        #[serde(with = "serde_bytes")]
+        data: Vec<u8>,
+        /// Epoch of the writer.
+        epoch: u64,
+    },
+    /// A fill of a clone chunk with its source's data: only units still unfilled take it.
+    Fill {
+        /// The volume (0: auth off).
+        volume: u64,
+        /// Chunk id.
+        chunk_id: u64,
+        /// Sequence number of the newest snapshot (recorded when the fill creates the chunk).
+        sn: u64,
+        /// Offset in the chunk.
+        offset: u64,
+        /// Data.
+        #[serde(with = "serde_bytes")]
+        data: Vec<u8>,
+    },
+    /// Drops the COW files of a chunk that no snapshot in `live` reads.
+    DeleteSnapshots {
+        /// Chunk id.
+        chunk_id: u64,
+        /// Sequence numbers of the volume's live snapshots.
+        live: Vec<u64>,
+    },
 }
 
 /// Result of applying a command: a chunk status code (`curve.chunk.ChunkStatus`).

@@ -236,7 +236,16 @@ impl ChunkService for ChunkServerServices {
         }
         let started = std::time::Instant::now();
         let (pool, copyset, bytes) = (req.logical_pool_id, req.copyset_id, u64::from(req.size));
-        let cmd = if allowed.volume == 0 {
+        let cmd = if req.clone {
+            ChunkCommand::WriteClone {
+                volume: allowed.volume,
+                chunk_id: req.chunk_id,
+                sn: req.sn,
+                offset: req.offset,
+                data: req.data.clone(),
+                epoch: allowed.epoch,
+            }
+        } else if allowed.volume == 0 {
             ChunkCommand::Write {
                 chunk_id: req.chunk_id,
                 sn: req.sn,
@@ -285,11 +294,12 @@ impl ChunkService for ChunkServerServices {
         let r =
             match node
                 .store()
-                .read_chunk_of(allowed.volume, req.chunk_id, req.offset, &mut data)
+                .read_at(allowed.volume, req.chunk_id, req.sn, req.offset, &mut data)
             {
-                Ok(()) => ChunkResponse {
+                Ok(unfilled) => ChunkResponse {
                     status: ChunkStatus::Success as i32,
                     data,
+                    unfilled: unfilled.map(|u| u.bytes().to_vec()).unwrap_or_default(),
                     ..Default::default()
                 },
                 Err(DataStoreError::NotExist(_)) => reply(ChunkStatus::ChunkNotexist),
@@ -372,38 +382,80 @@ impl ChunkService for ChunkServerServices {
 
     async fn read_chunk_snapshot(
         &self,
-        _: Request<ChunkRequest>,
+        request: Request<ChunkRequest>,
     ) -> Result<Response<ChunkResponse>, Status> {
-        Err(Status::unimplemented(
-            "chunk snapshots are reserved for the snapshot/clone work",
-        ))
+        self.read_chunk(request).await
     }
 
     async fn delete_chunk_snapshot_or_correct_sn(
         &self,
-        _: Request<ChunkRequest>,
+        request: Request<ChunkRequest>,
     ) -> Result<Response<ChunkResponse>, Status> {
-        Err(Status::unimplemented(
-            "chunk snapshots are reserved for the snapshot/clone work",
-        ))
+        // Only the MDS deletes snapshots, signing with the cluster key.
+        if self
+            .cluster_only(&request, "DeleteChunkSnapshotOrCorrectSn")
+            .is_err()
+        {
+            return Ok(Response::new(reply(ChunkStatus::AuthFailed)));
+        }
+        let req = request.into_inner();
+        let cmd = ChunkCommand::DeleteSnapshots {
+            chunk_id: req.chunk_id,
+            live: req.live_sns.clone(),
+        };
+        Ok(Response::new(self.write(req, cmd).await))
     }
 
     async fn create_clone_chunk(
         &self,
         _: Request<ChunkRequest>,
     ) -> Result<Response<ChunkResponse>, Status> {
-        Err(Status::unimplemented(
-            "clone chunks are reserved for the snapshot/clone work",
-        ))
+        // A clone chunk is created by its first write (`clone` set) or fill (RecoverChunk).
+        Ok(Response::new(reply(ChunkStatus::InvalidRequest)))
     }
 
     async fn recover_chunk(
         &self,
-        _: Request<ChunkRequest>,
+        request: Request<ChunkRequest>,
     ) -> Result<Response<ChunkResponse>, Status> {
-        Err(Status::unimplemented(
-            "clone chunks are reserved for the snapshot/clone work",
-        ))
+        let Some(_admitted) = self.admit() else {
+            return Ok(Response::new(reply(ChunkStatus::Overload)));
+        };
+        let req = request.into_inner();
+        let allowed = match &self.auth {
+            None => crate::auth::Allowed {
+                volume: 0,
+                epoch: req.epoch,
+            },
+            Some(a) => {
+                match a.check_as(
+                    &req.ticket,
+                    &req.grant,
+                    req.chunk_id,
+                    false,
+                    true,
+                    "RecoverChunk",
+                ) {
+                    Ok(a) => a,
+                    Err(s) => return Ok(Response::new(reply(s))),
+                }
+            }
+        };
+        if req.data.len() != req.size as usize || !self.check(req.offset, u64::from(req.size)) {
+            return Ok(Response::new(reply(ChunkStatus::InvalidRequest)));
+        }
+        let started = std::time::Instant::now();
+        let (pool, copyset, bytes) = (req.logical_pool_id, req.copyset_id, u64::from(req.size));
+        let cmd = ChunkCommand::Fill {
+            volume: allowed.volume,
+            chunk_id: req.chunk_id,
+            sn: req.sn,
+            offset: req.offset,
+            data: req.data.clone(),
+        };
+        let r = self.write(req, cmd).await;
+        self.record(pool, copyset, true, bytes, &r, started);
+        Ok(Response::new(r))
     }
 }
 

@@ -7,15 +7,22 @@
 //!
 //! ```text
 //!  image:  "CURVESNP" | version u32 | meta len u32 | meta (bincode) | chunk size u64 |
-//!          count u64 | count × (chunk id u64, sn u64, epoch u64, volume u64) |
-//!          count × chunk size bytes (chunk i's data, read from its file when that part of
-//!          the image is read; a chunk deleted since reads as zeros, and the log's delete
-//!          after the snapshot removes it again)
+//!          count u64 | count × (chunk id u64, cow tag u64: 0 for the chunk itself) |
+//!          count × (4 KiB meta page + chunk size) bytes: each file as it is on disk, read
+//!          from it when that part of the image is read (a file deleted since reads as
+//!          zeros, an invalid meta page: the install drops it, and the log's delete after the
+//!          snapshot removes it again)
 //! ```
 //!
-//! The layout is fixed once the chunk table is taken, so a leader sending the image in pieces
+//! Each chunk comes before its COW files, and those newest first: copies go into the newest
+//! COW file before the chunk changes and merges go from newer files into older ones, so an
+//! image read while writes and snapshot deletions go on holds every copy it needs for the log
+//! replayed after it. Version 2 images (chunk data only, with (id, sn, epoch, volume) rows)
+//! and version 1 (no volume) are still installed.
+//!
+//! The layout is fixed once the file table is taken, so a leader sending the image in pieces
 //! seeks anywhere in it. A follower receives the pieces into a file in its copyset directory
-//! and installs from it one chunk at a time.
+//! and installs from it one file at a time.
 
 use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom, Write};
@@ -26,11 +33,12 @@ use std::task::{Context, Poll};
 
 use openraft::{BasicNode, SnapshotMeta};
 
-use crate::datastore::{DataStore, DataStoreError};
+use crate::datastore::{ChunkMeta, DataStore, FileRef, META_PAGE};
 
 const MAGIC: &[u8; 8] = b"CURVESNP";
-/// Version 2 added the volume to the chunk table (version 1 images are still installed).
-const VERSION: u32 = 2;
+/// Version 3 carries whole files (meta pages, COW files); 2 added the volume to the chunk
+/// table; both older versions are still installed.
+const VERSION: u32 = 3;
 /// Largest piece read from a chunk file per call.
 const PIECE: usize = 1 << 20;
 /// Largest meta accepted in a received image.
@@ -52,16 +60,14 @@ enum Kind {
 struct Image {
     header: Vec<u8>,
     store: Arc<DataStore>,
-    ids: Vec<u64>,
-    chunk_size: u64,
+    files: Vec<FileRef>,
+    file_size: u64,
     pos: u64,
-    /// Page-aligned bounce buffer of unaligned reads (at most a piece and two pages).
-    scratch: Vec<u8>,
 }
 
 impl Image {
     fn len(&self) -> u64 {
-        self.header.len() as u64 + self.ids.len() as u64 * self.chunk_size
+        self.header.len() as u64 + self.files.len() as u64 * self.file_size
     }
 
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
@@ -77,33 +83,11 @@ impl Image {
             return Ok(n);
         }
         let body = self.pos - hlen;
-        let (index, within) = (body / self.chunk_size, body % self.chunk_size);
-        let n = buf
-            .len()
-            .min((self.chunk_size - within) as usize)
-            .min(PIECE);
-        let id = self.ids[index as usize];
-        // The store reads whole pages: an unaligned piece goes through a page-aligned buffer.
-        let page = self.store.page_size();
-        let start = within / page * page;
-        let end = (within + n as u64).div_ceil(page) * page;
-        let aligned = start == within && end == within + n as u64;
-        let scratch = &mut self.scratch;
-        let target: &mut [u8] = if aligned {
-            &mut buf[..n]
-        } else {
-            scratch.resize((end - start) as usize, 0);
-            &mut scratch[..]
-        };
-        match self.store.read_chunk(id, start, target) {
-            Ok(()) => {}
-            Err(DataStoreError::NotExist(_)) => target.fill(0),
-            Err(e) => return Err(io::Error::other(e)),
-        }
-        if !aligned {
-            let from = (within - start) as usize;
-            buf[..n].copy_from_slice(&self.scratch[from..from + n]);
-        }
+        let (index, within) = (body / self.file_size, body % self.file_size);
+        let n = buf.len().min((self.file_size - within) as usize).min(PIECE);
+        self.store
+            .read_raw(self.files[index as usize], within, &mut buf[..n])
+            .map_err(io::Error::other)?;
         self.pos += n as u64;
         Ok(n)
     }
@@ -113,32 +97,25 @@ impl SnapshotData {
     /// The image of `store` labelled `meta`: the chunk table now, the data when read.
     pub fn image(store: &Arc<DataStore>, meta: &SnapshotMeta<u64, BasicNode>) -> io::Result<Self> {
         let meta = bincode::serialize(meta).map_err(io::Error::other)?;
-        let mut table = Vec::new();
-        for id in store.chunk_ids() {
-            if let Some(m) = store.chunk_meta(id) {
-                table.push((id, m.sn, m.epoch, m.volume));
-            }
-        }
-        let mut header = Vec::with_capacity(40 + meta.len() + table.len() * 32);
+        let files = store.files();
+        let mut header = Vec::with_capacity(40 + meta.len() + files.len() * 16);
         header.extend_from_slice(MAGIC);
         header.extend_from_slice(&VERSION.to_le_bytes());
         header.extend_from_slice(&(meta.len() as u32).to_le_bytes());
         header.extend_from_slice(&meta);
         header.extend_from_slice(&store.chunk_size().to_le_bytes());
-        header.extend_from_slice(&(table.len() as u64).to_le_bytes());
-        for (id, sn, epoch, volume) in &table {
-            for v in [id, sn, epoch, volume] {
-                header.extend_from_slice(&v.to_le_bytes());
-            }
+        header.extend_from_slice(&(files.len() as u64).to_le_bytes());
+        for f in &files {
+            header.extend_from_slice(&f.id.to_le_bytes());
+            header.extend_from_slice(&f.cow.unwrap_or(0).to_le_bytes());
         }
         Ok(SnapshotData {
             kind: Kind::Image(Image {
                 header,
                 store: store.clone(),
-                ids: table.iter().map(|t| t.0).collect(),
-                chunk_size: store.chunk_size(),
+                files,
+                file_size: META_PAGE + store.chunk_size(),
                 pos: 0,
-                scratch: Vec::new(),
             }),
         })
     }
@@ -156,9 +133,9 @@ impl SnapshotData {
         })
     }
 
-    /// Writes the image's chunks into `store` (one chunk in memory at a time): chunks not in
-    /// the image are deleted; a chunk the store holds with a newer epoch is kept (the log
-    /// replays the difference). Returns the meta the image carries.
+    /// Writes the image's files into `store` (one file in memory at a time): chunks and
+    /// COW files not in the image are deleted; a chunk the store holds with a newer epoch is
+    /// kept (the log replays the difference). Returns the meta the image carries.
     pub fn install(&mut self, store: &DataStore) -> io::Result<SnapshotMeta<u64, BasicNode>> {
         self.seek(SeekFrom::Start(0))?;
         let bad = |m: String| io::Error::new(io::ErrorKind::InvalidData, m);
@@ -168,7 +145,7 @@ impl SnapshotData {
             return Err(bad("not a copyset snapshot image".into()));
         }
         let version = u32::from_le_bytes(fixed[8..12].try_into().expect("4 bytes"));
-        if version != VERSION && version != 1 {
+        if !(1..=VERSION).contains(&version) {
             return Err(bad(format!("snapshot image version {version}")));
         }
         let meta_len = u32::from_le_bytes(fixed[12..16].try_into().expect("4 bytes")) as usize;
@@ -189,30 +166,58 @@ impl SnapshotData {
                 store.chunk_size()
             )));
         }
-        let mut table = Vec::new();
+        let row_len = match version {
+            1 => 24,
+            2 => 32,
+            _ => 16,
+        };
+        let mut rows = Vec::new();
         let mut row = [0u8; 32];
-        let row_len = if version == 1 { 24 } else { 32 };
         for _ in 0..count {
             self.read_exact(&mut row[..row_len])?;
             let v = |i: usize| u64::from_le_bytes(row[i * 8..i * 8 + 8].try_into().expect("8"));
-            table.push((v(0), v(1), v(2), if version == 1 { 0 } else { v(3) }));
+            rows.push([v(0), v(1), v(2), if row_len == 32 { v(3) } else { 0 }]);
         }
-        let keep: std::collections::HashSet<u64> = table.iter().map(|t| t.0).collect();
+        let keep: std::collections::HashSet<u64> = rows.iter().map(|r| r[0]).collect();
         for id in store.chunk_ids() {
             if !keep.contains(&id) {
                 store.delete_chunk(id).map_err(io::Error::other)?;
             }
         }
-        let mut data = vec![0u8; chunk_size as usize];
-        for (id, sn, epoch, volume) in table {
-            self.read_exact(&mut data)?;
-            if store.chunk_meta(id).is_some_and(|m| m.epoch > epoch) {
-                // Newer than the snapshot here: the log replays the difference.
-                continue;
+        let err = io::Error::other;
+        if version < 3 {
+            let mut data = vec![0u8; chunk_size as usize];
+            for [id, sn, epoch, volume] in rows {
+                self.read_exact(&mut data)?;
+                if store.chunk_meta(id).is_some_and(|m| m.epoch > epoch) {
+                    // Newer than the snapshot here: the log replays the difference.
+                    continue;
+                }
+                let meta = ChunkMeta {
+                    id,
+                    sn,
+                    epoch,
+                    volume,
+                    clone: false,
+                };
+                store.install_chunk(meta, None, &data).map_err(err)?;
+                store.retain_cows(id, &[]).map_err(err)?;
             }
-            store
-                .write_chunk_of(volume, id, sn, 0, &data, epoch)
-                .map_err(io::Error::other)?;
+            return Ok(meta);
+        }
+        let mut data = vec![0u8; (META_PAGE + chunk_size) as usize];
+        let mut cows: std::collections::HashMap<u64, Vec<u64>> = Default::default();
+        for [id, tag, ..] in &rows {
+            self.read_exact(&mut data)?;
+            let f = FileRef {
+                id: *id,
+                cow: (*tag != 0).then_some(*tag),
+            };
+            store.install_raw(f, &data).map_err(err)?;
+            cows.entry(*id).or_default().extend(f.cow);
+        }
+        for (id, tags) in cows {
+            store.retain_cows(id, &tags).map_err(err)?;
         }
         Ok(meta)
     }
@@ -337,7 +342,7 @@ mod tests {
 
     /// A leader's image sent in odd-sized pieces at seeked offsets (as openraft sends it),
     /// received into a file, installed on a follower that had other chunks: the follower ends
-    /// with the leader's chunks; a chunk deleted after the table was taken reads as zeros.
+    /// with the leader's chunks; a chunk deleted after the table was taken is not installed.
     #[test]
     fn an_image_goes_through_in_pieces_and_installs() {
         let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
@@ -367,7 +372,7 @@ mod tests {
         }
         let carried = received.install(&follower).unwrap();
         assert_eq!(carried, meta());
-        assert_eq!(follower.chunk_ids(), vec![0, 1, 2, 3, 4, 5]);
+        assert_eq!(follower.chunk_ids(), vec![0, 1, 2, 3, 5]);
         for id in [0u64, 1, 2, 5] {
             let (mut x, mut y) = (vec![0u8; CHUNK as usize], vec![0u8; CHUNK as usize]);
             leader.read_chunk(id, 0, &mut x).unwrap();
@@ -375,10 +380,33 @@ mod tests {
             assert!(x == y, "chunk {id}");
         }
         let mut y = vec![1u8; 4096];
-        follower.read_chunk(4, 0, &mut y).unwrap();
-        assert!(y.iter().all(|b| *b == 0), "deleted on the leader: zeros");
         follower.read_chunk(3, 0, &mut y).unwrap();
         assert_eq!(y, vec![7u8; 4096], "a newer epoch here is kept");
+    }
+
+    /// COW files travel with their chunks: the follower reads every snapshot as the leader.
+    #[test]
+    fn an_image_carries_snapshots() {
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (leader, follower) = (store(a.path()), store(b.path()));
+        leader.write_chunk(1, 0, 0, &[1u8; 8192], 1).unwrap();
+        leader.write_chunk(1, 1, 0, &[2u8; 4096], 1).unwrap();
+        leader.write_chunk(1, 2, 4096, &[3u8; 4096], 1).unwrap();
+        follower.write_chunk(1, 5, 0, &[8u8; 4096], 1).unwrap();
+        follower.write_chunk(1, 6, 0, &[9u8; 4096], 1).unwrap(); // a COW file not in the image
+        let mut image = SnapshotData::image(&leader, &meta()).unwrap();
+        let mut bytes = Vec::new();
+        image.read_to_end(&mut bytes).unwrap();
+        let mut received = SnapshotData::receiving(&b.path().join("recv")).unwrap();
+        received.write_all(&bytes).unwrap();
+        received.install(&follower).unwrap();
+        assert_eq!(follower.cow_tags(1), vec![1, 2]);
+        for sn in [0u64, 1, 2] {
+            let (mut x, mut y) = (vec![0u8; 8192], vec![0u8; 8192]);
+            leader.read_at(0, 1, sn, 0, &mut x).unwrap();
+            follower.read_at(0, 1, sn, 0, &mut y).unwrap();
+            assert_eq!(x, y, "snapshot {sn}");
+        }
     }
 
     #[test]

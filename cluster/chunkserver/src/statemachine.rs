@@ -42,6 +42,9 @@ fn lane_of(cmd: &ChunkCommand) -> usize {
     let id = match cmd {
         ChunkCommand::Write { chunk_id, .. }
         | ChunkCommand::WriteOf { chunk_id, .. }
+        | ChunkCommand::WriteClone { chunk_id, .. }
+        | ChunkCommand::Fill { chunk_id, .. }
+        | ChunkCommand::DeleteSnapshots { chunk_id, .. }
         | ChunkCommand::Delete { chunk_id } => *chunk_id,
     };
     (id.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 60) as usize % APPLY_WORKERS
@@ -137,6 +140,35 @@ impl CopysetStateMachine {
                 .inner
                 .store
                 .write_chunk_of(*volume, *chunk_id, *sn, *offset, data, *epoch),
+            ChunkCommand::WriteClone {
+                volume,
+                chunk_id,
+                sn,
+                offset,
+                data,
+                epoch,
+            } => self.inner.store.write(&crate::datastore::WriteOp {
+                volume: *volume,
+                id: *chunk_id,
+                sn: *sn,
+                offset: *offset,
+                data,
+                epoch: *epoch,
+                clone: true,
+            }),
+            ChunkCommand::Fill {
+                volume,
+                chunk_id,
+                sn,
+                offset,
+                data,
+            } => self
+                .inner
+                .store
+                .fill(*volume, *chunk_id, *sn, *offset, data),
+            ChunkCommand::DeleteSnapshots { chunk_id, live } => {
+                self.inner.store.delete_snapshots(*chunk_id, live)
+            }
             ChunkCommand::Delete { chunk_id } => match self.inner.store.delete_chunk(*chunk_id) {
                 Err(DataStoreError::NotExist(_)) => Ok(()),
                 r => r,

@@ -155,11 +155,18 @@ impl Auth {
 
     /// A sealed ticket for a session of `volume` at `epoch`.
     pub fn ticket(&self, volume: u64, epoch: u64) -> Vec<u8> {
+        self.ticket_for(volume, epoch, false, false)
+    }
+
+    /// A sealed ticket of `volume` at `epoch`: read-only (snapshots, a clone's source), and
+    /// allowed to fill a clone's chunks (a flatten).
+    pub fn ticket_for(&self, volume: u64, epoch: u64, read_only: bool, fill: bool) -> Vec<u8> {
         Ticket {
             volume,
             epoch,
             expiry_ms: curve_auth::now_ms() + self.ticket_ttl.as_millis() as u64,
-            read_only: false,
+            read_only,
+            fill,
         }
         .seal(&self.ring.get())
     }

@@ -291,14 +291,18 @@ async fn schedule(mds: &Arc<Mds>) {
     }
 }
 
-/// Deletes chunks of purged volumes on their copysets' leaders (best effort: a chunk that
-/// stays behind only costs space), signed with the cluster key when auth is on.
-pub async fn delete_chunks(
+/// Sends a cluster-signed chunk operation to the leader of each chunk's copyset: with `live`
+/// None a DeleteChunk, else a DeleteChunkSnapshotOrCorrectSn keeping the snapshots `live`.
+/// Returns how many chunks it could not reach.
+pub async fn chunk_op(
     work: Vec<(u32, u32, u64, Vec<Peer>)>,
     ring: Option<curve_auth::SharedKeyring>,
-) {
+    live: Option<Vec<u64>>,
+) -> usize {
+    let mut failed = 0;
     for (pool, copyset, chunk, peers) in work {
         let mut target = peers.first().map(|p| p.address.clone());
+        let mut done = false;
         for _ in 0..(peers.len() * 2).max(1) {
             let Some(addr) = target.take() else {
                 break;
@@ -310,24 +314,34 @@ pub async fn delete_chunks(
                 target = next_peer(&peers, &addr);
                 continue;
             };
-            let r = c
-                .delete_chunk(curve_auth::peer_request(
-                    ring.as_ref(),
-                    "DeleteChunk",
-                    ChunkRequest {
-                        logical_pool_id: pool,
-                        copyset_id: copyset,
-                        chunk_id: chunk,
-                        ..Default::default()
-                    },
-                ))
-                .await
-                .map(|r| r.into_inner());
+            let req = ChunkRequest {
+                logical_pool_id: pool,
+                copyset_id: copyset,
+                chunk_id: chunk,
+                live_sns: live.clone().unwrap_or_default(),
+                ..Default::default()
+            };
+            let r = match &live {
+                None => {
+                    c.delete_chunk(curve_auth::peer_request(ring.as_ref(), "DeleteChunk", req))
+                        .await
+                }
+                Some(_) => {
+                    c.delete_chunk_snapshot_or_correct_sn(curve_auth::peer_request(
+                        ring.as_ref(),
+                        "DeleteChunkSnapshotOrCorrectSn",
+                        req,
+                    ))
+                    .await
+                }
+            }
+            .map(|r| r.into_inner());
             match r {
                 Ok(r)
                     if r.status == 0
                         || r.status == curve_proto::chunk::ChunkStatus::ChunkNotexist as i32 =>
                 {
+                    done = true;
                     break;
                 }
                 Ok(r) => {
@@ -340,7 +354,11 @@ pub async fn delete_chunks(
                 Err(_) => target = next_peer(&peers, &addr),
             }
         }
+        if !done {
+            failed += 1;
+        }
     }
+    failed
 }
 
 fn next_peer(peers: &[Peer], addr: &str) -> Option<String> {

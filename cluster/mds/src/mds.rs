@@ -19,7 +19,9 @@ use parking_lot::{Mutex, RwLock};
 use tonic::{Request, Response, Status};
 
 use crate::cluster::{Cluster, Timeouts};
-use crate::namespace::{FileRecord, Geometry, Kind, Namespace, NsError, PoolCopysets};
+use crate::namespace::{
+    FileRecord, Geometry, Kind, Namespace, NsError, PoolCopysets, SnapshotRecord,
+};
 use crate::scheduler::Liveness;
 use crate::session::{SessionError, Sessions};
 use crate::store::{MetaStore, Op, Writer};
@@ -185,11 +187,36 @@ fn status_of(e: &NsError) -> MdsStatus {
         NsError::AuthFailed(_) => MdsStatus::AuthFailed,
         NsError::NoSpace => MdsStatus::NoSpace,
         NsError::Occupied(_) => MdsStatus::Occupied,
+        NsError::InUse(_) => MdsStatus::InUse,
     }
 }
 
-fn info(ns: &Namespace, f: &FileRecord) -> FileInfo {
+fn snapshot_info(st: &State, f: &FileRecord, s: &SnapshotRecord) -> SnapshotInfo {
+    SnapshotInfo {
+        name: s.name.clone(),
+        seq: s.seq,
+        ctime_ms: s.ctime_ms,
+        ready: st.sessions.took_snapshot(f.id, s.seq, Instant::now()),
+        clones: st.ns.clones_of(f.id, s.seq),
+    }
+}
+
+fn info(st: &State, f: &FileRecord) -> FileInfo {
+    let ns = &st.ns;
     FileInfo {
+        snap_seq: f.snap_seq(),
+        snapshots: f
+            .snapshots
+            .iter()
+            .map(|s| snapshot_info(st, f, s))
+            .collect(),
+        clone_source: f.clone_of.as_ref().map(|c| CloneInfo {
+            volume_id: c.volume,
+            seq: c.seq,
+            snapshot: c.snapshot.clone(),
+            path: format!("{}@{}", ns.path_of(c.volume), c.snapshot),
+        }),
+        snapshot_seq: 0,
         id: f.id,
         parent_id: f.parent,
         name: f.name.clone(),
@@ -317,28 +344,99 @@ impl Services {
     }
 }
 
+/// A sessionless, read-only open of `path`: `PATH@NAME` (a snapshot, once the volume's writer
+/// took it), or a clone opened to be filled (`fill`). Answers the volume's info (with the
+/// snapshot's number) and a read-only ticket.
+fn read_only_open(
+    st: &State,
+    mds: &Mds,
+    path: &str,
+    owner: &str,
+    fill: bool,
+) -> Result<(FileInfo, Vec<u8>), NsError> {
+    let (id, snap) = st.ns.resolve(path)?;
+    let f = st.ns.get(id).expect("resolved");
+    if f.kind != Kind::Volume || f.deleted.is_some() {
+        return Err(NsError::NotAVolume(path.into()));
+    }
+    if owner != "root" && f.owner != owner {
+        return Err(NsError::AuthFailed(path.into()));
+    }
+    if let Some(s) = &snap
+        && !st.sessions.took_snapshot(id, s.seq, Instant::now())
+    {
+        return Err(NsError::Invalid(format!(
+            "snapshot {path} is still being taken"
+        )));
+    }
+    if fill && (snap.is_some() || f.clone_of.is_none()) {
+        return Err(NsError::Invalid(format!("{path} is not a clone to fill")));
+    }
+    let ticket = mds
+        .opts
+        .auth
+        .as_ref()
+        .map(|a| a.ticket_for(id, f.epoch, true, fill))
+        .unwrap_or_default();
+    let mut i = info(st, f);
+    if let Some(s) = snap {
+        // A snapshot of a clone reads from the clone's source of then.
+        i.clone_source = s.clone_of.as_ref().map(|c| CloneInfo {
+            volume_id: c.volume,
+            seq: c.seq,
+            snapshot: c.snapshot.clone(),
+            path: format!("{}@{}", st.ns.path_of(c.volume), c.snapshot),
+        });
+        i.snapshot_seq = s.seq;
+    }
+    Ok((i, ticket))
+}
+
+fn snapshot_reply(r: Result<Vec<SnapshotInfo>, NsError>) -> SnapshotResponse {
+    match r {
+        Ok(snapshots) => SnapshotResponse {
+            snapshots,
+            ..Default::default()
+        },
+        Err(e) => reply!(
+            SnapshotResponse,
+            status_of(&e),
+            String::new(),
+            e.to_string()
+        ),
+    }
+}
+
+/// (pool, copyset, chunk, peers) of every chunk of `segments`.
+fn chunk_work(
+    st: &State,
+    segments: &[crate::namespace::SegmentRecord],
+) -> Vec<(u32, u32, u64, Vec<Peer>)> {
+    let mut work = Vec::new();
+    for s in segments {
+        for (chunk, cs) in &s.chunks {
+            let peers: Vec<Peer> = st
+                .cluster
+                .copysets(s.pool, &[*cs])
+                .first()
+                .map(|(r, _)| r.peers.iter().map(|p| st.cluster.peer(*p)).collect())
+                .unwrap_or_default();
+            work.push((s.pool, *cs, *chunk, peers));
+        }
+    }
+    work
+}
+
 /// Deletes the chunks of purged segments on their copysets (best effort, in the background).
 fn clean(mds: &Arc<Mds>, freed: Vec<crate::namespace::SegmentRecord>) {
     if freed.is_empty() {
         return;
     }
-    let mut work = Vec::new();
-    {
-        let st = mds.state.lock();
-        for s in &freed {
-            for (chunk, cs) in &s.chunks {
-                let peers: Vec<Peer> = st
-                    .cluster
-                    .copysets(s.pool, &[*cs])
-                    .first()
-                    .map(|(r, _)| r.peers.iter().map(|p| st.cluster.peer(*p)).collect())
-                    .unwrap_or_default();
-                work.push((s.pool, *cs, *chunk, peers));
-            }
-        }
-    }
+    let work = chunk_work(&mds.state.lock(), &freed);
     let ring = mds.opts.auth.as_ref().map(|a| a.ring.clone());
-    tokio::spawn(crate::daemon::delete_chunks(work, ring));
+    tokio::spawn(async move {
+        crate::daemon::chunk_op(work, ring, None).await;
+    });
 }
 
 impl Services {
@@ -351,7 +449,7 @@ impl Services {
             let out = mds
                 .update(|st| {
                     let (f, ops) = change(&mut st.ns)?;
-                    Ok((info(&st.ns, &f), ops))
+                    Ok((info(st, &f), ops))
                 })
                 .await?;
             Ok(file_reply(out))
@@ -391,7 +489,10 @@ impl MdsService for Services {
         let r = r.into_inner();
         leader_or!(self, FileResponse, mds => async move {
             let st = mds.state.lock();
-            let out = st.ns.lookup(&r.path).map(|id| info(&st.ns, st.ns.get(id).expect("looked up")));
+            let out = st.ns.resolve(&r.path).map(|(id, snap)| FileInfo {
+                snapshot_seq: snap.map_or(0, |s| s.seq),
+                ..info(&st, st.ns.get(id).expect("looked up"))
+            });
             Ok(file_reply(out))
         })
     }
@@ -403,7 +504,7 @@ impl MdsService for Services {
             let st = mds.state.lock();
             Ok(match st.ns.list(&r.path) {
                 Ok(files) => ListDirResponse {
-                    files: files.into_iter().map(|f| info(&st.ns, f)).collect(),
+                    files: files.into_iter().map(|f| info(&st, f)).collect(),
                     ..Default::default()
                 },
                 Err(e) => reply!(ListDirResponse, status_of(&e), String::new(), e.to_string()),
@@ -443,7 +544,7 @@ impl MdsService for Services {
                         }
                     }
                     let (f, ops) = st.ns.rename(&r.from, &r.to, &owner)?;
-                    Ok((info(&st.ns, &f), ops))
+                    Ok((info(st, &f), ops))
                 })
                 .await?;
             Ok(file_reply(out))
@@ -475,7 +576,7 @@ impl MdsService for Services {
                     if r.force {
                         ops.extend(st.sessions.forget(f.id));
                     }
-                    Ok((Ok((info(&st.ns, &f), freed)), ops))
+                    Ok((Ok((info(st, &f), freed)), ops))
                 })
                 .await?;
             Ok(match out {
@@ -512,7 +613,7 @@ impl MdsService for Services {
                 .update(|st| {
                     let (f, mut ops, freed) = st.ns.purge(&r.path, &owner)?;
                     ops.extend(st.sessions.forget(f.id));
-                    Ok(((info(&st.ns, &f), freed), ops))
+                    Ok(((info(st, &f), freed), ops))
                 })
                 .await?;
             Ok(match out {
@@ -532,6 +633,24 @@ impl MdsService for Services {
         let caller = caller!(self, r, OpenFileResponse, "OpenFile");
         let r = r.into_inner();
         let owner = or_refuse!(caller.owner(&r.owner), OpenFileResponse, "OpenFile");
+        if r.fill || r.path.contains('@') {
+            return leader_or!(self, OpenFileResponse, mds => async move {
+                let st = mds.state.lock();
+                Ok(match read_only_open(&st, &mds, &r.path, &owner, r.fill) {
+                    Ok((i, ticket)) => OpenFileResponse {
+                        session: Some(curve_proto::mds::Session {
+                            session_id: String::new(),
+                            lease_ms: st.sessions.lease().as_millis() as u64,
+                            epoch: i.epoch,
+                        }),
+                        ticket,
+                        info: Some(i),
+                        ..Default::default()
+                    },
+                    Err(e) => reply!(OpenFileResponse, status_of(&e), String::new(), e.to_string()),
+                })
+            });
+        }
         leader_or!(self, OpenFileResponse, mds => async move {
             let now = Instant::now();
             let lease = mds.opts.lease;
@@ -552,7 +671,9 @@ impl MdsService for Services {
                     };
                     let (f, more) = st.ns.bump_epoch(id);
                     ops.extend(more);
-                    Ok((Ok((info(&st.ns, &f), session)), ops))
+                    // Its writes carry the newest snapshot's number from the first.
+                    let _ = st.sessions.refresh_at(id, &session, now, f.snap_seq());
+                    Ok((Ok((info(st, &f), session)), ops))
                 })
                 .await?;
             Ok(match out {
@@ -581,19 +702,32 @@ impl MdsService for Services {
         leader_or!(self, SessionResponse, mds => async move {
             let mut st = mds.state.lock();
             let lease = st.sessions.lease();
-            if let Ok(id) = st.ns.lookup(&r.path)
+            if let Ok((id, _)) = st.ns.resolve(&r.path)
                 && let Err(e) = caller.owner(&st.ns.get(id).expect("looked up").owner)
             {
                 curve_auth::refused(&e, "RefreshSession");
                 return Ok(refusal!(SessionResponse, e));
             }
+            if r.session_id.is_empty() {
+                // A sessionless (read-only) open renewing its ticket: the caller was checked
+                // against the volume's owner just above.
+                return Ok(match read_only_open(&st, &mds, &r.path, "root", r.fill) {
+                    Ok((i, ticket)) => SessionResponse {
+                        info: Some(i),
+                        lease_ms: lease.as_millis() as u64,
+                        ticket,
+                        ..Default::default()
+                    },
+                    Err(e) => reply!(SessionResponse, status_of(&e), String::new(), e.to_string()),
+                });
+            }
             Ok(match st.ns.lookup(&r.path) {
                 Err(e) => reply!(SessionResponse, status_of(&e), String::new(), e.to_string()),
-                Ok(id) => match st.sessions.refresh(id, &r.session_id, Instant::now()) {
+                Ok(id) => match st.sessions.refresh_at(id, &r.session_id, Instant::now(), r.snap_seq) {
                     Ok(()) => {
                         let f = st.ns.get(id).expect("looked up");
                         SessionResponse {
-                            info: Some(info(&st.ns, f)),
+                            info: Some(info(&st, f)),
                             lease_ms: lease.as_millis() as u64,
                             ticket: mds.opts.auth.as_ref().map(|a| a.ticket(f.id, f.epoch)).unwrap_or_default(),
                             ..Default::default()
@@ -646,10 +780,13 @@ impl MdsService for Services {
         leader_or!(self, SegmentResponse, mds => async move {
             let out = mds
                 .update(|st| {
-                    let id = st.ns.lookup(&r.path)?;
+                    let (id, snap) = st.ns.resolve(&r.path)?;
                     let f = st.ns.get(id).expect("looked up");
                     if owner != "root" && f.owner != owner {
                         return Err(NsError::AuthFailed(r.path.clone()));
+                    }
+                    if snap.is_some() && r.allocate {
+                        return Err(NsError::Invalid(format!("{} is a snapshot: read-only", r.path)));
                     }
                     let pool = st.cluster.pool_copysets();
                     let alloc = match (&pool, r.allocate) {
@@ -778,6 +915,145 @@ impl MdsService for Services {
                 }))
             }
         }
+    }
+
+    async fn create_snapshot(
+        &self,
+        r: Request<SnapshotRequest>,
+    ) -> Result<Response<SnapshotResponse>, Status> {
+        let caller = caller!(self, r, SnapshotResponse, "CreateSnapshot");
+        let r = r.into_inner();
+        let owner = or_refuse!(caller.owner(&r.owner), SnapshotResponse, "CreateSnapshot");
+        leader_or!(self, SnapshotResponse, mds => async move {
+            let out = mds
+                .update(|st| {
+                    let (f, s, ops) = st.ns.snapshot_create(&r.path, &r.name, &owner, now_ms())?;
+                    Ok(((f.id, s), ops))
+                })
+                .await?;
+            let (id, s) = match out {
+                Ok(x) => x,
+                Err(e) => return Ok(snapshot_reply(Err(e))),
+            };
+            // Durable now; it is the volume's snapshot once its writer (if any) writes with
+            // the new number, which the writer's next refresh says (at most a second).
+            let deadline = Instant::now() + mds.opts.lease + Duration::from_secs(2);
+            loop {
+                {
+                    let st = mds.state.lock();
+                    if st.sessions.took_snapshot(id, s.seq, Instant::now()) {
+                        let Some(f) = st.ns.get(id) else {
+                            return Ok(snapshot_reply(Err(NsError::NotFound(r.path.clone()))));
+                        };
+                        return Ok(snapshot_reply(Ok(vec![snapshot_info(&st, f, &s)])));
+                    }
+                }
+                if Instant::now() > deadline {
+                    return Err(format!(
+                        "snapshot {}@{} is recorded but the volume's writer has not taken it",
+                        r.path, r.name
+                    ));
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    }
+
+    async fn list_snapshots(
+        &self,
+        r: Request<SnapshotRequest>,
+    ) -> Result<Response<SnapshotResponse>, Status> {
+        caller!(self, r, SnapshotResponse, "ListSnapshots");
+        let r = r.into_inner();
+        leader_or!(self, SnapshotResponse, mds => async move {
+            let st = mds.state.lock();
+            let out = st.ns.lookup(&r.path).and_then(|id| {
+                let f = st.ns.get(id).expect("looked up");
+                if f.kind != Kind::Volume {
+                    return Err(NsError::NotAVolume(r.path.clone()));
+                }
+                Ok(f.snapshots.iter().map(|s| snapshot_info(&st, f, s)).collect())
+            });
+            Ok(snapshot_reply(out))
+        })
+    }
+
+    async fn delete_snapshot(
+        &self,
+        r: Request<SnapshotRequest>,
+    ) -> Result<Response<SnapshotResponse>, Status> {
+        let caller = caller!(self, r, SnapshotResponse, "DeleteSnapshot");
+        let r = r.into_inner();
+        let owner = or_refuse!(caller.owner(&r.owner), SnapshotResponse, "DeleteSnapshot");
+        let (path, name) = match crate::namespace::split_snapshot(&r.path) {
+            (p, Some(n)) => (p.to_string(), n.to_string()),
+            _ => {
+                return Ok(Response::new(snapshot_reply(Err(NsError::Invalid(
+                    format!("{}: name the snapshot as PATH@NAME", r.path),
+                )))));
+            }
+        };
+        leader_or!(self, SnapshotResponse, mds => async move {
+            let out = mds
+                .update(|st| {
+                    let (f, segments, ops) = st.ns.snapshot_delete(&path, &name, &owner)?;
+                    let live: Vec<u64> = f.snapshots.iter().map(|s| s.seq).collect();
+                    Ok(((live, chunk_work(st, &segments)), ops))
+                })
+                .await?;
+            let (live, work) = match out {
+                Ok(x) => x,
+                Err(e) => return Ok(snapshot_reply(Err(e))),
+            };
+            // Every chunk drops what no live snapshot reads, on every replica (raft).
+            let ring = mds.opts.auth.as_ref().map(|a| a.ring.clone());
+            let failed = crate::daemon::chunk_op(work, ring, Some(live)).await;
+            if failed > 0 {
+                return Err(format!(
+                    "snapshot {path}@{name} is deleted, but {failed} chunks could not drop its \
+                     data yet (the next snapshot deletion of the volume does)"
+                ));
+            }
+            Ok(snapshot_reply(Ok(Vec::new())))
+        })
+    }
+
+    async fn clone_volume(
+        &self,
+        r: Request<CloneRequest>,
+    ) -> Result<Response<FileResponse>, Status> {
+        let caller = caller!(self, r, FileResponse, "CloneVolume");
+        let r = r.into_inner();
+        let owner = or_refuse!(caller.owner(&r.owner), FileResponse, "CloneVolume");
+        leader_or!(self, FileResponse, mds => async move {
+            let now = Instant::now();
+            let out = mds
+                .update(|st| {
+                    if let Ok((id, Some(s))) = st.ns.resolve(&r.source)
+                        && !st.sessions.took_snapshot(id, s.seq, now)
+                    {
+                        return Err(NsError::Invalid(format!(
+                            "snapshot {} is still being taken",
+                            r.source
+                        )));
+                    }
+                    let (f, ops) = st.ns.clone_volume(&r.source, &r.path, &owner, now_ms())?;
+                    Ok((info(st, &f), ops))
+                })
+                .await?;
+            Ok(file_reply(out))
+        })
+    }
+
+    async fn flatten_volume(
+        &self,
+        r: Request<PathRequest>,
+    ) -> Result<Response<FileResponse>, Status> {
+        let caller = caller!(self, r, FileResponse, "FlattenVolume");
+        let r = r.into_inner();
+        let owner = or_refuse!(caller.owner(&r.owner), FileResponse, "FlattenVolume");
+        self.file_change(move |ns| ns.flatten(&r.path, &owner))
+            .await
     }
 
     async fn create_user(&self, r: Request<UserRequest>) -> Result<Response<UserResponse>, Status> {

@@ -58,6 +58,9 @@ pub enum NsError {
     /// Open by a client (or, for a directory, a volume under it is).
     #[error("{0} is open")]
     Occupied(String),
+    /// Something depends on it (a snapshot's clones, a volume's snapshots).
+    #[error("{0}")]
+    InUse(String),
 }
 
 /// File or directory.
@@ -110,6 +113,70 @@ pub struct FileRecord {
     /// Limits the client applies.
     #[serde(default)]
     pub qos: QosRecord,
+    /// Snapshots, oldest first.
+    #[serde(default)]
+    pub snapshots: Vec<SnapshotRecord>,
+    /// The sequence number of the last snapshot taken (deleted ones included).
+    #[serde(default)]
+    pub last_seq: u64,
+    /// A clone: what it was cloned from, until flattened.
+    #[serde(default)]
+    pub clone_of: Option<CloneSource>,
+}
+
+impl FileRecord {
+    /// The sequence number of the newest live snapshot (0: none): what writes carry.
+    pub fn snap_seq(&self) -> u64 {
+        self.snapshots.last().map_or(0, |s| s.seq)
+    }
+}
+
+/// A snapshot of a volume, as stored in the volume's record.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SnapshotRecord {
+    /// Its name (`PATH@NAME`).
+    pub name: String,
+    /// Sequence number: writes carrying this or newer copy what they overwrite for it.
+    pub seq: u64,
+    /// Creation time.
+    pub ctime_ms: u64,
+    /// A snapshot of a clone: the clone's source then (it reads from it where the clone was
+    /// not filled yet, even after the clone is flattened).
+    #[serde(default)]
+    pub clone_of: Option<CloneSource>,
+}
+
+/// The source of a clone: a snapshot of another volume.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct CloneSource {
+    /// The source volume's id.
+    pub volume: u64,
+    /// The snapshot's sequence number.
+    pub seq: u64,
+    /// The snapshot's name.
+    pub snapshot: String,
+}
+
+/// Splits `PATH@SNAPSHOT` (a snapshot) from `PATH`.
+pub fn split_snapshot(path: &str) -> (&str, Option<&str>) {
+    match path.rsplit_once('@') {
+        Some((p, s)) => (p, Some(s)),
+        None => (path, None),
+    }
+}
+
+fn check_name(kind: &str, name: &str) -> Result<(), NsError> {
+    if name.is_empty()
+        || name.len() > 128
+        || name
+            .chars()
+            .any(|c| c == '/' || c == '@' || c.is_whitespace() || c.is_control())
+    {
+        return Err(NsError::Invalid(format!(
+            "{kind} name {name:?}: 1 to 128 characters, no '/', '@' or spaces"
+        )));
+    }
+    Ok(())
 }
 
 /// Per-volume limits (0: unlimited).
@@ -303,6 +370,9 @@ impl Namespace {
                     deleted: None,
                     epoch: 0,
                     qos: QosRecord::default(),
+                    snapshots: Vec::new(),
+                    last_seq: 0,
+                    clone_of: None,
                 };
                 ops.push(put(file_key(id), &f));
                 self.link(f);
@@ -370,6 +440,11 @@ impl Namespace {
         let Some((name, dirs)) = parts.split_last() else {
             return Err(NsError::Invalid("the root has no name".into()));
         };
+        if name.contains('@') {
+            return Err(NsError::Invalid(format!(
+                "{path}: '@' names a snapshot (PATH@SNAPSHOT), not a file"
+            )));
+        }
         let parent = self.lookup(&format!("/{}", dirs.join("/")))?;
         if self.files[&parent].kind != Kind::Directory {
             return Err(NsError::NotDirectory(self.path_of(parent)));
@@ -429,6 +504,7 @@ impl Namespace {
         {
             return Err(NsError::Exists(path.into()));
         }
+
         let length = match kind {
             Kind::Volume => {
                 Self::check_length(length, block_size)?;
@@ -452,10 +528,185 @@ impl Namespace {
             deleted: None,
             epoch: 0,
             qos: QosRecord::default(),
+            snapshots: Vec::new(),
+            last_seq: 0,
+            clone_of: None,
         };
         ops.push(put(file_key(id), &f));
         self.link(f.clone());
         Ok((f, ops))
+    }
+
+    /// The volume at `path` and, for `PATH@NAME`, its snapshot `NAME`.
+    pub fn resolve(&self, path: &str) -> Result<(u64, Option<SnapshotRecord>), NsError> {
+        let (volume, snap) = split_snapshot(path);
+        let id = self.lookup(volume)?;
+        let Some(name) = snap else {
+            return Ok((id, None));
+        };
+        let f = &self.files[&id];
+        if f.kind != Kind::Volume {
+            return Err(NsError::NotAVolume(volume.into()));
+        }
+        f.snapshots
+            .iter()
+            .find(|s| s.name == name)
+            .cloned()
+            .map(|s| (id, Some(s)))
+            .ok_or_else(|| NsError::NotFound(format!("snapshot {path}")))
+    }
+
+    fn volume_mut(&mut self, path: &str, owner: &str) -> Result<&mut FileRecord, NsError> {
+        let id = self.lookup(path)?;
+        let f = &self.files[&id];
+        if f.kind != Kind::Volume || f.deleted.is_some() || self.in_recycle_bin(id) {
+            return Err(NsError::NotAVolume(path.into()));
+        }
+        Self::check_owner(f, owner, path)?;
+        Ok(self.files.get_mut(&id).expect("looked up"))
+    }
+
+    /// Records snapshot `name` of the volume at `path`, with the next sequence number.
+    pub fn snapshot_create(
+        &mut self,
+        path: &str,
+        name: &str,
+        owner: &str,
+        now_ms: u64,
+    ) -> Result<(FileRecord, SnapshotRecord, Vec<Op>), NsError> {
+        check_name("snapshot", name)?;
+        let f = self.volume_mut(path, owner)?;
+        if f.snapshots.iter().any(|s| s.name == name) {
+            return Err(NsError::Exists(format!("snapshot {path}@{name}")));
+        }
+        f.last_seq += 1;
+        let s = SnapshotRecord {
+            name: name.into(),
+            seq: f.last_seq,
+            ctime_ms: now_ms,
+            clone_of: f.clone_of.clone(),
+        };
+        f.snapshots.push(s.clone());
+        let f = f.clone();
+        Ok((f.clone(), s, vec![put(file_key(f.id), &f)]))
+    }
+
+    /// What reads from snapshot `seq` of volume `id`: clones (paths), and snapshots of
+    /// clones taken before they were flattened (`PATH@NAME`).
+    pub fn clones_of(&self, id: u64, seq: u64) -> Vec<String> {
+        let of =
+            |c: &Option<CloneSource>| c.as_ref().is_some_and(|c| c.volume == id && c.seq == seq);
+        let mut v: Vec<String> = Vec::new();
+        for f in self.files.values() {
+            if of(&f.clone_of) {
+                v.push(self.display_path(f.id));
+            }
+            for s in f.snapshots.iter().filter(|s| of(&s.clone_of)) {
+                v.push(format!("{}@{}", self.display_path(f.id), s.name));
+            }
+        }
+        v.sort();
+        v
+    }
+
+    /// Deletes snapshot `name` of the volume at `path` (refused while clones read from it).
+    /// Returns the volume as it is now and its segments, whose chunks drop what only deleted
+    /// snapshots read.
+    pub fn snapshot_delete(
+        &mut self,
+        path: &str,
+        name: &str,
+        owner: &str,
+    ) -> Result<(FileRecord, Vec<SegmentRecord>, Vec<Op>), NsError> {
+        let id = self.volume_mut(path, owner)?.id;
+        let f = &self.files[&id];
+        let Some(i) = f.snapshots.iter().position(|s| s.name == name) else {
+            return Err(NsError::NotFound(format!("snapshot {path}@{name}")));
+        };
+        let clones = self.clones_of(id, f.snapshots[i].seq);
+        if !clones.is_empty() {
+            return Err(NsError::InUse(format!(
+                "snapshot {path}@{name} has clones: {} (flatten or delete them first)",
+                clones.join(", ")
+            )));
+        }
+        let f = self.files.get_mut(&id).expect("looked up");
+        f.snapshots.remove(i);
+        let f = f.clone();
+        Ok((f.clone(), self.segments_of(id), vec![put(file_key(id), &f)]))
+    }
+
+    /// Where a file is, for messages (its original path while in the recycle bin).
+    fn display_path(&self, id: u64) -> String {
+        match self.files.get(&id).and_then(|f| f.deleted.as_ref()) {
+            Some(o) => format!("{} (in the recycle bin)", o.path),
+            None => self.path_of(id),
+        }
+    }
+
+    /// The segments of volume `id`.
+    pub fn segments_of(&self, id: u64) -> Vec<SegmentRecord> {
+        let mut v: Vec<(u64, &SegmentRecord)> = self
+            .segments
+            .iter()
+            .filter(|((f, _), _)| *f == id)
+            .map(|((_, i), s)| (*i, s))
+            .collect();
+        v.sort_by_key(|(i, _)| *i);
+        v.into_iter().map(|(_, s)| s.clone()).collect()
+    }
+
+    /// Creates volume `path` as a clone of snapshot `source` (`PATH@NAME`): same size, its
+    /// chunks created as they are written or filled.
+    pub fn clone_volume(
+        &mut self,
+        source: &str,
+        path: &str,
+        owner: &str,
+        now_ms: u64,
+    ) -> Result<(FileRecord, Vec<Op>), NsError> {
+        let (src, snap) = self.resolve(source)?;
+        let Some(snap) = snap else {
+            return Err(NsError::Invalid(format!(
+                "{source}: clone a snapshot (PATH@SNAPSHOT)"
+            )));
+        };
+        let s = self.files[&src].clone();
+        Self::check_owner(&s, owner, source)?;
+        if s.block_size != 4096 {
+            return Err(NsError::Invalid(format!(
+                "{source}: clones need 4096-byte blocks, not {}",
+                s.block_size
+            )));
+        }
+        if (s.chunk_size, s.segment_size) != (self.geometry.chunk_size, self.geometry.segment_size)
+        {
+            return Err(NsError::Invalid(format!(
+                "{source}: chunks and segments of another size than new volumes'"
+            )));
+        }
+        let (mut f, mut ops) =
+            self.create(path, Kind::Volume, s.length, s.block_size, owner, now_ms)?;
+        f.clone_of = Some(CloneSource {
+            volume: src,
+            seq: snap.seq,
+            snapshot: snap.name,
+        });
+        f.qos = s.qos;
+        ops.push(put(file_key(f.id), &f));
+        self.files.insert(f.id, f.clone());
+        Ok((f, ops))
+    }
+
+    /// Ends a clone's tie to its source (every unit filled by the caller).
+    pub fn flatten(&mut self, path: &str, owner: &str) -> Result<(FileRecord, Vec<Op>), NsError> {
+        let f = self.volume_mut(path, owner)?;
+        if f.clone_of.is_none() {
+            return Err(NsError::Invalid(format!("{path} is not a clone")));
+        }
+        f.clone_of = None;
+        let f = f.clone();
+        Ok((f.clone(), vec![put(file_key(f.id), &f)]))
     }
 
     /// The entries of a directory.
@@ -565,6 +816,13 @@ impl Namespace {
         }
         let f = &self.files[&id];
         Self::check_owner(f, owner, path)?;
+        if !f.snapshots.is_empty() {
+            let names: Vec<&str> = f.snapshots.iter().map(|s| s.name.as_str()).collect();
+            return Err(NsError::InUse(format!(
+                "{path} has snapshots ({}): delete them first",
+                names.join(", ")
+            )));
+        }
         if f.kind == Kind::Directory {
             if self.children.get(&id).is_some_and(|c| !c.is_empty()) {
                 return Err(NsError::NotEmpty(path.into()));

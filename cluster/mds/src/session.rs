@@ -35,6 +35,9 @@ pub enum SessionError {
 struct Live {
     rec: SessionRecord,
     expires: Instant,
+    /// The snapshot sequence number the client said its writes carry (in memory: after a
+    /// restart of the MDS, the next refresh says it again).
+    snap: u64,
 }
 
 /// The open volumes.
@@ -66,6 +69,7 @@ impl Sessions {
                     Live {
                         rec,
                         expires: now + lease,
+                        snap: 0,
                     },
                 );
             }
@@ -107,6 +111,7 @@ impl Sessions {
             Live {
                 rec,
                 expires: now + self.lease,
+                snap: 0,
             },
         );
         Ok((id, ops))
@@ -114,13 +119,34 @@ impl Sessions {
 
     /// Extends the lease of a live session.
     pub fn refresh(&mut self, file: u64, session: &str, now: Instant) -> Result<(), SessionError> {
+        self.refresh_at(file, session, now, 0)
+    }
+
+    /// As [`Sessions::refresh`], recording that the client's writes carry snapshot sequence
+    /// number `snap`.
+    pub fn refresh_at(
+        &mut self,
+        file: u64,
+        session: &str,
+        now: Instant,
+        snap: u64,
+    ) -> Result<(), SessionError> {
         match self.by_file.get_mut(&file) {
             Some(l) if l.rec.id == session && l.expires > now => {
                 l.expires = now + self.lease;
+                l.snap = l.snap.max(snap);
                 Ok(())
             }
             _ => Err(SessionError::Expired),
         }
+    }
+
+    /// Whether the writer of `file` (if any) writes with snapshot `seq` or newer: no live
+    /// session, or one that said so.
+    pub fn took_snapshot(&self, file: u64, seq: u64, now: Instant) -> bool {
+        self.by_file
+            .get(&file)
+            .is_none_or(|l| l.expires <= now || l.snap >= seq)
     }
 
     /// Ends a session.

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use curve_client::{MdsClient, MdsError};
-use curve_proto::mds::{FileInfo, FileStatus, FileType, OnlineState, Qos};
+use curve_proto::mds::{FileInfo, FileStatus, FileType, OnlineState, Qos, SnapshotInfo};
 use serde_json::{Value, json};
 
 /// The cluster in numbers: MDS leader, chunkservers, copysets healthy or degraded.
@@ -98,7 +98,77 @@ fn file_json(f: &FileInfo) -> Value {
             "bps_total": q.bps_total, "bps_read": q.bps_read, "bps_write": q.bps_write,
             "burst_ms": q.burst_ms,
         },
+        "snapshots": f.snapshots.iter().map(snapshot_json).collect::<Vec<_>>(),
+        "clone_source": f.clone_source.as_ref().map(|c| c.path.clone()),
     })
+}
+
+fn snapshot_json(s: &SnapshotInfo) -> Value {
+    json!({
+        "name": s.name,
+        "seq": s.seq,
+        "ctime_ms": s.ctime_ms,
+        "ready": s.ready,
+        "clones": s.clones,
+    })
+}
+
+fn print_snapshot(path: &str, s: &SnapshotInfo) {
+    let state = if s.ready { "" } else { "  (being taken)" };
+    let clones = if s.clones.is_empty() {
+        String::new()
+    } else {
+        format!("  clones: {}", s.clones.join(", "))
+    };
+    println!("snap {path}@{:<24} seq {:<6}{state}{clones}", s.name, s.seq);
+}
+
+/// What `curve snapshot` does.
+#[derive(Debug)]
+pub enum SnapshotOp {
+    /// Take snapshot NAME of PATH.
+    Create(String, String),
+    /// List the snapshots of PATH.
+    List(String),
+    /// Delete PATH@NAME.
+    Delete(String),
+}
+
+/// Runs a `curve snapshot` command; prints JSON or text.
+pub async fn snapshot(
+    c: &MdsClient,
+    owner: &str,
+    op: SnapshotOp,
+    json_out: bool,
+) -> Result<(), MdsError> {
+    let (path, snaps) = match op {
+        SnapshotOp::Create(path, name) => {
+            let s = c.create_snapshot(&path, &name, owner).await?;
+            (path, vec![s])
+        }
+        SnapshotOp::List(path) => {
+            let s = c.list_snapshots(&path).await?;
+            (path, s)
+        }
+        SnapshotOp::Delete(path) => {
+            c.delete_snapshot(&path, owner).await?;
+            if json_out {
+                println!("{}", json!({ "deleted": path }));
+            } else {
+                println!("deleted {path}");
+            }
+            return Ok(());
+        }
+    };
+    if json_out {
+        let v: Vec<Value> = snaps.iter().map(snapshot_json).collect();
+        println!("{}", serde_json::to_string_pretty(&v).expect("json"));
+    } else {
+        for s in &snaps {
+            print_snapshot(&path, s);
+        }
+    }
+    Ok(())
 }
 
 /// A volume command.
@@ -129,6 +199,8 @@ pub enum VolumeOp {
     Recover(String),
     /// Set QoS.
     Qos(String, Qos),
+    /// Clone a snapshot (PATH@NAME) into a new volume.
+    Clone(String, String),
 }
 
 /// Runs a volume command; prints JSON or text.
@@ -157,6 +229,7 @@ pub async fn volume(
         VolumeOp::Delete(path, force) => vec![c.delete(&path, owner, force).await?],
         VolumeOp::Recover(path) => vec![c.recover(&path, owner).await?],
         VolumeOp::Qos(path, qos) => vec![c.set_qos(&path, owner, qos).await?],
+        VolumeOp::Clone(source, path) => vec![c.clone_volume(&source, &path, owner).await?],
     };
     if json_out {
         let v: Vec<Value> = files.iter().map(file_json).collect();
@@ -177,6 +250,13 @@ pub async fn volume(
                 "{kind}  {:<40} {:>12}  bs {:<4}  owner {:<8} epoch {}{deleted}",
                 f.path, f.length, f.block_size, f.owner, f.epoch
             );
+            if let Some(c) = &f.clone_source {
+                println!("      clone of {}", c.path);
+            }
+            for s in &f.snapshots {
+                print!("      ");
+                print_snapshot(&f.path, s);
+            }
         }
     }
     Ok(())

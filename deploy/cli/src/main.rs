@@ -53,6 +53,9 @@ enum Command {
     /// Volumes and directories of the cluster.
     #[command(subcommand)]
     Volume(VolumeCommand),
+    /// Snapshots of volumes (read them as curve:/PATH@NAME; clone them with `volume clone`).
+    #[command(subcommand)]
+    Snapshot(SnapshotCommand),
     /// The cluster as a whole.
     #[command(subcommand)]
     Cluster(ClusterCommand),
@@ -183,7 +186,52 @@ enum PlaygroundCommand {
 }
 
 #[derive(Debug, Subcommand)]
+enum SnapshotCommand {
+    /// Take a snapshot: it holds every write acknowledged before this command started and
+    /// none started after it returned; it costs nothing until the volume is written.
+    Create {
+        /// The volume.
+        path: String,
+        /// The snapshot's name (PATH@NAME).
+        #[arg(long)]
+        name: String,
+        #[arg(long, value_enum, default_value_t = Format::Text)]
+        format: Format,
+    },
+    /// List a volume's snapshots.
+    List {
+        path: String,
+        #[arg(long, value_enum, default_value_t = Format::Text)]
+        format: Format,
+    },
+    /// Delete a snapshot (PATH@NAME); refused while clones read from it.
+    Delete {
+        path: String,
+        #[arg(long, value_enum, default_value_t = Format::Text)]
+        format: Format,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 enum VolumeCommand {
+    /// Create a volume from a snapshot (SOURCE is PATH@NAME) at once: it reads the snapshot
+    /// until written, and copies it in the background while open (or all at once: flatten).
+    Clone {
+        source: String,
+        path: String,
+        #[arg(long, value_enum, default_value_t = Format::Text)]
+        format: Format,
+    },
+    /// Copy what a clone still reads from its source into it, then cut it loose (the source
+    /// snapshot can then be deleted). Prints progress.
+    Flatten {
+        path: String,
+        /// At most this many bytes per second (e.g. 100M; 0: unlimited).
+        #[arg(long, value_parser = size, default_value = "0")]
+        rate: u64,
+        #[arg(long, value_enum, default_value_t = Format::Text)]
+        format: Format,
+    },
     /// Create a volume (or, with --directory, a directory).
     Create {
         /// Path, e.g. /vms/disk0.
@@ -446,6 +494,19 @@ fn run(cli: Cli) -> Result<(), String> {
             playground::status(&dir, json(format))?;
         }
         Command::Bench(b) => bench(b, &cli.mds, &owner, key.clone())?,
+        Command::Snapshot(s) => {
+            use cluster::SnapshotOp as S;
+            let (op, format) = match s {
+                SnapshotCommand::Create { path, name, format } => (S::Create(path, name), format),
+                SnapshotCommand::List { path, format } => (S::List(path), format),
+                SnapshotCommand::Delete { path, format } => (S::Delete(path), format),
+            };
+            let rt = runtime()?;
+            // A create waits for the volume's writer to take the snapshot (a lease at most).
+            let c = cluster::client(&cli.mds, 120, key.clone());
+            rt.block_on(cluster::snapshot(&c, &owner, op, json(format)))
+                .map_err(|e| e.to_string())?;
+        }
         Command::User(u) => {
             let rt = runtime()?;
             let c = cluster::client(&cli.mds, 30, key.clone());
@@ -503,6 +564,14 @@ fn run(cli: Cli) -> Result<(), String> {
                     format,
                 } => volume(Op::Delete(path, force), format)?,
                 VolumeCommand::Recover { path, format } => volume(Op::Recover(path), format)?,
+                VolumeCommand::Clone {
+                    source,
+                    path,
+                    format,
+                } => volume(Op::Clone(source, path), format)?,
+                VolumeCommand::Flatten { path, rate, format } => {
+                    flatten(&path, rate, &cli.mds, &owner, key.clone(), json(format))?
+                }
                 VolumeCommand::Qos {
                     path,
                     iops,
@@ -764,6 +833,53 @@ fn key_command(k: KeyCommand) -> Result<(), String> {
             r.retire(id)?;
             Ok(format!("key {id} removed from {}", file.display()))
         })?,
+    }
+    Ok(())
+}
+
+/// `curve volume flatten`: fills the clone from its source through a sessionless open (the
+/// clone may be open elsewhere, by its writer), then tells the MDS it is flat.
+fn flatten(
+    path: &str,
+    rate: u64,
+    mds: &[String],
+    owner: &str,
+    key: Option<Arc<curve_auth::UserKey>>,
+    json_out: bool,
+) -> Result<(), String> {
+    let rt = runtime()?;
+    let mut opts = curve_client::VolumeOptions::new(mds.to_vec(), owner).with_key(key);
+    opts.fill = true;
+    let conns = Arc::new(curve_client::chunk::Connections::default());
+    let started = std::time::Instant::now();
+    rt.block_on(async {
+        let v = curve_client::Volume::open(path, opts, conns)
+            .await
+            .map_err(|e| e.to_string())?;
+        let last = std::sync::Mutex::new(std::time::Instant::now());
+        let progress = |done: u64, total: u64| {
+            let mut l = last.lock().expect("progress");
+            if done == total || l.elapsed() >= std::time::Duration::from_secs(1) {
+                *l = std::time::Instant::now();
+                eprintln!(
+                    "flatten {path}: {:.1}% ({} of {} MiB)",
+                    done as f64 * 100.0 / total.max(1) as f64,
+                    done >> 20,
+                    total >> 20
+                );
+            }
+        };
+        let r = v.fill_from_source(rate, &progress).await;
+        r.map_err(|e| e.to_string())
+    })?;
+    let secs = started.elapsed().as_secs_f64();
+    if json_out {
+        println!(
+            "{}",
+            serde_json::json!({ "flattened": path, "seconds": secs })
+        );
+    } else {
+        println!("flattened {path} in {secs:.1} s");
     }
     Ok(())
 }

@@ -230,6 +230,10 @@ impl ExportManager {
             .await
             .map_err(|e| format!("volume open panicked: {e}"))?
             .map_err(|e| error_chain(&e))?;
+        // A volume that is read-only whatever was asked (a snapshot, curve:/PATH@NAME) is
+        // exported read-only by every frontend.
+        let read_only = read_only || device.info().read_only;
+        spec.read_only = read_only;
         let labels = crate::metered::labels(&spec.name, spec.frontend.kind(), &spec.volume);
         let device = crate::metered::Metered::wrap(device, &labels);
         let served = match (&spec.frontend, addr) {

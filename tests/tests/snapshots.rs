@@ -1,0 +1,548 @@
+//! Snapshots and clones of cluster volumes (authentication on), through the client library,
+//! the CLI and an NBD export of part2:
+//! - snapshots taken while a writer runs hold exactly the writes acknowledged before their
+//!   create, and none started after it returned; the volume itself is intact; deleting them
+//!   gives every replica's COW files back to the pool;
+//! - 20 clones of one snapshot, each written differently, read their own writes and the
+//!   snapshot elsewhere; a clone of a clone's snapshot; flatten under a verifying writer;
+//! - bad input: each refused with a clear error.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use curve_client::chunk::Connections;
+use curve_client::{ClientError, Volume, VolumeOptions};
+use curve_tests::cluster::MiniCluster;
+use curve_tests::{Part2, bin, require_tool};
+
+const BLOCK: u64 = 4096;
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn options(cluster: &MiniCluster) -> VolumeOptions {
+    let key = curve_auth::UserKey::load(&cluster.admin_key).unwrap();
+    let mut o = VolumeOptions::new(cluster.mds_addrs(), "").with_key(Some(Arc::new(key)));
+    o.fill_rate = 0; // the tests flatten explicitly
+    o
+}
+
+async fn open(cluster: &MiniCluster, path: &str) -> Result<Volume, ClientError> {
+    Volume::open(path, options(cluster), Arc::new(Connections::default())).await
+}
+
+fn curve(cluster: &MiniCluster, args: &[&str]) -> std::process::Output {
+    Command::new(bin("curve"))
+        .env("CURVE_KEY_FILE", cluster.key())
+        .args(["--mds", &cluster.mds_addrs().join(",")])
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn ok(cluster: &MiniCluster, args: &[&str]) -> String {
+    let out = curve(cluster, args);
+    assert!(
+        out.status.success(),
+        "curve {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn fails_with(cluster: &MiniCluster, args: &[&str], what: &str) {
+    let out = curve(cluster, args);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "curve {args:?} should fail with {what}"
+    );
+    assert!(
+        err.contains(what),
+        "curve {args:?}: expected {what:?} in: {err}"
+    );
+}
+
+/// A block's content: its number and the write's number, repeated.
+fn pattern(block: u64, n: u64) -> Vec<u8> {
+    let mut v = Vec::with_capacity(BLOCK as usize);
+    while v.len() < BLOCK as usize {
+        v.extend_from_slice(&block.to_le_bytes());
+        v.extend_from_slice(&n.to_le_bytes());
+    }
+    v
+}
+
+/// The write number a block holds (0: zeros, never written); panics on anything else.
+fn decode(block: u64, data: &[u8]) -> u64 {
+    if data.iter().all(|b| *b == 0) {
+        return 0;
+    }
+    let n = u64::from_le_bytes(data[8..16].try_into().unwrap());
+    assert_eq!(
+        data,
+        pattern(block, n),
+        "block {block}: a torn or foreign block"
+    );
+    n
+}
+
+/// COW files on every chunkserver under `dir`.
+fn cow_files(dir: &Path) -> usize {
+    let mut n = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if e.file_name().to_string_lossy().contains("_snap_") {
+                n += 1;
+            }
+        }
+    }
+    n
+}
+
+/// One acknowledged write: block, number, when it started and when it was acknowledged.
+#[derive(Debug, Clone, Copy)]
+struct Acked {
+    block: u64,
+    n: u64,
+    start: Instant,
+    ack: Instant,
+}
+
+#[test]
+fn snapshots_under_load_hold_exactly_the_acknowledged_writes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cluster = MiniCluster::start(tmp.path(), 1, false);
+    let rt = runtime();
+    let mds = cluster.mds_client();
+    // 48 MiB: three chunks' worth of blocks, written by 8 writers on disjoint blocks.
+    const BLOCKS: u64 = 48 << 8;
+    ok(&cluster, &["volume", "create", "/v", "--size", "64M"]);
+    let v = rt.block_on(open(&cluster, "/v")).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let writers: Vec<_> = (0..8u64)
+        .map(|w| {
+            let (v, stop) = (v.clone(), stop.clone());
+            rt.spawn(async move {
+                let mut log = Vec::new();
+                let mut n = w + 1;
+                let mut x = w.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+                while !stop.load(Ordering::Relaxed) && log.len() < 20_000 {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    let block = (x % (BLOCKS / 8)) * 8 + w;
+                    let start = Instant::now();
+                    v.write(block * BLOCK, &pattern(block, n)).await?;
+                    log.push(Acked {
+                        block,
+                        n,
+                        start,
+                        ack: Instant::now(),
+                    });
+                    n += 8;
+                }
+                Ok::<_, ClientError>(log)
+            })
+        })
+        .collect();
+    // Three snapshots while the writers run.
+    let mut snaps = Vec::new();
+    for i in 0..3 {
+        std::thread::sleep(Duration::from_millis(1500));
+        let name = format!("s{i}");
+        let call = Instant::now();
+        let s = rt
+            .block_on(mds.create_snapshot("/v", &name, "root"))
+            .unwrap();
+        let ret = Instant::now();
+        assert!(s.ready, "{s:?}");
+        eprintln!("snapshot {name}: seq {} in {:?}", s.seq, ret - call);
+        snaps.push((name, call, ret));
+    }
+    std::thread::sleep(Duration::from_millis(1000));
+    stop.store(true, Ordering::Relaxed);
+    let mut log: Vec<Acked> = Vec::new();
+    for w in writers {
+        log.extend(rt.block_on(w).unwrap().unwrap());
+    }
+    assert!(log.len() > 100, "the writers wrote {} blocks", log.len());
+    let mut by_block: HashMap<u64, Vec<Acked>> = HashMap::new();
+    for a in &log {
+        by_block.entry(a.block).or_default().push(*a);
+    }
+    let read_all = |v: &Volume| -> Vec<u8> {
+        let mut buf = vec![0u8; (BLOCKS * BLOCK) as usize];
+        rt.block_on(v.read(0, &mut buf)).unwrap();
+        buf
+    };
+    // Each snapshot: per block, the last write acknowledged before the create was called, or
+    // one in flight during the create; never one started after it returned.
+    for (name, call, ret) in &snaps {
+        let s = rt.block_on(open(&cluster, &format!("/v@{name}"))).unwrap();
+        assert!(s.is_read_only());
+        let data = read_all(&s);
+        let (mut exact, mut inflight) = (0, 0);
+        for block in 0..BLOCKS {
+            let got = decode(block, &data[(block * BLOCK) as usize..][..BLOCK as usize]);
+            let writes = by_block.get(&block).map(Vec::as_slice).unwrap_or(&[]);
+            let before = writes
+                .iter()
+                .filter(|a| a.ack < *call)
+                .map(|a| a.n)
+                .max()
+                .unwrap_or(0);
+            if got == before {
+                exact += 1;
+                continue;
+            }
+            let w = writes.iter().find(|a| a.n == got).unwrap_or_else(|| {
+                panic!("snapshot {name}, block {block}: {got} was never acknowledged")
+            });
+            assert!(
+                w.start < *ret && w.ack >= *call,
+                "snapshot {name}, block {block}: holds write {got} (started {:?} after the \
+                 create returned), not {before}",
+                w.start.checked_duration_since(*ret)
+            );
+            inflight += 1;
+        }
+        eprintln!("snapshot {name}: {exact} blocks exact, {inflight} from writes in flight");
+        // Writing to a snapshot is refused.
+        assert!(matches!(
+            rt.block_on(s.write(0, &pattern(0, 1))),
+            Err(ClientError::ReadOnly(_))
+        ));
+    }
+    // The volume holds every block's last acknowledged write.
+    let data = read_all(&v);
+    for (block, writes) in &by_block {
+        let last = writes.iter().map(|a| a.n).max().unwrap();
+        assert_eq!(
+            decode(*block, &data[(block * BLOCK) as usize..][..BLOCK as usize]),
+            last,
+            "block {block} of the volume"
+        );
+    }
+    rt.block_on(v.close()).unwrap();
+
+    // Bad input, each refused with a clear message.
+    fails_with(
+        &cluster,
+        &["snapshot", "create", "/missing", "--name", "x"],
+        "NotFound",
+    );
+    fails_with(
+        &cluster,
+        &["snapshot", "create", "/v", "--name", "s0"],
+        "Exists",
+    );
+    fails_with(
+        &cluster,
+        &["snapshot", "create", "/v", "--name", "a@b"],
+        "snapshot name",
+    );
+    fails_with(&cluster, &["snapshot", "delete", "/v@nope"], "NotFound");
+    fails_with(&cluster, &["snapshot", "delete", "/v"], "PATH@NAME");
+    fails_with(&cluster, &["volume", "delete", "/v"], "has snapshots");
+    fails_with(
+        &cluster,
+        &["volume", "create", "/x@y", "--size", "1G"],
+        "names a snapshot",
+    );
+    let list = ok(&cluster, &["snapshot", "list", "/v", "--format", "json"]);
+    let list: serde_json::Value = serde_json::from_str(&list).unwrap();
+    assert_eq!(list.as_array().unwrap().len(), 3, "{list}");
+    let info = ok(&cluster, &["volume", "info", "/v"]);
+    assert!(info.contains("/v@s1"), "{info}");
+
+    // Deleting the snapshots gives their COW files back on every replica.
+    let cows = cow_files(tmp.path());
+    assert!(cows > 0, "the writes after the snapshots copied chunks");
+    for (name, _, _) in &snaps {
+        ok(&cluster, &["snapshot", "delete", &format!("/v@{name}")]);
+    }
+    assert_eq!(
+        cow_files(tmp.path()),
+        0,
+        "COW files left after deleting every snapshot"
+    );
+    ok(&cluster, &["volume", "delete", "/v", "--force"]);
+}
+
+/// Reads block `block` of `v` and returns its write number.
+fn block_of(rt: &tokio::runtime::Runtime, v: &Volume, block: u64) -> u64 {
+    let mut b = vec![0u8; BLOCK as usize];
+    rt.block_on(v.read(block * BLOCK, &mut b)).unwrap();
+    decode(block, &b)
+}
+
+#[test]
+fn clones_read_their_writes_and_the_snapshot_elsewhere() {
+    require_tool("qemu-io");
+    let tmp = tempfile::tempdir().unwrap();
+    let cluster = MiniCluster::start(tmp.path(), 1, false);
+    let rt = runtime();
+    // The source: blocks 0..64 of each of 3 chunks written with 1000+block, snapshot s1,
+    // then overwritten with 2000+block.
+    ok(&cluster, &["volume", "create", "/src", "--size", "64M"]);
+    let blocks: Vec<u64> = (0..3u64)
+        .flat_map(|c| (0..64).map(move |b| c * 4096 + b * 3))
+        .collect();
+    let src = rt.block_on(open(&cluster, "/src")).unwrap();
+    for b in &blocks {
+        rt.block_on(src.write(b * BLOCK, &pattern(*b, 1000 + b)))
+            .unwrap();
+    }
+    ok(&cluster, &["snapshot", "create", "/src", "--name", "s1"]);
+    for b in &blocks {
+        rt.block_on(src.write(b * BLOCK, &pattern(*b, 2000 + b)))
+            .unwrap();
+    }
+    // 20 clones, each writing its own blocks.
+    for i in 0..20 {
+        ok(&cluster, &["volume", "clone", "/src@s1", &format!("/c{i}")]);
+    }
+    let clones: Vec<Volume> = (0..20)
+        .map(|i| rt.block_on(open(&cluster, &format!("/c{i}"))).unwrap())
+        .collect();
+    for (i, c) in clones.iter().enumerate() {
+        let i = i as u64;
+        // One block that the source has (overwritten), one in a chunk of the source it never
+        // wrote, one in a chunk the source never had.
+        for b in [blocks[i as usize * 7], 10000 + i, 12300 + i] {
+            rt.block_on(c.write(b * BLOCK, &pattern(b, 5000 + i * 100 + b)))
+                .unwrap();
+        }
+    }
+    for (i, c) in clones.iter().enumerate() {
+        let i = i as u64;
+        for (k, b) in blocks.iter().enumerate() {
+            let want = if k == i as usize * 7 {
+                5000 + i * 100 + b
+            } else {
+                1000 + b
+            };
+            assert_eq!(block_of(&rt, c, *b), want, "clone {i}, block {b}");
+        }
+        for b in [10000 + i, 12300 + i] {
+            assert_eq!(block_of(&rt, c, b), 5000 + i * 100 + b, "clone {i}");
+        }
+        assert_eq!(block_of(&rt, c, 10100), 0, "clone {i}: never written");
+    }
+    // The source and the snapshot are unchanged.
+    let snap = rt.block_on(open(&cluster, "/src@s1")).unwrap();
+    for b in &blocks {
+        assert_eq!(block_of(&rt, &src, *b), 2000 + b);
+        assert_eq!(block_of(&rt, &snap, *b), 1000 + b);
+    }
+    assert_eq!(
+        block_of(&rt, &src, 10000),
+        0,
+        "clone writes stay in the clone"
+    );
+    assert_eq!(
+        block_of(&rt, &src, 12300),
+        0,
+        "clone writes stay in the clone"
+    );
+
+    // The snapshot through part2: an NBD export of curve:/src@s1 is read-only.
+    let part2 = Part2::start_with(&[
+        "--mds",
+        &cluster.mds_addrs()[0],
+        "--key-file",
+        &cluster.key(),
+    ]);
+    let sock = part2.run_dir().join("snap.sock");
+    let out = Command::new(bin("curve"))
+        .args(["--run-dir"])
+        .arg(part2.run_dir())
+        .args([
+            "export",
+            "add",
+            "--name",
+            "snap",
+            "--volume",
+            "curve:/src@s1",
+            "--nbd",
+        ])
+        .arg(format!("unix:{}", sock.display()))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let uri = format!("nbd+unix:///snap?socket={}", sock.display());
+    let qio = |args: &[&str]| {
+        Command::new("qemu-io")
+            .args(["-f", "raw"])
+            .args(args)
+            .arg(&uri)
+            .output()
+            .unwrap()
+    };
+    let back = tmp.path().join("back");
+    let out = Command::new("qemu-img")
+        .args(["convert", "-f", "raw", "-O", "raw", &uri])
+        .arg(&back)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let image = std::fs::read(&back).unwrap();
+    assert_eq!(image.len(), 64 << 20);
+    for b in &blocks {
+        let got = &image[(b * BLOCK) as usize..][..BLOCK as usize];
+        assert!(
+            got == pattern(*b, 1000 + b),
+            "block {b} of the snapshot over NBD"
+        );
+    }
+    let w = qio(&["-c", "write -P 0x55 0 4k"]);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&w.stdout),
+        String::from_utf8_lossy(&w.stderr)
+    );
+    assert!(
+        !w.status.success() || text.contains("failed") || text.contains("read-only"),
+        "a write to a snapshot export: {text}"
+    );
+    assert_eq!(block_of(&rt, &snap, 0), 1000, "the snapshot is unchanged");
+    drop(part2);
+    // And through `curve bench --driver client`: reads run, writes are refused.
+    let bench = |w: &str| {
+        curve(
+            &cluster,
+            &[
+                "bench",
+                "--driver",
+                "client",
+                "--target",
+                "curve:/src@s1",
+                "-w",
+                w,
+                "-q",
+                "4",
+                "--io-count",
+                "200",
+                "--format",
+                "json",
+            ],
+        )
+    };
+    let out = bench("randread");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["errors"], 0, "{r}");
+    let out = bench("randwrite");
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["errors"], 200, "every write to a snapshot fails: {r}");
+
+    // A clone of a clone's snapshot reads the clone, and through it the source.
+    ok(&cluster, &["snapshot", "create", "/c3", "--name", "t"]);
+    ok(&cluster, &["volume", "clone", "/c3@t", "/cc"]);
+    let cc = rt.block_on(open(&cluster, "/cc")).unwrap();
+    assert_eq!(block_of(&rt, &cc, blocks[21]), 5000 + 300 + blocks[21]);
+    assert_eq!(block_of(&rt, &cc, blocks[22]), 1000 + blocks[22]);
+    assert_eq!(block_of(&rt, &cc, 10003), 5000 + 300 + 10003);
+
+    // Bad input around clones.
+    fails_with(&cluster, &["volume", "clone", "/src@s1", "/c0"], "Exists");
+    fails_with(
+        &cluster,
+        &["volume", "clone", "/src@nope", "/n"],
+        "NotFound",
+    );
+    fails_with(
+        &cluster,
+        &["volume", "clone", "/src", "/n"],
+        "clone a snapshot",
+    );
+    fails_with(&cluster, &["snapshot", "delete", "/src@s1"], "has clones");
+    fails_with(&cluster, &["volume", "flatten", "/src"], "not a clone");
+
+    // Flatten /c0 while a writer verifies its own writes on it.
+    let c0 = clones[0].clone();
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (c0, stop) = (c0.clone(), stop.clone());
+        rt.spawn(async move {
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) && n < 5000 {
+                let b = 4096 * 2 + 1000 + n % 200;
+                c0.write(b * BLOCK, &pattern(b, 9000 + n)).await?;
+                let mut back = vec![0u8; BLOCK as usize];
+                c0.read(b * BLOCK, &mut back).await?;
+                assert_eq!(back, pattern(b, 9000 + n), "clone 0 block {b} read back");
+                n += 1;
+            }
+            Ok::<u64, ClientError>(n)
+        })
+    };
+    let out = curve(&cluster, &["volume", "flatten", "/c0"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("100.0%"));
+    stop.store(true, Ordering::Relaxed);
+    let wrote = rt.block_on(writer).unwrap().unwrap();
+    assert!(wrote > 0);
+    let info = ok(&cluster, &["volume", "info", "/c0", "--format", "json"]);
+    let info: serde_json::Value = serde_json::from_str(&info).unwrap();
+    assert!(info[0]["clone_source"].is_null(), "{info}");
+    for (k, b) in blocks.iter().enumerate() {
+        let want = if k == 0 { 5000 + b } else { 1000 + b };
+        assert_eq!(block_of(&rt, &c0, *b), want, "flattened clone 0, block {b}");
+    }
+    // Once every clone is flat or gone, the snapshot can go.
+    for (i, c) in clones.into_iter().enumerate().skip(1) {
+        rt.block_on(c.close()).unwrap();
+        if i == 3 {
+            continue; // /c3@t reads through it: flattened below
+        }
+        ok(
+            &cluster,
+            &["volume", "delete", &format!("/c{i}"), "--force"],
+        );
+    }
+    fails_with(&cluster, &["snapshot", "delete", "/src@s1"], "/c3@t");
+    rt.block_on(cc.close()).unwrap();
+    ok(&cluster, &["volume", "delete", "/cc", "--force"]);
+    ok(&cluster, &["snapshot", "delete", "/c3@t"]);
+    ok(&cluster, &["volume", "flatten", "/c3"]);
+    ok(&cluster, &["snapshot", "delete", "/src@s1"]);
+    assert_eq!(
+        block_of(&rt, &c0, blocks[5]),
+        1000 + blocks[5],
+        "flat: no source needed"
+    );
+}
