@@ -465,6 +465,30 @@ fn clones_read_their_writes_and_the_snapshot_elsewhere() {
     let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(r["errors"], 200, "every write to a snapshot fails: {r}");
 
+    // The CloneManager: a clone open for writing copies its source in the background (at a
+    // bounded rate) and ends flat by itself.
+    ok(&cluster, &["volume", "clone", "/src@s1", "/bg"]);
+    let bg = {
+        let mut o = options(&cluster);
+        o.fill_rate = 32 << 20;
+        rt.block_on(Volume::open("/bg", o, Arc::new(Connections::default())))
+            .unwrap()
+    };
+    rt.block_on(bg.write(0, &pattern(0, 77))).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while rt.block_on(bg.stat()).unwrap().clone_source.is_some() {
+        assert!(
+            Instant::now() < deadline,
+            "the background fill did not end in 120 s"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    assert_eq!(block_of(&rt, &bg, 0), 77);
+    for b in &blocks[1..] {
+        assert_eq!(block_of(&rt, &bg, *b), 1000 + b, "background-filled clone");
+    }
+    rt.block_on(bg.close()).unwrap();
+
     // A clone of a clone's snapshot reads the clone, and through it the source.
     ok(&cluster, &["snapshot", "create", "/c3", "--name", "t"]);
     ok(&cluster, &["volume", "clone", "/c3@t", "/cc"]);
@@ -545,4 +569,267 @@ fn clones_read_their_writes_and_the_snapshot_elsewhere() {
         1000 + blocks[5],
         "flat: no source needed"
     );
+}
+
+/// The chunkserver leading the most copysets (index into `cluster.chunkservers`).
+fn busiest_leader(rt: &tokio::runtime::Runtime, cluster: &MiniCluster) -> usize {
+    let t = rt.block_on(cluster.mds_client().topology()).unwrap();
+    let mut count = vec![0usize; cluster.chunkservers.len()];
+    for c in &t.copysets {
+        if let Some(l) = &c.leader
+            && let Some(i) = cluster
+                .chunkservers
+                .iter()
+                .position(|cs| cs.addr == l.address)
+        {
+            count[i] += 1;
+        }
+    }
+    (0..count.len()).max_by_key(|i| count[*i]).unwrap()
+}
+
+/// Writes random blocks of `range` (pattern numbers from `first`, step 1) until `stop` or
+/// `max` writes, reading each back; answers what it acknowledged.
+fn spawn_writer(
+    rt: &tokio::runtime::Runtime,
+    v: &Volume,
+    range: std::ops::Range<u64>,
+    first: u64,
+    max: usize,
+    stop: &Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<Result<Vec<Acked>, ClientError>> {
+    let (v, stop) = (v.clone(), stop.clone());
+    rt.spawn(async move {
+        let mut log = Vec::new();
+        let mut x = first | 1;
+        while !stop.load(Ordering::Relaxed) && log.len() < max {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let block = range.start + x % (range.end - range.start);
+            let n = first + log.len() as u64;
+            let start = Instant::now();
+            v.write(block * BLOCK, &pattern(block, n)).await?;
+            let mut back = vec![0u8; BLOCK as usize];
+            v.read(block * BLOCK, &mut back).await?;
+            assert!(back == pattern(block, n), "block {block} read back");
+            log.push(Acked {
+                block,
+                n,
+                start,
+                ack: Instant::now(),
+            });
+        }
+        Ok(log)
+    })
+}
+
+/// The last acknowledged write of every block in `log`.
+fn last_writes(log: &[Acked]) -> HashMap<u64, u64> {
+    let mut m = HashMap::new();
+    for a in log {
+        let e = m.entry(a.block).or_insert(a.n);
+        *e = (*e).max(a.n);
+    }
+    m
+}
+
+#[test]
+fn kill_9_during_copy_on_write_flatten_and_snapshot_create() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cluster = MiniCluster::start(tmp.path(), 1, false);
+    let rt = runtime();
+    const BLOCKS: u64 = 3 * 4096; // three chunks
+    ok(&cluster, &["volume", "create", "/v", "--size", "64M"]);
+    let v = rt.block_on(open(&cluster, "/v")).unwrap();
+    // Every block of three chunks holds 1_000_000 + block; then snapshot s1.
+    let base = |b: u64| 1_000_000 + b;
+    for chunk in 0..3u64 {
+        let mut buf = Vec::with_capacity((4096 * BLOCK) as usize);
+        for b in chunk * 4096..(chunk + 1) * 4096 {
+            buf.extend_from_slice(&pattern(b, base(b)));
+        }
+        for (i, piece) in buf.chunks(1 << 20).enumerate() {
+            let at = chunk * 4096 * BLOCK + (i as u64) * (1 << 20);
+            rt.block_on(v.write(at, piece)).unwrap();
+        }
+    }
+    ok(&cluster, &["snapshot", "create", "/v", "--name", "s1"]);
+
+    // 1. A COW burst, and kill -9 of the busiest leader in the middle of it.
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = spawn_writer(&rt, &v, 0..BLOCKS, 1, 3000, &stop);
+    std::thread::sleep(Duration::from_secs(2));
+    let victim = busiest_leader(&rt, &cluster);
+    cluster.chunkservers[victim].kill9();
+    std::thread::sleep(Duration::from_secs(4));
+    stop.store(true, Ordering::Relaxed);
+    let log = rt.block_on(writer).unwrap().unwrap();
+    cluster.chunkservers[victim].restart();
+    let cow_writes = last_writes(&log);
+    let writes = &cow_writes;
+    eprintln!("COW burst: {} writes across the kill", log.len());
+    let check = |cluster: &MiniCluster, what: &str| {
+        let s = rt.block_on(open(cluster, "/v@s1")).unwrap();
+        let mut buf = vec![0u8; (BLOCKS * BLOCK) as usize];
+        rt.block_on(s.read(0, &mut buf)).unwrap();
+        for b in 0..BLOCKS {
+            let got = decode(b, &buf[(b * BLOCK) as usize..][..BLOCK as usize]);
+            assert_eq!(got, base(b), "{what}: snapshot s1, block {b}");
+        }
+        rt.block_on(v.read(0, &mut buf)).unwrap();
+        for b in 0..BLOCKS {
+            let want = writes.get(&b).copied().unwrap_or(base(b));
+            let got = decode(b, &buf[(b * BLOCK) as usize..][..BLOCK as usize]);
+            assert_eq!(got, want, "{what}: volume, block {b}");
+        }
+    };
+    check(&cluster, "after the kill");
+    // Every replica holds the copies: each chunkserver in turn is stopped (so that the
+    // others lead), and the snapshot reads the same.
+    for i in 0..cluster.chunkservers.len() {
+        cluster.wait_healthy(Duration::from_secs(120));
+        cluster.chunkservers[i].kill9();
+        check(&cluster, &format!("chunkserver {i} down"));
+        cluster.chunkservers[i].restart();
+    }
+    cluster.wait_healthy(Duration::from_secs(120));
+
+    // 2. Flatten a clone while its writer runs, with kill -9 of a leader during it.
+    ok(&cluster, &["volume", "clone", "/v@s1", "/c"]);
+    let c = rt.block_on(open(&cluster, "/c")).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = spawn_writer(&rt, &c, 0..BLOCKS, 5_000_000, 100_000, &stop);
+    let flatten = {
+        let mds = cluster.mds_addrs().join(",");
+        let key = cluster.key();
+        std::thread::spawn(move || {
+            Command::new(bin("curve"))
+                .env("CURVE_KEY_FILE", key)
+                .args(["--mds", &mds, "volume", "flatten", "/c", "--rate", "8M"])
+                .output()
+                .unwrap()
+        })
+    };
+    std::thread::sleep(Duration::from_secs(2));
+    let victim = busiest_leader(&rt, &cluster);
+    cluster.chunkservers[victim].kill9();
+    let out = flatten.join().unwrap();
+    assert!(
+        out.status.success(),
+        "flatten across a kill: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stop.store(true, Ordering::Relaxed);
+    let log = rt.block_on(writer).unwrap().unwrap();
+    cluster.chunkservers[victim].restart();
+    let writes = last_writes(&log);
+    let mut buf = vec![0u8; (BLOCKS * BLOCK) as usize];
+    rt.block_on(c.read(0, &mut buf)).unwrap();
+    for b in 0..BLOCKS {
+        let want = writes.get(&b).copied().unwrap_or(base(b));
+        assert_eq!(
+            decode(b, &buf[(b * BLOCK) as usize..][..BLOCK as usize]),
+            want,
+            "flattened clone, block {b}"
+        );
+    }
+    rt.block_on(c.close()).unwrap();
+    ok(&cluster, &["snapshot", "delete", "/v@s1"]);
+    rt.block_on(c.read(0, &mut buf)).unwrap_err(); // closed
+    let c = rt.block_on(open(&cluster, "/c")).unwrap();
+    let mut again = vec![0u8; buf.len()];
+    rt.block_on(c.read(0, &mut again)).unwrap();
+    assert!(again == buf, "the flat clone without its source");
+    rt.block_on(c.close()).unwrap();
+
+    // 3. kill -9 of the MDS during `snapshot create`: the snapshot exists and holds the
+    //    writes acknowledged before the call (plus ones in flight), or it does not exist and
+    //    the command failed.
+    cluster.wait_healthy(Duration::from_secs(120));
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = spawn_writer(&rt, &v, 0..BLOCKS, 9_000_000, 100_000, &stop);
+    std::thread::sleep(Duration::from_secs(1));
+    let call = Instant::now();
+    let create = {
+        let mds = cluster.mds_addrs().join(",");
+        let key = cluster.key();
+        std::thread::spawn(move || {
+            Command::new(bin("curve"))
+                .env("CURVE_KEY_FILE", key)
+                .args(["--mds", &mds, "snapshot", "create", "/v", "--name", "k"])
+                .output()
+                .unwrap()
+        })
+    };
+    std::thread::sleep(Duration::from_millis(30));
+    cluster.mds[0].kill9();
+    cluster.mds[0].restart();
+    let out = create.join().unwrap();
+    let listed = ok(&cluster, &["snapshot", "list", "/v", "--format", "json"]);
+    let listed: serde_json::Value = serde_json::from_str(&listed).unwrap();
+    let exists = listed.as_array().unwrap().iter().any(|s| s["name"] == "k");
+    eprintln!(
+        "snapshot create across a kill -9 of the MDS: exit {:?}, exists {exists}: {}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if !exists {
+        assert!(
+            !out.status.success(),
+            "the command said it made a snapshot that is not there"
+        );
+        stop.store(true, Ordering::Relaxed);
+        rt.block_on(writer).unwrap().unwrap();
+        return;
+    }
+    // It exists: it becomes readable once the writer took it; then check it.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let s = loop {
+        match rt.block_on(open(&cluster, "/v@k")) {
+            Ok(s) => break s,
+            Err(e) if Instant::now() < deadline => {
+                eprintln!("waiting for /v@k: {e}");
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            Err(e) => panic!("/v@k never became readable: {e}"),
+        }
+    };
+    let ready = Instant::now();
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, Ordering::Relaxed);
+    let log = rt.block_on(writer).unwrap().unwrap();
+    let mut by_block: HashMap<u64, Vec<Acked>> = HashMap::new();
+    for a in &log {
+        by_block.entry(a.block).or_default().push(*a);
+    }
+    rt.block_on(s.read(0, &mut buf)).unwrap();
+    for b in 0..BLOCKS {
+        let got = decode(b, &buf[(b * BLOCK) as usize..][..BLOCK as usize]);
+        let ws = by_block.get(&b).map(Vec::as_slice).unwrap_or(&[]);
+        // Before the call: the last write acknowledged then, or the value before this writer.
+        let before = ws
+            .iter()
+            .filter(|a| a.ack < call)
+            .map(|a| a.n)
+            .max()
+            .unwrap_or_else(|| writes_before(&cow_writes, b, base(b)));
+        if got == before {
+            continue;
+        }
+        let w = ws
+            .iter()
+            .find(|a| a.n == got)
+            .unwrap_or_else(|| panic!("/v@k block {b}: {got} is not a write of this run"));
+        assert!(
+            w.start < ready && w.ack >= call,
+            "/v@k block {b}: holds write {got}, started after the snapshot was taken"
+        );
+    }
+    rt.block_on(v.close()).unwrap();
+}
+
+/// What block `b` held before the last writer: the previous writer's last write, else `base`.
+fn writes_before(prev: &HashMap<u64, u64>, b: u64, base: u64) -> u64 {
+    prev.get(&b).copied().unwrap_or(base)
 }
