@@ -78,7 +78,8 @@ reply!(
     SessionResponse,
     SegmentResponse,
     GetCopysetsResponse,
-    SnapshotResponse
+    SnapshotResponse,
+    SpaceResponse
 );
 
 impl Reply for TopologyResponse {
@@ -410,6 +411,15 @@ impl MdsClient {
         Ok(rpc!(self, clone_volume, "CloneVolume", req)?
             .info
             .unwrap_or_default())
+    }
+
+    /// What the volume at `path` and each of its snapshots hold on the chunkservers.
+    pub async fn space(&self, path: &str) -> Result<SpaceResponse, MdsError> {
+        let req = PathRequest {
+            path: path.into(),
+            owner: String::new(),
+        };
+        rpc!(self, volume_space, "VolumeSpace", req)
     }
 
     /// Ends a filled clone's tie to its source.

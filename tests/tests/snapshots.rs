@@ -270,7 +270,18 @@ fn snapshots_under_load_hold_exactly_the_acknowledged_writes() {
     let list: serde_json::Value = serde_json::from_str(&list).unwrap();
     assert_eq!(list.as_array().unwrap().len(), 3, "{list}");
     let info = ok(&cluster, &["volume", "info", "/v"]);
-    assert!(info.contains("/v@s1"), "{info}");
+    assert!(info.contains("/v@s1") && info.contains("holds"), "{info}");
+    let info = ok(&cluster, &["volume", "info", "/v", "--format", "json"]);
+    let info: serde_json::Value = serde_json::from_str(&info).unwrap();
+    assert_eq!(
+        info[0]["bytes_used"],
+        3u64 * (16 << 20),
+        "three chunks written: {info}"
+    );
+    let held: u64 = (0..3)
+        .map(|i| info[0]["snapshots"][i]["bytes"].as_u64().unwrap())
+        .sum();
+    assert!(held > 0 && held <= 9 * (16 << 20), "COW space: {info}");
 
     // Deleting the snapshots gives their COW files back on every replica.
     let cows = cow_files(tmp.path());

@@ -373,9 +373,12 @@ impl ChunkService for ChunkServerServices {
             chunk_sn: node
                 .store()
                 .chunk_meta(req.chunk_id)
-                .map(|m| m.sn)
-                .into_iter()
-                .collect(),
+                .map(|m| {
+                    let mut v = vec![m.sn];
+                    v.extend(node.store().cow_tags(req.chunk_id));
+                    v
+                })
+                .unwrap_or_default(),
             ..Default::default()
         }))
     }

@@ -361,6 +361,56 @@ pub async fn chunk_op(
     failed
 }
 
+/// GetChunkInfo of each chunk at its copyset's leader (`credentials(chunk)`: ticket and
+/// grant, auth on): the sequence numbers each answers (empty: the chunk does not exist or
+/// could not be reached).
+pub async fn chunk_infos(
+    work: &[(u32, u32, u64, Vec<Peer>)],
+    credentials: impl Fn(u64) -> (Vec<u8>, Vec<u8>),
+) -> Vec<Vec<u64>> {
+    let mut out = Vec::with_capacity(work.len());
+    for (pool, copyset, chunk, peers) in work {
+        let (ticket, grant) = credentials(*chunk);
+        let mut target = peers.first().map(|p| p.address.clone());
+        let mut sns = Vec::new();
+        for _ in 0..(peers.len() * 2).max(1) {
+            let Some(addr) = target.take() else {
+                break;
+            };
+            let Ok(mut c) = curve_auth::tls::connect(&addr, Duration::from_secs(2))
+                .await
+                .map(ChunkServiceClient::new)
+            else {
+                target = next_peer(peers, &addr);
+                continue;
+            };
+            let req = curve_proto::chunk::GetChunkInfoRequest {
+                logical_pool_id: *pool,
+                copyset_id: *copyset,
+                chunk_id: *chunk,
+                ticket: ticket.clone(),
+                grant: grant.clone(),
+            };
+            match c.get_chunk_info(req).await.map(|r| r.into_inner()) {
+                Ok(r) if r.status == 0 => {
+                    sns = r.chunk_sn;
+                    break;
+                }
+                Ok(r) => {
+                    target = r
+                        .redirect
+                        .map(|l| l.address)
+                        .filter(|a| !a.is_empty())
+                        .or_else(|| next_peer(peers, &addr));
+                }
+                Err(_) => target = next_peer(peers, &addr),
+            }
+        }
+        out.push(sns);
+    }
+    out
+}
+
 fn next_peer(peers: &[Peer], addr: &str) -> Option<String> {
     let i = peers.iter().position(|p| p.address == addr)?;
     peers.get((i + 1) % peers.len()).map(|p| p.address.clone())

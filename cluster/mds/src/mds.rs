@@ -1056,6 +1056,58 @@ impl MdsService for Services {
             .await
     }
 
+    async fn volume_space(
+        &self,
+        r: Request<PathRequest>,
+    ) -> Result<Response<SpaceResponse>, Status> {
+        caller!(self, r, SpaceResponse, "VolumeSpace");
+        let r = r.into_inner();
+        leader_or!(self, SpaceResponse, mds => async move {
+            let found = {
+                let st = mds.state.lock();
+                st.ns.lookup(&r.path).and_then(|id| {
+                    let f = st.ns.get(id).expect("looked up").clone();
+                    if f.kind != Kind::Volume {
+                        return Err(NsError::NotAVolume(r.path.clone()));
+                    }
+                    Ok((f, chunk_work(&st, &st.ns.segments_of(id))))
+                })
+            };
+            let (f, work) = match found {
+                Ok(x) => x,
+                Err(e) => return Ok(reply!(SpaceResponse, status_of(&e), String::new(), e.to_string())),
+            };
+            let auth = mds.opts.auth.clone();
+            let infos = crate::daemon::chunk_infos(&work, |chunk| match &auth {
+                None => (Vec::new(), Vec::new()),
+                Some(a) => (
+                    a.ticket_for(f.id, f.epoch, true, false),
+                    curve_auth::grant(&a.ring.get(), f.id, chunk),
+                ),
+            })
+            .await;
+            let mut out = SpaceResponse {
+                snapshots: f
+                    .snapshots
+                    .iter()
+                    .map(|s| SnapshotSpace { name: s.name.clone(), seq: s.seq, bytes: 0 })
+                    .collect(),
+                ..Default::default()
+            };
+            for sns in infos {
+                let Some((_, tags)) = sns.split_first() else { continue };
+                out.volume_bytes += f.chunk_size;
+                for tag in tags {
+                    // The newest live snapshot the COW file serves.
+                    if let Some(s) = out.snapshots.iter_mut().rev().find(|s| s.seq <= *tag) {
+                        s.bytes += f.chunk_size;
+                    }
+                }
+            }
+            Ok(out)
+        })
+    }
+
     async fn create_user(&self, r: Request<UserRequest>) -> Result<Response<UserResponse>, Status> {
         self.users_change(r, "CreateUser", |users, r| {
             if !curve_auth::valid_user_name(&r.name) || r.name == "root" {

@@ -123,6 +123,48 @@ fn print_snapshot(path: &str, s: &SnapshotInfo) {
     println!("snap {path}@{:<24} seq {:<6}{state}{clones}", s.name, s.seq);
 }
 
+/// `volume info` of a volume: its record, and the space it and each snapshot hold.
+fn print_info(f: &FileInfo, space: &curve_proto::mds::SpaceResponse, json_out: bool) {
+    let held = |s: &SnapshotInfo| {
+        space
+            .snapshots
+            .iter()
+            .find(|x| x.seq == s.seq)
+            .map_or(0, |x| x.bytes)
+    };
+    if json_out {
+        let mut v = file_json(f);
+        v["bytes_used"] = json!(space.volume_bytes);
+        for (j, s) in v["snapshots"]
+            .as_array_mut()
+            .expect("an array")
+            .iter_mut()
+            .zip(&f.snapshots)
+        {
+            j["bytes"] = json!(held(s));
+        }
+        println!("{}", serde_json::to_string_pretty(&vec![v]).expect("json"));
+        return;
+    }
+    println!(
+        "vol  {:<40} {:>12}  bs {:<4}  owner {:<8} epoch {}  uses {} MiB",
+        f.path,
+        f.length,
+        f.block_size,
+        f.owner,
+        f.epoch,
+        space.volume_bytes >> 20
+    );
+    if let Some(c) = &f.clone_source {
+        println!("      clone of {}", c.path);
+    }
+    for s in &f.snapshots {
+        print!("      ");
+        print_snapshot(&f.path, s);
+        println!("        holds {} MiB", held(s) >> 20);
+    }
+}
+
 /// What `curve snapshot` does.
 #[derive(Debug)]
 pub enum SnapshotOp {
@@ -223,7 +265,15 @@ pub async fn volume(
         }
         VolumeOp::Mkdir(path) => vec![c.create(&path, FileType::Directory, 0, 0, owner).await?],
         VolumeOp::List(path) => c.list(&path).await?,
-        VolumeOp::Info(path) => vec![c.stat(&path).await?],
+        VolumeOp::Info(path) => {
+            let f = c.stat(&path).await?;
+            if f.r#type == FileType::Volume as i32 && !path.contains('@') {
+                let space = c.space(&path).await?;
+                print_info(&f, &space, json_out);
+                return Ok(());
+            }
+            vec![f]
+        }
         VolumeOp::Extend(path, size) => vec![c.extend(&path, size, owner).await?],
         VolumeOp::Rename(from, to) => vec![c.rename(&from, &to, owner).await?],
         VolumeOp::Delete(path, force) => vec![c.delete(&path, owner, force).await?],
