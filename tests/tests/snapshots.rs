@@ -442,6 +442,55 @@ fn clones_read_their_writes_and_the_snapshot_elsewhere() {
         "a write to a snapshot export: {text}"
     );
     assert_eq!(block_of(&rt, &snap, 0), 1000, "the snapshot is unchanged");
+    // vhost-user-blk (our virtio front-end) and part1 (libnebd) on the same part2: reads
+    // serve, every write fails.
+    let vu = part2.run_dir().join("snap-vu.sock");
+    part2.curve_ok(&[
+        "export",
+        "add",
+        "--volume",
+        "curve:/src@s1",
+        "--vhost-user-blk",
+        vu.to_str().unwrap(),
+        "--name",
+        "snapvu",
+    ]);
+    let part1 = part2.part1_socket();
+    for target in [
+        vec!["--driver", "vhost-user", "--target", vu.to_str().unwrap()],
+        vec![
+            "--driver",
+            "nebd",
+            "--target",
+            part1.to_str().unwrap(),
+            "--volume",
+            "curve:/src@s1",
+        ],
+    ] {
+        let run = |w: &str| {
+            let mut args = vec!["bench"];
+            args.extend(&target);
+            args.extend(["-w", w, "-q", "4", "--io-count", "100", "--format", "json"]);
+            let out = curve(&cluster, &args);
+            serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap_or_else(|e| {
+                panic!(
+                    "{target:?} {w}: {e}: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                )
+            })
+        };
+        let r = run("randread");
+        assert_eq!(
+            (r["ios"].as_u64(), r["errors"].as_u64()),
+            (Some(100), Some(0)),
+            "{target:?}: {r}"
+        );
+        let r = run("randwrite");
+        assert_eq!(
+            r["errors"], 100,
+            "{target:?}: every write to the snapshot fails: {r}"
+        );
+    }
     drop(part2);
     // And through `curve bench --driver client`: reads run, writes are refused.
     let bench = |w: &str| {

@@ -130,6 +130,14 @@ impl ChunkFilePool {
         self.shared.take(dest)
     }
 
+    /// As [`ChunkFilePool::take`], but when the pool is empty the file is made sparse (its
+    /// length set, nothing written) instead of formatted: for COW files, of which only the
+    /// units copied are ever read, and which a burst of first writes after a snapshot needs
+    /// many of at once.
+    pub fn take_sparse(&self, dest: &Path) -> io::Result<()> {
+        self.shared.take_sparse(dest)
+    }
+
     /// Takes a chunk file back: its meta page is cleared and it rejoins the pool.
     pub fn give(&self, path: &Path, meta_page: u64) -> io::Result<()> {
         self.shared.give(path, meta_page)
@@ -168,6 +176,20 @@ impl Shared {
         std::fs::rename(&src, dest)?;
         sync_dir(dest)?;
         Ok(())
+    }
+
+    fn take_sparse(&self, dest: &Path) -> io::Result<()> {
+        let src = self.free.lock().pop();
+        self.wake.notify_one();
+        match src {
+            Some(p) => std::fs::rename(&p, dest)?,
+            None => OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(dest)?
+                .set_len(self.opts.file_size)?,
+        }
+        sync_dir(dest)
     }
 
     fn give(&self, path: &Path, meta_page: u64) -> io::Result<()> {

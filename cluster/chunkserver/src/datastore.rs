@@ -625,7 +625,7 @@ impl DataStore {
     fn start_cow(&self, id: u64, st: &mut State, tag: u64) -> Result<(), DataStoreError> {
         self.check_bitmaps()?;
         let path = self.dir.join(cow_name(id, tag));
-        self.pool.take(&path)?;
+        self.pool.take_sparse(&path)?;
         let file = OpenOptions::new().read(true).write(true).open(&path)?;
         let cow = CowFile {
             tag,

@@ -291,124 +291,140 @@ async fn schedule(mds: &Arc<Mds>) {
     }
 }
 
-/// Sends a cluster-signed chunk operation to the leader of each chunk's copyset: with `live`
-/// None a DeleteChunk, else a DeleteChunkSnapshotOrCorrectSn keeping the snapshots `live`.
-/// Returns how many chunks it could not reach.
+/// Chunk operations the MDS has in flight at once (deletions, snapshot deletions, space).
+const CHUNK_OPS_IN_FLIGHT: usize = 16;
+
+/// Sends a cluster-signed chunk operation to the leader of each chunk's copyset, a few at a
+/// time: with `live` None a DeleteChunk, else a DeleteChunkSnapshotOrCorrectSn keeping the
+/// snapshots `live`. Returns how many chunks it could not reach.
 pub async fn chunk_op(
     work: Vec<(u32, u32, u64, Vec<Peer>)>,
     ring: Option<curve_auth::SharedKeyring>,
     live: Option<Vec<u64>>,
 ) -> usize {
-    let mut failed = 0;
-    for (pool, copyset, chunk, peers) in work {
-        let mut target = peers.first().map(|p| p.address.clone());
-        let mut done = false;
-        for _ in 0..(peers.len() * 2).max(1) {
-            let Some(addr) = target.take() else {
-                break;
-            };
-            let Ok(mut c) = curve_auth::tls::connect(&addr, Duration::from_secs(2))
-                .await
-                .map(ChunkServiceClient::new)
-            else {
-                target = next_peer(&peers, &addr);
-                continue;
-            };
-            let req = ChunkRequest {
-                logical_pool_id: pool,
-                copyset_id: copyset,
-                chunk_id: chunk,
-                live_sns: live.clone().unwrap_or_default(),
-                ..Default::default()
-            };
-            let r = match &live {
-                None => {
-                    c.delete_chunk(curve_auth::peer_request(ring.as_ref(), "DeleteChunk", req))
-                        .await
-                }
-                Some(_) => {
-                    c.delete_chunk_snapshot_or_correct_sn(curve_auth::peer_request(
-                        ring.as_ref(),
-                        "DeleteChunkSnapshotOrCorrectSn",
-                        req,
-                    ))
-                    .await
-                }
-            }
-            .map(|r| r.into_inner());
-            match r {
-                Ok(r)
-                    if r.status == 0
-                        || r.status == curve_proto::chunk::ChunkStatus::ChunkNotexist as i32 =>
-                {
-                    done = true;
-                    break;
-                }
-                Ok(r) => {
-                    target = r
-                        .redirect
-                        .map(|l| l.address)
-                        .filter(|a| !a.is_empty())
-                        .or_else(|| next_peer(&peers, &addr));
-                }
-                Err(_) => target = next_peer(&peers, &addr),
-            }
-        }
-        if !done {
-            failed += 1;
-        }
-    }
-    failed
+    use futures::StreamExt;
+    futures::stream::iter(work)
+        .map(|w| one_chunk_op(w, ring.as_ref(), live.as_deref()))
+        .buffer_unordered(CHUNK_OPS_IN_FLIGHT)
+        .filter(|done| std::future::ready(!*done))
+        .count()
+        .await
 }
 
-/// GetChunkInfo of each chunk at its copyset's leader (`credentials(chunk)`: ticket and
-/// grant, auth on): the sequence numbers each answers (empty: the chunk does not exist or
-/// could not be reached).
+async fn one_chunk_op(
+    (pool, copyset, chunk, peers): (u32, u32, u64, Vec<Peer>),
+    ring: Option<&curve_auth::SharedKeyring>,
+    live: Option<&[u64]>,
+) -> bool {
+    let mut target = peers.first().map(|p| p.address.clone());
+    for _ in 0..(peers.len() * 2).max(1) {
+        let Some(addr) = target.take() else {
+            break;
+        };
+        let Ok(mut c) = curve_auth::tls::connect(&addr, Duration::from_secs(2))
+            .await
+            .map(ChunkServiceClient::new)
+        else {
+            target = next_peer(&peers, &addr);
+            continue;
+        };
+        let req = ChunkRequest {
+            logical_pool_id: pool,
+            copyset_id: copyset,
+            chunk_id: chunk,
+            live_sns: live.map(<[u64]>::to_vec).unwrap_or_default(),
+            ..Default::default()
+        };
+        let r = match live {
+            None => {
+                c.delete_chunk(curve_auth::peer_request(ring, "DeleteChunk", req))
+                    .await
+            }
+            Some(_) => {
+                c.delete_chunk_snapshot_or_correct_sn(curve_auth::peer_request(
+                    ring,
+                    "DeleteChunkSnapshotOrCorrectSn",
+                    req,
+                ))
+                .await
+            }
+        }
+        .map(|r| r.into_inner());
+        match r {
+            Ok(r)
+                if r.status == 0
+                    || r.status == curve_proto::chunk::ChunkStatus::ChunkNotexist as i32 =>
+            {
+                return true;
+            }
+            Ok(r) => {
+                target = r
+                    .redirect
+                    .map(|l| l.address)
+                    .filter(|a| !a.is_empty())
+                    .or_else(|| next_peer(&peers, &addr));
+            }
+            Err(_) => target = next_peer(&peers, &addr),
+        }
+    }
+    false
+}
+
+/// GetChunkInfo of each chunk at its copyset's leader, a few at a time (`credentials(chunk)`:
+/// ticket and grant, auth on): the sequence numbers each answers (empty: the chunk does not
+/// exist or could not be reached).
 pub async fn chunk_infos(
     work: &[(u32, u32, u64, Vec<Peer>)],
     credentials: impl Fn(u64) -> (Vec<u8>, Vec<u8>),
 ) -> Vec<Vec<u64>> {
-    let mut out = Vec::with_capacity(work.len());
-    for (pool, copyset, chunk, peers) in work {
-        let (ticket, grant) = credentials(*chunk);
-        let mut target = peers.first().map(|p| p.address.clone());
-        let mut sns = Vec::new();
-        for _ in 0..(peers.len() * 2).max(1) {
-            let Some(addr) = target.take() else {
-                break;
-            };
-            let Ok(mut c) = curve_auth::tls::connect(&addr, Duration::from_secs(2))
-                .await
-                .map(ChunkServiceClient::new)
-            else {
-                target = next_peer(peers, &addr);
-                continue;
-            };
-            let req = curve_proto::chunk::GetChunkInfoRequest {
-                logical_pool_id: *pool,
-                copyset_id: *copyset,
-                chunk_id: *chunk,
-                ticket: ticket.clone(),
-                grant: grant.clone(),
-            };
-            match c.get_chunk_info(req).await.map(|r| r.into_inner()) {
-                Ok(r) if r.status == 0 => {
-                    sns = r.chunk_sn;
-                    break;
-                }
-                Ok(r) => {
-                    target = r
-                        .redirect
-                        .map(|l| l.address)
-                        .filter(|a| !a.is_empty())
-                        .or_else(|| next_peer(peers, &addr));
-                }
-                Err(_) => target = next_peer(peers, &addr),
+    use futures::StreamExt;
+    futures::stream::iter(work.iter().cloned())
+        .map(|w| {
+            let (ticket, grant) = credentials(w.2);
+            one_chunk_info(w, ticket, grant)
+        })
+        .buffered(CHUNK_OPS_IN_FLIGHT)
+        .collect()
+        .await
+}
+
+async fn one_chunk_info(
+    (pool, copyset, chunk, peers): (u32, u32, u64, Vec<Peer>),
+    ticket: Vec<u8>,
+    grant: Vec<u8>,
+) -> Vec<u64> {
+    let mut target = peers.first().map(|p| p.address.clone());
+    for _ in 0..(peers.len() * 2).max(1) {
+        let Some(addr) = target.take() else {
+            break;
+        };
+        let Ok(mut c) = curve_auth::tls::connect(&addr, Duration::from_secs(2))
+            .await
+            .map(ChunkServiceClient::new)
+        else {
+            target = next_peer(&peers, &addr);
+            continue;
+        };
+        let req = curve_proto::chunk::GetChunkInfoRequest {
+            logical_pool_id: pool,
+            copyset_id: copyset,
+            chunk_id: chunk,
+            ticket: ticket.clone(),
+            grant: grant.clone(),
+        };
+        match c.get_chunk_info(req).await.map(|r| r.into_inner()) {
+            Ok(r) if r.status == 0 => return r.chunk_sn,
+            Ok(r) => {
+                target = r
+                    .redirect
+                    .map(|l| l.address)
+                    .filter(|a| !a.is_empty())
+                    .or_else(|| next_peer(&peers, &addr));
             }
+            Err(_) => target = next_peer(&peers, &addr),
         }
-        out.push(sns);
     }
-    out
+    Vec::new()
 }
 
 fn next_peer(peers: &[Peer], addr: &str) -> Option<String> {

@@ -1140,6 +1140,74 @@ mod tests {
     }
 
     #[test]
+    fn snapshots_clones_and_what_depends_on_them() {
+        let mut ns = ns();
+        ns.create("/v", Kind::Volume, 8 << 20, 4096, "alice", 0)
+            .unwrap();
+        let (_, s1, _) = ns.snapshot_create("/v", "s1", "alice", 1).unwrap();
+        let (f, s2, _) = ns.snapshot_create("/v", "s2", "alice", 2).unwrap();
+        assert_eq!((s1.seq, s2.seq, f.snap_seq()), (1, 2, 2));
+        fn e<T>(r: Result<T, NsError>) -> NsError {
+            r.err().expect("an error")
+        }
+        assert!(matches!(
+            e(ns.snapshot_create("/v", "s1", "alice", 3)),
+            NsError::Exists(_)
+        ));
+        assert!(matches!(
+            e(ns.snapshot_create("/v", "a/b", "alice", 3)),
+            NsError::Invalid(_)
+        ));
+        assert!(matches!(
+            e(ns.snapshot_create("/v", "x", "bob", 3)),
+            NsError::AuthFailed(_)
+        ));
+        assert!(matches!(
+            e(ns.snapshot_create("/nope", "x", "alice", 3)),
+            NsError::NotFound(_)
+        ));
+        assert_eq!(ns.resolve("/v@s2").unwrap().1.unwrap().seq, 2);
+        assert!(matches!(e(ns.resolve("/v@s9")), NsError::NotFound(_)));
+        // A clone (and a snapshot of it) hold the snapshot; a volume with snapshots stays.
+        let (c, _) = ns.clone_volume("/v@s1", "/c", "alice", 4).unwrap();
+        assert_eq!(c.clone_of.as_ref().unwrap().seq, 1);
+        assert_eq!(c.length, 8 << 20);
+        assert!(matches!(
+            e(ns.clone_volume("/v@s1", "/c", "alice", 4)),
+            NsError::Exists(_)
+        ));
+        assert!(matches!(
+            e(ns.clone_volume("/v", "/d", "alice", 4)),
+            NsError::Invalid(_)
+        ));
+        assert!(matches!(
+            e(ns.clone_volume("/v@s1", "/d", "bob", 4)),
+            NsError::AuthFailed(_)
+        ));
+        ns.snapshot_create("/c", "t", "alice", 5).unwrap();
+        assert_eq!(
+            ns.clones_of(2, 1),
+            vec!["/c".to_string(), "/c@t".to_string()]
+        );
+        match e(ns.snapshot_delete("/v", "s1", "alice")) {
+            NsError::InUse(m) => assert!(m.contains("/c, /c@t"), "{m}"),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            e(ns.delete("/v", "alice", true)),
+            NsError::InUse(_)
+        ));
+        assert!(matches!(e(ns.flatten("/v", "alice")), NsError::Invalid(_)));
+        ns.flatten("/c", "alice").unwrap();
+        ns.snapshot_delete("/c", "t", "alice").unwrap();
+        let (f, _, _) = ns.snapshot_delete("/v", "s1", "alice").unwrap();
+        assert_eq!(f.snap_seq(), 2);
+        let (f, _, _) = ns.snapshot_delete("/v", "s2", "alice").unwrap();
+        assert_eq!((f.snap_seq(), f.last_seq), (0, 2), "numbers are not reused");
+        ns.delete("/v", "alice", true).unwrap();
+    }
+
+    #[test]
     fn segments_allocate_once_spread_and_reload() {
         let mut n = ns();
         let (f, mut ops) = n.create("/v", V, 16 << 20, 0, "u", 1).unwrap();
