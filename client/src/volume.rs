@@ -139,6 +139,9 @@ struct Inner {
     conns: Arc<Connections>,
     qos: Limiter,
     closed: AtomicBool,
+    /// Serialises `close` with the refresh loop's reopen: a refresh that was in flight while
+    /// the volume closed must not open the session again.
+    session_op: tokio::sync::Mutex<()>,
 }
 
 /// An open session of a volume at the MDS, as handed from one process to the next.
@@ -232,6 +235,7 @@ impl Volume {
                 conns,
                 qos: Limiter::default(),
                 closed: AtomicBool::new(false),
+                session_op: tokio::sync::Mutex::new(()),
                 opts,
             }),
         };
@@ -803,6 +807,7 @@ impl Volume {
 
     /// Closes the session. In-flight requests fail with [`ClientError::Closed`].
     pub async fn close(&self) -> Result<(), ClientError> {
+        let _op = self.inner.session_op.lock().await;
         if self.inner.closed.swap(true, Ordering::AcqRel) {
             return Ok(());
         }
@@ -865,6 +870,10 @@ async fn refresh_loop(inner: std::sync::Weak<Inner>, lease: Duration) {
                 }
             }
             Err(e) if e.status() == Some(MdsStatus::SessionExpired) && !session.is_empty() => {
+                let _op = inner.session_op.lock().await;
+                if inner.closed.load(Ordering::Acquire) {
+                    return; // closed while the refresh was in flight: stay closed
+                }
                 match inner
                     .mds
                     .open(&inner.path, &inner.opts.owner, &inner.opts.client_id)
