@@ -15,7 +15,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("cargo:rerun-if-changed={f}");
     }
     let descriptors = protox::compile(files, ["proto"])?;
+    // Payloads are `bytes::Bytes`: decoded without a copy (a slice of the received buffer),
+    // and a retry or a hand-over clones a reference count, not the data.
     tonic_prost_build::configure()
+        .bytes(".curve.chunk.ChunkRequest.data")
+        .bytes(".curve.chunk.ChunkResponse.data")
+        .bytes(".curve.raft.RaftRequest.payload")
+        .bytes(".curve.raft.RaftResponse.payload")
         .build_server(true)
         .build_client(true)
         .compile_fds(descriptors)?;

@@ -140,9 +140,10 @@ impl BlockDevice for CurveDevice {
             return Box::pin(std::future::ready(Err(IoError::ReadOnly)));
         }
         let v = self.volume.clone();
-        let data = buf.to_vec();
+        // One copy, shared by the parts and every retry of them.
+        let data = bytes::Bytes::copy_from_slice(buf);
         // Acknowledged writes are on a raft quorum: FUA needs nothing more.
-        Box::pin(self.run(async move { v.write(offset, &data).await }))
+        Box::pin(self.run(async move { v.write_bytes(offset, data).await }))
     }
 
     fn flush(&self) -> IoFuture<'_> {

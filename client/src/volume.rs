@@ -16,6 +16,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
+use bytes::Bytes;
 use curve_proto::chunk::{ChunkRequest, ChunkResponse, ChunkStatus};
 use curve_proto::mds::{FileInfo, MdsStatus, Segment};
 use parking_lot::RwLock;
@@ -334,6 +335,12 @@ impl Volume {
 
     /// Writes `buf` at `offset`; durable (on a raft quorum) when it returns.
     pub async fn write(&self, offset: u64, buf: &[u8]) -> Result<(), ClientError> {
+        self.write_bytes(offset, Bytes::copy_from_slice(buf)).await
+    }
+
+    /// [`Volume::write`] of a buffer the caller hands over: its parts and every retry of them
+    /// share it (no copy on the way to the chunkservers' sockets).
+    pub async fn write_bytes(&self, offset: u64, buf: Bytes) -> Result<(), ClientError> {
         self.check(offset, buf.len() as u64)?;
         if self.is_read_only() {
             return Err(ClientError::ReadOnly(self.inner.path.clone()));
@@ -342,7 +349,7 @@ impl Volume {
         let (chunk, max) = self.geometry();
         let mut tracker = IoTracker::new(offset, buf.len() as u64, chunk, max);
         let results = futures::future::join_all(tracker.parts().iter().map(|p| {
-            let data = buf[p.buf_offset..p.buf_offset + p.len as usize].to_vec();
+            let data = buf.slice(p.buf_offset..p.buf_offset + p.len as usize);
             self.write_part(*p, data)
         }))
         .await;
@@ -362,7 +369,7 @@ impl Volume {
         let clone = self.inner.info.read().clone_source.is_some();
         let (chunk, max) = self.geometry();
         let seg = self.inner.info.read().segment_size;
-        let zeros = vec![0u8; max as usize];
+        let zeros = Bytes::from(vec![0u8; max as usize]);
         // Sixteen parts at a time: zeroing a whole device must not build it all in memory.
         for group in IoTracker::new(offset, len, chunk, max).parts().chunks(16) {
             let mut jobs = Vec::new();
@@ -371,7 +378,7 @@ impl Volume {
                 if !clone && self.segment(p.offset / seg, false).await?.is_none() {
                     continue;
                 }
-                jobs.push(self.write_part(*p, zeros[..p.len as usize].to_vec()));
+                jobs.push(self.write_part(*p, zeros.slice(..p.len as usize)));
             }
             futures::future::join_all(jobs)
                 .await
@@ -461,12 +468,12 @@ impl Volume {
                 }
             };
             let Some(source) = self.source().await? else {
-                return Ok(answer.map(|r| r.data));
+                return Ok(answer.map(|r| Vec::from(r.data)));
             };
             let Some(r) = answer else {
                 return source.read_part_full(p).await;
             };
-            let mut data = r.data;
+            let mut data = Vec::from(r.data);
             if r.unfilled.is_empty() {
                 return Ok(Some(data));
             }
@@ -503,7 +510,7 @@ impl Volume {
         })
     }
 
-    async fn write_part(&self, mut p: Part, mut data: Vec<u8>) -> Result<(), ClientError> {
+    async fn write_part(&self, mut p: Part, mut data: Bytes) -> Result<(), ClientError> {
         let clone = self.inner.info.read().clone_source.is_some();
         if clone && (!p.offset.is_multiple_of(UNIT) || !p.len.is_multiple_of(UNIT)) {
             // A clone's chunk takes whole units (a unit not filled yet is the source's): read
@@ -521,7 +528,7 @@ impl Volume {
                 .unwrap_or_else(|| vec![0u8; (hi - lo) as usize]);
             let at = (p.offset - lo) as usize;
             full[at..at + data.len()].copy_from_slice(&data);
-            (p, data) = (around, full);
+            (p, data) = (around, full.into());
         }
         let seg = self.inner.info.read().segment_size;
         let s = self
@@ -546,7 +553,7 @@ impl Volume {
             .await?
             .expect("allocated on fill");
         let req = ChunkRequest {
-            data,
+            data: data.into(),
             sn: self.inner.snap_seq.load(Ordering::Acquire),
             clone: true,
             ..self.locate(&s, p)

@@ -59,7 +59,7 @@ mod tests {
             chunk_id: 3,
             offset: 4096,
             size: 4,
-            data: b"abcd".to_vec(),
+            data: bytes::Bytes::from_static(b"abcd"),
             epoch: 7,
             ..Default::default()
         };
@@ -69,5 +69,22 @@ mod tests {
         assert_eq!(super::chunk::ChunkStatus::Overload as i32, 9);
         assert_eq!(super::chunk::ChunkStatus::EpochTooOld as i32, 12);
         assert!(super::chunk::ChunkRequest::decode(&[0xff, 0xff][..]).is_err());
+    }
+
+    /// Payloads decode as slices of the received buffer (no copy), as tonic hands them over.
+    #[test]
+    fn payloads_decode_without_a_copy() {
+        let req = super::chunk::ChunkRequest {
+            data: vec![9u8; 1 << 20].into(),
+            ..Default::default()
+        };
+        let wire = bytes::Bytes::from(req.encode_to_vec());
+        let back = super::chunk::ChunkRequest::decode(wire.clone()).unwrap();
+        let at = back.data.as_ptr() as usize - wire.as_ptr() as usize;
+        assert!(
+            at + back.data.len() <= wire.len(),
+            "the data is in the buffer"
+        );
+        assert_eq!(back, req);
     }
 }

@@ -110,7 +110,7 @@ async fn chunk_status(t: &Target, req: ChunkRequest, write: bool) -> ChunkStatus
 
 fn write_req(t: &Target, ticket: &[u8], data: u8) -> ChunkRequest {
     ChunkRequest {
-        data: vec![data; 4096],
+        data: vec![data; 4096].into(),
         ticket: ticket.to_vec(),
         ..t.req.clone()
     }
@@ -479,7 +479,7 @@ fn every_rpc_needs_the_right_credential_and_the_owner_never_notices() {
             .append_entries(RaftRequest {
                 logical_pool_id: a.req.logical_pool_id,
                 copyset_id: a.req.copyset_id,
-                payload: vec![0; 64],
+                payload: vec![0; 64].into(),
             })
             .await
             .unwrap_err();

@@ -418,7 +418,7 @@ async fn an_offline_chunkserver_has_its_copysets_rebuilt_on_the_others() {
                         chunk_id: 100 + u64::from(copyset),
                         offset: 0,
                         size: 4096,
-                        data: vec![copyset as u8; 4096],
+                        data: vec![copyset as u8; 4096].into(),
                         ..Default::default()
                     })
                     .await

@@ -63,7 +63,7 @@ fn request(i: u64) -> ChunkRequest {
         chunk_id: i % 8,
         offset: (i.wrapping_mul(7919) % (CHUNK / 4096)) * 4096,
         size: 4096,
-        data: vec![i as u8; 4096],
+        data: vec![i as u8; 4096].into(),
         ..Default::default()
     }
 }

@@ -97,7 +97,7 @@ impl PeerConnection {
         let mut request = tonic::Request::new(RaftRequest {
             logical_pool_id: self.pool,
             copyset_id: self.copyset,
-            payload,
+            payload: payload.into(),
         });
         if let Some(v) = cred.and_then(|c| c.parse().ok()) {
             request.metadata_mut().insert(curve_auth::PEER_HEADER, v);

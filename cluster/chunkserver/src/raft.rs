@@ -1,5 +1,6 @@
 //! Raft types of a copyset: the commands its log carries and what applying them answers.
 
+use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 /// A command of a copyset's raft log, applied to its DataStore.
@@ -13,10 +14,11 @@ pub enum ChunkCommand {
         sn: u64,
         /// Offset in the chunk.
         offset: u64,
-        /// Data: encoded as one byte string (`serde_bytes`), not element by element — the
-        /// same bincode bytes either way, so logs written before read back unchanged.
-        #[serde(with = "serde_bytes")]
-        data: Vec<u8>,
+        /// Data: shared, not copied, from the request to the log and the state machine;
+        /// encoded as one byte string (`Bytes` serialises as `serde_bytes` does), not element
+        /// by element — the same bincode bytes either way, so logs written before read back
+        /// unchanged.
+        data: Bytes,
         /// Epoch of the writer.
         epoch: u64,
     },
@@ -38,8 +40,7 @@ pub enum ChunkCommand {
         /// Offset in the chunk.
         offset: u64,
         /// Data.
-        #[serde(with = "serde_bytes")]
-        data: Vec<u8>,
+        data: Bytes,
         /// Epoch of the writer (the ticket's).
         epoch: u64,
     },
@@ -55,8 +56,7 @@ pub enum ChunkCommand {
         /// Offset in the chunk.
         offset: u64,
         /// Data.
-        #[serde(with = "serde_bytes")]
-        data: Vec<u8>,
+        data: Bytes,
         /// Epoch of the writer.
         epoch: u64,
     },
@@ -71,8 +71,7 @@ pub enum ChunkCommand {
         /// Offset in the chunk.
         offset: u64,
         /// Data.
-        #[serde(with = "serde_bytes")]
-        data: Vec<u8>,
+        data: Bytes,
     },
     /// Drops the COW files of a chunk that no snapshot in `live` reads.
     DeleteSnapshots {
@@ -137,7 +136,7 @@ mod encoding_tests {
             chunk_id: 9,
             sn: 1,
             offset: 4096,
-            data,
+            data: data.into(),
             epoch: 3,
         };
         let old_bytes = bincode::serialize(&old).unwrap();

@@ -80,6 +80,81 @@ struct State {
     segments: BTreeMap<u64, Segment>,
     entries: BTreeMap<u64, Loc>,
     meta: MetaRecord,
+    recent: Recent,
+}
+
+/// Bytes of entries a log keeps in memory after appending them ([`Recent`]).
+const RECENT_PER_LOG: u64 = 8 << 20;
+/// The same, all logs of the process together.
+const RECENT_PER_PROCESS: u64 = 32 << 20;
+static RECENT_BYTES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// The entries a log appended last, kept (their payloads shared, not copied) because the
+/// leader's replication to each follower and every replica's apply read them right after the
+/// append: from memory, not with a pread and a decode of the record. Bounded per log
+/// ([`RECENT_PER_LOG`]) and per process ([`RECENT_PER_PROCESS`]); an entry not here is read
+/// from its segment.
+#[derive(Debug, Default)]
+struct Recent {
+    entries: BTreeMap<u64, (Entry<TypeConfig>, u64)>,
+    bytes: u64,
+}
+
+impl Recent {
+    fn forget_oldest(&mut self) -> bool {
+        let Some((_, (_, n))) = self.entries.pop_first() else {
+            return false;
+        };
+        self.bytes -= n;
+        RECENT_BYTES.fetch_sub(n, std::sync::atomic::Ordering::Relaxed);
+        true
+    }
+
+    /// Keeps `entry` (`n` bytes encoded), forgetting this log's oldest to stay in bounds.
+    fn keep(&mut self, index: u64, entry: Entry<TypeConfig>, n: u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        if n > RECENT_PER_LOG {
+            return;
+        }
+        while self.bytes + n > RECENT_PER_LOG {
+            self.forget_oldest();
+        }
+        while RECENT_BYTES.load(Relaxed) + n > RECENT_PER_PROCESS && self.forget_oldest() {}
+        if RECENT_BYTES.load(Relaxed) + n > RECENT_PER_PROCESS {
+            return; // the other logs hold the process's share
+        }
+        RECENT_BYTES.fetch_add(n, Relaxed);
+        self.bytes += n;
+        if let Some((_, old)) = self.entries.insert(index, (entry, n)) {
+            self.bytes -= old;
+            RECENT_BYTES.fetch_sub(old, Relaxed);
+        }
+    }
+
+    /// Forgets the entries at `index` and after (a truncation).
+    fn forget_from(&mut self, index: u64) {
+        let gone = self.entries.split_off(&index);
+        self.drop_all(gone);
+    }
+
+    /// Forgets the entries up to `index` (a purge).
+    fn forget_to(&mut self, index: u64) {
+        let kept = self.entries.split_off(&(index + 1));
+        let gone = std::mem::replace(&mut self.entries, kept);
+        self.drop_all(gone);
+    }
+
+    fn drop_all(&mut self, gone: BTreeMap<u64, (Entry<TypeConfig>, u64)>) {
+        let n: u64 = gone.values().map(|(_, n)| n).sum();
+        self.bytes -= n;
+        RECENT_BYTES.fetch_sub(n, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl Drop for Recent {
+    fn drop(&mut self) {
+        RECENT_BYTES.fetch_sub(self.bytes, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 struct FlushRequest {
@@ -277,6 +352,7 @@ impl RaftLog {
                         log_id: entry.log_id,
                     },
                 );
+                st.recent.keep(index, entry, payload.len() as u64);
             }
             if let Some((seg, off)) = buf_seg {
                 let file = st.segments[&seg].file.clone();
@@ -297,7 +373,9 @@ impl RaftLog {
         range: impl RangeBounds<u64>,
         max_bytes: u64,
     ) -> Result<Vec<Entry<TypeConfig>>, StorageError> {
-        let locs: Vec<(Arc<File>, Loc)> = {
+        // Each entry from memory (Ok) or where to read it (Err).
+        type Source = Result<Entry<TypeConfig>, (Arc<File>, Loc)>;
+        let locs: Vec<Source> = {
             let st = self.inner.state.lock();
             let mut bytes = 0u64;
             st.entries
@@ -307,11 +385,21 @@ impl RaftLog {
                     bytes += u64::from(l.len);
                     first || bytes <= max_bytes
                 })
-                .map(|(_, l)| (st.segments[&l.segment].file.clone(), *l))
+                .map(|(i, l)| match st.recent.entries.get(i) {
+                    Some((e, _)) => Ok(e.clone()),
+                    None => Err((st.segments[&l.segment].file.clone(), *l)),
+                })
                 .collect()
         };
         let mut out = Vec::with_capacity(locs.len());
-        for (file, l) in locs {
+        for loc in locs {
+            let (file, l) = match loc {
+                Ok(entry) => {
+                    out.push(entry);
+                    continue;
+                }
+                Err(at) => at,
+            };
             let mut payload = vec![0u8; l.len as usize];
             file.read_exact_at(&mut payload, l.offset + HEADER)
                 .map_err(|e| StorageError::from(StorageIOError::read_logs(&e)))?;
@@ -464,6 +552,7 @@ impl RaftLogStorage<TypeConfig> for RaftLog {
             return Ok(());
         };
         st.entries.split_off(&log_id.index);
+        st.recent.forget_from(log_id.index);
         let seg = st
             .segments
             .get_mut(&cut.segment)
@@ -490,6 +579,7 @@ impl RaftLogStorage<TypeConfig> for RaftLog {
             let mut st = self.inner.state.lock();
             st.meta.last_purged = Some(log_id);
             st.entries = st.entries.split_off(&(log_id.index + 1));
+            st.recent.forget_to(log_id.index);
             st.meta.clone()
         };
         self.save_meta(&meta).map_err(io_err)?;
@@ -571,7 +661,7 @@ mod tests {
                 chunk_id: 1,
                 sn: 0,
                 offset: 0,
-                data: vec![7; 100 << 10],
+                data: vec![7; 100 << 10].into(),
                 epoch: 0,
             });
             e
@@ -587,6 +677,82 @@ mod tests {
         let got = log.read_limited(5..20, 1).unwrap();
         assert_eq!(got.len(), 1);
         assert_eq!(got[0].log_id.index, 5);
+    }
+
+    fn filled(index: u64, fill: u8) -> Entry<TypeConfig> {
+        let mut e = blank(index);
+        e.payload = openraft::EntryPayload::Normal(crate::raft::ChunkCommand::Write {
+            chunk_id: 1,
+            sn: 0,
+            offset: 0,
+            data: vec![fill; 1 << 20].into(),
+            epoch: 0,
+        });
+        e
+    }
+
+    fn data_of(e: &Entry<TypeConfig>) -> bytes::Bytes {
+        match &e.payload {
+            openraft::EntryPayload::Normal(crate::raft::ChunkCommand::Write { data, .. }) => {
+                data.clone()
+            }
+            p => panic!("not a write: {p:?}"),
+        }
+    }
+
+    #[test]
+    fn recent_entries_are_read_from_memory_within_bounds() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = RaftLog::open(dir.path(), 64 << 20).unwrap();
+        for f in log
+            .write_records((1..21).map(|i| filled(i, i as u8)))
+            .unwrap()
+        {
+            f.sync_data().unwrap();
+        }
+        {
+            let st = log.inner.state.lock();
+            assert!(st.recent.bytes > 0 && st.recent.bytes <= RECENT_PER_LOG);
+            assert!(
+                !st.recent.entries.contains_key(&1),
+                "the oldest are forgotten"
+            );
+            assert!(st.recent.entries.contains_key(&20), "the newest are kept");
+        }
+        // Every entry reads back, from memory or from its segment.
+        let got = log.read(1..21).unwrap();
+        assert_eq!(got.len(), 20);
+        for (i, e) in (1..21u64).zip(&got) {
+            assert_eq!(e.log_id.index, i);
+            assert!(data_of(e).iter().all(|b| *b == i as u8), "entry {i}");
+        }
+        // A kept entry is the appended one, shared: two reads give the same buffer.
+        let again = log.read(20..21).unwrap();
+        assert_eq!(data_of(&again[0]).as_ptr(), data_of(&got[19]).as_ptr());
+        // A truncation forgets: the entries written in place of the cut ones read back.
+        block_on(log.clone().truncate(log_id(1, 1, 15))).unwrap();
+        for f in log
+            .write_records((15..21).map(|i| filled(i, 100 + i as u8)))
+            .unwrap()
+        {
+            f.sync_data().unwrap();
+        }
+        for (i, e) in (13..21u64).zip(&log.read(13..21).unwrap()) {
+            let want = if i < 15 { i as u8 } else { 100 + i as u8 };
+            assert!(data_of(e).iter().all(|b| *b == want), "entry {i}");
+        }
+        // A purge forgets what it purges.
+        block_on(log.clone().purge(log_id(1, 1, 18))).unwrap();
+        assert!(
+            log.inner
+                .state
+                .lock()
+                .recent
+                .entries
+                .keys()
+                .all(|i| *i > 18)
+        );
+        assert_eq!(log.read(0..u64::MAX).unwrap().len(), 2);
     }
 
     #[test]

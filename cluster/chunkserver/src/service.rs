@@ -226,7 +226,7 @@ impl ChunkService for ChunkServerServices {
         let Some(_admitted) = self.admit() else {
             return Ok(Response::new(reply(ChunkStatus::Overload)));
         };
-        let req = request.into_inner();
+        let mut req = request.into_inner();
         let allowed = match self.allowed(&req, true, "WriteChunk") {
             Ok(a) => a,
             Err(s) => return Ok(Response::new(reply(s))),
@@ -242,7 +242,7 @@ impl ChunkService for ChunkServerServices {
                 chunk_id: req.chunk_id,
                 sn: req.sn,
                 offset: req.offset,
-                data: req.data.clone(),
+                data: std::mem::take(&mut req.data),
                 epoch: allowed.epoch,
             }
         } else if allowed.volume == 0 {
@@ -250,7 +250,7 @@ impl ChunkService for ChunkServerServices {
                 chunk_id: req.chunk_id,
                 sn: req.sn,
                 offset: req.offset,
-                data: req.data.clone(),
+                data: std::mem::take(&mut req.data),
                 epoch: allowed.epoch,
             }
         } else {
@@ -259,7 +259,7 @@ impl ChunkService for ChunkServerServices {
                 chunk_id: req.chunk_id,
                 sn: req.sn,
                 offset: req.offset,
-                data: req.data.clone(),
+                data: std::mem::take(&mut req.data),
                 epoch: allowed.epoch,
             }
         };
@@ -298,7 +298,7 @@ impl ChunkService for ChunkServerServices {
             {
                 Ok(unfilled) => ChunkResponse {
                     status: ChunkStatus::Success as i32,
-                    data,
+                    data: data.into(),
                     unfilled: unfilled.map(|u| u.bytes().to_vec()).unwrap_or_default(),
                     ..Default::default()
                 },
@@ -424,7 +424,7 @@ impl ChunkService for ChunkServerServices {
         let Some(_admitted) = self.admit() else {
             return Ok(Response::new(reply(ChunkStatus::Overload)));
         };
-        let req = request.into_inner();
+        let mut req = request.into_inner();
         let allowed = match &self.auth {
             None => crate::auth::Allowed {
                 volume: 0,
@@ -454,7 +454,7 @@ impl ChunkService for ChunkServerServices {
             chunk_id: req.chunk_id,
             sn: req.sn,
             offset: req.offset,
-            data: req.data.clone(),
+            data: std::mem::take(&mut req.data),
         };
         let r = self.write(req, cmd).await;
         self.record(pool, copyset, true, bytes, &r, started);
@@ -465,7 +465,7 @@ impl ChunkService for ChunkServerServices {
 fn raft_reply<T: serde::Serialize>(r: &T) -> Result<Response<RaftResponse>, Status> {
     let payload = bincode::serialize(r).map_err(|e| Status::internal(e.to_string()))?;
     Ok(Response::new(RaftResponse {
-        payload,
+        payload: payload.into(),
         error: String::new(),
     }))
 }
@@ -475,7 +475,7 @@ impl ChunkServerServices {
         self.node(req.logical_pool_id, req.copyset_id)
             .ok_or_else(|| {
                 Response::new(RaftResponse {
-                    payload: Vec::new(),
+                    payload: Default::default(),
                     error: format!(
                         "copyset {}_{} does not exist here",
                         req.logical_pool_id, req.copyset_id

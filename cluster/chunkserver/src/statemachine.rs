@@ -375,7 +375,7 @@ mod tests {
             chunk_id,
             sn: 1,
             offset: 0,
-            data: vec![v; 4096],
+            data: vec![v; 4096].into(),
             epoch,
         };
         // Eight chunks, each written three times in order, one deleted, one fenced write.

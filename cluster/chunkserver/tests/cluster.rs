@@ -95,7 +95,7 @@ fn write_req(copyset: u32, chunk: u64, offset: u64, data: Vec<u8>, epoch: u64) -
         chunk_id: chunk,
         offset,
         size: data.len() as u32,
-        data,
+        data: data.into(),
         epoch,
         ..Default::default()
     }

@@ -294,7 +294,7 @@ async fn kill_9_of_the_leader_loses_no_acknowledged_write() {
                 chunk_id: chunk,
                 offset,
                 size: 4096,
-                data: pattern(i),
+                data: pattern(i).into(),
                 ..Default::default()
             };
             match c.write_chunk(req).await.map(|r| r.into_inner()) {
