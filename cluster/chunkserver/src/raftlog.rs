@@ -7,7 +7,15 @@
 //!      a zero `len` ends a segment's records (preallocated space reads as zeroes)
 //!  <copyset>/raft/raft_meta                       vote and last purged log id (bincode + crc32,
 //!                                                 written tmp + fsync + rename)
+//!  <copyset>/raft/free_<n>                        purged segments kept for reuse
 //! ```
+//!
+//! A purged segment is renamed `free_<n>` and becomes the next new segment instead of one
+//! written with zeroes: the log's steady state writes each entry once. A reused segment still
+//! holds its old records after the new ones; they are older than every index the log will
+//! hold again (only purged segments are reused), so recovery, which stops at the first record
+//! whose index is not the next one (and at a first record whose index is not the segment's
+//! name), never takes them.
 //!
 //! `append` writes the records of a batch with one `pwrite` and hands the fsync to a flusher
 //! thread, which syncs once for every append queued since its last sync and only then
@@ -81,7 +89,14 @@ struct State {
     entries: BTreeMap<u64, Loc>,
     meta: MetaRecord,
     recent: Recent,
+    /// Purged segments ready for reuse (`free_<n>`), each `segment_size` long.
+    free: Vec<PathBuf>,
+    /// Names the next free segment.
+    next_free: u64,
 }
+
+/// Purged segments a log keeps for reuse (8 MiB each by default); more are deleted.
+const MAX_FREE_SEGMENTS: usize = 32;
 
 /// Bytes of entries a log keeps in memory after appending them ([`Recent`]).
 const RECENT_PER_LOG: u64 = 8 << 20;
@@ -168,6 +183,8 @@ struct Inner {
     segment_size: u64,
     state: Mutex<State>,
     flusher: Mutex<mpsc::Sender<FlushRequest>>,
+    /// Bytes of records appended since the log was opened.
+    appended: std::sync::atomic::AtomicU64,
 }
 
 /// The raft log of one copyset. Clones share the same log (a clone is its reader).
@@ -227,7 +244,10 @@ impl RaftLog {
                 let mut h = crc32fast::Hasher::new();
                 h.update(&header[8..16]);
                 h.update(&payload);
-                if h.finalize() != crc || expect.is_some_and(|e| e != index) {
+                if h.finalize() != crc
+                    || expect.is_some_and(|e| e != index)
+                    || (at == 0 && index != first)
+                {
                     break;
                 }
                 let Ok(entry) = bincode::deserialize::<Entry<TypeConfig>>(&payload) else {
@@ -256,6 +276,22 @@ impl RaftLog {
                 },
             );
         }
+        for e in std::fs::read_dir(dir)?.filter_map(|e| e.ok()) {
+            let Some(n) = e
+                .file_name()
+                .to_str()
+                .and_then(|n| n.strip_prefix("free_"))
+                .and_then(|n| n.parse::<u64>().ok())
+            else {
+                continue;
+            };
+            state.next_free = state.next_free.max(n + 1);
+            if e.metadata()?.len() == segment_size && state.free.len() < MAX_FREE_SEGMENTS {
+                state.free.push(e.path());
+            } else {
+                std::fs::remove_file(e.path())?;
+            }
+        }
         let (tx, rx) = mpsc::channel::<FlushRequest>();
         std::thread::Builder::new()
             .name("raftlog-flush".into())
@@ -266,8 +302,17 @@ impl RaftLog {
                 segment_size,
                 state: Mutex::new(state),
                 flusher: Mutex::new(tx),
+                appended: Default::default(),
             }),
         })
+    }
+
+    /// Bytes of records appended since the log was opened (what the copyset's size-based
+    /// snapshot trigger counts).
+    pub fn appended_bytes(&self) -> u64 {
+        self.inner
+            .appended
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     fn save_meta(&self, meta: &MetaRecord) -> io::Result<()> {
@@ -294,6 +339,9 @@ impl RaftLog {
             for entry in entries {
                 let payload = bincode::serialize(&entry).map_err(io_err)?;
                 APPENDED_ENTRIES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                self.inner
+                    .appended
+                    .fetch_add(payload.len() as u64, std::sync::atomic::Ordering::Relaxed);
                 let need = HEADER + payload.len() as u64;
                 let index = entry.log_id.index;
                 let fits = st
@@ -308,14 +356,38 @@ impl RaftLog {
                     }
                     let size = self.inner.segment_size.max(need + HEADER);
                     let path = segment_path(&self.inner.dir, index);
-                    let file = OpenOptions::new()
-                        .read(true)
-                        .write(true)
-                        .create(true)
-                        .truncate(true)
-                        .open(&path)
-                        .map_err(io_err)?;
-                    format_segment(&file, size).map_err(io_err)?;
+                    let reuse = if size == self.inner.segment_size {
+                        st.free.pop()
+                    } else {
+                        None
+                    };
+                    let file = match reuse {
+                        // A purged segment: its blocks are written already. The terminator
+                        // makes it read as empty until the first record is in.
+                        Some(free) => {
+                            std::fs::rename(&free, &path).map_err(io_err)?;
+                            let file = OpenOptions::new()
+                                .read(true)
+                                .write(true)
+                                .open(&path)
+                                .map_err(io_err)?;
+                            file.write_all_at(&[0u8; HEADER as usize], 0)
+                                .map_err(io_err)?;
+                            file
+                        }
+                        None => {
+                            let file = OpenOptions::new()
+                                .read(true)
+                                .write(true)
+                                .create(true)
+                                .truncate(true)
+                                .open(&path)
+                                .map_err(io_err)?;
+                            format_segment(&file, size).map_err(io_err)?;
+                            file
+                        }
+                    };
+                    // The name is durable before any record in it is reported flushed.
                     sync_dir(&path).map_err(io_err)?;
                     st.segments.insert(
                         index,
@@ -589,11 +661,20 @@ impl RaftLogStorage<TypeConfig> for RaftLog {
         let mut st = self.inner.state.lock();
         // A segment whose successor starts at or before the purge point holds only purged
         // records.
+        // Kept for reuse as later segments (up to MAX_FREE_SEGMENTS), else deleted.
         let firsts: Vec<u64> = st.segments.keys().copied().collect();
         for pair in firsts.windows(2) {
             if pair[1] <= log_id.index + 1 {
-                st.segments.remove(&pair[0]);
-                std::fs::remove_file(segment_path(&self.inner.dir, pair[0])).map_err(io_err)?;
+                let seg = st.segments.remove(&pair[0]).expect("listed above");
+                let path = segment_path(&self.inner.dir, pair[0]);
+                if seg.size == self.inner.segment_size && st.free.len() < MAX_FREE_SEGMENTS {
+                    let free = self.inner.dir.join(format!("free_{}", st.next_free));
+                    st.next_free += 1;
+                    std::fs::rename(&path, &free).map_err(io_err)?;
+                    st.free.push(free);
+                } else {
+                    std::fs::remove_file(path).map_err(io_err)?;
+                }
             }
         }
         Ok(())
@@ -651,7 +732,95 @@ mod tests {
         let st = block_on(log.get_log_state()).unwrap();
         assert_eq!(st.last_purged_log_id, Some(log_id(1, 1, 20)));
         assert_eq!(st.last_log_id, Some(log_id(1, 1, 29)));
-        assert!(std::fs::read_dir(dir.path()).unwrap().count() < segments);
+        let logs = |d: &Path| {
+            std::fs::read_dir(d)
+                .unwrap()
+                .filter(|e| {
+                    e.as_ref()
+                        .unwrap()
+                        .file_name()
+                        .to_str()
+                        .unwrap()
+                        .starts_with("log_")
+                })
+                .count()
+        };
+        assert!(logs(dir.path()) < segments);
+    }
+
+    /// Purged segments come back as new ones (no formatting), and their old records never
+    /// read as new ones, however the log is reopened.
+    #[test]
+    fn purged_segments_are_reused_and_their_old_records_stay_dead() {
+        let dir = tempfile::tempdir().unwrap();
+        let seg = 64 << 10;
+        let mut log = RaftLog::open(dir.path(), seg).unwrap();
+        let free = |d: &Path| {
+            std::fs::read_dir(d)
+                .unwrap()
+                .filter(|e| {
+                    e.as_ref()
+                        .unwrap()
+                        .file_name()
+                        .to_str()
+                        .unwrap()
+                        .starts_with("free_")
+                })
+                .count()
+        };
+        let with = |index: u64, fill: u8| {
+            let mut e = blank(index);
+            e.payload = openraft::EntryPayload::Normal(crate::raft::ChunkCommand::Write {
+                chunk_id: 1,
+                sn: 0,
+                offset: 0,
+                data: vec![fill; 10 << 10].into(),
+                epoch: 0,
+            });
+            e
+        };
+        let put = |log: &RaftLog, r: std::ops::Range<u64>, fill: u8| {
+            for f in log.write_records(r.map(|i| with(i, fill))).unwrap() {
+                f.sync_data().unwrap();
+            }
+        };
+        put(&log, 1..60, 1);
+        block_on(log.purge(log_id(1, 1, 40))).unwrap();
+        let freed = free(dir.path());
+        assert!(freed >= 3, "purged segments kept for reuse: {freed}");
+        // New segments take the free ones: no new file, fewer free ones.
+        let files = std::fs::read_dir(dir.path()).unwrap().count();
+        put(&log, 60..90, 2);
+        assert!(free(dir.path()) < freed);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), files);
+        let check = |log: &mut RaftLog| {
+            let got = block_on(log.try_get_log_entries(0..u64::MAX)).unwrap();
+            assert_eq!(
+                got.iter().map(|e| e.log_id.index).collect::<Vec<_>>(),
+                (41..90).collect::<Vec<_>>()
+            );
+            for e in &got {
+                let want = if e.log_id.index < 60 { 1 } else { 2 };
+                assert!(data_of(e).iter().all(|b| *b == want), "{}", e.log_id.index);
+            }
+        };
+        check(&mut log);
+        drop(log);
+        // Reopened: the reused segments' old records (indexes 1..40) after the new ones are
+        // not taken; and a reused segment whose first record never got in reads as empty.
+        let mut log = RaftLog::open(dir.path(), seg).unwrap();
+        check(&mut log);
+        let spare = log.inner.state.lock().free.pop().unwrap();
+        drop(log);
+        std::fs::rename(&spare, segment_path(dir.path(), 90)).unwrap();
+        let mut log = RaftLog::open(dir.path(), seg).unwrap();
+        check(&mut log);
+        put(&log, 90..95, 3);
+        drop(log);
+        let mut log = RaftLog::open(dir.path(), seg).unwrap();
+        let got = block_on(log.try_get_log_entries(0..u64::MAX)).unwrap();
+        assert_eq!(got.last().unwrap().log_id.index, 94);
+        assert_eq!(got.len(), 54);
     }
 
     #[test]
