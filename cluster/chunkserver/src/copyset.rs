@@ -17,8 +17,9 @@ use crate::statemachine::CopysetStateMachine;
 
 /// Bytes of raft log after which a copyset takes a snapshot (besides every 5000 entries).
 const SNAPSHOT_EVERY_BYTES: u64 = 128 << 20;
-/// Entries a copyset keeps in its log behind a snapshot, for followers that lag.
-const KEEP_BEHIND_SNAPSHOT: u64 = 256;
+/// Bytes of log a copyset keeps behind a snapshot for followers that lag (besides openraft's
+/// 1000 entries, which with 1 MiB writes were a GiB of log per copyset).
+const KEEP_BYTES_BEHIND_SNAPSHOT: u64 = 32 << 20;
 
 /// Sizes and timings of copysets.
 #[derive(Debug, Clone)]
@@ -153,9 +154,6 @@ impl CopysetNode {
             heartbeat_interval: opts.heartbeat_ms,
             election_timeout_min: opts.election_ms.0,
             election_timeout_max: opts.election_ms.1,
-            // Entries kept behind a snapshot for followers that lag (fewer than openraft's
-            // 1000: with 1 MiB writes that was a GiB of log per copyset before any purge).
-            max_in_snapshot_log_to_keep: KEEP_BEHIND_SNAPSHOT,
             ..Default::default()
         }
         .validate()
@@ -183,8 +181,11 @@ impl CopysetNode {
             // Weak: the task must not keep the raft group alive once the node is gone.
             let r = Arc::downgrade(&raft);
             let mut snapshot_at = SNAPSHOT_EVERY_BYTES;
+            let mut snapshot_seen = None;
             tokio::spawn(async move {
                 while rx.changed().await.is_ok() {
+                    let m = rx.borrow_and_update().clone();
+                    let now = std::time::Instant::now();
                     // A snapshot (and so a purge) per SNAPSHOT_EVERY_BYTES of log as well as
                     // per 5000 entries: the log stays bounded in bytes, and its purged
                     // segments are reused instead of new ones written with zeroes.
@@ -197,8 +198,24 @@ impl CopysetNode {
                             let _ = r.trigger().snapshot().await;
                         });
                     }
-                    let m = rx.borrow_and_update().clone();
-                    let now = std::time::Instant::now();
+                    // After each new snapshot: purge what lies more than
+                    // KEEP_BYTES_BEHIND_SNAPSHOT behind the log's end (and is in the snapshot).
+                    if m.snapshot != snapshot_seen {
+                        snapshot_seen = m.snapshot;
+                        let upto = m.snapshot.and_then(|s| {
+                            log_size
+                                .index_keeping(KEEP_BYTES_BEHIND_SNAPSHOT)
+                                .map(|i| i.min(s.index))
+                        });
+                        if let Some(upto) = upto
+                            && m.purged.is_none_or(|p| p.index < upto)
+                            && let Some(r) = r.upgrade()
+                        {
+                            tokio::spawn(async move {
+                                let _ = r.trigger().purge_log(upto).await;
+                            });
+                        }
+                    }
                     // Only once this term's first entry is applied: before that the state
                     // machine may lack writes the previous leader acknowledged.
                     let settled = m.last_applied.map(|l| l.leader_id.term) == Some(m.current_term);

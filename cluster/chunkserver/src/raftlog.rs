@@ -95,8 +95,9 @@ struct State {
     next_free: u64,
 }
 
-/// Purged segments a log keeps for reuse (8 MiB each by default); more are deleted.
-const MAX_FREE_SEGMENTS: usize = 32;
+/// Purged segments a log keeps for reuse (8 MiB each by default: what a copyset appends
+/// between two size-triggered snapshots); more are deleted.
+const MAX_FREE_SEGMENTS: usize = 16;
 
 /// Bytes of entries a log keeps in memory after appending them ([`Recent`]).
 const RECENT_PER_LOG: u64 = 8 << 20;
@@ -313,6 +314,20 @@ impl RaftLog {
         self.inner
             .appended
             .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The newest index such that the entries after it hold at most `bytes`: purging up to
+    /// it keeps about `bytes` of log. `None`: the log holds less.
+    pub fn index_keeping(&self, bytes: u64) -> Option<u64> {
+        let st = self.inner.state.lock();
+        let mut sum = 0u64;
+        for (i, l) in st.entries.iter().rev() {
+            sum += u64::from(l.len);
+            if sum > bytes {
+                return Some(*i);
+            }
+        }
+        None
     }
 
     fn save_meta(&self, meta: &MetaRecord) -> io::Result<()> {
