@@ -224,6 +224,10 @@ impl RaftLog {
         firsts.sort_unstable();
         let purged = state.meta.last_purged.map(|l| l.index);
         let mut expect: Option<u64> = None;
+        // Terms never decrease along a log: a record of an older term after a newer one is
+        // what a truncation cut off (new records of the same size end where an old one
+        // starts), never part of the log.
+        let mut last_term: Option<u64> = None;
         for first in firsts {
             let file = OpenOptions::new()
                 .read(true)
@@ -254,6 +258,11 @@ impl RaftLog {
                 let Ok(entry) = bincode::deserialize::<Entry<TypeConfig>>(&payload) else {
                     break;
                 };
+                let term = entry.log_id.leader_id.term;
+                if last_term.is_some_and(|t| term < t) {
+                    break;
+                }
+                last_term = Some(term);
                 if purged.is_none_or(|p| index > p) {
                     state.entries.insert(
                         index,
@@ -267,6 +276,14 @@ impl RaftLog {
                 }
                 expect = Some(index + 1);
                 at += HEADER + u64::from(len);
+            }
+            if at == 0 {
+                // Nothing in it continues the log (created, or reused, and never written; or
+                // after a cut in an earlier one): gone, so that the next record starts a
+                // segment named after it.
+                drop(file);
+                std::fs::remove_file(segment_path(dir, first))?;
+                continue;
             }
             state.segments.insert(
                 first,
@@ -761,6 +778,25 @@ mod tests {
                 .count()
         };
         assert!(logs(dir.path()) < segments);
+    }
+
+    /// New records of a truncated log's same size end where a cut-off one starts: that one
+    /// (an older term) never comes back.
+    #[test]
+    fn records_cut_off_by_a_truncation_stay_cut_off() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = RaftLog::open(dir.path(), 1 << 20).unwrap();
+        write(&log, 1..10);
+        block_on(log.clone().truncate(log_id(1, 1, 5))).unwrap();
+        let newer = (5..7).map(|i| openraft::testing::blank_ent::<TypeConfig>(2, 1, i));
+        for f in log.write_records(newer).unwrap() {
+            f.sync_data().unwrap();
+        }
+        drop(log);
+        let mut log = RaftLog::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!(indexes(&mut log), (1..7).collect::<Vec<_>>());
+        let got = block_on(log.try_get_log_entries(5..7)).unwrap();
+        assert!(got.iter().all(|e| e.log_id.leader_id.term == 2));
     }
 
     /// Purged segments come back as new ones (no formatting), and their old records never
