@@ -764,20 +764,7 @@ mod tests {
         let st = block_on(log.get_log_state()).unwrap();
         assert_eq!(st.last_purged_log_id, Some(log_id(1, 1, 20)));
         assert_eq!(st.last_log_id, Some(log_id(1, 1, 29)));
-        let logs = |d: &Path| {
-            std::fs::read_dir(d)
-                .unwrap()
-                .filter(|e| {
-                    e.as_ref()
-                        .unwrap()
-                        .file_name()
-                        .to_str()
-                        .unwrap()
-                        .starts_with("log_")
-                })
-                .count()
-        };
-        assert!(logs(dir.path()) < segments);
+        assert!(files(dir.path(), "log_") < segments);
     }
 
     /// New records of a truncated log's same size end where a cut-off one starts: that one
@@ -806,32 +793,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let seg = 64 << 10;
         let mut log = RaftLog::open(dir.path(), seg).unwrap();
-        let free = |d: &Path| {
-            std::fs::read_dir(d)
-                .unwrap()
-                .filter(|e| {
-                    e.as_ref()
-                        .unwrap()
-                        .file_name()
-                        .to_str()
-                        .unwrap()
-                        .starts_with("free_")
-                })
-                .count()
-        };
-        let with = |index: u64, fill: u8| {
-            let mut e = blank(index);
-            e.payload = openraft::EntryPayload::Normal(crate::raft::ChunkCommand::Write {
-                chunk_id: 1,
-                sn: 0,
-                offset: 0,
-                data: vec![fill; 10 << 10].into(),
-                epoch: 0,
-            });
-            e
-        };
+        let free = |d: &Path| files(d, "free_");
         let put = |log: &RaftLog, r: std::ops::Range<u64>, fill: u8| {
-            for f in log.write_records(r.map(|i| with(i, fill))).unwrap() {
+            for f in log
+                .write_records(r.map(|i| sized(i, fill, 10 << 10)))
+                .unwrap()
+            {
                 f.sync_data().unwrap();
             }
         };
@@ -878,18 +845,10 @@ mod tests {
     fn append_entries_batches_are_bounded_in_bytes() {
         let dir = tempfile::tempdir().unwrap();
         let mut log = RaftLog::open(dir.path(), 64 << 20).unwrap();
-        let big = |index| {
-            let mut e = blank(index);
-            e.payload = openraft::EntryPayload::Normal(crate::raft::ChunkCommand::Write {
-                chunk_id: 1,
-                sn: 0,
-                offset: 0,
-                data: vec![7; 100 << 10].into(),
-                epoch: 0,
-            });
-            e
-        };
-        for f in log.write_records((1..100).map(big)).unwrap() {
+        for f in log
+            .write_records((1..100).map(|i| sized(i, 7, 100 << 10)))
+            .unwrap()
+        {
             f.sync_data().unwrap();
         }
         let got = block_on(log.limited_get_log_entries(1, 100)).unwrap();
@@ -906,16 +865,32 @@ mod tests {
         assert_eq!(got[0].log_id.index, 5);
     }
 
-    fn filled(index: u64, fill: u8) -> Entry<TypeConfig> {
+    /// A write entry of `len` bytes of `fill`.
+    fn sized(index: u64, fill: u8, len: usize) -> Entry<TypeConfig> {
         let mut e = blank(index);
         e.payload = openraft::EntryPayload::Normal(crate::raft::ChunkCommand::Write {
             chunk_id: 1,
             sn: 0,
             offset: 0,
-            data: vec![fill; 1 << 20].into(),
+            data: vec![fill; len].into(),
             epoch: 0,
         });
         e
+    }
+
+    fn filled(index: u64, fill: u8) -> Entry<TypeConfig> {
+        sized(index, fill, 1 << 20)
+    }
+
+    /// Files in `d` whose names start with `prefix`.
+    fn files(d: &Path, prefix: &str) -> usize {
+        std::fs::read_dir(d)
+            .unwrap()
+            .filter(|e| {
+                let e = e.as_ref().unwrap();
+                e.file_name().to_str().unwrap().starts_with(prefix)
+            })
+            .count()
     }
 
     fn data_of(e: &Entry<TypeConfig>) -> bytes::Bytes {
