@@ -504,11 +504,20 @@ impl RaftLog {
                 }
                 Err(at) => at,
             };
-            let mut payload = vec![0u8; l.len as usize];
-            file.read_exact_at(&mut payload, l.offset + HEADER)
-                .map_err(|e| StorageError::from(StorageIOError::read_logs(&e)))?;
+            let read_err = |e: io::Error| StorageError::from(StorageIOError::read_logs(&e));
+            let mut record = vec![0u8; HEADER as usize + l.len as usize];
+            file.read_exact_at(&mut record, l.offset)
+                .map_err(read_err)?;
+            // The record is still the one located (a segment purged meanwhile may have been
+            // reused already): never decode another in its place.
+            if record[8..16] != l.log_id.index.to_le_bytes() {
+                return Err(read_err(io::Error::other(format!(
+                    "raft log entry {} was purged while being read",
+                    l.log_id.index
+                ))));
+            }
             out.push(
-                bincode::deserialize(&payload)
+                bincode::deserialize(&record[HEADER as usize..])
                     .map_err(|e| StorageError::from(StorageIOError::read_logs(&e)))?,
             );
         }
