@@ -21,6 +21,50 @@ const SNAPSHOT_EVERY_BYTES: u64 = 128 << 20;
 /// 1000 entries, which with 1 MiB writes were a GiB of log per copyset).
 const KEEP_BYTES_BEHIND_SNAPSHOT: u64 = 32 << 20;
 
+/// A copyset's raft log kept bounded in bytes: a snapshot (and so a purge) per
+/// [`SNAPSHOT_EVERY_BYTES`] appended as well as openraft's per 5000 entries, and after each
+/// snapshot a purge down to [`KEEP_BYTES_BEHIND_SNAPSHOT`] behind the log's end; the purged
+/// segments are then reused instead of new ones written with zeroes.
+struct LogUpkeep {
+    log: RaftLog,
+    /// Weak: the metrics task that drives this must not keep the raft group alive.
+    raft: std::sync::Weak<Raft<TypeConfig>>,
+    snapshot_at: u64,
+    snapshot_seen: Option<openraft::LogId<u64>>,
+}
+
+impl LogUpkeep {
+    /// Looks at the copyset's latest metrics; triggers what is due.
+    fn step(&mut self, m: &openraft::RaftMetrics<u64, BasicNode>) {
+        let appended = self.log.appended_bytes();
+        if appended >= self.snapshot_at
+            && let Some(r) = self.raft.upgrade()
+        {
+            self.snapshot_at = appended + SNAPSHOT_EVERY_BYTES;
+            tokio::spawn(async move {
+                let _ = r.trigger().snapshot().await;
+            });
+        }
+        if m.snapshot == self.snapshot_seen {
+            return;
+        }
+        self.snapshot_seen = m.snapshot;
+        let upto = m.snapshot.and_then(|s| {
+            self.log
+                .index_keeping(KEEP_BYTES_BEHIND_SNAPSHOT)
+                .map(|i| i.min(s.index))
+        });
+        if let Some(upto) = upto
+            && m.purged.is_none_or(|p| p.index < upto)
+            && let Some(r) = self.raft.upgrade()
+        {
+            tokio::spawn(async move {
+                let _ = r.trigger().purge_log(upto).await;
+            });
+        }
+    }
+}
+
 /// Sizes and timings of copysets.
 #[derive(Debug, Clone)]
 pub struct CopysetOptions {
@@ -146,7 +190,7 @@ impl CopysetNode {
         )
         .map_err(|e| e.to_string())?;
         let log = RaftLog::open(&dir.join("raft"), opts.segment_size).map_err(|e| e.to_string())?;
-        let log_size = log.clone();
+        let upkeep_log = log.clone();
         let sm = CopysetStateMachine::open(Arc::new(store), &dir.join("sm"))
             .map_err(|e| e.to_string())?;
         let config = openraft::Config {
@@ -178,44 +222,17 @@ impl CopysetNode {
         {
             let mut rx = raft.metrics();
             let ack = quorum_ack.clone();
-            // Weak: the task must not keep the raft group alive once the node is gone.
-            let r = Arc::downgrade(&raft);
-            let mut snapshot_at = SNAPSHOT_EVERY_BYTES;
-            let mut snapshot_seen = None;
+            let mut upkeep = LogUpkeep {
+                log: upkeep_log,
+                raft: Arc::downgrade(&raft),
+                snapshot_at: SNAPSHOT_EVERY_BYTES,
+                snapshot_seen: None,
+            };
             tokio::spawn(async move {
                 while rx.changed().await.is_ok() {
                     let m = rx.borrow_and_update().clone();
                     let now = std::time::Instant::now();
-                    // A snapshot (and so a purge) per SNAPSHOT_EVERY_BYTES of log as well as
-                    // per 5000 entries: the log stays bounded in bytes, and its purged
-                    // segments are reused instead of new ones written with zeroes.
-                    let appended = log_size.appended_bytes();
-                    if appended >= snapshot_at
-                        && let Some(r) = r.upgrade()
-                    {
-                        snapshot_at = appended + SNAPSHOT_EVERY_BYTES;
-                        tokio::spawn(async move {
-                            let _ = r.trigger().snapshot().await;
-                        });
-                    }
-                    // After each new snapshot: purge what lies more than
-                    // KEEP_BYTES_BEHIND_SNAPSHOT behind the log's end (and is in the snapshot).
-                    if m.snapshot != snapshot_seen {
-                        snapshot_seen = m.snapshot;
-                        let upto = m.snapshot.and_then(|s| {
-                            log_size
-                                .index_keeping(KEEP_BYTES_BEHIND_SNAPSHOT)
-                                .map(|i| i.min(s.index))
-                        });
-                        if let Some(upto) = upto
-                            && m.purged.is_none_or(|p| p.index < upto)
-                            && let Some(r) = r.upgrade()
-                        {
-                            tokio::spawn(async move {
-                                let _ = r.trigger().purge_log(upto).await;
-                            });
-                        }
-                    }
+                    upkeep.step(&m);
                     // Only once this term's first entry is applied: before that the state
                     // machine may lack writes the previous leader acknowledged.
                     let settled = m.last_applied.map(|l| l.leader_id.term) == Some(m.current_term);

@@ -236,13 +236,14 @@ impl ChunkService for ChunkServerServices {
         }
         let started = std::time::Instant::now();
         let (pool, copyset, bytes) = (req.logical_pool_id, req.copyset_id, u64::from(req.size));
+        let data = std::mem::take(&mut req.data);
         let cmd = if req.clone {
             ChunkCommand::WriteClone {
                 volume: allowed.volume,
                 chunk_id: req.chunk_id,
                 sn: req.sn,
                 offset: req.offset,
-                data: std::mem::take(&mut req.data),
+                data,
                 epoch: allowed.epoch,
             }
         } else if allowed.volume == 0 {
@@ -250,7 +251,7 @@ impl ChunkService for ChunkServerServices {
                 chunk_id: req.chunk_id,
                 sn: req.sn,
                 offset: req.offset,
-                data: std::mem::take(&mut req.data),
+                data,
                 epoch: allowed.epoch,
             }
         } else {
@@ -259,7 +260,7 @@ impl ChunkService for ChunkServerServices {
                 chunk_id: req.chunk_id,
                 sn: req.sn,
                 offset: req.offset,
-                data: std::mem::take(&mut req.data),
+                data,
                 epoch: allowed.epoch,
             }
         };
