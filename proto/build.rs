@@ -22,6 +22,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .bytes(".curve.chunk.ChunkResponse.data")
         .bytes(".curve.raft.RaftRequest.payload")
         .bytes(".curve.raft.RaftResponse.payload")
+        .bytes(".curve.raft.WriteCommand.data")
+        .bytes(".curve.raft.InstallSnapshot.data")
         .build_server(true)
         .build_client(true)
         .compile_fds(descriptors)?;

@@ -16,6 +16,7 @@
 
 pub mod auth;
 pub mod chunkfilepool;
+pub mod codec;
 pub mod copyset;
 pub mod daemon;
 pub mod datastore;

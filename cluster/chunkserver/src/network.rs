@@ -1,5 +1,6 @@
-//! Raft transport between chunkservers: openraft's messages, serialised with bincode, carried
-//! by the `RaftService` gRPC service (proto/raft.proto) and addressed to one copyset.
+//! Raft transport between chunkservers: openraft's messages in protobuf (crate::codec; bincode
+//! to a peer that has not said it reads protobuf, an older chunkserver), carried by the
+//! `RaftService` gRPC service (proto/raft.proto) and addressed to one copyset.
 
 use openraft::BasicNode;
 use openraft::error::{
@@ -13,9 +14,10 @@ use openraft::raft::{
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use curve_proto::raft::RaftRequest;
 use curve_proto::raft::raft_service_client::RaftServiceClient;
+use curve_proto::raft::{Encoding, RaftRequest, RaftResponse};
 
+use crate::codec::{self, SnapshotReplyError};
 use crate::raft::TypeConfig;
 
 /// Creates connections to the peers of one copyset.
@@ -62,29 +64,52 @@ enum Kind {
     Snapshot,
 }
 
+fn unreachable<E: std::error::Error>(
+    e: &(impl std::error::Error + 'static),
+) -> RPCError<u64, BasicNode, E> {
+    RPCError::Unreachable(Unreachable::new(e))
+}
+
+fn network<E: std::error::Error>(
+    e: &(impl std::error::Error + 'static),
+) -> RPCError<u64, BasicNode, E> {
+    RPCError::Network(NetworkError::new(e))
+}
+
+/// Addresses of the peers that said they read protobuf (all copysets of the process share
+/// what their replies taught); the others get bincode.
+static PROTOBUF_PEERS: std::sync::LazyLock<parking_lot::Mutex<std::collections::HashSet<String>>> =
+    std::sync::LazyLock::new(Default::default);
+
+/// Whether the peer at `addr` said it reads protobuf (and so gets it).
+pub fn sends_protobuf_to(addr: &str) -> bool {
+    PROTOBUF_PEERS.lock().contains(addr)
+}
+
 impl PeerConnection {
-    async fn call<Req, Resp, E>(
+    /// The peer reads protobuf (a reply said so).
+    fn protobuf(&self) -> bool {
+        PROTOBUF_PEERS.lock().contains(&self.addr)
+    }
+
+    /// Sends one encoded message and returns the peer's reply, learning from it whether the
+    /// peer reads protobuf.
+    async fn send<E: std::error::Error>(
         &mut self,
         kind: Kind,
-        req: &Req,
-    ) -> Result<Resp, RPCError<u64, BasicNode, E>>
-    where
-        Req: Serialize,
-        Resp: DeserializeOwned,
-        E: std::error::Error + DeserializeOwned,
-    {
+        payload: Vec<u8>,
+        encoding: Encoding,
+    ) -> Result<RaftResponse, RPCError<u64, BasicNode, E>> {
         if self.client.is_none() {
             // A lazy channel connects (and reconnects) in the background and survives RPCs
             // that openraft abandons at their timeout, so a slow first handshake cannot make
             // every later RPC start over.
             let endpoint = curve_auth::tls::endpoint(&self.addr)
-                .map_err(|e| RPCError::Unreachable(Unreachable::new(&e)))?
+                .map_err(|e| unreachable(&e))?
                 .tcp_nodelay(true);
             self.client = Some(RaftServiceClient::new(endpoint.connect_lazy()));
         }
         let client = self.client.as_mut().expect("connected above");
-        let payload =
-            bincode::serialize(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         let rpc = match kind {
             Kind::Append => "AppendEntries",
             Kind::Vote => "Vote",
@@ -98,6 +123,7 @@ impl PeerConnection {
             logical_pool_id: self.pool,
             copyset_id: self.copyset,
             payload: payload.into(),
+            encoding: encoding as i32,
         });
         if let Some(v) = cred.and_then(|c| c.parse().ok()) {
             request.metadata_mut().insert(curve_auth::PEER_HEADER, v);
@@ -107,19 +133,46 @@ impl PeerConnection {
             Kind::Vote => client.vote(request).await,
             Kind::Snapshot => client.install_snapshot(request).await,
         };
-        let reply = match sent {
-            Ok(r) => r.into_inner(),
-            Err(status) => return Err(RPCError::Unreachable(Unreachable::new(&status))),
-        };
+        let reply = sent.map_err(|status| unreachable(&status))?.into_inner();
         if !reply.error.is_empty() {
             // The peer has no such copyset (yet: it is being created, or added): back off
             // like for an unreachable peer instead of retrying in a tight loop.
-            return Err(RPCError::Unreachable(Unreachable::new(
-                &std::io::Error::other(reply.error),
-            )));
+            return Err(unreachable(&std::io::Error::other(reply.error)));
         }
-        let answer: Result<Resp, E> = bincode::deserialize(&reply.payload)
-            .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let reads_protobuf = reply.accepts == Encoding::Protobuf as i32;
+        if reads_protobuf != self.protobuf() {
+            let mut peers = PROTOBUF_PEERS.lock();
+            if reads_protobuf {
+                peers.insert(self.addr.clone());
+            } else {
+                peers.remove(&self.addr);
+            }
+        }
+        if reply.encoding != encoding as i32 {
+            return Err(network(&std::io::Error::other(format!(
+                "{rpc} reply in encoding {}, not the request's",
+                reply.encoding
+            ))));
+        }
+        Ok(reply)
+    }
+
+    /// A request in openraft's own types through bincode: what a chunkserver that does not
+    /// read protobuf gets.
+    async fn call_bincode<Req, Resp, E>(
+        &mut self,
+        kind: Kind,
+        req: &Req,
+    ) -> Result<Resp, RPCError<u64, BasicNode, E>>
+    where
+        Req: Serialize,
+        Resp: DeserializeOwned,
+        E: std::error::Error + DeserializeOwned,
+    {
+        let payload = bincode::serialize(req).map_err(|e| network(&e))?;
+        let reply = self.send(kind, payload, Encoding::Bincode).await?;
+        let answer: Result<Resp, E> =
+            bincode::deserialize(&reply.payload).map_err(|e| network(&e))?;
         answer.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
     }
 }
@@ -130,7 +183,14 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
         req: AppendEntriesRequest<TypeConfig>,
         _option: RPCOption,
     ) -> Result<AppendEntriesResponse<u64>, RPCError<u64, BasicNode, RaftError<u64>>> {
-        self.call(Kind::Append, &req).await
+        if !self.protobuf() {
+            return self.call_bincode(Kind::Append, &req).await;
+        }
+        let reply = self
+            .send(Kind::Append, codec::encode_append(&req), Encoding::Protobuf)
+            .await?;
+        let answer = codec::decode_append_reply(reply.payload).map_err(|e| network(&e))?;
+        answer.map_err(|e| unreachable(&e))
     }
 
     async fn install_snapshot(
@@ -141,7 +201,24 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
         InstallSnapshotResponse<u64>,
         RPCError<u64, BasicNode, RaftError<u64, InstallSnapshotError>>,
     > {
-        self.call(Kind::Snapshot, &req).await
+        if !self.protobuf() {
+            return self.call_bincode(Kind::Snapshot, &req).await;
+        }
+        let reply = self
+            .send(
+                Kind::Snapshot,
+                codec::encode_snapshot(&req),
+                Encoding::Protobuf,
+            )
+            .await?;
+        match codec::decode_snapshot_reply(reply.payload).map_err(|e| network(&e))? {
+            Ok(r) => Ok(r),
+            Err(SnapshotReplyError::Mismatch(m)) => Err(RPCError::RemoteError(RemoteError::new(
+                self.target,
+                RaftError::APIError(InstallSnapshotError::SnapshotMismatch(m)),
+            ))),
+            Err(SnapshotReplyError::Fatal(e)) => Err(unreachable(&e)),
+        }
     }
 
     async fn vote(
@@ -149,7 +226,14 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
         req: VoteRequest<u64>,
         _option: RPCOption,
     ) -> Result<VoteResponse<u64>, RPCError<u64, BasicNode, RaftError<u64>>> {
-        self.call(Kind::Vote, &req).await
+        if !self.protobuf() {
+            return self.call_bincode(Kind::Vote, &req).await;
+        }
+        let reply = self
+            .send(Kind::Vote, codec::encode_vote(&req), Encoding::Protobuf)
+            .await?;
+        let answer = codec::decode_vote_reply(reply.payload).map_err(|e| network(&e))?;
+        answer.map_err(|e| unreachable(&e))
     }
 
     /// Short backoffs after an unreachable peer (default: 500 ms, as long as an election

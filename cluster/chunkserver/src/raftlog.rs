@@ -3,7 +3,9 @@
 //! ```text
 //!  <copyset>/raft/log_<first index, 20 digits>   segments, written with zeroes to `segment_size`
 //!                                                 when created (so appends never allocate)
-//!      record: len u32 | crc32 u32 | index u64 | entry (bincode, len bytes)
+//!      record: len u32 | crc32 u32 | index u64 | entry (len bytes)
+//!      `len`'s top bit set: the entry is protobuf (curve.raft.Entry, what this version
+//!      writes); clear: bincode of openraft's Entry (logs written before, still read)
 //!      a zero `len` ends a segment's records (preallocated space reads as zeroes)
 //!  <copyset>/raft/raft_meta                       vote and last purged log id (bincode + crc32,
 //!                                                 written tmp + fsync + rename)
@@ -43,6 +45,24 @@ use crate::chunkfilepool::sync_dir;
 use crate::raft::{StorageError, TypeConfig};
 
 const HEADER: u64 = 16;
+
+/// The top bit of a record's `len`: its entry is protobuf.
+const PROTOBUF: u32 = 1 << 31;
+
+/// An entry from its record's payload, in the format the record's `len` names.
+fn decode_record(len_field: u32, payload: bytes::Bytes) -> io::Result<Entry<TypeConfig>> {
+    if len_field & PROTOBUF != 0 {
+        crate::codec::decode_entry(payload)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+    } else {
+        bincode::deserialize(&payload).map_err(|e| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("bincode entry (a log written before protobuf entries): {e}"),
+            )
+        })
+    }
+}
 
 static FSYNCS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 static FLUSHED_APPENDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
@@ -238,10 +258,11 @@ impl RaftLog {
             let mut header = [0u8; HEADER as usize];
             while at + HEADER <= size {
                 file.read_exact_at(&mut header, at)?;
-                let len = u32::from_le_bytes(header[0..4].try_into().expect("4"));
+                let len_field = u32::from_le_bytes(header[0..4].try_into().expect("4"));
+                let len = len_field & !PROTOBUF;
                 let crc = u32::from_le_bytes(header[4..8].try_into().expect("4"));
                 let index = u64::from_le_bytes(header[8..16].try_into().expect("8"));
-                if len == 0 || at + HEADER + u64::from(len) > size {
+                if len_field == 0 || at + HEADER + u64::from(len) > size {
                     break;
                 }
                 let mut payload = vec![0u8; len as usize];
@@ -255,9 +276,17 @@ impl RaftLog {
                 {
                     break;
                 }
-                let Ok(entry) = bincode::deserialize::<Entry<TypeConfig>>(&payload) else {
-                    break;
-                };
+                // The checksum matched: a record that does not decode is not a torn write but
+                // a format this version cannot read; refused, never taken for the log's end.
+                let entry = decode_record(len_field, payload.into()).map_err(|e| {
+                    io::Error::new(
+                        e.kind(),
+                        format!(
+                            "raft log {}: record {index} does not decode: {e}",
+                            segment_path(dir, first).display()
+                        ),
+                    )
+                })?;
                 let term = entry.log_id.leader_id.term;
                 if last_term.is_some_and(|t| term < t) {
                     break;
@@ -369,7 +398,7 @@ impl RaftLog {
             let mut buf: Vec<u8> = Vec::new();
             let mut buf_seg: Option<(u64, u64)> = None; // (segment, offset of buf)
             for entry in entries {
-                let payload = bincode::serialize(&entry).map_err(io_err)?;
+                let payload = crate::codec::encode_entry(&entry);
                 APPENDED_ENTRIES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 self.inner
                     .appended
@@ -438,7 +467,7 @@ impl RaftLog {
                 let mut h = crc32fast::Hasher::new();
                 h.update(&index.to_le_bytes());
                 h.update(&payload);
-                buf.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+                buf.extend_from_slice(&(payload.len() as u32 | PROTOBUF).to_le_bytes());
                 buf.extend_from_slice(&h.finalize().to_le_bytes());
                 buf.extend_from_slice(&index.to_le_bytes());
                 buf.extend_from_slice(&payload);
@@ -516,10 +545,9 @@ impl RaftLog {
                     l.log_id.index
                 ))));
             }
-            out.push(
-                bincode::deserialize(&record[HEADER as usize..])
-                    .map_err(|e| StorageError::from(StorageIOError::read_logs(&e)))?,
-            );
+            let len_field = u32::from_le_bytes(record[0..4].try_into().expect("4"));
+            let payload = bytes::Bytes::from(record).slice(HEADER as usize..);
+            out.push(decode_record(len_field, payload).map_err(read_err)?);
         }
         Ok(out)
     }
@@ -848,6 +876,90 @@ mod tests {
         let got = block_on(log.try_get_log_entries(0..u64::MAX)).unwrap();
         assert_eq!(got.last().unwrap().log_id.index, 94);
         assert_eq!(got.len(), 54);
+    }
+
+    /// Writes `entries` as a log before protobuf entries did: bincode records in a segment
+    /// named after the first, the rest of it zeroes.
+    fn write_bincode_log(dir: &Path, entries: &[Entry<TypeConfig>], size: u64) {
+        let mut buf = Vec::new();
+        for e in entries {
+            let payload = bincode::serialize(e).unwrap();
+            let index = e.log_id.index;
+            let mut h = crc32fast::Hasher::new();
+            h.update(&index.to_le_bytes());
+            h.update(&payload);
+            buf.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+            buf.extend_from_slice(&h.finalize().to_le_bytes());
+            buf.extend_from_slice(&index.to_le_bytes());
+            buf.extend_from_slice(&payload);
+        }
+        buf.resize(size as usize, 0);
+        std::fs::create_dir_all(dir).unwrap();
+        std::fs::write(segment_path(dir, entries[0].log_id.index), buf).unwrap();
+    }
+
+    /// A log written before entries were protobuf reads back entry for entry, takes new
+    /// (protobuf) records after its own, and the mixed log recovers after a restart.
+    #[test]
+    fn a_log_written_in_bincode_reads_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let seg = 1 << 20;
+        let mut old: Vec<Entry<TypeConfig>> = (1..6).map(|i| sized(i, i as u8, 3000)).collect();
+        old[0] = blank(1);
+        write_bincode_log(dir.path(), &old, seg);
+        let log = RaftLog::open(dir.path(), seg).unwrap();
+        assert_eq!(log.read(0..u64::MAX).unwrap(), old);
+        let new: Vec<Entry<TypeConfig>> = (6..9).map(|i| sized(i, 50 + i as u8, 700)).collect();
+        for f in log.write_records(new.clone()).unwrap() {
+            f.sync_data().unwrap();
+        }
+        drop(log);
+        let mut log = RaftLog::open(dir.path(), seg).unwrap();
+        let all: Vec<_> = old.iter().chain(&new).cloned().collect();
+        assert_eq!(block_on(log.try_get_log_entries(0..u64::MAX)).unwrap(), all);
+        // The old records are bincode on disk, the new ones protobuf (flagged in `len`).
+        let bytes = std::fs::read(segment_path(dir.path(), 1)).unwrap();
+        let len0 = u32::from_le_bytes(bytes[0..4].try_into().unwrap());
+        assert_eq!(len0 & PROTOBUF, 0);
+        let at = log.inner.state.lock().entries[&6].offset as usize;
+        let len6 = u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap());
+        assert_ne!(len6 & PROTOBUF, 0);
+        assert_eq!(
+            crate::codec::decode_entry(bytes::Bytes::copy_from_slice(
+                &bytes[at + HEADER as usize..at + HEADER as usize + (len6 & !PROTOBUF) as usize]
+            ))
+            .unwrap(),
+            new[0]
+        );
+    }
+
+    /// A whole record (its checksum right) that does not decode is refused with a message that
+    /// names the log and the record, never taken for the end of the log (which would drop the
+    /// acknowledged entries after it).
+    #[test]
+    fn a_record_that_does_not_decode_is_refused_clearly() {
+        let dir = tempfile::tempdir().unwrap();
+        let payload = [0xffu8; 40];
+        let mut h = crc32fast::Hasher::new();
+        h.update(&1u64.to_le_bytes());
+        h.update(&payload);
+        for flag in [0, PROTOBUF] {
+            let mut buf = Vec::new();
+            buf.extend_from_slice(&(payload.len() as u32 | flag).to_le_bytes());
+            buf.extend_from_slice(&h.clone().finalize().to_le_bytes());
+            buf.extend_from_slice(&1u64.to_le_bytes());
+            buf.extend_from_slice(&payload);
+            buf.resize(1 << 20, 0);
+            std::fs::write(segment_path(dir.path(), 1), buf).unwrap();
+            let e = RaftLog::open(dir.path(), 1 << 20).unwrap_err();
+            assert_eq!(e.kind(), io::ErrorKind::InvalidData);
+            let msg = e.to_string();
+            assert!(
+                msg.contains("log_00000000000000000001")
+                    && msg.contains("record 1 does not decode"),
+                "{msg}"
+            );
+        }
     }
 
     #[test]

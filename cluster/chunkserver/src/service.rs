@@ -19,12 +19,13 @@ use curve_proto::copyset::{
     GetCopysetStatusResponse,
 };
 use curve_proto::raft::raft_service_server::RaftService;
-use curve_proto::raft::{RaftRequest, RaftResponse};
+use curve_proto::raft::{Encoding, RaftRequest, RaftResponse};
 use openraft::BasicNode;
 use openraft::error::{CheckIsLeaderError, ClientWriteError, ForwardToLeader, RaftError};
 use tonic::{Request, Response, Status};
 
 use crate::auth::ChunkAuth;
+use crate::codec;
 use crate::copyset::{CopysetNode, CopysetNodeManager, CreateError};
 use crate::datastore::DataStoreError;
 use crate::raft::ChunkCommand;
@@ -463,12 +464,29 @@ impl ChunkService for ChunkServerServices {
     }
 }
 
-fn raft_reply<T: serde::Serialize>(r: &T) -> Result<Response<RaftResponse>, Status> {
-    let payload = bincode::serialize(r).map_err(|e| Status::internal(e.to_string()))?;
+/// A raft reply in `encoding` (the request's), saying that this chunkserver reads protobuf.
+fn raft_reply(payload: Vec<u8>, encoding: Encoding) -> Result<Response<RaftResponse>, Status> {
     Ok(Response::new(RaftResponse {
         payload: payload.into(),
         error: String::new(),
+        encoding: encoding as i32,
+        accepts: Encoding::Protobuf as i32,
     }))
+}
+
+fn bincode_reply<T: serde::Serialize>(r: &T) -> Result<Response<RaftResponse>, Status> {
+    let payload = bincode::serialize(r).map_err(|e| Status::internal(e.to_string()))?;
+    raft_reply(payload, Encoding::Bincode)
+}
+
+/// A raft request's encoding (an unknown one refused).
+fn encoding_of(req: &RaftRequest) -> Result<Encoding, Status> {
+    Encoding::try_from(req.encoding)
+        .map_err(|_| Status::invalid_argument(format!("unknown raft encoding {}", req.encoding)))
+}
+
+fn bad_message(e: crate::codec::CodecError) -> Status {
+    Status::invalid_argument(e.to_string())
 }
 
 impl ChunkServerServices {
@@ -477,6 +495,8 @@ impl ChunkServerServices {
             .ok_or_else(|| {
                 Response::new(RaftResponse {
                     payload: Default::default(),
+                    encoding: req.encoding,
+                    accepts: Encoding::Protobuf as i32,
                     error: format!(
                         "copyset {}_{} does not exist here",
                         req.logical_pool_id, req.copyset_id
@@ -486,7 +506,7 @@ impl ChunkServerServices {
     }
 }
 
-fn decode<T: serde::de::DeserializeOwned>(req: &RaftRequest) -> Result<T, Status> {
+fn decode_bincode<T: serde::de::DeserializeOwned>(req: &RaftRequest) -> Result<T, Status> {
     bincode::deserialize(&req.payload).map_err(|e| Status::invalid_argument(e.to_string()))
 }
 
@@ -521,7 +541,16 @@ impl RaftService for ChunkServerServices {
             Ok(n) => n,
             Err(r) => return Ok(r),
         };
-        raft_reply(&node.raft.append_entries(decode(&req)?).await)
+        match encoding_of(&req)? {
+            Encoding::Bincode => {
+                bincode_reply(&node.raft.append_entries(decode_bincode(&req)?).await)
+            }
+            Encoding::Protobuf => {
+                let r = codec::decode_append(req.payload).map_err(bad_message)?;
+                let answer = node.raft.append_entries(r).await;
+                raft_reply(codec::encode_append_reply(&answer), Encoding::Protobuf)
+            }
+        }
     }
 
     async fn vote(&self, request: Request<RaftRequest>) -> Result<Response<RaftResponse>, Status> {
@@ -531,7 +560,14 @@ impl RaftService for ChunkServerServices {
             Ok(n) => n,
             Err(r) => return Ok(r),
         };
-        raft_reply(&node.raft.vote(decode(&req)?).await)
+        match encoding_of(&req)? {
+            Encoding::Bincode => bincode_reply(&node.raft.vote(decode_bincode(&req)?).await),
+            Encoding::Protobuf => {
+                let r = codec::decode_vote(req.payload).map_err(bad_message)?;
+                let answer = node.raft.vote(r).await;
+                raft_reply(codec::encode_vote_reply(&answer), Encoding::Protobuf)
+            }
+        }
     }
 
     async fn install_snapshot(
@@ -544,7 +580,16 @@ impl RaftService for ChunkServerServices {
             Ok(n) => n,
             Err(r) => return Ok(r),
         };
-        raft_reply(&node.raft.install_snapshot(decode(&req)?).await)
+        match encoding_of(&req)? {
+            Encoding::Bincode => {
+                bincode_reply(&node.raft.install_snapshot(decode_bincode(&req)?).await)
+            }
+            Encoding::Protobuf => {
+                let r = codec::decode_snapshot(req.payload).map_err(bad_message)?;
+                let answer = node.raft.install_snapshot(r).await;
+                raft_reply(codec::encode_snapshot_reply(&answer), Encoding::Protobuf)
+            }
+        }
     }
 }
 

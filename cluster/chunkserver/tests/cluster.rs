@@ -428,3 +428,95 @@ async fn beyond_the_inflight_limit_requests_get_overload() {
     );
     let _ = n.stop.take().unwrap().send(());
 }
+
+/// A chunkserver answers raft RPCs in protobuf and, for a peer of an older version, in bincode
+/// (each reply in its request's encoding, saying it reads protobuf); a message that does not
+/// decode is refused with InvalidArgument and the copyset keeps its leader.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn raft_rpcs_are_answered_in_protobuf_and_in_bincode() {
+    use curve_chunkserver::codec;
+    use curve_proto::raft::raft_service_client::RaftServiceClient;
+    use curve_proto::raft::{Encoding, RaftRequest};
+    use openraft::raft::{VoteRequest, VoteResponse};
+
+    let nodes = [start(1).await, start(2).await, start(3).await];
+    let peers: Vec<Peer> = nodes
+        .iter()
+        .map(|n| Peer {
+            chunkserver_id: n.id,
+            address: n.addr.clone(),
+        })
+        .collect();
+    for n in &nodes {
+        create(n, peers.clone()).await;
+    }
+    let all: Vec<&Node> = nodes.iter().collect();
+    until("a leader all three see", || leader_seen_by(&all).is_some()).await;
+    let leader = leader_seen_by(&all).unwrap();
+    let follower = nodes.iter().find(|n| u64::from(n.id) != leader).unwrap();
+    // The leader learnt from its followers' first replies that they read protobuf.
+    until("the leader sends protobuf to its followers", || {
+        nodes
+            .iter()
+            .filter(|n| u64::from(n.id) != leader)
+            .all(|n| curve_chunkserver::network::sends_protobuf_to(&n.addr))
+    })
+    .await;
+    let mut raft = RaftServiceClient::connect(format!("http://{}", follower.addr))
+        .await
+        .unwrap();
+    // A stale candidate (term 0): refused, in either encoding.
+    let stale = VoteRequest::<u64>::new(openraft::Vote::new(0, 9), None);
+    let req = |payload: Vec<u8>, encoding: Encoding| RaftRequest {
+        logical_pool_id: 1,
+        copyset_id: 1,
+        payload: payload.into(),
+        encoding: encoding as i32,
+    };
+    let r = raft
+        .vote(req(bincode::serialize(&stale).unwrap(), Encoding::Bincode))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.encoding, Encoding::Bincode as i32);
+    assert_eq!(r.accepts, Encoding::Protobuf as i32);
+    let answer: Result<VoteResponse<u64>, openraft::error::RaftError<u64>> =
+        bincode::deserialize(&r.payload).unwrap();
+    let answer = answer.unwrap();
+    assert!(!answer.vote_granted);
+    assert!(answer.vote.leader_id.term > 0);
+
+    let r = raft
+        .vote(req(codec::encode_vote(&stale), Encoding::Protobuf))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.encoding, Encoding::Protobuf as i32);
+    let answer = codec::decode_vote_reply(r.payload).unwrap().unwrap();
+    assert!(!answer.vote_granted);
+
+    for (payload, encoding) in [
+        (vec![0xff; 9], Encoding::Protobuf),
+        (vec![0xff; 3], Encoding::Bincode),
+    ] {
+        let e = raft
+            .append_entries(req(payload, encoding))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
+    }
+    let mut bad = req(Vec::new(), Encoding::Protobuf);
+    bad.encoding = 7;
+    let e = raft.vote(bad).await.unwrap_err();
+    assert!(e.message().contains("unknown raft encoding 7"), "{e}");
+    // Still one leader, and writes go on through it.
+    assert_eq!(leader_seen_by(&all), Some(leader));
+    let leader_node = nodes.iter().find(|n| u64::from(n.id) == leader).unwrap();
+    let w = chunk_client(&leader_node.addr)
+        .await
+        .write_chunk(write_req(1, 1, 0, vec![3; 4096], 0))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(w.status, ChunkStatus::Success as i32);
+}
