@@ -480,6 +480,7 @@ fn every_rpc_needs_the_right_credential_and_the_owner_never_notices() {
                 logical_pool_id: a.req.logical_pool_id,
                 copyset_id: a.req.copyset_id,
                 payload: vec![0; 64].into(),
+                ..Default::default()
             })
             .await
             .unwrap_err();
