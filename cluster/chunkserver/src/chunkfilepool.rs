@@ -10,7 +10,7 @@
 //! when complete, so a crash never leaves a half-formatted file in the pool.
 
 use std::fs::{File, OpenOptions};
-use std::io::{self, Write};
+use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -153,15 +153,12 @@ impl Shared {
         let n = self.next.fetch_add(1, Ordering::Relaxed);
         let tmp = self.dir.join(format!("{n}.tmp"));
         let path = self.dir.join(n.to_string());
-        let mut f = File::create(&tmp)?;
-        let zeroes = vec![0u8; 1 << 20];
-        let mut left = self.opts.file_size;
-        while left > 0 {
-            let k = left.min(zeroes.len() as u64) as usize;
-            f.write_all(&zeroes[..k])?;
-            left -= k as u64;
-        }
+        let f = File::create(&tmp)?;
+        crate::pagecache::write_zeroes(&f, 0, self.opts.file_size)?;
         f.sync_all()?;
+        // Nothing reads the zeroes: out of the cache, where a file's first writes would find
+        // them in folios (see crate::pagecache).
+        crate::pagecache::drop_cached(&f)?;
         std::fs::rename(&tmp, &path)?;
         Ok(path)
     }
@@ -197,6 +194,7 @@ impl Shared {
             let f = OpenOptions::new().write(true).open(path)?;
             f.write_all_at(&vec![0u8; meta_page as usize], 0)?;
             f.sync_data()?;
+            crate::pagecache::drop_cached(&f)?;
         }
         let n = self.next.fetch_add(1, Ordering::Relaxed);
         let dest = self.dir.join(n.to_string());

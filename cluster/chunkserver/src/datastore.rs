@@ -49,6 +49,7 @@ use std::sync::Arc;
 use parking_lot::{Mutex, RwLock};
 
 use crate::chunkfilepool::ChunkFilePool;
+use crate::pagecache;
 
 /// Size of the meta page at the head of every chunk file.
 pub const META_PAGE: u64 = 4096;
@@ -324,6 +325,14 @@ impl std::fmt::Debug for DataStore {
     }
 }
 
+/// Opens a chunk (or COW) file for reading and writing, without readahead (see
+/// [`crate::pagecache`]).
+fn open_chunk_file(path: &Path) -> std::io::Result<File> {
+    let file = OpenOptions::new().read(true).write(true).open(path)?;
+    pagecache::random_access(&file)?;
+    Ok(file)
+}
+
 fn chunk_name(id: u64) -> String {
     format!("chunk_{id}")
 }
@@ -380,10 +389,7 @@ impl DataStore {
             let Ok(id) = rest.parse::<u64>() else {
                 continue;
             };
-            let file = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open(entry.path())?;
+            let file = open_chunk_file(&entry.path())?;
             let mut page = vec![0u8; META_PAGE as usize];
             file.read_exact_at(&mut page, 0)?;
             let (meta, filled) = ChunkMeta::decode(&page, bitmap_len)
@@ -402,7 +408,7 @@ impl DataStore {
             );
         }
         for (id, path) in cows {
-            let file = OpenOptions::new().read(true).write(true).open(&path)?;
+            let file = open_chunk_file(&path)?;
             let mut page = vec![0u8; META_PAGE as usize];
             file.read_exact_at(&mut page, 0)?;
             match (
@@ -493,7 +499,7 @@ impl DataStore {
         }
         let path = self.dir.join(chunk_name(w.id));
         self.pool.take(&path)?;
-        let file = OpenOptions::new().read(true).write(true).open(&path)?;
+        let file = open_chunk_file(&path)?;
         let meta = ChunkMeta {
             id: w.id,
             sn: w.sn,
@@ -617,7 +623,7 @@ impl DataStore {
             // The common case: nothing to keep in order with the data, which goes in unlocked.
             drop(guard);
         }
-        chunk.file.write_all_at(w.data, META_PAGE + w.offset)?;
+        pagecache::write_at(&chunk.file, w.data, META_PAGE + w.offset)?;
         Ok(())
     }
 
@@ -626,7 +632,7 @@ impl DataStore {
         self.check_bitmaps()?;
         let path = self.dir.join(cow_name(id, tag));
         self.pool.take_sparse(&path)?;
-        let file = OpenOptions::new().read(true).write(true).open(&path)?;
+        let file = open_chunk_file(&path)?;
         let cow = CowFile {
             tag,
             file,
@@ -657,7 +663,7 @@ impl DataStore {
             buf.resize((to - from) * UNIT as usize, 0);
             let at = META_PAGE + from as u64 * UNIT;
             file.read_exact_at(&mut buf, at)?;
-            cow.file.write_all_at(&buf, at)?;
+            pagecache::write_at(&cow.file, &buf, at)?;
             for u in from..to {
                 cow.copied.set(u);
                 if filled.as_ref().is_some_and(|f| !f.get(u)) {
@@ -714,9 +720,11 @@ impl DataStore {
         for (from, to) in &todo {
             let at = (*from - first) * UNIT as usize;
             let n = (to - from) * UNIT as usize;
-            chunk
-                .file
-                .write_all_at(&data[at..at + n], META_PAGE + *from as u64 * UNIT)?;
+            pagecache::write_at(
+                &chunk.file,
+                &data[at..at + n],
+                META_PAGE + *from as u64 * UNIT,
+            )?;
             for u in *from..*to {
                 filled.set(u);
             }
@@ -829,7 +837,7 @@ impl DataStore {
                     buf.resize((b - a) * UNIT as usize, 0);
                     let at = META_PAGE + *a as u64 * UNIT;
                     cow.file.read_exact_at(&mut buf, at)?;
-                    prev.file.write_all_at(&buf, at)?;
+                    pagecache::write_at(&prev.file, &buf, at)?;
                     for u in *a..*b {
                         prev.copied.set(u);
                         if cow.unfilled.get(u) {
@@ -959,7 +967,7 @@ impl DataStore {
                     Some(i) => i,
                     None => {
                         self.pool.take(&path)?;
-                        let file = OpenOptions::new().read(true).write(true).open(&path)?;
+                        let file = open_chunk_file(&path)?;
                         st.cows.push(CowFile {
                             tag,
                             file,
@@ -1001,7 +1009,7 @@ impl DataStore {
         chunk
             .file
             .write_all_at(&st.meta.encode(st.filled.as_ref()), 0)?;
-        chunk.file.write_all_at(data, META_PAGE)?;
+        pagecache::write_at(&chunk.file, data, META_PAGE)?;
         Ok(())
     }
 

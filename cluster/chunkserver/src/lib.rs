@@ -23,6 +23,7 @@ pub mod datastore;
 pub mod identity;
 pub mod metrics;
 pub mod network;
+pub mod pagecache;
 pub mod raft;
 pub mod raftlog;
 pub mod service;

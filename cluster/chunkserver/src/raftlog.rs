@@ -412,7 +412,7 @@ impl RaftLog {
                 if !fits {
                     if let Some((seg, off)) = buf_seg.take() {
                         let file = st.segments[&seg].file.clone();
-                        file.write_all_at(&buf, off).map_err(io_err)?;
+                        crate::pagecache::write_at(&file, &buf, off).map_err(io_err)?;
                         buf.clear();
                     }
                     let size = self.inner.segment_size.max(need + HEADER);
@@ -489,7 +489,7 @@ impl RaftLog {
             }
             if let Some((seg, off)) = buf_seg {
                 let file = st.segments[&seg].file.clone();
-                file.write_all_at(&buf, off).map_err(io_err)?;
+                crate::pagecache::write_at(&file, &buf, off).map_err(io_err)?;
             }
         }
         Ok(touched)
@@ -556,14 +556,11 @@ impl RaftLog {
 /// Writes a new segment end to end with zeroes and syncs it: later appends then overwrite
 /// allocated blocks, and their fdatasync commits no file-system metadata (a sparse or merely
 /// fallocated file would make every first write to a block a journal commit).
+///
+/// In pieces, which stay cached (appends write parts of pages: a page not cached would be
+/// read first) in small folios (see crate::pagecache).
 fn format_segment(file: &File, size: u64) -> io::Result<()> {
-    let zeroes = vec![0u8; (1 << 20).min(size as usize)];
-    let mut at = 0;
-    while at < size {
-        let n = (size - at).min(zeroes.len() as u64) as usize;
-        file.write_all_at(&zeroes[..n], at)?;
-        at += n as u64;
-    }
+    crate::pagecache::write_zeroes(file, 0, size)?;
     file.sync_all()
 }
 
