@@ -507,7 +507,12 @@ pub fn fuzz_raft_messages(data: &[u8]) {
     if let Ok(r) = decode_append(buf.clone()) {
         let back = decode_append(encode_append(&r).into()).unwrap();
         assert_eq!(
-            (back.vote, back.prev_log_id, back.leader_commit, back.entries),
+            (
+                back.vote,
+                back.prev_log_id,
+                back.leader_commit,
+                back.entries
+            ),
             (r.vote, r.prev_log_id, r.leader_commit, r.entries)
         );
     }
@@ -746,7 +751,9 @@ mod tests {
             .collect();
         for i in 0..3000 {
             let mut d: Vec<u8> = if i % 2 == 0 {
-                (0..rng.random_range(0..200)).map(|_| rng.random()).collect()
+                (0..rng.random_range(0..200))
+                    .map(|_| rng.random())
+                    .collect()
             } else {
                 valid[i % valid.len()].clone()
             };

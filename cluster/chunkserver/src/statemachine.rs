@@ -9,9 +9,11 @@
 //! On restart the applied state starts from the last snapshot's meta (`sm_meta`); raft
 //! replays the log from there.
 //!
-//! ConcurrentApply: within a batch of committed entries, commands on different chunks are
-//! applied in parallel (hashed by chunk id onto a few threads); commands on the same chunk
-//! are applied in log order.
+//! ConcurrentApply: within a batch of committed entries that carries at least
+//! [`PARALLEL_APPLY_BYTES`], commands on different chunks are applied in parallel (hashed by
+//! chunk id onto a few threads); commands on the same chunk are applied in log order. A smaller
+//! batch is applied in order where it is: a thread costs more than the page-cache writes of a
+//! few 4K entries.
 //!
 //! Snapshot data is streamed from and to the chunk files ([`crate::snapshot`]): building a
 //! snapshot syncs the store and records the meta, nothing more; memory stays flat in the size
@@ -37,6 +39,20 @@ const RECEIVED: &str = "snapshot.recv";
 
 /// Threads a batch of chunk commands is spread over (by chunk) when applied.
 const APPLY_WORKERS: usize = 4;
+
+/// The data a batch carries before its chunks are applied in parallel.
+const PARALLEL_APPLY_BYTES: usize = 1 << 20;
+
+/// The bytes a command writes.
+fn data_len(cmd: &ChunkCommand) -> usize {
+    match cmd {
+        ChunkCommand::Write { data, .. }
+        | ChunkCommand::WriteOf { data, .. }
+        | ChunkCommand::WriteClone { data, .. }
+        | ChunkCommand::Fill { data, .. } => data.len(),
+        ChunkCommand::Delete { .. } | ChunkCommand::DeleteSnapshots { .. } => 0,
+    }
+}
 
 fn lane_of(cmd: &ChunkCommand) -> usize {
     let id = match cmd {
@@ -257,15 +273,19 @@ impl RaftStateMachine<TypeConfig> for CopysetStateMachine {
         // ConcurrentApply: the chunk commands of the batch, grouped by a hash of their chunk,
         // run on up to APPLY_WORKERS threads; commands on one chunk keep their log order.
         let mut lanes: Vec<Vec<(usize, &ChunkCommand)>> = vec![Vec::new(); APPLY_WORKERS];
+        let mut bytes = 0;
         for (i, e) in entries.iter().enumerate() {
             if let EntryPayload::Normal(cmd) = &e.payload {
                 lanes[lane_of(cmd)].push((i, cmd));
+                bytes += data_len(cmd);
             }
         }
         let busy = lanes.iter().filter(|l| !l.is_empty()).count();
-        if busy <= 1 {
-            for (i, cmd) in lanes.iter().flatten() {
-                out[*i] = self.apply_one(cmd);
+        if busy <= 1 || bytes < PARALLEL_APPLY_BYTES {
+            for (i, e) in entries.iter().enumerate() {
+                if let EntryPayload::Normal(cmd) = &e.payload {
+                    out[i] = self.apply_one(cmd);
+                }
             }
         } else {
             let this: &CopysetStateMachine = self;
@@ -358,8 +378,15 @@ mod tests {
     use crate::chunkfilepool::{ChunkFilePool, PoolOptions};
     use crate::datastore::META_PAGE;
 
+    /// Both ways of applying a batch: in order where it is (4K writes, under
+    /// PARALLEL_APPLY_BYTES) and chunk by chunk on threads (whole 64K chunks: 1.5 MiB).
     #[test]
     fn concurrent_apply_keeps_per_chunk_order() {
+        apply_keeps_per_chunk_order(4096);
+        apply_keeps_per_chunk_order(64 << 10);
+    }
+
+    fn apply_keeps_per_chunk_order(len: usize) {
         let dir = tempfile::tempdir().unwrap();
         let pool = ChunkFilePool::open(
             &dir.path().join("pool"),
@@ -375,7 +402,7 @@ mod tests {
             chunk_id,
             sn: 1,
             offset: 0,
-            data: vec![v; 4096].into(),
+            data: vec![v; len].into(),
             epoch,
         };
         // Eight chunks, each written three times in order, one deleted, one fenced write.
@@ -401,7 +428,7 @@ mod tests {
         assert_eq!(results[n - 1].status, status::EPOCH_TOO_OLD);
         assert!(results[..n - 1].iter().all(|r| r.status == status::SUCCESS));
         for chunk in 0..8u64 {
-            let mut b = vec![0u8; 4096];
+            let mut b = vec![0u8; len];
             if chunk == 5 {
                 assert!(store.read_chunk(chunk, 0, &mut b).is_err());
                 continue;
@@ -409,7 +436,7 @@ mod tests {
             store.read_chunk(chunk, 0, &mut b).unwrap();
             assert_eq!(
                 b,
-                vec![30 + chunk as u8; 4096],
+                vec![30 + chunk as u8; len],
                 "chunk {chunk}: the last write wins"
             );
         }
