@@ -255,6 +255,33 @@ pub fn encode_entry(e: &Entry<TypeConfig>) -> Vec<u8> {
     entry_pb(e).encode_to_vec()
 }
 
+/// A log entry ready to be encoded where its record goes (its length known first, for the
+/// record's header; payloads shared, not copied, until then).
+#[derive(Debug)]
+pub struct EntryRecord(pb::Entry);
+
+impl EntryRecord {
+    /// The entry's message.
+    pub fn new(e: &Entry<TypeConfig>) -> Self {
+        EntryRecord(entry_pb(e))
+    }
+
+    /// Bytes [`encode_into`](Self::encode_into) appends.
+    pub fn len(&self) -> usize {
+        self.0.encoded_len()
+    }
+
+    /// Whether it encodes to nothing (never: an entry has a log id).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Appends the encoded entry to `buf`.
+    pub fn encode_into(&self, buf: &mut Vec<u8>) {
+        self.0.encode_raw(buf);
+    }
+}
+
 /// A log entry from its record (its payloads share `buf`).
 pub fn decode_entry(buf: Bytes) -> Result<Entry<TypeConfig>, CodecError> {
     entry_of(pb::Entry::decode(buf)?)

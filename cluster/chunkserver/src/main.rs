@@ -47,6 +47,12 @@ struct Args {
     /// Serve Prometheus metrics at http://ADDR/metrics (host:port).
     #[arg(long)]
     metrics_listen: Option<String>,
+    /// Threads of the async runtime (gRPC, raft). Default: a quarter of the CPUs, at least one
+    /// (chunkservers share a host, one per disk; raft log fsyncs and snapshot work run on
+    /// threads of their own). Each more thread a write's hops can land on is a wake-up more:
+    /// on 2 CPUs with 3 chunkservers, 1 thread instead of 2 gave +20% 4K write IOPS.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
+    worker_threads: Option<u16>,
     /// The cluster keyring (shared with the MDS; `curve key cluster`): turns authentication on
     /// (tickets and grants on chunk requests, the cluster key between daemons).
     #[arg(long, env = "CURVE_CLUSTER_KEY_FILE", value_name = "PATH")]
@@ -95,7 +101,12 @@ fn main() -> anyhow::Result<()> {
         max_inflight: a.max_inflight,
         metrics_listen: a.metrics_listen,
     };
+    let workers = a.worker_threads.map_or_else(
+        || std::thread::available_parallelism().map_or(1, |n| (n.get() / 4).max(1)),
+        usize::from,
+    );
     let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
         .enable_all()
         .build()?;
     rt.block_on(daemon::run(cfg, async {

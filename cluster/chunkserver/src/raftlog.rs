@@ -398,12 +398,14 @@ impl RaftLog {
             let mut buf: Vec<u8> = Vec::new();
             let mut buf_seg: Option<(u64, u64)> = None; // (segment, offset of buf)
             for entry in entries {
-                let payload = crate::codec::encode_entry(&entry);
+                // Encoded straight into the batch's buffer, after its header.
+                let record = crate::codec::EntryRecord::new(&entry);
+                let payload_len = record.len();
                 APPENDED_ENTRIES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 self.inner
                     .appended
-                    .fetch_add(payload.len() as u64, std::sync::atomic::Ordering::Relaxed);
-                let need = HEADER + payload.len() as u64;
+                    .fetch_add(payload_len as u64, std::sync::atomic::Ordering::Relaxed);
+                let need = HEADER + payload_len as u64;
                 let index = entry.log_id.index;
                 let fits = st
                     .segments
@@ -464,13 +466,13 @@ impl RaftLog {
                 if buf_seg.is_none() {
                     buf_seg = Some((first, offset));
                 }
-                let mut h = crc32fast::Hasher::new();
-                h.update(&index.to_le_bytes());
-                h.update(&payload);
-                buf.extend_from_slice(&(payload.len() as u32 | PROTOBUF).to_le_bytes());
-                buf.extend_from_slice(&h.finalize().to_le_bytes());
+                let at = buf.len();
+                buf.extend_from_slice(&(payload_len as u32 | PROTOBUF).to_le_bytes());
+                buf.extend_from_slice(&[0; 4]); // the checksum, below
                 buf.extend_from_slice(&index.to_le_bytes());
-                buf.extend_from_slice(&payload);
+                record.encode_into(&mut buf);
+                let crc = crc32fast::hash(&buf[at + 8..]);
+                buf[at + 4..at + 8].copy_from_slice(&crc.to_le_bytes());
                 let seg = st.segments.get_mut(&first).expect("just looked up");
                 seg.write_at += need;
                 if !touched.iter().any(|f| Arc::ptr_eq(f, &seg.file)) {
@@ -481,11 +483,11 @@ impl RaftLog {
                     Loc {
                         segment: first,
                         offset,
-                        len: payload.len() as u32,
+                        len: payload_len as u32,
                         log_id: entry.log_id,
                     },
                 );
-                st.recent.keep(index, entry, payload.len() as u64);
+                st.recent.keep(index, entry, payload_len as u64);
             }
             if let Some((seg, off)) = buf_seg {
                 let file = st.segments[&seg].file.clone();
