@@ -232,9 +232,26 @@ fn two_upgrades_under_vhost_user_nbd_qemu_io_and_libnebd_load() {
     assert_eq!(log.matches("took over: serving").count(), 2, "{log}");
     // A crash after the upgrades is still only a pause: the metafile is the new process's.
     p.kill9_and_restart();
-    let v = load("nbd", n_uri.trim(), "verify", "4", &["--io-count", "500"])
-        .join()
-        .unwrap();
+    // The restarted server answers its control socket first and then restores the exports
+    // from the metafile: a new client (not a reconnecting one) waits until its export
+    // negotiates again (the killed process's socket file refuses until then).
+    assert!(
+        curve_tests::wait_until(Duration::from_secs(30), || {
+            Command::new("nbdinfo")
+                .args(["--size", n_uri.trim()])
+                .output()
+                .is_ok_and(|o| o.status.success())
+        }),
+        "the NBD export negotiates again within 30 s of the restart:\n{}",
+        p.log()
+    );
+    let v = load("nbd", n_uri.trim(), "verify", "4", &["--io-count", "500"]).join();
+    let Ok(v) = v else {
+        panic!(
+            "NBD load after the restart failed; the servers' logs:\n{}",
+            p.log()
+        );
+    };
     assert_clean("NBD after kill -9 of the upgraded server", &v);
 }
 
