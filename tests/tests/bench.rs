@@ -225,10 +225,14 @@ fn vhost_user_driver_against_qemu_storage_daemon() {
             sock.display()
         ));
     let _qsd = curve_tests::Daemon::spawn(cmd, &tmp.path().join("qsd.log"));
-    assert!(curve_tests::wait_until(
-        std::time::Duration::from_secs(10),
-        || sock.exists()
-    ));
+    // Listening, not only bound: the socket file exists a moment before connects succeed.
+    assert!(
+        curve_tests::wait_until(std::time::Duration::from_secs(10), || {
+            std::os::unix::net::UnixStream::connect(&sock).is_ok()
+        }),
+        "qemu-storage-daemon listens on {}",
+        sock.display()
+    );
     let s = sock.to_str().unwrap();
     // Two queues, verified; then every request type.
     let v = bench(&[

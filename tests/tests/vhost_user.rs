@@ -100,10 +100,14 @@ fn vhost_user_blk_export_serves_verifies_and_comes_back_after_kill_9() {
     }
     // kill -9 of part2: the export comes back on the same socket (metafile), and serves.
     p.kill9_and_restart();
-    assert!(curve_tests::wait_until(
-        std::time::Duration::from_secs(10),
-        || sock.exists()
-    ));
+    // Listening again, not only there: the killed process's socket file refuses until the
+    // restarted one has restored the export.
+    assert!(
+        curve_tests::wait_until(std::time::Duration::from_secs(10), || {
+            std::os::unix::net::UnixStream::connect(&sock).is_ok()
+        }),
+        "the vhost-user export listens again after the restart"
+    );
     bench(&s, &["-w", "verify", "-q", "4", "--io-count", "500"]);
     let list = p.curve_ok(&["export", "list", "--format", "json"]);
     assert!(list.contains("vhost_user_blk"), "{list}");
