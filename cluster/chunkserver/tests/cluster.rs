@@ -103,20 +103,7 @@ fn write_req(copyset: u32, chunk: u64, offset: u64, data: Vec<u8>, epoch: u64) -
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn three_replicas_serve_through_the_leader() {
-    let mut nodes = Vec::new();
-    for id in 1..=3 {
-        nodes.push(start(id).await);
-    }
-    let peers: Vec<Peer> = nodes
-        .iter()
-        .map(|n| Peer {
-            chunkserver_id: n.id,
-            address: n.addr.clone(),
-        })
-        .collect();
-    for n in &nodes {
-        create(n, peers.clone()).await;
-    }
+    let mut nodes = copyset_of_three().await;
     // A leader is elected, and every replica agrees on it (twice, 300 ms apart).
     let all: Vec<&Node> = nodes.iter().collect();
     let agreed = || leader_seen_by(&all);
@@ -260,6 +247,26 @@ async fn create(node: &Node, peers: Vec<Peer>) {
     assert_eq!(r.status, 0, "{}", r.message);
 }
 
+fn peer(n: &Node) -> Peer {
+    Peer {
+        chunkserver_id: n.id,
+        address: n.addr.clone(),
+    }
+}
+
+/// Chunkservers 1, 2 and 3, each with copyset 1 of all three.
+async fn copyset_of_three() -> Vec<Node> {
+    let mut nodes = Vec::new();
+    for id in 1..=3 {
+        nodes.push(start(id).await);
+    }
+    let peers: Vec<Peer> = nodes.iter().map(peer).collect();
+    for n in &nodes {
+        create(n, peers.clone()).await;
+    }
+    nodes
+}
+
 fn leader_seen_by(nodes: &[&Node]) -> Option<u64> {
     let seen: Vec<Option<u64>> = nodes
         .iter()
@@ -288,18 +295,7 @@ async fn until(what: &str, mut cond: impl FnMut() -> bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn add_remove_and_transfer_leader_and_data_follows() {
-    let mut nodes = Vec::new();
-    for id in 1..=3 {
-        nodes.push(start(id).await);
-    }
-    let peer = |n: &Node| Peer {
-        chunkserver_id: n.id,
-        address: n.addr.clone(),
-    };
-    let peers: Vec<Peer> = nodes.iter().map(peer).collect();
-    for n in &nodes {
-        create(n, peers.clone()).await;
-    }
+    let mut nodes = copyset_of_three().await;
     let all: Vec<&Node> = nodes.iter().collect();
     until("a leader", || leader_seen_by(&all).is_some()).await;
     let leader = leader_seen_by(&all).unwrap() as u32;
@@ -439,17 +435,7 @@ async fn raft_rpcs_are_answered_in_protobuf_and_in_bincode() {
     use curve_proto::raft::{Encoding, RaftRequest};
     use openraft::raft::{VoteRequest, VoteResponse};
 
-    let nodes = [start(1).await, start(2).await, start(3).await];
-    let peers: Vec<Peer> = nodes
-        .iter()
-        .map(|n| Peer {
-            chunkserver_id: n.id,
-            address: n.addr.clone(),
-        })
-        .collect();
-    for n in &nodes {
-        create(n, peers.clone()).await;
-    }
+    let nodes = copyset_of_three().await;
     let all: Vec<&Node> = nodes.iter().collect();
     until("a leader all three see", || leader_seen_by(&all).is_some()).await;
     let leader = leader_seen_by(&all).unwrap();
