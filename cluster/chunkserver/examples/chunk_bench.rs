@@ -34,15 +34,18 @@ async fn start(id: u64, dir: &std::path::Path) -> (String, Arc<CopysetNodeManage
         },
     )
     .unwrap();
-    let manager = Arc::new(CopysetNodeManager::new(
-        id,
-        &dir.join("copysets"),
-        pool,
-        CopysetOptions {
-            chunk_size: CHUNK,
-            ..CopysetOptions::default()
-        },
-    ));
+    let manager = Arc::new(
+        CopysetNodeManager::new(
+            id,
+            &dir.join("copysets"),
+            pool,
+            CopysetOptions {
+                chunk_size: CHUNK,
+                ..CopysetOptions::default()
+            },
+        )
+        .unwrap(),
+    );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap().to_string();
     let svc = ChunkServerServices::new(manager.clone());

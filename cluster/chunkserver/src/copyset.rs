@@ -10,6 +10,7 @@ use parking_lot::RwLock;
 
 use crate::chunkfilepool::ChunkFilePool;
 use crate::datastore::DataStore;
+use crate::logstream::LogStream;
 use crate::network::CopysetNetwork;
 use crate::raft::TypeConfig;
 use crate::raftlog::RaftLog;
@@ -72,7 +73,7 @@ pub struct CopysetOptions {
     pub chunk_size: u64,
     /// I/O alignment (4096 or 512).
     pub page_size: u64,
-    /// Raft log segment size.
+    /// Segment size of the disk's raft log stream.
     pub segment_size: u64,
     /// Raft heartbeat interval, ms.
     pub heartbeat_ms: u64,
@@ -87,7 +88,7 @@ impl Default for CopysetOptions {
         CopysetOptions {
             chunk_size: 16 << 20,
             page_size: 4096,
-            segment_size: 8 << 20,
+            segment_size: 64 << 20,
             heartbeat_ms: 100,
             election_ms: (500, 1000),
             ring: None,
@@ -174,9 +175,11 @@ impl CopysetNode {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn open(
         dir: &Path,
         node_id: u64,
+        stream: &LogStream,
         pool: u32,
         copyset: u32,
         chunk_pool: Arc<ChunkFilePool>,
@@ -189,7 +192,12 @@ impl CopysetNode {
             chunk_pool,
         )
         .map_err(|e| e.to_string())?;
-        let log = RaftLog::open(&dir.join("raft"), opts.segment_size).map_err(|e| e.to_string())?;
+        let log = RaftLog::open(
+            stream,
+            crate::raftlog::group_id(pool, copyset),
+            &dir.join("raft"),
+        )
+        .map_err(|e| format!("copyset {pool}_{copyset}: {e}"))?;
         let upkeep_log = log.clone();
         let sm = CopysetStateMachine::open(Arc::new(store), &dir.join("sm"))
             .map_err(|e| e.to_string())?;
@@ -292,6 +300,7 @@ pub struct CopysetNodeManager {
     node_id: u64,
     dir: PathBuf,
     chunk_pool: Arc<ChunkFilePool>,
+    stream: LogStream,
     opts: CopysetOptions,
     nodes: RwLock<HashMap<(u32, u32), Arc<CopysetNode>>>,
     creating: tokio::sync::Mutex<()>,
@@ -302,21 +311,29 @@ fn copyset_dir(dir: &Path, pool: u32, copyset: u32) -> PathBuf {
 }
 
 impl CopysetNodeManager {
-    /// A manager for copysets under `dir` (`<data-dir>/copysets`), as raft node `node_id`.
+    /// A manager for copysets under `dir` (`<data-dir>/copysets`), as raft node `node_id`;
+    /// opens their raft log stream (`<dir>/raftlog`), replaying it.
     pub fn new(
         node_id: u64,
         dir: &Path,
         chunk_pool: Arc<ChunkFilePool>,
         opts: CopysetOptions,
-    ) -> Self {
-        CopysetNodeManager {
+    ) -> std::io::Result<Self> {
+        let stream = LogStream::open(&dir.join("raftlog"), opts.segment_size)?;
+        Ok(CopysetNodeManager {
             node_id,
             dir: dir.to_owned(),
             chunk_pool,
+            stream,
             opts,
             nodes: RwLock::new(HashMap::new()),
             creating: tokio::sync::Mutex::new(()),
-        }
+        })
+    }
+
+    /// The raft log stream of these copysets.
+    pub fn log_stream(&self) -> &LogStream {
+        &self.stream
     }
 
     /// Reopens every copyset found in the data directory (after a restart): each finds its
@@ -337,6 +354,7 @@ impl CopysetNodeManager {
             let node = CopysetNode::open(
                 &entry.path(),
                 self.node_id,
+                &self.stream,
                 pool,
                 copyset,
                 self.chunk_pool.clone(),
@@ -364,6 +382,7 @@ impl CopysetNodeManager {
         let node = CopysetNode::open(
             &dir,
             self.node_id,
+            &self.stream,
             pool,
             copyset,
             self.chunk_pool.clone(),

@@ -344,7 +344,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         &cfg.data_dir.join("copysets"),
         pool,
         cfg.copyset.clone(),
-    ));
+    )?);
     let rebuilt = manager.rebuild().await.map_err(anyhow::Error::msg)?;
     tracing::info!(id = identity.id, listen = %cfg.listen, copysets = rebuilt, "chunkserver started");
     let auth = cfg

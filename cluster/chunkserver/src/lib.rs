@@ -21,6 +21,8 @@ pub mod copyset;
 pub mod daemon;
 pub mod datastore;
 pub mod identity;
+pub mod legacylog;
+pub mod logstream;
 pub mod metrics;
 pub mod network;
 pub mod pagecache;

@@ -1,40 +1,27 @@
-//! RaftLog: the raft log of one copyset, of our own.
+//! RaftLog: the raft log of one copyset (a group of the disk's [`LogStream`]).
 //!
 //! ```text
-//!  <copyset>/raft/log_<first index, 20 digits>   segments, written with zeroes to `segment_size`
-//!                                                 when created (so appends never allocate)
-//!      record: len u32 | crc32 u32 | index u64 | entry (len bytes)
-//!      `len`'s top bit set: the entry is protobuf (curve.raft.Entry, what this version
-//!      writes); clear: bincode of openraft's Entry (logs written before, still read)
-//!      a zero `len` ends a segment's records (preallocated space reads as zeroes)
-//!  <copyset>/raft/raft_meta                       vote and last purged log id (bincode + crc32,
-//!                                                 written tmp + fsync + rename)
-//!  <copyset>/raft/free_<n>                        purged segments kept for reuse
+//!  <copyset>/raft/raft_meta    vote and last purged log id (bincode + crc32, written tmp +
+//!                              fsync + rename)
 //! ```
 //!
-//! A purged segment is renamed `free_<n>` and becomes the next new segment instead of one
-//! written with zeroes: the log's steady state writes each entry once. A reused segment still
-//! holds its old records after the new ones; they are older than every index the log will
-//! hold again (only purged segments are reused), so recovery, which stops at the first record
-//! whose index is not the next one (and at a first record whose index is not the segment's
-//! name), never takes them.
+//! The entries are records in the stream; the log keeps where each is ([`Loc`]) and the ones
+//! appended last in memory ([`Recent`]). `append` writes its records and hands the fsync to the
+//! stream's flusher, which syncs once for every append of every copyset queued since its last
+//! sync and only then reports them flushed. `truncate` writes a truncation record and syncs it,
+//! so entries past the cut cannot come back after a crash.
 //!
-//! `append` writes the records of a batch with one `pwrite` and hands the fsync to a flusher
-//! thread, which syncs once for every append queued since its last sync and only then
-//! reports them flushed: fsyncs are batched across requests, and an entry is never reported
-//! durable before it is. `truncate` writes a terminator at the cut and syncs it, so entries
-//! past it cannot come back after a crash. Recovery scans the segments up to the first
-//! terminator, bad checksum or gap.
+//! A copyset whose directory still holds a log of the format before the stream
+//! ([`crate::legacylog`]: segments of its own, bincode or protobuf entries) has it moved into the
+//! stream when it opens, entry for entry, then deleted.
 
 use std::collections::BTreeMap;
 use std::fmt::Debug;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io;
 use std::ops::RangeBounds;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::mpsc;
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
 use openraft::{Entry, LogId, OptionalSend, RaftLogReader, StorageIOError, Vote};
@@ -42,43 +29,11 @@ use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
 use crate::chunkfilepool::sync_dir;
+use crate::logstream::{Group, Kind, Loc, Locs, LogStream, Payload, Then};
 use crate::raft::{StorageError, TypeConfig};
 
-const HEADER: u64 = 16;
+pub use crate::logstream::fsync_stats;
 
-/// The top bit of a record's `len`: its entry is protobuf.
-const PROTOBUF: u32 = 1 << 31;
-
-/// An entry from its record's payload, in the format the record's `len` names.
-fn decode_record(len_field: u32, payload: bytes::Bytes) -> io::Result<Entry<TypeConfig>> {
-    if len_field & PROTOBUF != 0 {
-        crate::codec::decode_entry(payload)
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
-    } else {
-        bincode::deserialize(&payload).map_err(|e| {
-            io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("bincode entry (a log written before protobuf entries): {e}"),
-            )
-        })
-    }
-}
-
-static FSYNCS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-static FLUSHED_APPENDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-static APPENDED_ENTRIES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-
-/// Raft log fsync batches, the appends they made durable and the entries appended, since
-/// start (all logs of the process): appends per fsync and entries per append are the batching
-/// factors.
-pub fn fsync_stats() -> (u64, u64, u64) {
-    use std::sync::atomic::Ordering::Relaxed;
-    (
-        FSYNCS.load(Relaxed),
-        FLUSHED_APPENDS.load(Relaxed),
-        APPENDED_ENTRIES.load(Relaxed),
-    )
-}
 const META: &str = "raft_meta";
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -87,37 +42,12 @@ struct MetaRecord {
     last_purged: Option<LogId<u64>>,
 }
 
-#[derive(Debug, Clone, Copy)]
-struct Loc {
-    segment: u64,
-    offset: u64,
-    len: u32,
-    log_id: LogId<u64>,
-}
-
-#[derive(Debug)]
-struct Segment {
-    file: Arc<File>,
-    write_at: u64,
-    size: u64,
-}
-
 #[derive(Debug, Default)]
 struct State {
-    /// Segments by the index of their first record.
-    segments: BTreeMap<u64, Segment>,
-    entries: BTreeMap<u64, Loc>,
+    entries: Locs,
     meta: MetaRecord,
     recent: Recent,
-    /// Purged segments ready for reuse (`free_<n>`), each `segment_size` long.
-    free: Vec<PathBuf>,
-    /// Names the next free segment.
-    next_free: u64,
 }
-
-/// Purged segments a log keeps for reuse (8 MiB each by default: what a copyset appends
-/// between two size-triggered snapshots); more are deleted.
-const MAX_FREE_SEGMENTS: usize = 16;
 
 /// Bytes of entries a log keeps in memory after appending them ([`Recent`]).
 const RECENT_PER_LOG: u64 = 8 << 20;
@@ -193,165 +123,109 @@ impl Drop for Recent {
     }
 }
 
-struct FlushRequest {
-    files: Vec<Arc<File>>,
-    callback: LogFlushed<TypeConfig>,
-}
-
-#[derive(Debug)]
 struct Inner {
+    stream: LogStream,
+    group: u64,
     dir: PathBuf,
-    segment_size: u64,
     state: Mutex<State>,
-    flusher: Mutex<mpsc::Sender<FlushRequest>>,
     /// Bytes of records appended since the log was opened.
     appended: std::sync::atomic::AtomicU64,
 }
 
+impl Group for Inner {
+    fn with_locs(&self, f: &mut dyn FnMut(&mut Locs) -> io::Result<()>) -> io::Result<()> {
+        f(&mut self.state.lock().entries)
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // Its entries stay live in the stream (the copyset opens again, or they are moved).
+        let locs = std::mem::take(&mut self.state.get_mut().entries);
+        self.stream.close_group(self.group, locs);
+    }
+}
+
 /// The raft log of one copyset. Clones share the same log (a clone is its reader).
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct RaftLog {
     inner: Arc<Inner>,
+}
+
+impl Debug for RaftLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RaftLog")
+            .field("group", &self.inner.group)
+            .field("dir", &self.inner.dir)
+            .finish_non_exhaustive()
+    }
 }
 
 fn io_err(e: impl std::error::Error + 'static) -> StorageError {
     StorageIOError::write_logs(&e).into()
 }
 
-fn segment_path(dir: &Path, first: u64) -> PathBuf {
-    dir.join(format!("log_{first:020}"))
+/// The stream group of copyset `copyset` of logical pool `pool`.
+pub fn group_id(pool: u32, copyset: u32) -> u64 {
+    (u64::from(pool) << 32) | u64::from(copyset)
 }
 
+/// Bytes of entries moved from a log of the old format per stream write.
+const MOVE_BATCH_BYTES: u64 = 4 << 20;
+
 impl RaftLog {
-    /// Opens (or creates) the log in `dir`, recovering what a previous run wrote.
-    pub fn open(dir: &Path, segment_size: u64) -> io::Result<Self> {
+    /// Opens (or creates) group `group`'s log in `stream`, with its vote and purge record in
+    /// `dir`; a log of the format before the stream found in `dir` is moved into the stream.
+    pub fn open(stream: &LogStream, group: u64, dir: &Path) -> io::Result<Self> {
         std::fs::create_dir_all(dir)?;
-        let mut state = State::default();
+        let mut meta = MetaRecord::default();
         if let Ok(bytes) = std::fs::read(dir.join(META)) {
-            state.meta = decode_meta(&bytes).ok_or_else(|| {
-                io::Error::new(io::ErrorKind::InvalidData, "raft_meta is corrupt")
+            meta = decode_meta(&bytes).ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("{} is corrupt", dir.join(META).display()),
+                )
             })?;
         }
-        let mut firsts: Vec<u64> = std::fs::read_dir(dir)?
-            .filter_map(|e| e.ok())
-            .filter_map(|e| {
-                e.file_name()
-                    .to_str()
-                    .and_then(|n| n.strip_prefix("log_"))
-                    .and_then(|n| n.parse().ok())
-            })
-            .collect();
-        firsts.sort_unstable();
-        let purged = state.meta.last_purged.map(|l| l.index);
-        let mut expect: Option<u64> = None;
-        // Terms never decrease along a log: a record of an older term after a newer one is
-        // what a truncation cut off (new records of the same size end where an old one
-        // starts), never part of the log.
-        let mut last_term: Option<u64> = None;
-        for first in firsts {
-            let file = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open(segment_path(dir, first))?;
-            let size = file.metadata()?.len();
-            let mut at = 0u64;
-            let mut header = [0u8; HEADER as usize];
-            while at + HEADER <= size {
-                file.read_exact_at(&mut header, at)?;
-                let len_field = u32::from_le_bytes(header[0..4].try_into().expect("4"));
-                let len = len_field & !PROTOBUF;
-                let crc = u32::from_le_bytes(header[4..8].try_into().expect("4"));
-                let index = u64::from_le_bytes(header[8..16].try_into().expect("8"));
-                if len_field == 0 || at + HEADER + u64::from(len) > size {
-                    break;
-                }
-                let mut payload = vec![0u8; len as usize];
-                file.read_exact_at(&mut payload, at + HEADER)?;
-                let mut h = crc32fast::Hasher::new();
-                h.update(&header[8..16]);
-                h.update(&payload);
-                if h.finalize() != crc
-                    || expect.is_some_and(|e| e != index)
-                    || (at == 0 && index != first)
-                {
-                    break;
-                }
-                // The checksum matched: a record that does not decode is not a torn write but
-                // a format this version cannot read; refused, never taken for the log's end.
-                let entry = decode_record(len_field, payload.into()).map_err(|e| {
-                    io::Error::new(
-                        e.kind(),
-                        format!(
-                            "raft log {}: record {index} does not decode: {e}",
-                            segment_path(dir, first).display()
-                        ),
-                    )
-                })?;
-                let term = entry.log_id.leader_id.term;
-                if last_term.is_some_and(|t| term < t) {
-                    break;
-                }
-                last_term = Some(term);
-                if purged.is_none_or(|p| index > p) {
-                    state.entries.insert(
-                        index,
-                        Loc {
-                            segment: first,
-                            offset: at,
-                            len,
-                            log_id: entry.log_id,
-                        },
-                    );
-                }
-                expect = Some(index + 1);
-                at += HEADER + u64::from(len);
+        let inner = stream.open_group(group, |mut entries| {
+            let purged = meta.last_purged.map(|l| l.index);
+            if crate::legacylog::present(dir)? {
+                move_legacy(stream, group, dir, purged, &mut entries)?;
             }
-            if at == 0 {
-                // Nothing in it continues the log (created, or reused, and never written; or
-                // after a cut in an earlier one): gone, so that the next record starts a
-                // segment named after it.
-                drop(file);
-                std::fs::remove_file(segment_path(dir, first))?;
-                continue;
+            // The entries after the purge point, up to the first gap.
+            if let Some(p) = purged {
+                entries = entries.split_off(&(p + 1));
             }
-            state.segments.insert(
-                first,
-                Segment {
-                    file: Arc::new(file),
-                    write_at: at,
-                    size,
-                },
-            );
-        }
-        for e in std::fs::read_dir(dir)?.filter_map(|e| e.ok()) {
-            let Some(n) = e
-                .file_name()
-                .to_str()
-                .and_then(|n| n.strip_prefix("free_"))
-                .and_then(|n| n.parse::<u64>().ok())
-            else {
-                continue;
-            };
-            state.next_free = state.next_free.max(n + 1);
-            if e.metadata()?.len() == segment_size && state.free.len() < MAX_FREE_SEGMENTS {
-                state.free.push(e.path());
-            } else {
-                std::fs::remove_file(e.path())?;
+            let start = purged
+                .map(|p| p + 1)
+                .or_else(|| entries.first_key_value().map(|(i, _)| *i));
+            let mut expect = start;
+            let cut = entries.keys().find(|i| {
+                let gap = Some(**i) != expect;
+                expect = Some(**i + 1);
+                gap
+            });
+            if let Some(&cut) = cut {
+                tracing::warn!(
+                    group,
+                    index = cut,
+                    "raft log: entries from a record lost in a crash on are dropped"
+                );
+                entries.split_off(&cut);
             }
-        }
-        let (tx, rx) = mpsc::channel::<FlushRequest>();
-        std::thread::Builder::new()
-            .name("raftlog-flush".into())
-            .spawn(move || flusher(rx))?;
-        Ok(RaftLog {
-            inner: Arc::new(Inner {
+            Ok(Arc::new(Inner {
+                stream: stream.clone(),
+                group,
                 dir: dir.to_owned(),
-                segment_size,
-                state: Mutex::new(state),
-                flusher: Mutex::new(tx),
+                state: Mutex::new(State {
+                    entries,
+                    meta: meta.clone(),
+                    recent: Recent::default(),
+                }),
                 appended: Default::default(),
-            }),
-        })
+            }))
+        })?;
+        Ok(RaftLog { inner })
     }
 
     /// Bytes of records appended since the log was opened (what the copyset's size-based
@@ -385,185 +259,197 @@ impl RaftLog {
         sync_dir(&path)
     }
 
-    /// Writes the records of `entries` (one pwrite per segment touched) and returns the files
-    /// that need a sync before they are durable.
+    /// Writes the records of `entries` (one pwrite per segment touched); `then` says who makes
+    /// them durable.
     fn write_records(
         &self,
         entries: impl IntoIterator<Item = Entry<TypeConfig>>,
-    ) -> Result<Vec<Arc<File>>, StorageError> {
-        let mut touched: Vec<Arc<File>> = Vec::new();
-        {
-            let mut st = self.inner.state.lock();
-            // Records of the batch for the current segment, written with one pwrite.
-            let mut buf: Vec<u8> = Vec::new();
-            let mut buf_seg: Option<(u64, u64)> = None; // (segment, offset of buf)
-            for entry in entries {
-                // Encoded straight into the batch's buffer, after its header.
-                let record = crate::codec::EntryRecord::new(&entry);
-                let payload_len = record.len();
-                APPENDED_ENTRIES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                self.inner
-                    .appended
-                    .fetch_add(payload_len as u64, std::sync::atomic::Ordering::Relaxed);
-                let need = HEADER + payload_len as u64;
-                let index = entry.log_id.index;
-                let fits = st
-                    .segments
-                    .last_key_value()
-                    .is_some_and(|(_, s)| s.write_at + need + HEADER <= s.size);
-                if !fits {
-                    if let Some((seg, off)) = buf_seg.take() {
-                        let file = st.segments[&seg].file.clone();
-                        crate::pagecache::write_at(&file, &buf, off).map_err(io_err)?;
-                        buf.clear();
-                    }
-                    let size = self.inner.segment_size.max(need + HEADER);
-                    let path = segment_path(&self.inner.dir, index);
-                    let reuse = if size == self.inner.segment_size {
-                        st.free.pop()
-                    } else {
-                        None
-                    };
-                    let file = match reuse {
-                        // A purged segment: its blocks are written already. The terminator
-                        // makes it read as empty until the first record is in.
-                        Some(free) => {
-                            std::fs::rename(&free, &path).map_err(io_err)?;
-                            let file = OpenOptions::new()
-                                .read(true)
-                                .write(true)
-                                .open(&path)
-                                .map_err(io_err)?;
-                            file.write_all_at(&[0u8; HEADER as usize], 0)
-                                .map_err(io_err)?;
-                            file
-                        }
-                        None => {
-                            let file = OpenOptions::new()
-                                .read(true)
-                                .write(true)
-                                .create(true)
-                                .truncate(true)
-                                .open(&path)
-                                .map_err(io_err)?;
-                            format_segment(&file, size).map_err(io_err)?;
-                            file
-                        }
-                    };
-                    // The name is durable before any record in it is reported flushed.
-                    sync_dir(&path).map_err(io_err)?;
-                    st.segments.insert(
-                        index,
-                        Segment {
-                            file: Arc::new(file),
-                            write_at: 0,
-                            size,
-                        },
-                    );
-                }
-                let (&first, seg) = st.segments.last_key_value().expect("a segment exists");
-                let offset = seg.write_at;
-                if buf_seg.is_none() {
-                    buf_seg = Some((first, offset));
-                }
-                let at = buf.len();
-                buf.extend_from_slice(&(payload_len as u32 | PROTOBUF).to_le_bytes());
-                buf.extend_from_slice(&[0; 4]); // the checksum, below
-                buf.extend_from_slice(&index.to_le_bytes());
-                record.encode_into(&mut buf);
-                let crc = crc32fast::hash(&buf[at + 8..]);
-                buf[at + 4..at + 8].copy_from_slice(&crc.to_le_bytes());
-                let seg = st.segments.get_mut(&first).expect("just looked up");
-                seg.write_at += need;
-                if !touched.iter().any(|f| Arc::ptr_eq(f, &seg.file)) {
-                    touched.push(seg.file.clone());
-                }
-                st.entries.insert(
-                    index,
-                    Loc {
-                        segment: first,
-                        offset,
-                        len: payload_len as u32,
-                        log_id: entry.log_id,
-                    },
-                );
-                st.recent.keep(index, entry, payload_len as u64);
+        then: Then,
+    ) -> Result<(), StorageError> {
+        let entries: Vec<Entry<TypeConfig>> = entries.into_iter().collect();
+        let mut st = self.inner.state.lock();
+        let records: Vec<(u64, Payload<'_>)> = entries
+            .iter()
+            .map(|e| (e.log_id.index, Payload::Entry(e)))
+            .collect();
+        let w = self
+            .inner
+            .stream
+            .write(self.inner.group, Kind::Append, &records, then)
+            .map_err(io_err)?;
+        drop(records);
+        for (entry, (seq, offset, len)) in entries.into_iter().zip(w.at) {
+            self.inner
+                .appended
+                .fetch_add(u64::from(len), std::sync::atomic::Ordering::Relaxed);
+            let index = entry.log_id.index;
+            // An append at `index` replaces what the log held from there on.
+            if st
+                .entries
+                .last_key_value()
+                .is_some_and(|(l, _)| *l >= index)
+            {
+                st.entries.split_off(&index);
+                st.recent.forget_from(index);
             }
-            if let Some((seg, off)) = buf_seg {
-                let file = st.segments[&seg].file.clone();
-                crate::pagecache::write_at(&file, &buf, off).map_err(io_err)?;
-            }
+            st.entries.insert(
+                index,
+                Loc {
+                    seq,
+                    offset,
+                    len,
+                    log_id: entry.log_id,
+                },
+            );
+            st.recent.keep(index, entry, u64::from(len));
         }
-        Ok(touched)
+        Ok(())
+    }
+
+    /// Appends `entries` and syncs them (tests that build logs).
+    #[cfg(test)]
+    pub(crate) fn append_for_test(&self, entries: impl IntoIterator<Item = Entry<TypeConfig>>) {
+        self.write_records(entries, Then::Sync).expect("append");
     }
 
     /// Reads entries in `range` (only those present).
-    fn read(&self, range: impl RangeBounds<u64>) -> Result<Vec<Entry<TypeConfig>>, StorageError> {
+    fn read(
+        &self,
+        range: impl RangeBounds<u64> + Clone,
+    ) -> Result<Vec<Entry<TypeConfig>>, StorageError> {
         self.read_limited(range, u64::MAX)
     }
 
     /// Reads the entries of `range` up to about `max_bytes` of payload (always at least one).
     fn read_limited(
         &self,
-        range: impl RangeBounds<u64>,
+        range: impl RangeBounds<u64> + Clone,
         max_bytes: u64,
     ) -> Result<Vec<Entry<TypeConfig>>, StorageError> {
-        // Each entry from memory (Ok) or where to read it (Err).
-        type Source = Result<Entry<TypeConfig>, (Arc<File>, Loc)>;
-        let locs: Vec<Source> = {
-            let st = self.inner.state.lock();
-            let mut bytes = 0u64;
-            st.entries
-                .range(range)
-                .take_while(|(_, l)| {
-                    let first = bytes == 0;
-                    bytes += u64::from(l.len);
-                    first || bytes <= max_bytes
-                })
-                .map(|(i, l)| match st.recent.entries.get(i) {
-                    Some((e, _)) => Ok(e.clone()),
-                    None => Err((st.segments[&l.segment].file.clone(), *l)),
-                })
-                .collect()
-        };
-        let mut out = Vec::with_capacity(locs.len());
-        for loc in locs {
-            let (file, l) = match loc {
-                Ok(entry) => {
-                    out.push(entry);
-                    continue;
-                }
-                Err(at) => at,
+        let read_err = |e: io::Error| StorageError::from(StorageIOError::read_logs(&e));
+        // A record moved or freed between taking its place and reading it: look again.
+        for _ in 0..8 {
+            // Each entry from memory (Ok) or where to read it (Err).
+            type Source = Result<Entry<TypeConfig>, Loc>;
+            let locs: Vec<(u64, Source)> = {
+                let st = self.inner.state.lock();
+                let mut bytes = 0u64;
+                st.entries
+                    .range(range.clone())
+                    .take_while(|(_, l)| {
+                        let first = bytes == 0;
+                        bytes += u64::from(l.len);
+                        first || bytes <= max_bytes
+                    })
+                    .map(|(i, l)| {
+                        (
+                            *i,
+                            match st.recent.entries.get(i) {
+                                Some((e, _)) => Ok(e.clone()),
+                                None => Err(*l),
+                            },
+                        )
+                    })
+                    .collect()
             };
-            let read_err = |e: io::Error| StorageError::from(StorageIOError::read_logs(&e));
-            let mut record = vec![0u8; HEADER as usize + l.len as usize];
-            file.read_exact_at(&mut record, l.offset)
-                .map_err(read_err)?;
-            // The record is still the one located (a segment purged meanwhile may have been
-            // reused already): never decode another in its place.
-            if record[8..16] != l.log_id.index.to_le_bytes() {
-                return Err(read_err(io::Error::other(format!(
-                    "raft log entry {} was purged while being read",
-                    l.log_id.index
-                ))));
+            let mut out = Vec::with_capacity(locs.len());
+            let mut moved = false;
+            for (index, src) in locs {
+                let l = match src {
+                    Ok(entry) => {
+                        out.push(entry);
+                        continue;
+                    }
+                    Err(l) => l,
+                };
+                match self
+                    .inner
+                    .stream
+                    .read(self.inner.group, index, &l)
+                    .map_err(read_err)?
+                {
+                    Some(payload) => out
+                        .push(crate::codec::decode_entry(payload.into()).map_err(|e| {
+                            read_err(io::Error::new(io::ErrorKind::InvalidData, e))
+                        })?),
+                    None => {
+                        moved = true;
+                        break;
+                    }
+                }
             }
-            let len_field = u32::from_le_bytes(record[0..4].try_into().expect("4"));
-            let payload = bytes::Bytes::from(record).slice(HEADER as usize..);
-            out.push(decode_record(len_field, payload).map_err(read_err)?);
+            if !moved {
+                return Ok(out);
+            }
         }
-        Ok(out)
+        Err(read_err(io::Error::other(
+            "raft log entries were purged while being read",
+        )))
     }
 }
 
-/// Writes a new segment end to end with zeroes and syncs it: later appends then overwrite
-/// allocated blocks, and their fdatasync commits no file-system metadata (a sparse or merely
-/// fallocated file would make every first write to a block a journal commit).
-///
-/// In pieces, which stay cached (appends write parts of pages: a page not cached would be
-/// read first) in small folios (see crate::pagecache).
-fn format_segment(file: &File, size: u64) -> io::Result<()> {
-    crate::pagecache::write_zeroes(file, 0, size)?;
-    file.sync_all()
+/// Moves the log of the old format in `dir` into the stream (entries after `purged`), syncs
+/// them, deletes the old segments.
+fn move_legacy(
+    stream: &LogStream,
+    group: u64,
+    dir: &Path,
+    purged: Option<u64>,
+    entries: &mut Locs,
+) -> io::Result<()> {
+    let mut batch: Vec<Entry<TypeConfig>> = Vec::new();
+    let mut bytes = 0u64;
+    let mut files: Vec<(u64, Arc<File>)> = Vec::new();
+    let mut moved = 0u64;
+    let mut put = |batch: &mut Vec<Entry<TypeConfig>>| -> io::Result<()> {
+        let records: Vec<(u64, Payload<'_>)> = batch
+            .iter()
+            .map(|e| (e.log_id.index, Payload::Entry(e)))
+            .collect();
+        // Rewrites: a move that a crash interrupted and that runs again replaces its own.
+        let w = stream.write(group, Kind::Rewrite, &records, Then::Later)?;
+        for (e, (seq, offset, len)) in batch.iter().zip(w.at) {
+            entries.insert(
+                e.log_id.index,
+                Loc {
+                    seq,
+                    offset,
+                    len,
+                    log_id: e.log_id,
+                },
+            );
+        }
+        for (s, f) in w.files {
+            if !files.iter().any(|(x, _)| *x == s) {
+                files.push((s, f));
+            }
+        }
+        moved += batch.len() as u64;
+        batch.clear();
+        Ok(())
+    };
+    crate::legacylog::read(dir, purged, |e| {
+        bytes += crate::codec::EntryRecord::new(&e).len() as u64;
+        batch.push(e);
+        if bytes >= MOVE_BATCH_BYTES {
+            bytes = 0;
+            put(&mut batch)?;
+        }
+        Ok(())
+    })?;
+    put(&mut batch)?;
+    files.sort_by_key(|(s, _)| *s);
+    for (_, f) in &files {
+        f.sync_data()?;
+    }
+    crate::legacylog::remove(dir)?;
+    tracing::info!(
+        group,
+        entries = moved,
+        dir = %dir.display(),
+        "raft log of the per-copyset format moved into the disk's log stream"
+    );
+    Ok(())
 }
 
 fn encode_meta(m: &MetaRecord) -> Vec<u8> {
@@ -578,36 +464,6 @@ fn decode_meta(b: &[u8]) -> Option<MetaRecord> {
     (crc32fast::hash(body) == u32::from_le_bytes(crc.try_into().ok()?))
         .then(|| bincode::deserialize(body).ok())
         .flatten()
-}
-
-/// Syncs the files of every queued append once, then reports them all flushed.
-fn flusher(rx: mpsc::Receiver<FlushRequest>) {
-    while let Ok(first) = rx.recv() {
-        let mut batch = vec![first];
-        while let Ok(more) = rx.try_recv() {
-            batch.push(more);
-        }
-        let mut files: Vec<Arc<File>> = Vec::new();
-        for f in batch.iter().flat_map(|r| r.files.iter()) {
-            if !files.iter().any(|g| Arc::ptr_eq(g, f)) {
-                files.push(f.clone());
-            }
-        }
-        let started = std::time::Instant::now();
-        let result = files.iter().try_for_each(|f| f.sync_data());
-        // A batch with no records (an append of no entries) syncs nothing: not an fsync.
-        if !files.is_empty() {
-            crate::metrics::raft_fsync(started.elapsed());
-            FSYNCS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        }
-        FLUSHED_APPENDS.fetch_add(batch.len() as u64, std::sync::atomic::Ordering::Relaxed);
-        for r in batch {
-            r.callback.log_io_completed(match &result {
-                Ok(()) => Ok(()),
-                Err(e) => Err(io::Error::new(e.kind(), e.to_string())),
-            });
-        }
-    }
 }
 
 impl RaftLogReader<TypeConfig> for RaftLog {
@@ -680,43 +536,25 @@ impl RaftLogStorage<TypeConfig> for RaftLog {
         I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let touched = self.write_records(entries)?;
-        let sent = self.inner.flusher.lock().send(FlushRequest {
-            files: touched,
-            callback,
-        });
-        if let Err(mpsc::SendError(req)) = sent {
-            req.callback
-                .log_io_completed(Err(io::Error::other("raft log flusher stopped")));
-        }
-        Ok(())
+        self.write_records(entries, Then::Flush(callback))
     }
 
     async fn truncate(&mut self, log_id: LogId<u64>) -> Result<(), StorageError> {
         let mut st = self.inner.state.lock();
-        let Some(cut) = st.entries.get(&log_id.index).copied() else {
+        if !st.entries.contains_key(&log_id.index) {
             return Ok(());
-        };
+        }
         st.entries.split_off(&log_id.index);
         st.recent.forget_from(log_id.index);
-        let seg = st
-            .segments
-            .get_mut(&cut.segment)
-            .expect("segment of a record");
-        seg.write_at = cut.offset;
-        seg.file
-            .write_all_at(&[0u8; HEADER as usize], cut.offset)
-            .and_then(|()| seg.file.sync_data())
+        self.inner
+            .stream
+            .write(
+                self.inner.group,
+                Kind::Truncate,
+                &[(log_id.index, Payload::None)],
+                Then::Sync,
+            )
             .map_err(io_err)?;
-        let later: Vec<u64> = st
-            .segments
-            .range(cut.segment + 1..)
-            .map(|(k, _)| *k)
-            .collect();
-        for first in later {
-            st.segments.remove(&first);
-            std::fs::remove_file(segment_path(&self.inner.dir, first)).map_err(io_err)?;
-        }
         Ok(())
     }
 
@@ -724,30 +562,16 @@ impl RaftLogStorage<TypeConfig> for RaftLog {
         let meta = {
             let mut st = self.inner.state.lock();
             st.meta.last_purged = Some(log_id);
-            st.entries = st.entries.split_off(&(log_id.index + 1));
-            st.recent.forget_to(log_id.index);
             st.meta.clone()
         };
+        // Durable before the entries are dropped: the stream may free their segments then.
         self.save_meta(&meta).map_err(io_err)?;
-        let mut st = self.inner.state.lock();
-        // A segment whose successor starts at or before the purge point holds only purged
-        // records.
-        // Kept for reuse as later segments (up to MAX_FREE_SEGMENTS), else deleted.
-        let firsts: Vec<u64> = st.segments.keys().copied().collect();
-        for pair in firsts.windows(2) {
-            if pair[1] <= log_id.index + 1 {
-                let seg = st.segments.remove(&pair[0]).expect("listed above");
-                let path = segment_path(&self.inner.dir, pair[0]);
-                if seg.size == self.inner.segment_size && st.free.len() < MAX_FREE_SEGMENTS {
-                    let free = self.inner.dir.join(format!("free_{}", st.next_free));
-                    st.next_free += 1;
-                    std::fs::rename(&path, &free).map_err(io_err)?;
-                    st.free.push(free);
-                } else {
-                    std::fs::remove_file(path).map_err(io_err)?;
-                }
-            }
+        {
+            let mut st = self.inner.state.lock();
+            st.entries = st.entries.split_off(&(log_id.index + 1));
+            st.recent.forget_to(log_id.index);
         }
+        self.inner.stream.nudge();
         Ok(())
     }
 }
@@ -761,231 +585,6 @@ mod tests {
 
     fn blank(index: u64) -> Entry<TypeConfig> {
         openraft::testing::blank_ent::<TypeConfig>(1, 1, index)
-    }
-
-    fn write(log: &RaftLog, range: std::ops::Range<u64>) {
-        for f in log.write_records(range.map(blank)).unwrap() {
-            f.sync_data().unwrap();
-        }
-    }
-
-    fn indexes(log: &mut RaftLog) -> Vec<u64> {
-        block_on(log.try_get_log_entries(0..u64::MAX))
-            .unwrap()
-            .iter()
-            .map(|e| e.log_id.index)
-            .collect()
-    }
-
-    #[test]
-    fn recovers_truncates_and_purges_across_segments() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut log = RaftLog::open(dir.path(), 256).unwrap();
-        write(&log, 1..40);
-        block_on(log.save_vote(&Vote::new(3, 2))).unwrap();
-        let segments = std::fs::read_dir(dir.path()).unwrap().count();
-        assert!(segments > 3, "small segments roll over: {segments}");
-        drop(log);
-        let mut log = RaftLog::open(dir.path(), 256).unwrap();
-        assert_eq!(indexes(&mut log), (1..40).collect::<Vec<_>>());
-        assert_eq!(block_on(log.read_vote()).unwrap(), Some(Vote::new(3, 2)));
-        // Truncate in the middle: the tail never comes back, even after a restart.
-        block_on(log.truncate(log_id(1, 1, 25))).unwrap();
-        write(&log, 25..30);
-        drop(log);
-        let mut log = RaftLog::open(dir.path(), 256).unwrap();
-        assert_eq!(indexes(&mut log), (1..30).collect::<Vec<_>>());
-        // Purge: gone from reads, remembered as last purged, old segments deleted.
-        block_on(log.purge(log_id(1, 1, 20))).unwrap();
-        drop(log);
-        let mut log = RaftLog::open(dir.path(), 256).unwrap();
-        assert_eq!(indexes(&mut log), (21..30).collect::<Vec<_>>());
-        let st = block_on(log.get_log_state()).unwrap();
-        assert_eq!(st.last_purged_log_id, Some(log_id(1, 1, 20)));
-        assert_eq!(st.last_log_id, Some(log_id(1, 1, 29)));
-        assert!(files(dir.path(), "log_") < segments);
-    }
-
-    /// New records of a truncated log's same size end where a cut-off one starts: that one
-    /// (an older term) never comes back.
-    #[test]
-    fn records_cut_off_by_a_truncation_stay_cut_off() {
-        let dir = tempfile::tempdir().unwrap();
-        let log = RaftLog::open(dir.path(), 1 << 20).unwrap();
-        write(&log, 1..10);
-        block_on(log.clone().truncate(log_id(1, 1, 5))).unwrap();
-        let newer = (5..7).map(|i| openraft::testing::blank_ent::<TypeConfig>(2, 1, i));
-        for f in log.write_records(newer).unwrap() {
-            f.sync_data().unwrap();
-        }
-        drop(log);
-        let mut log = RaftLog::open(dir.path(), 1 << 20).unwrap();
-        assert_eq!(indexes(&mut log), (1..7).collect::<Vec<_>>());
-        let got = block_on(log.try_get_log_entries(5..7)).unwrap();
-        assert!(got.iter().all(|e| e.log_id.leader_id.term == 2));
-    }
-
-    /// Purged segments come back as new ones (no formatting), and their old records never
-    /// read as new ones, however the log is reopened.
-    #[test]
-    fn purged_segments_are_reused_and_their_old_records_stay_dead() {
-        let dir = tempfile::tempdir().unwrap();
-        let seg = 64 << 10;
-        let mut log = RaftLog::open(dir.path(), seg).unwrap();
-        let free = |d: &Path| files(d, "free_");
-        let put = |log: &RaftLog, r: std::ops::Range<u64>, fill: u8| {
-            for f in log
-                .write_records(r.map(|i| sized(i, fill, 10 << 10)))
-                .unwrap()
-            {
-                f.sync_data().unwrap();
-            }
-        };
-        put(&log, 1..60, 1);
-        block_on(log.purge(log_id(1, 1, 40))).unwrap();
-        let freed = free(dir.path());
-        assert!(freed >= 3, "purged segments kept for reuse: {freed}");
-        // New segments take the free ones: no new file, fewer free ones.
-        let files = std::fs::read_dir(dir.path()).unwrap().count();
-        put(&log, 60..90, 2);
-        assert!(free(dir.path()) < freed);
-        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), files);
-        let check = |log: &mut RaftLog| {
-            let got = block_on(log.try_get_log_entries(0..u64::MAX)).unwrap();
-            assert_eq!(
-                got.iter().map(|e| e.log_id.index).collect::<Vec<_>>(),
-                (41..90).collect::<Vec<_>>()
-            );
-            for e in &got {
-                let want = if e.log_id.index < 60 { 1 } else { 2 };
-                assert!(data_of(e).iter().all(|b| *b == want), "{}", e.log_id.index);
-            }
-        };
-        check(&mut log);
-        drop(log);
-        // Reopened: the reused segments' old records (indexes 1..40) after the new ones are
-        // not taken; and a reused segment whose first record never got in reads as empty.
-        let mut log = RaftLog::open(dir.path(), seg).unwrap();
-        check(&mut log);
-        let spare = log.inner.state.lock().free.pop().unwrap();
-        drop(log);
-        std::fs::rename(&spare, segment_path(dir.path(), 90)).unwrap();
-        let mut log = RaftLog::open(dir.path(), seg).unwrap();
-        check(&mut log);
-        put(&log, 90..95, 3);
-        drop(log);
-        let mut log = RaftLog::open(dir.path(), seg).unwrap();
-        let got = block_on(log.try_get_log_entries(0..u64::MAX)).unwrap();
-        assert_eq!(got.last().unwrap().log_id.index, 94);
-        assert_eq!(got.len(), 54);
-    }
-
-    /// Writes `entries` as a log before protobuf entries did: bincode records in a segment
-    /// named after the first, the rest of it zeroes.
-    fn write_bincode_log(dir: &Path, entries: &[Entry<TypeConfig>], size: u64) {
-        let mut buf = Vec::new();
-        for e in entries {
-            let payload = bincode::serialize(e).unwrap();
-            let index = e.log_id.index;
-            let mut h = crc32fast::Hasher::new();
-            h.update(&index.to_le_bytes());
-            h.update(&payload);
-            buf.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-            buf.extend_from_slice(&h.finalize().to_le_bytes());
-            buf.extend_from_slice(&index.to_le_bytes());
-            buf.extend_from_slice(&payload);
-        }
-        buf.resize(size as usize, 0);
-        std::fs::create_dir_all(dir).unwrap();
-        std::fs::write(segment_path(dir, entries[0].log_id.index), buf).unwrap();
-    }
-
-    /// A log written before entries were protobuf reads back entry for entry, takes new
-    /// (protobuf) records after its own, and the mixed log recovers after a restart.
-    #[test]
-    fn a_log_written_in_bincode_reads_back() {
-        let dir = tempfile::tempdir().unwrap();
-        let seg = 1 << 20;
-        let mut old: Vec<Entry<TypeConfig>> = (1..6).map(|i| sized(i, i as u8, 3000)).collect();
-        old[0] = blank(1);
-        write_bincode_log(dir.path(), &old, seg);
-        let log = RaftLog::open(dir.path(), seg).unwrap();
-        assert_eq!(log.read(0..u64::MAX).unwrap(), old);
-        let new: Vec<Entry<TypeConfig>> = (6..9).map(|i| sized(i, 50 + i as u8, 700)).collect();
-        for f in log.write_records(new.clone()).unwrap() {
-            f.sync_data().unwrap();
-        }
-        drop(log);
-        let mut log = RaftLog::open(dir.path(), seg).unwrap();
-        let all: Vec<_> = old.iter().chain(&new).cloned().collect();
-        assert_eq!(block_on(log.try_get_log_entries(0..u64::MAX)).unwrap(), all);
-        // The old records are bincode on disk, the new ones protobuf (flagged in `len`).
-        let bytes = std::fs::read(segment_path(dir.path(), 1)).unwrap();
-        let len0 = u32::from_le_bytes(bytes[0..4].try_into().unwrap());
-        assert_eq!(len0 & PROTOBUF, 0);
-        let at = log.inner.state.lock().entries[&6].offset as usize;
-        let len6 = u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap());
-        assert_ne!(len6 & PROTOBUF, 0);
-        assert_eq!(
-            crate::codec::decode_entry(bytes::Bytes::copy_from_slice(
-                &bytes[at + HEADER as usize..at + HEADER as usize + (len6 & !PROTOBUF) as usize]
-            ))
-            .unwrap(),
-            new[0]
-        );
-    }
-
-    /// A whole record (its checksum right) that does not decode is refused with a message that
-    /// names the log and the record, never taken for the end of the log (which would drop the
-    /// acknowledged entries after it).
-    #[test]
-    fn a_record_that_does_not_decode_is_refused_clearly() {
-        let dir = tempfile::tempdir().unwrap();
-        let payload = [0xffu8; 40];
-        let mut h = crc32fast::Hasher::new();
-        h.update(&1u64.to_le_bytes());
-        h.update(&payload);
-        for flag in [0, PROTOBUF] {
-            let mut buf = Vec::new();
-            buf.extend_from_slice(&(payload.len() as u32 | flag).to_le_bytes());
-            buf.extend_from_slice(&h.clone().finalize().to_le_bytes());
-            buf.extend_from_slice(&1u64.to_le_bytes());
-            buf.extend_from_slice(&payload);
-            buf.resize(1 << 20, 0);
-            std::fs::write(segment_path(dir.path(), 1), buf).unwrap();
-            let e = RaftLog::open(dir.path(), 1 << 20).unwrap_err();
-            assert_eq!(e.kind(), io::ErrorKind::InvalidData);
-            let msg = e.to_string();
-            assert!(
-                msg.contains("log_00000000000000000001")
-                    && msg.contains("record 1 does not decode"),
-                "{msg}"
-            );
-        }
-    }
-
-    #[test]
-    fn append_entries_batches_are_bounded_in_bytes() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut log = RaftLog::open(dir.path(), 64 << 20).unwrap();
-        for f in log
-            .write_records((1..100).map(|i| sized(i, 7, 100 << 10)))
-            .unwrap()
-        {
-            f.sync_data().unwrap();
-        }
-        let got = block_on(log.limited_get_log_entries(1, 100)).unwrap();
-        let n = got.len() as u64;
-        let most = MAX_APPEND_BYTES / (100 << 10);
-        assert!(
-            (most / 2..=most).contains(&n),
-            "{n} entries of 100 KiB in one batch"
-        );
-        assert_eq!(got.last().unwrap().log_id.index, n);
-        // Never an empty batch, however big one entry is.
-        let got = log.read_limited(5..20, 1).unwrap();
-        assert_eq!(got.len(), 1);
-        assert_eq!(got[0].log_id.index, 5);
     }
 
     /// A write entry of `len` bytes of `fill`.
@@ -1005,6 +604,68 @@ mod tests {
         sized(index, fill, 1 << 20)
     }
 
+    fn data_of(e: &Entry<TypeConfig>) -> bytes::Bytes {
+        match &e.payload {
+            openraft::EntryPayload::Normal(crate::raft::ChunkCommand::Write { data, .. }) => {
+                data.clone()
+            }
+            p => panic!("not a write: {p:?}"),
+        }
+    }
+
+    /// A stream in `<d>/stream` and groups with their meta in `<d>/g<n>`.
+    struct Disk {
+        dir: std::path::PathBuf,
+        seg: u64,
+        stream: Option<LogStream>,
+    }
+
+    impl Disk {
+        fn new(dir: &Path, seg: u64) -> Self {
+            let mut d = Disk {
+                dir: dir.to_owned(),
+                seg,
+                stream: None,
+            };
+            d.stream = Some(LogStream::open(&d.dir.join("stream"), seg).unwrap());
+            d
+        }
+
+        fn stream(&self) -> &LogStream {
+            self.stream.as_ref().unwrap()
+        }
+
+        fn log(&self, g: u64) -> RaftLog {
+            RaftLog::open(self.stream(), g, &self.dir.join(format!("g{g}"))).unwrap()
+        }
+
+        /// Closes the stream (every log of it dropped first) and opens it again: a restart.
+        fn restart(&mut self) {
+            let weak = Arc::downgrade(&self.stream.take().unwrap().inner_for_test());
+            // The collector's thread may hold it a moment longer.
+            while weak.strong_count() > 0 {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            self.stream = Some(LogStream::open(&self.dir.join("stream"), self.seg).unwrap());
+        }
+
+        fn segments(&self) -> usize {
+            files(&self.dir.join("stream"), "seg_")
+        }
+    }
+
+    fn write(log: &RaftLog, entries: impl IntoIterator<Item = Entry<TypeConfig>>) {
+        log.write_records(entries, Then::Sync).unwrap();
+    }
+
+    fn indexes(log: &mut RaftLog) -> Vec<u64> {
+        block_on(log.try_get_log_entries(0..u64::MAX))
+            .unwrap()
+            .iter()
+            .map(|e| e.log_id.index)
+            .collect()
+    }
+
     /// Files in `d` whose names start with `prefix`.
     fn files(d: &Path, prefix: &str) -> usize {
         std::fs::read_dir(d)
@@ -1016,25 +677,290 @@ mod tests {
             .count()
     }
 
-    fn data_of(e: &Entry<TypeConfig>) -> bytes::Bytes {
-        match &e.payload {
-            openraft::EntryPayload::Normal(crate::raft::ChunkCommand::Write { data, .. }) => {
-                data.clone()
-            }
-            p => panic!("not a write: {p:?}"),
+    /// Two copysets' logs interleaved in one stream: each recovers its own entries, vote,
+    /// truncation and purge after restarts.
+    #[test]
+    fn logs_interleaved_in_one_stream_recover_truncate_and_purge() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut disk = Disk::new(dir.path(), 4096);
+        let (mut a, b) = (disk.log(1), disk.log(2));
+        for i in 1..40 {
+            write(&a, [sized(i, 1, 100)]);
+            write(&b, [sized(i, 2, 150)]);
         }
+        block_on(a.save_vote(&Vote::new(3, 2))).unwrap();
+        assert!(
+            disk.segments() > 3,
+            "small segments roll over: {}",
+            disk.segments()
+        );
+        drop((a, b));
+        disk.restart();
+        let (mut a, mut b) = (disk.log(1), disk.log(2));
+        assert_eq!(indexes(&mut a), (1..40).collect::<Vec<_>>());
+        assert_eq!(indexes(&mut b), (1..40).collect::<Vec<_>>());
+        assert_eq!(block_on(a.read_vote()).unwrap(), Some(Vote::new(3, 2)));
+        assert_eq!(block_on(b.read_vote()).unwrap(), None);
+        for e in a.read(0..u64::MAX).unwrap() {
+            assert!(data_of(&e).iter().all(|x| *x == 1));
+        }
+        // Truncate one in the middle: its tail never comes back, even after a restart.
+        block_on(a.truncate(log_id(1, 1, 25))).unwrap();
+        write(&a, (25..30).map(|i| sized(i, 3, 100)));
+        drop((a, b));
+        disk.restart();
+        let (mut a, mut b) = (disk.log(1), disk.log(2));
+        assert_eq!(indexes(&mut a), (1..30).collect::<Vec<_>>());
+        assert_eq!(indexes(&mut b), (1..40).collect::<Vec<_>>());
+        // Purge: gone from reads, remembered as last purged.
+        block_on(a.purge(log_id(1, 1, 20))).unwrap();
+        block_on(b.purge(log_id(1, 1, 35))).unwrap();
+        drop((a, b));
+        disk.restart();
+        let (mut a, mut b) = (disk.log(1), disk.log(2));
+        assert_eq!(indexes(&mut a), (21..30).collect::<Vec<_>>());
+        assert_eq!(indexes(&mut b), (36..40).collect::<Vec<_>>());
+        let st = block_on(a.get_log_state()).unwrap();
+        assert_eq!(st.last_purged_log_id, Some(log_id(1, 1, 20)));
+        assert_eq!(st.last_log_id, Some(log_id(1, 1, 29)));
+        let got = a.read(25..30).unwrap();
+        assert!(got.iter().all(|e| data_of(e).iter().all(|x| *x == 3)));
+    }
+
+    /// A truncation written and synced, then a crash before any new entry: the cut entries
+    /// stay cut; entries of a newer term written in their place are the ones read back.
+    #[test]
+    fn entries_cut_by_a_truncation_stay_cut() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut disk = Disk::new(dir.path(), 1 << 20);
+        let mut log = disk.log(7);
+        write(&log, (1..10).map(blank));
+        block_on(log.truncate(log_id(1, 1, 5))).unwrap();
+        drop(log);
+        disk.restart();
+        let mut log = disk.log(7);
+        assert_eq!(indexes(&mut log), (1..5).collect::<Vec<_>>());
+        write(
+            &log,
+            (5..7).map(|i| openraft::testing::blank_ent::<TypeConfig>(2, 1, i)),
+        );
+        drop(log);
+        disk.restart();
+        let mut log = disk.log(7);
+        assert_eq!(indexes(&mut log), (1..7).collect::<Vec<_>>());
+        let got = block_on(log.try_get_log_entries(5..7)).unwrap();
+        assert!(got.iter().all(|e| e.log_id.leader_id.term == 2));
+    }
+
+    /// Purged entries free their segments (oldest first), which come back as new ones; their
+    /// old records never read as new ones.
+    #[test]
+    fn purged_segments_are_freed_and_reused() {
+        let dir = tempfile::tempdir().unwrap();
+        let seg = 64 << 10;
+        let mut disk = Disk::new(dir.path(), seg);
+        let log = disk.log(1);
+        let put = |log: &RaftLog, r: std::ops::Range<u64>, fill: u8| {
+            write(log, r.map(|i| sized(i, fill, 10 << 10)));
+        };
+        put(&log, 1..60, 1);
+        let before = disk.segments();
+        block_on(log.clone().purge(log_id(1, 1, 40))).unwrap();
+        disk.stream().collect().unwrap();
+        let after = disk.segments();
+        assert!(after + 3 <= before, "{before} -> {after} segments");
+        let free = files(&dir.path().join("stream"), "free_");
+        assert!(free >= 1, "freed segments kept for reuse");
+        put(&log, 60..90, 2);
+        let check = |log: &mut RaftLog| {
+            let got = block_on(log.try_get_log_entries(0..u64::MAX)).unwrap();
+            assert_eq!(
+                got.iter().map(|e| e.log_id.index).collect::<Vec<_>>(),
+                (41..90).collect::<Vec<_>>()
+            );
+            for e in &got {
+                let want = if e.log_id.index < 60 { 1 } else { 2 };
+                assert!(data_of(e).iter().all(|b| *b == want), "{}", e.log_id.index);
+            }
+        };
+        check(&mut log.clone());
+        assert!(
+            disk.stream()
+                .stats()
+                .freed
+                .load(std::sync::atomic::Ordering::Relaxed)
+                >= 3
+        );
+        drop(log);
+        disk.restart();
+        check(&mut disk.log(1));
+    }
+
+    /// A copyset that stops writing does not pin the stream: once the stream is more than
+    /// twice what its logs hold, the idle log's entries are moved to its end and the old
+    /// segments freed; both logs read back, also after a restart.
+    #[test]
+    fn an_idle_log_is_moved_not_kept_pinning_the_stream() {
+        let dir = tempfile::tempdir().unwrap();
+        let seg = 64 << 10;
+        let mut disk = Disk::new(dir.path(), seg);
+        let (idle, busy) = (disk.log(1), disk.log(2));
+        write(&idle, (1..4).map(|i| sized(i, 9, 1000)));
+        for round in 0..40u64 {
+            let first = round * 10 + 1;
+            write(&busy, (first..first + 10).map(|i| sized(i, 5, 2000)));
+            block_on(busy.clone().purge(log_id(1, 1, first + 5))).unwrap();
+            disk.stream().collect().unwrap();
+        }
+        let segs = disk.segments();
+        assert!(segs <= 8, "{segs} segments for a few KiB of live entries");
+        let moved = disk
+            .stream()
+            .stats()
+            .rewritten
+            .load(std::sync::atomic::Ordering::Relaxed);
+        assert!(moved >= 3, "the idle log's entries were moved: {moved}");
+        let check = |idle: &RaftLog, busy: &RaftLog| {
+            let got = idle.read(0..u64::MAX).unwrap();
+            assert_eq!(got.len(), 3);
+            assert!(got.iter().all(|e| data_of(e).iter().all(|b| *b == 9)));
+            let got = busy.read(0..u64::MAX).unwrap();
+            assert_eq!(
+                got.iter().map(|e| e.log_id.index).collect::<Vec<_>>(),
+                (397..401).collect::<Vec<_>>()
+            );
+        };
+        check(&idle, &busy);
+        drop((idle, busy));
+        disk.restart();
+        check(&disk.log(1), &disk.log(2));
+    }
+
+    /// A log of the format before the stream (bincode entries, the oldest; protobuf ones) is
+    /// moved into the stream entry for entry when its copyset opens, its segments deleted,
+    /// and continues there.
+    #[test]
+    fn a_log_of_the_per_copyset_format_is_moved_into_the_stream() {
+        for protobuf in [false, true] {
+            let dir = tempfile::tempdir().unwrap();
+            let mut disk = Disk::new(dir.path(), 1 << 20);
+            let mut old: Vec<Entry<TypeConfig>> = (1..6).map(|i| sized(i, i as u8, 3000)).collect();
+            old[0] = blank(1);
+            let gdir = dir.path().join("g3");
+            crate::legacylog::write_for_test(&gdir, &old, protobuf);
+            let log = disk.log(3);
+            assert_eq!(log.read(0..u64::MAX).unwrap(), old);
+            assert_eq!(files(&gdir, "log_"), 0, "old segments deleted");
+            let new: Vec<Entry<TypeConfig>> = (6..9).map(|i| sized(i, 50 + i as u8, 700)).collect();
+            write(&log, new.clone());
+            drop(log);
+            disk.restart();
+            let mut log = disk.log(3);
+            let all: Vec<_> = old.iter().chain(&new).cloned().collect();
+            assert_eq!(block_on(log.try_get_log_entries(0..u64::MAX)).unwrap(), all);
+        }
+    }
+
+    /// A whole record (its checksum right) that does not decode is refused with a message that
+    /// names the file and the record, never taken for the end of the log (which would drop the
+    /// acknowledged entries after it): in the stream and in a log of the old format.
+    #[test]
+    fn a_record_that_does_not_decode_is_refused_clearly() {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = Disk::new(dir.path(), 1 << 20);
+        let log = disk.log(5);
+        write(&log, (1..3).map(blank));
+        drop(log);
+        let path = dir.path().join("stream").join(format!("seg_{:020}", 1));
+        drop(disk);
+        // A record of group 5, index 3, garbage in place of an entry, its checksum right.
+        let bytes = std::fs::read(&path).unwrap();
+        let end = {
+            let mut at = 0usize;
+            while u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()) != 0 {
+                let len =
+                    u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()) & ((1 << 29) - 1);
+                at += crate::logstream::HEADER as usize + len as usize;
+            }
+            at
+        };
+        let payload = [0xffu8; 40];
+        let mut header = Vec::new();
+        header.extend_from_slice(&(40u32 | (1 << 31)).to_le_bytes());
+        header.extend_from_slice(&[0; 4]);
+        header.extend_from_slice(&5u64.to_le_bytes());
+        header.extend_from_slice(&3u64.to_le_bytes());
+        let mut h = crc32fast::Hasher::new();
+        h.update(&1u64.to_le_bytes());
+        h.update(&header[0..4]);
+        h.update(&header[8..24]);
+        h.update(&payload);
+        header[4..8].copy_from_slice(&h.finalize().to_le_bytes());
+        let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        use std::os::unix::fs::FileExt;
+        f.write_all_at(&header, end as u64).unwrap();
+        f.write_all_at(&payload, end as u64 + 24).unwrap();
+        let e = LogStream::open(&dir.path().join("stream"), 1 << 20).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData);
+        let msg = e.to_string();
+        assert!(
+            msg.contains("seg_00000000000000000001") && msg.contains("group 5 index 3"),
+            "{msg}"
+        );
+        // A log of the old format: the copyset does not open, and says why.
+        let dir = tempfile::tempdir().unwrap();
+        let disk = Disk::new(dir.path(), 1 << 20);
+        let gdir = dir.path().join("g1");
+        crate::legacylog::write_for_test(&gdir, &[blank(1)], true);
+        let seg = crate::legacylog::segment_path(&gdir, 1);
+        let mut bytes = std::fs::read(&seg).unwrap();
+        let payload = [0xffu8; 40];
+        let mut h = crc32fast::Hasher::new();
+        h.update(&1u64.to_le_bytes());
+        h.update(&payload);
+        bytes.clear();
+        bytes.extend_from_slice(&(40u32 | crate::legacylog::PROTOBUF).to_le_bytes());
+        bytes.extend_from_slice(&h.finalize().to_le_bytes());
+        bytes.extend_from_slice(&1u64.to_le_bytes());
+        bytes.extend_from_slice(&payload);
+        bytes.resize(1 << 16, 0);
+        std::fs::write(&seg, bytes).unwrap();
+        let e = RaftLog::open(disk.stream(), 1, &gdir).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData);
+        let msg = e.to_string();
+        assert!(
+            msg.contains("log_00000000000000000001") && msg.contains("record 1 does not decode"),
+            "{msg}"
+        );
+        assert_eq!(files(&gdir, "log_"), 1, "the old log is kept");
+    }
+
+    #[test]
+    fn append_entries_batches_are_bounded_in_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = Disk::new(dir.path(), 64 << 20);
+        let mut log = disk.log(1);
+        write(&log, (1..100).map(|i| sized(i, 7, 100 << 10)));
+        let got = block_on(log.limited_get_log_entries(1, 100)).unwrap();
+        let n = got.len() as u64;
+        let most = MAX_APPEND_BYTES / (100 << 10);
+        assert!(
+            (most / 2..=most).contains(&n),
+            "{n} entries of 100 KiB in one batch"
+        );
+        assert_eq!(got.last().unwrap().log_id.index, n);
+        // Never an empty batch, however big one entry is.
+        let got = log.read_limited(5..20, 1).unwrap();
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].log_id.index, 5);
     }
 
     #[test]
     fn recent_entries_are_read_from_memory_within_bounds() {
         let dir = tempfile::tempdir().unwrap();
-        let log = RaftLog::open(dir.path(), 64 << 20).unwrap();
-        for f in log
-            .write_records((1..21).map(|i| filled(i, i as u8)))
-            .unwrap()
-        {
-            f.sync_data().unwrap();
-        }
+        let disk = Disk::new(dir.path(), 64 << 20);
+        let log = disk.log(1);
+        write(&log, (1..21).map(|i| filled(i, i as u8)));
         {
             let st = log.inner.state.lock();
             assert!(st.recent.bytes > 0 && st.recent.bytes <= RECENT_PER_LOG);
@@ -1056,12 +982,7 @@ mod tests {
         assert_eq!(data_of(&again[0]).as_ptr(), data_of(&got[19]).as_ptr());
         // A truncation forgets: the entries written in place of the cut ones read back.
         block_on(log.clone().truncate(log_id(1, 1, 15))).unwrap();
-        for f in log
-            .write_records((15..21).map(|i| filled(i, 100 + i as u8)))
-            .unwrap()
-        {
-            f.sync_data().unwrap();
-        }
+        write(&log, (15..21).map(|i| filled(i, 100 + i as u8)));
         for (i, e) in (13..21u64).zip(&log.read(13..21).unwrap()) {
             let want = if i < 15 { i as u8 } else { 100 + i as u8 };
             assert!(data_of(e).iter().all(|b| *b == want), "entry {i}");
@@ -1080,25 +1001,73 @@ mod tests {
         assert_eq!(log.read(0..u64::MAX).unwrap().len(), 2);
     }
 
+    /// Damages the record of `index` of group `g` (its payload) in the stream.
+    fn damage(disk: &Disk, g: u64, index: u64) {
+        let log = disk.log(g);
+        let l = log.inner.state.lock().entries[&index];
+        drop(log);
+        let path = disk.dir.join("stream").join(format!("seg_{:020}", l.seq));
+        let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+        use std::os::unix::fs::FileExt;
+        f.write_all_at(b"garbage", l.offset + crate::logstream::HEADER + 1)
+            .unwrap();
+    }
+
+    /// A torn record (a crash during its write): the log ends before it; another copyset's
+    /// records before it are all there.
     #[test]
     fn a_torn_tail_is_cut_at_the_last_whole_record() {
         let dir = tempfile::tempdir().unwrap();
-        let log = RaftLog::open(dir.path(), 1 << 20).unwrap();
-        write(&log, 1..6);
+        let mut disk = Disk::new(dir.path(), 1 << 20);
+        let (a, b) = (disk.log(1), disk.log(2));
+        write(&b, (1..4).map(blank));
+        write(&a, (1..6).map(blank));
+        drop((a, b));
+        damage(&disk, 1, 5);
+        disk.restart();
+        assert_eq!(indexes(&mut disk.log(1)), vec![1, 2, 3, 4]);
+        assert_eq!(indexes(&mut disk.log(2)), vec![1, 2, 3]);
+    }
+
+    /// A record lost in a crash while a later one of the same log (in a later segment) was
+    /// written back: the log ends at the gap (neither was acknowledged), and the entries
+    /// appended after the restart from there on are the ones it holds, restart after restart.
+    #[test]
+    fn a_gap_ends_the_log_and_new_entries_take_its_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut disk = Disk::new(dir.path(), 1 << 20);
+        let log = disk.log(1);
+        write(&log, (1..6).map(blank));
         drop(log);
-        // Damage the last record's payload.
-        let seg = segment_path(dir.path(), 1);
-        let f = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&seg)
-            .unwrap();
-        let st = RaftLog::open(dir.path(), 1 << 20).unwrap();
-        let last = st.inner.state.lock().entries[&5];
-        drop(st);
-        f.write_all_at(b"garbage", last.offset + HEADER + 1)
-            .unwrap();
-        let mut log = RaftLog::open(dir.path(), 1 << 20).unwrap();
-        assert_eq!(indexes(&mut log), vec![1, 2, 3, 4]);
+        disk.restart(); // the next records start a new segment
+        let log = disk.log(1);
+        write(&log, (6..9).map(blank));
+        drop(log);
+        damage(&disk, 1, 4);
+        disk.restart();
+        let mut log = disk.log(1);
+        assert_eq!(indexes(&mut log), vec![1, 2, 3]);
+        write(
+            &log,
+            (4..6).map(|i| openraft::testing::blank_ent::<TypeConfig>(2, 1, i)),
+        );
+        drop(log);
+        disk.restart();
+        let mut log = disk.log(1);
+        assert_eq!(indexes(&mut log), vec![1, 2, 3, 4, 5]);
+        let got = block_on(log.try_get_log_entries(4..6)).unwrap();
+        assert!(got.iter().all(|e| e.log_id.leader_id.term == 2));
+    }
+
+    /// A log opened twice at once is refused (two writers of one raft log).
+    #[test]
+    fn a_log_is_opened_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = Disk::new(dir.path(), 1 << 20);
+        let log = disk.log(1);
+        let e = RaftLog::open(disk.stream(), 1, &dir.path().join("g1")).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::AlreadyExists);
+        drop(log);
+        disk.log(1);
     }
 }

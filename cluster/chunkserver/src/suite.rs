@@ -6,6 +6,7 @@ use openraft::testing::{StoreBuilder, Suite};
 
 use crate::chunkfilepool::{ChunkFilePool, PoolOptions};
 use crate::datastore::{DataStore, META_PAGE};
+use crate::logstream::LogStream;
 use crate::raft::{StorageError, TypeConfig};
 use crate::raftlog::RaftLog;
 use crate::statemachine::CopysetStateMachine;
@@ -28,8 +29,14 @@ impl StoreBuilder<TypeConfig, RaftLog, CopysetStateMachine, tempfile::TempDir> f
         let store = Arc::new(
             DataStore::open(&dir.path().join("data"), 64 << 10, 4096, pool).expect("datastore"),
         );
-        // Small segments, so that the suite's logs span several of them.
-        let log = RaftLog::open(&dir.path().join("raft"), 4096).expect("raft log");
+        // Small segments, so that the suite's logs span several of them; and in the stream
+        // another copyset's (closed) log, whose entries the collector moves along.
+        let stream = LogStream::open(&dir.path().join("raftlog"), 4096).expect("log stream");
+        let other = RaftLog::open(&stream, 99, &dir.path().join("other")).expect("raft log");
+        let entries = (0..3).map(|i| openraft::testing::blank_ent::<TypeConfig>(1, 1, i));
+        other.append_for_test(entries);
+        drop(other);
+        let log = RaftLog::open(&stream, 1, &dir.path().join("raft")).expect("raft log");
         let sm = CopysetStateMachine::open(store, &dir.path().join("sm")).expect("state machine");
         Ok((dir, log, sm))
     }

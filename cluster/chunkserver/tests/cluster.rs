@@ -53,12 +53,9 @@ async fn start_with(id: u32, max_inflight: usize) -> Node {
         election_ms: (500, 1000),
         ring: None,
     };
-    let manager = Arc::new(CopysetNodeManager::new(
-        u64::from(id),
-        &dir.path().join("copysets"),
-        pool,
-        opts,
-    ));
+    let manager = Arc::new(
+        CopysetNodeManager::new(u64::from(id), &dir.path().join("copysets"), pool, opts).unwrap(),
+    );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap().to_string();
     let svc = ChunkServerServices::with_limit(manager.clone(), max_inflight);
