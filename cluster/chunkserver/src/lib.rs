@@ -4,9 +4,12 @@
 //! ```text
 //!  <data-dir>/chunkfilepool/   preformatted chunk files (ChunkFilePool)
 //!  <data-dir>/copysets/<pool>_<copyset>/data/chunk_<id>   chunk files (DataStore)
+//!  <data-dir>/copysets/<pool>_<copyset>/raft/raft_meta    vote, purge point (RaftLog)
+//!  <data-dir>/copysets/raftlog/seg_<seq>                   every copyset's raft log records
+//!                                                          (LogStream, one per disk)
 //! ```
 //!
-//! The DataStore, the ChunkFilePool, the raft log store (RaftLog) and the state machine
+//! The DataStore, the ChunkFilePool, the raft log store (RaftLog in a LogStream) and the state machine
 //! (CopysetStateMachine, snapshots streamed from the chunk files), both checked by openraft's
 //! testing suite; CopysetNode, the services and the daemon.
 

@@ -390,6 +390,8 @@ impl LogStream {
         st.buf.clear();
         // (seq, offset) where `buf` goes.
         let mut buf_at: Option<(u64, u64)> = None;
+        // Encoded lengths first: a write refused is refused before anything moved.
+        let mut encoded = Vec::with_capacity(records.len());
         for (index, payload) in records {
             let record = match payload {
                 Payload::Entry(e) => Some(crate::codec::EntryRecord::new(e)),
@@ -406,6 +408,9 @@ impl LogStream {
                     format!("raft log entry {index} of {len} bytes is too large"),
                 ));
             }
+            encoded.push((record, len));
+        }
+        for ((index, payload), (record, len)) in records.iter().zip(encoded) {
             let need = HEADER + len as u64;
             let fits = st.writable
                 && st
@@ -414,8 +419,7 @@ impl LogStream {
                     .is_some_and(|(_, s)| s.write_at + need + HEADER <= s.size);
             if !fits {
                 if let Some((seq, off)) = buf_at.take() {
-                    crate::pagecache::write_at(&st.segments[&seq].file, &st.buf, off)?;
-                    st.buf.clear();
+                    Self::put(st, seq, off)?;
                 }
                 self.roll_over(st, need + HEADER)?;
             }
@@ -446,7 +450,7 @@ impl LogStream {
             at.push((seq, offset, len as u32));
         }
         if let Some((seq, off)) = buf_at {
-            crate::pagecache::write_at(&st.segments[&seq].file, &st.buf, off)?;
+            Self::put(st, seq, off)?;
         }
         self.inner
             .stats
@@ -477,12 +481,30 @@ impl LogStream {
         Ok(Written { at, files: touched })
     }
 
+    /// Writes the records encoded in `st.buf` at `off` of segment `seq`. A write that fails
+    /// takes the segment's end back to `off`: the next records go there, never after a hole
+    /// that recovery would take for the end of the stream.
+    fn put(st: &mut State, seq: u64, off: u64) -> io::Result<()> {
+        let seg = st.segments.get_mut(&seq).expect("the segment written");
+        let r = crate::pagecache::write_at(&seg.file, &st.buf, off);
+        if r.is_err() {
+            seg.write_at = off;
+        }
+        st.buf.clear();
+        r
+    }
+
     /// Starts a new segment (a free one, or one written with zeroes) at least `need` long.
     fn roll_over(&self, st: &mut State, need: u64) -> io::Result<()> {
         let seq = st.next_seq;
         let path = segment_path(&self.inner.dir, seq);
         let size = self.inner.segment_size.max(need);
-        let file = match st.free.pop().filter(|_| size == self.inner.segment_size) {
+        let free = if size == self.inner.segment_size {
+            st.free.pop()
+        } else {
+            None
+        };
+        let file = match free {
             // Its old records check out against their own seq, never this one.
             Some(free) => {
                 std::fs::rename(&free, &path)?;
@@ -702,7 +724,9 @@ impl LogStream {
     fn prepare_spare(&self) -> io::Result<()> {
         let path = {
             let mut st = self.inner.state.lock();
-            if !st.free.is_empty() {
+            // Not before this run has written (a chunkserver that starts does not write
+            // a segment of zeroes it may not need yet).
+            if !st.free.is_empty() || !st.writable {
                 return Ok(());
             }
             let n = st.next_free;
@@ -715,9 +739,10 @@ impl LogStream {
             .create(true)
             .truncate(true)
             .open(&path)?;
+        // Left in the page cache: an append writes parts of pages, and a page not cached
+        // would be read from the disk first.
         crate::pagecache::write_zeroes(&file, 0, self.inner.segment_size)?;
         file.sync_all()?;
-        crate::pagecache::drop_cached(&file)?;
         self.inner.state.lock().free.push(path);
         Ok(())
     }

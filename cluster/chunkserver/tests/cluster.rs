@@ -227,6 +227,10 @@ async fn three_replicas_serve_through_the_leader() {
 }
 
 async fn create(node: &Node, peers: Vec<Peer>) {
+    create_copyset(node, 1, peers).await
+}
+
+async fn create_copyset(node: &Node, copyset: u32, peers: Vec<Peer>) {
     let mut c = CopysetServiceClient::connect(format!("http://{}", node.addr))
         .await
         .unwrap();
@@ -234,7 +238,7 @@ async fn create(node: &Node, peers: Vec<Peer>) {
         .create_copyset_node(CreateCopysetRequest {
             copysets: vec![CopysetSpec {
                 logical_pool_id: 1,
-                copyset_id: 1,
+                copyset_id: copyset,
                 peers,
             }],
         })
@@ -502,4 +506,131 @@ async fn raft_rpcs_are_answered_in_protobuf_and_in_bincode() {
         .unwrap()
         .into_inner();
     assert_eq!(w.status, ChunkStatus::Success as i32);
+}
+
+/// The copysets of a chunkserver share one raft log stream: writes to several copysets at once
+/// are made durable by fewer fdatasyncs than appends (group commit across copysets), and every
+/// write reads back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn copysets_share_one_log_stream_and_its_fsyncs() {
+    let mut nodes = Vec::new();
+    for id in 1..=3 {
+        nodes.push(start(id).await);
+    }
+    let peers: Vec<Peer> = nodes.iter().map(peer).collect();
+    const COPYSETS: u32 = 4;
+    for c in 1..=COPYSETS {
+        for n in &nodes {
+            create_copyset(n, c, peers.clone()).await;
+        }
+    }
+    let leader_of = |c: u32| -> Option<usize> {
+        let seen: Vec<Option<u64>> = nodes
+            .iter()
+            .map(|n| {
+                n.manager
+                    .get(1, c)
+                    .unwrap()
+                    .raft
+                    .metrics()
+                    .borrow()
+                    .current_leader
+            })
+            .collect();
+        let l = seen[0].filter(|l| seen.iter().all(|s| *s == Some(*l)))?;
+        nodes.iter().position(|n| u64::from(n.id) == l)
+    };
+    until("a leader of every copyset", || {
+        (1..=COPYSETS).all(|c| leader_of(c).is_some())
+    })
+    .await;
+    let before: Vec<(u64, u64)> = nodes.iter().map(stream_counts).collect();
+    // 16 writes in flight to each copyset at once, each to its own 4 KiB block.
+    let mut writes = Vec::new();
+    for c in 1..=COPYSETS {
+        let addr = nodes[leader_of(c).unwrap()].addr.clone();
+        for i in 0..16u64 {
+            let addr = addr.clone();
+            writes.push(tokio::spawn(async move {
+                let req = write_req(c, 1, i * 4096, vec![c as u8 + i as u8; 4096], 1);
+                let r = through_the_leader(&addr, req, true).await;
+                (c, i, r.status)
+            }));
+        }
+    }
+    for w in writes {
+        let (c, i, status) = w.await.unwrap();
+        assert_eq!(status, ChunkStatus::Success as i32, "copyset {c} write {i}");
+    }
+    let (mut fsyncs, mut appends) = (0, 0);
+    for (n, b) in nodes.iter().zip(&before) {
+        let (f, a) = stream_counts(n);
+        fsyncs += f - b.0;
+        appends += a - b.1;
+    }
+    println!("{appends} appends, {fsyncs} fsyncs on 3 chunkservers");
+    assert!(appends >= 3 * 16, "every replica appended: {appends}");
+    assert!(
+        fsyncs < appends,
+        "one fsync makes several appends durable: {fsyncs} fsyncs for {appends} appends"
+    );
+    for c in 1..=COPYSETS {
+        let addr = nodes[leader_of(c).unwrap_or(0)].addr.clone();
+        for i in 0..16u64 {
+            let req = ChunkRequest {
+                logical_pool_id: 1,
+                copyset_id: c,
+                chunk_id: 1,
+                offset: i * 4096,
+                size: 4096,
+                epoch: 1,
+                ..Default::default()
+            };
+            let r = through_the_leader(&addr, req, false).await;
+            assert_eq!(r.status, ChunkStatus::Success as i32);
+            assert!(
+                r.data.iter().all(|b| *b == c as u8 + i as u8),
+                "copyset {c} block {i}"
+            );
+        }
+    }
+    for n in &mut nodes {
+        n.manager.shutdown().await;
+        let _ = n.stop.take().unwrap().send(());
+    }
+}
+
+/// A write (or read) sent to `addr`, following redirects (a leader may change meanwhile on a
+/// loaded machine) for up to 10 s.
+async fn through_the_leader(
+    addr: &str,
+    req: ChunkRequest,
+    write: bool,
+) -> curve_proto::chunk::ChunkResponse {
+    let mut addr = addr.to_owned();
+    for _ in 0..200 {
+        let mut cl = chunk_client(&addr).await;
+        let r = if write {
+            cl.write_chunk(req.clone()).await
+        } else {
+            cl.read_chunk(req.clone()).await
+        }
+        .unwrap()
+        .into_inner();
+        if r.status == ChunkStatus::Success as i32 {
+            return r;
+        }
+        if let Some(to) = r.redirect.as_ref().filter(|p| !p.address.is_empty()) {
+            addr = to.address.clone();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("no success through the leader within 10 s");
+}
+
+/// (fsyncs, appends made durable) of a chunkserver's log stream.
+fn stream_counts(n: &Node) -> (u64, u64) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let s = n.manager.log_stream().stats();
+    (s.fsyncs.load(Relaxed), s.flushed_appends.load(Relaxed))
 }
