@@ -159,6 +159,10 @@ struct Inner {
     flusher: mpsc::Sender<Flush>,
     collector: mpsc::Sender<()>,
     stats: Arc<Stats>,
+    /// A write or sync failed: after a failed fsync the kernel may have dropped the dirty
+    /// pages it could not write, so no later sync proves anything. Every write and flush
+    /// fails from then on, until the chunkserver restarts and replays what is on disk.
+    failed: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Counters of one stream since it was opened.
@@ -275,11 +279,12 @@ impl LogStream {
         }
         state.next_seq = seqs.last().map_or(1, |s| s + 1);
         let stats = Arc::new(Stats::default());
+        let failed: Arc<std::sync::atomic::AtomicBool> = Arc::default();
         let (flusher, rx) = mpsc::channel::<Flush>();
-        let fstats = stats.clone();
+        let (fstats, ffailed) = (stats.clone(), failed.clone());
         std::thread::Builder::new()
             .name("raftlog-flush".into())
-            .spawn(move || flush_loop(rx, &fstats))?;
+            .spawn(move || flush_loop(rx, &fstats, &ffailed))?;
         let (collector, crx) = mpsc::channel::<()>();
         let groups = Groups {
             open: HashMap::new(),
@@ -293,6 +298,7 @@ impl LogStream {
             flusher,
             collector,
             stats,
+            failed,
         });
         let weak = Arc::downgrade(&inner);
         std::thread::Builder::new()
@@ -361,12 +367,23 @@ impl LogStream {
     }
 
     /// A group closes (its last handle is dropped): its entries stay live in the stream.
-    pub(crate) fn close_group(&self, id: u64, locs: Locs) {
+    /// `group` is the closing group's address: only its own registration is removed (a new
+    /// one of the same id cannot exist before this one is gone, see `open_group`; checked
+    /// anyway).
+    pub(crate) fn close_group(&self, id: u64, group: *const (), locs: Locs) {
         let mut groups = self.inner.groups.lock();
-        groups.open.remove(&id);
+        if groups
+            .open
+            .get(&id)
+            .is_some_and(|w| std::ptr::addr_eq(w.as_ptr(), group))
+        {
+            groups.open.remove(&id);
+        }
         if !locs.is_empty() {
             groups.closed.insert(id, locs);
         }
+        drop(groups);
+        self.nudge();
     }
 
     /// Writes records of group `group`, in order, and returns where each went.
@@ -386,8 +403,58 @@ impl LogStream {
                 Kind::Truncate => TRUNCATE,
             };
         let mut guard = self.inner.state.lock();
+        self.check()?;
         let st = &mut *guard;
         st.buf.clear();
+        let result = self.write_locked(st, group, flags, records, &mut at, &mut touched);
+        if let Err(e) = &result
+            && e.kind() != io::ErrorKind::InvalidInput
+        {
+            self.inner.failed.store(true, Relaxed);
+        }
+        result?;
+        self.inner
+            .stats
+            .records
+            .fetch_add(records.len() as u64, Relaxed);
+        match then {
+            Then::Flush(callback) => {
+                if kind == Kind::Append {
+                    APPENDED_ENTRIES.fetch_add(records.len() as u64, Relaxed);
+                }
+                // Still under the lock: the flusher's queue is in write order.
+                if let Err(mpsc::SendError(f)) = self.inner.flusher.send(Flush {
+                    files: touched.clone(),
+                    callback,
+                }) {
+                    f.callback
+                        .log_io_completed(Err(io::Error::other("raft log flusher stopped")));
+                }
+            }
+            Then::Sync => {
+                drop(guard);
+                for (_, f) in &touched {
+                    if let Err(e) = f.sync_data() {
+                        self.inner.failed.store(true, Relaxed);
+                        return Err(e);
+                    }
+                }
+            }
+            Then::Later => {}
+        }
+        Ok(Written { at, files: touched })
+    }
+
+    /// The records of a write, under the stream's lock.
+    fn write_locked(
+        &self,
+        st: &mut State,
+        group: u64,
+        flags: u32,
+        records: &[(u64, Payload<'_>)],
+        at: &mut Vec<(u64, u64, u32)>,
+        touched: &mut Vec<(u64, Arc<File>)>,
+    ) -> io::Result<()> {
         // (seq, offset) where `buf` goes.
         let mut buf_at: Option<(u64, u64)> = None;
         // Encoded lengths first: a write refused is refused before anything moved.
@@ -452,33 +519,17 @@ impl LogStream {
         if let Some((seq, off)) = buf_at {
             Self::put(st, seq, off)?;
         }
-        self.inner
-            .stats
-            .records
-            .fetch_add(records.len() as u64, Relaxed);
-        match then {
-            Then::Flush(callback) => {
-                if kind == Kind::Append {
-                    APPENDED_ENTRIES.fetch_add(records.len() as u64, Relaxed);
-                }
-                // Still under the lock: the flusher's queue is in write order.
-                if let Err(mpsc::SendError(f)) = self.inner.flusher.send(Flush {
-                    files: touched.clone(),
-                    callback,
-                }) {
-                    f.callback
-                        .log_io_completed(Err(io::Error::other("raft log flusher stopped")));
-                }
-            }
-            Then::Sync => {
-                drop(guard);
-                for (_, f) in &touched {
-                    f.sync_data()?;
-                }
-            }
-            Then::Later => {}
+        Ok(())
+    }
+
+    /// Fails once a write or sync of the stream has failed.
+    fn check(&self) -> io::Result<()> {
+        if self.inner.failed.load(Relaxed) {
+            return Err(io::Error::other(
+                "raft log stream failed earlier (a write or fsync error): restart the chunkserver",
+            ));
         }
-        Ok(Written { at, files: touched })
+        Ok(())
     }
 
     /// Writes the records encoded in `st.buf` at `off` of segment `seq`. A write that fails
@@ -573,6 +624,8 @@ impl LogStream {
     /// oldest after moving its entries to the end of the stream.
     pub fn collect(&self) -> io::Result<()> {
         loop {
+            // Entries moved but not synced must never let their old segment go.
+            self.check()?;
             let (oldest, count) = {
                 let st = self.inner.state.lock();
                 if st.segments.len() < 2 {
@@ -603,13 +656,14 @@ impl LogStream {
     ) -> io::Result<bool> {
         let seg_size = self.inner.segment_size;
         let mut groups = self.inner.groups.lock();
-        groups.open.retain(|_, w| w.strong_count() > 0);
-        open.extend(
-            groups
-                .open
-                .iter()
-                .filter_map(|(id, w)| Some((*id, w.upgrade()?))),
-        );
+        // A group that is closing holds its entries until it hands them back: nothing is
+        // freed meanwhile (its close nudges the collector again).
+        for (id, w) in groups.open.iter() {
+            match w.upgrade() {
+                Some(g) => open.push((*id, g)),
+                None => return Ok(false),
+            }
+        }
         let mut live: HashMap<u64, u64> = HashMap::new();
         let mut count_live = |locs: &mut Locs| {
             for l in locs.values() {
@@ -640,7 +694,10 @@ impl LogStream {
         }
         files.sort_by_key(|(s, _)| *s);
         for (_, f) in &files {
-            f.sync_data()?;
+            if let Err(e) = f.sync_data() {
+                self.inner.failed.store(true, Relaxed);
+                return Err(e);
+            }
         }
         Ok(true)
     }
@@ -713,8 +770,9 @@ impl LogStream {
             std::fs::rename(&path, &free)?;
             st.free.push(free);
         } else {
-            std::fs::remove_file(path)?;
+            std::fs::remove_file(&path)?;
         }
+        sync_dir(&path)?;
         self.inner.stats.freed.fetch_add(1, Relaxed);
         Ok(())
     }
@@ -811,7 +869,7 @@ fn replay_segment(
 }
 
 /// Syncs the files of every queued append once, then reports them all flushed.
-fn flush_loop(rx: mpsc::Receiver<Flush>, stats: &Stats) {
+fn flush_loop(rx: mpsc::Receiver<Flush>, stats: &Stats, failed: &std::sync::atomic::AtomicBool) {
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
         while let Ok(more) = rx.try_recv() {
@@ -826,7 +884,16 @@ fn flush_loop(rx: mpsc::Receiver<Flush>, stats: &Stats) {
         // Older segments first: an entry is never durable while one written before it is not.
         files.sort_by_key(|(s, _)| *s);
         let started = std::time::Instant::now();
-        let result = files.iter().try_for_each(|(_, f)| f.sync_data());
+        let result = if failed.load(Relaxed) {
+            Err(io::Error::other(
+                "raft log stream failed earlier: restart the chunkserver",
+            ))
+        } else {
+            files.iter().try_for_each(|(_, f)| f.sync_data())
+        };
+        if result.is_err() {
+            failed.store(true, Relaxed);
+        }
         if !files.is_empty() {
             crate::metrics::raft_fsync(started.elapsed());
             FSYNCS.fetch_add(1, Relaxed);

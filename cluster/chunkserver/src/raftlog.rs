@@ -142,7 +142,8 @@ impl Drop for Inner {
     fn drop(&mut self) {
         // Its entries stay live in the stream (the copyset opens again, or they are moved).
         let locs = std::mem::take(&mut self.state.get_mut().entries);
-        self.stream.close_group(self.group, locs);
+        let me = self as *const Inner as *const ();
+        self.stream.close_group(self.group, me, locs);
     }
 }
 
@@ -212,6 +213,9 @@ impl RaftLog {
                     "raft log: entries from a record lost in a crash on are dropped"
                 );
                 entries.split_off(&cut);
+                // On disk too: the records past the gap must not come back after a purge
+                // beyond them (a snapshot installed) and another restart.
+                stream.write(group, Kind::Truncate, &[(cut, Payload::None)], Then::Sync)?;
             }
             Ok(Arc::new(Inner {
                 stream: stream.clone(),
@@ -1057,6 +1061,32 @@ mod tests {
         assert_eq!(indexes(&mut log), vec![1, 2, 3, 4, 5]);
         let got = block_on(log.try_get_log_entries(4..6)).unwrap();
         assert!(got.iter().all(|e| e.log_id.leader_id.term == 2));
+    }
+
+    /// The cut at a gap is on disk too: after a purge past the cut (a snapshot installed with
+    /// no local entry at its index) and another restart, the records past the gap stay gone.
+    #[test]
+    fn the_cut_at_a_gap_survives_a_purge_and_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut disk = Disk::new(dir.path(), 1 << 20);
+        let log = disk.log(1);
+        write(&log, (1..6).map(blank));
+        drop(log);
+        disk.restart();
+        let log = disk.log(1);
+        write(&log, (6..9).map(blank));
+        drop(log);
+        damage(&disk, 1, 4);
+        disk.restart();
+        let mut log = disk.log(1);
+        assert_eq!(indexes(&mut log), vec![1, 2, 3]);
+        block_on(log.purge(log_id(1, 1, 5))).unwrap();
+        drop(log);
+        disk.restart();
+        let mut log = disk.log(1);
+        assert_eq!(indexes(&mut log), Vec::<u64>::new());
+        let st = block_on(log.get_log_state()).unwrap();
+        assert_eq!(st.last_log_id, Some(log_id(1, 1, 5)));
     }
 
     /// A log opened twice at once is refused (two writers of one raft log).
