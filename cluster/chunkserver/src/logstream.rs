@@ -563,17 +563,7 @@ impl LogStream {
                 file.write_all_at(&[0u8; HEADER as usize], 0)?;
                 file
             }
-            None => {
-                let file = OpenOptions::new()
-                    .read(true)
-                    .write(true)
-                    .create(true)
-                    .truncate(true)
-                    .open(&path)?;
-                crate::pagecache::write_zeroes(&file, 0, size)?;
-                file.sync_all()?;
-                file
-            }
+            None => formatted(&path, size)?,
         };
         // The name is durable before any record in it is reported flushed.
         sync_dir(&path)?;
@@ -791,19 +781,26 @@ impl LogStream {
             st.next_free += 1;
             self.inner.dir.join(format!("free_{n}"))
         };
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&path)?;
-        // Left in the page cache: an append writes parts of pages, and a page not cached
-        // would be read from the disk first.
-        crate::pagecache::write_zeroes(&file, 0, self.inner.segment_size)?;
-        file.sync_all()?;
+        formatted(&path, self.inner.segment_size)?;
         self.inner.state.lock().free.push(path);
         Ok(())
     }
+}
+
+/// A new segment file at `path`, `size` bytes of zeroes written and synced: appends then
+/// overwrite allocated blocks, and their fdatasync commits no file-system metadata. Left in the
+/// page cache: an append writes parts of pages, and a page not cached would be read from the
+/// disk first.
+fn formatted(path: &Path, size: u64) -> io::Result<File> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)?;
+    crate::pagecache::write_zeroes(&file, 0, size)?;
+    file.sync_all()?;
+    Ok(file)
 }
 
 /// Scans one segment's records into `replay`; returns where its records end.

@@ -1033,13 +1033,10 @@ mod tests {
         assert_eq!(indexes(&mut disk.log(2)), vec![1, 2, 3]);
     }
 
-    /// A record lost in a crash while a later one of the same log (in a later segment) was
-    /// written back: the log ends at the gap (neither was acknowledged), and the entries
-    /// appended after the restart from there on are the ones it holds, restart after restart.
-    #[test]
-    fn a_gap_ends_the_log_and_new_entries_take_its_place() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut disk = Disk::new(dir.path(), 1 << 20);
+    /// Log 1 with entries 1..9 in two segments, entry 4 lost (damaged) and the stream
+    /// restarted: the log reads 1..3.
+    fn log_with_a_gap(dir: &Path) -> (Disk, RaftLog) {
+        let mut disk = Disk::new(dir, 1 << 20);
         let log = disk.log(1);
         write(&log, (1..6).map(blank));
         drop(log);
@@ -1051,6 +1048,16 @@ mod tests {
         disk.restart();
         let mut log = disk.log(1);
         assert_eq!(indexes(&mut log), vec![1, 2, 3]);
+        (disk, log)
+    }
+
+    /// A record lost in a crash while a later one of the same log (in a later segment) was
+    /// written back: the log ends at the gap (neither was acknowledged), and the entries
+    /// appended after the restart from there on are the ones it holds, restart after restart.
+    #[test]
+    fn a_gap_ends_the_log_and_new_entries_take_its_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut disk, log) = log_with_a_gap(dir.path());
         write(
             &log,
             (4..6).map(|i| openraft::testing::blank_ent::<TypeConfig>(2, 1, i)),
@@ -1068,18 +1075,7 @@ mod tests {
     #[test]
     fn the_cut_at_a_gap_survives_a_purge_and_a_restart() {
         let dir = tempfile::tempdir().unwrap();
-        let mut disk = Disk::new(dir.path(), 1 << 20);
-        let log = disk.log(1);
-        write(&log, (1..6).map(blank));
-        drop(log);
-        disk.restart();
-        let log = disk.log(1);
-        write(&log, (6..9).map(blank));
-        drop(log);
-        damage(&disk, 1, 4);
-        disk.restart();
-        let mut log = disk.log(1);
-        assert_eq!(indexes(&mut log), vec![1, 2, 3]);
+        let (mut disk, mut log) = log_with_a_gap(dir.path());
         block_on(log.purge(log_id(1, 1, 5))).unwrap();
         drop(log);
         disk.restart();

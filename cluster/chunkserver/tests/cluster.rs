@@ -269,11 +269,16 @@ async fn copyset_of_three() -> Vec<Node> {
 }
 
 fn leader_seen_by(nodes: &[&Node]) -> Option<u64> {
+    leader_of_copyset(nodes, 1)
+}
+
+/// The leader of copyset `copyset` that every node agrees on.
+fn leader_of_copyset(nodes: &[&Node], copyset: u32) -> Option<u64> {
     let seen: Vec<Option<u64>> = nodes
         .iter()
         .map(|n| {
             n.manager
-                .get(1, 1)
+                .get(1, copyset)
                 .unwrap()
                 .raft
                 .metrics()
@@ -525,19 +530,7 @@ async fn copysets_share_one_log_stream_and_its_fsyncs() {
         }
     }
     let leader_of = |c: u32| -> Option<usize> {
-        let seen: Vec<Option<u64>> = nodes
-            .iter()
-            .map(|n| {
-                n.manager
-                    .get(1, c)
-                    .unwrap()
-                    .raft
-                    .metrics()
-                    .borrow()
-                    .current_leader
-            })
-            .collect();
-        let l = seen[0].filter(|l| seen.iter().all(|s| *s == Some(*l)))?;
+        let l = leader_of_copyset(&nodes.iter().collect::<Vec<_>>(), c)?;
         nodes.iter().position(|n| u64::from(n.id) == l)
     };
     until("a leader of every copyset", || {
