@@ -172,8 +172,6 @@ pub struct Stats {
     pub fsyncs: AtomicU64,
     /// Appends (of any group) those made durable.
     pub flushed_appends: AtomicU64,
-    /// Records written.
-    pub records: AtomicU64,
     /// Entries rewritten by the collector.
     pub rewritten: AtomicU64,
     /// Segments freed.
@@ -314,11 +312,6 @@ impl LogStream {
         &self.inner.stats
     }
 
-    /// Its directory.
-    pub fn dir(&self) -> &Path {
-        &self.inner.dir
-    }
-
     /// Asks the collector to look for segments to free.
     pub(crate) fn nudge(&self) {
         let _ = self.inner.collector.send(());
@@ -413,10 +406,6 @@ impl LogStream {
             self.inner.failed.store(true, Relaxed);
         }
         result?;
-        self.inner
-            .stats
-            .records
-            .fetch_add(records.len() as u64, Relaxed);
         match then {
             Then::Flush(callback) => {
                 if kind == Kind::Append {
