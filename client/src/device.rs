@@ -77,8 +77,9 @@ impl CurveDevice {
             max_io_size: 32 << 20,
             // A snapshot (PATH@NAME) is read-only whatever was asked.
             read_only: read_only || volume.is_read_only(),
-            can_discard: false,
-            fast_zero: false,
+            // Discard and zeroes punch holes on the replicas (a clone's zeroes are written).
+            can_discard: true,
+            fast_zero: !volume.is_clone(),
             volatile_cache: false,
         };
         Ok(CurveDevice { volume, info })
@@ -151,29 +152,44 @@ impl BlockDevice for CurveDevice {
     }
 
     fn discard(&self, offset: u64, len: u64) -> IoFuture<'_> {
-        // Advisory: space is not returned yet (chunks stay allocated).
-        let r = curve_blockdev::check_range(&self.info, offset, len);
-        Box::pin(std::future::ready(r))
+        if self.info.read_only {
+            return Box::pin(std::future::ready(Err(IoError::ReadOnly)));
+        }
+        let v = self.volume.clone();
+        Box::pin(self.run(async move { v.discard(offset, len).await }))
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> IoFuture<'_> {
         if self.info.read_only {
             return Box::pin(std::future::ready(Err(IoError::ReadOnly)));
         }
-        if flags.fast_only {
+        if flags.fast_only && !self.info.fast_zero {
             return Box::pin(std::future::ready(Err(IoError::NotSupported(
                 "fast zeroing",
             ))));
         }
         let v = self.volume.clone();
-        Box::pin(self.run(async move { v.write_zeroes(offset, len).await }))
+        Box::pin(self.run(async move {
+            if flags.may_unmap {
+                v.write_zeroes(offset, len).await
+            } else {
+                v.write_zeroes_allocated(offset, len).await
+            }
+        }))
     }
 
-    fn block_status(&self, _offset: u64, len: u64) -> IoFuture<'_, Vec<Extent>> {
-        Box::pin(std::future::ready(Ok(vec![Extent {
-            len,
-            hole: false,
-            zero: false,
-        }])))
+    fn block_status(&self, offset: u64, len: u64) -> IoFuture<'_, Vec<Extent>> {
+        let v = self.volume.clone();
+        Box::pin(self.run(async move {
+            Ok(v.extents(offset, len)
+                .await?
+                .into_iter()
+                .map(|(len, hole)| Extent {
+                    len,
+                    hole,
+                    zero: hole,
+                })
+                .collect())
+        }))
     }
 }

@@ -22,6 +22,9 @@ pub struct CopysetRoute {
 #[derive(Debug, Default)]
 pub struct MetaCache {
     segments: RwLock<HashMap<u64, Arc<Segment>>>,
+    /// Segments the MDS said are not allocated, kept only by a session's writer: the only
+    /// client that allocates them (cleared when the session is taken over).
+    absent: RwLock<std::collections::HashSet<u64>>,
     copysets: RwLock<HashMap<(u32, u32), CopysetRoute>>,
 }
 
@@ -34,13 +37,31 @@ impl MetaCache {
     /// Forgets a segment (its grants are refetched with it).
     pub fn drop_segment(&self, index: u64) {
         self.segments.write().remove(&index);
+        self.absent.write().remove(&index);
     }
 
     /// Caches a segment.
     pub fn put_segment(&self, index: u64, s: Segment) -> Arc<Segment> {
         let s = Arc::new(s);
+        self.absent.write().remove(&index);
         self.segments.write().insert(index, s.clone());
         s
+    }
+
+    /// Whether the segment is known not to be allocated.
+    pub fn is_absent(&self, index: u64) -> bool {
+        self.absent.read().contains(&index)
+    }
+
+    /// Records that the segment is not allocated.
+    pub fn put_absent(&self, index: u64) {
+        self.absent.write().insert(index);
+    }
+
+    /// Forgets every segment known not to be allocated (another writer may have allocated
+    /// them).
+    pub fn clear_absent(&self) {
+        self.absent.write().clear();
     }
 
     /// The route of a copyset.

@@ -17,7 +17,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use curve_proto::chunk::{ChunkRequest, ChunkResponse, ChunkStatus};
+use curve_proto::chunk::{
+    ChunkRequest, ChunkResponse, ChunkStatus, GetChunkInfoRequest, GetChunkInfoResponse,
+};
 use curve_proto::mds::{FileInfo, MdsStatus, Segment};
 use parking_lot::RwLock;
 
@@ -37,6 +39,9 @@ enum Op {
     Read,
     Write,
     Fill,
+    /// GetChunkInfo with an extent range: the answer's `data` holds the ranges with data, as
+    /// little-endian (offset, len) u64 pairs.
+    Extents,
 }
 
 /// How a volume is opened.
@@ -359,23 +364,129 @@ impl Volume {
         tracker.result()
     }
 
-    /// Makes the range read as zeros: unallocated segments already do; allocated ones get
-    /// zeros written.
+    /// Makes the range read as zeros. Unallocated segments already do; in allocated ones the
+    /// replicas punch holes in the chunk files (no data sent or written, space given back).
+    /// A clone's ranges get zeros written (a hole there would read the clone's source).
     pub async fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), ClientError> {
+        self.zero(offset, len, false).await
+    }
+
+    /// As [`Volume::write_zeroes`], the range staying allocated on the replicas (unwritten
+    /// extents: zeros without writing them, and no later ENOSPC): NBD's NO_HOLE.
+    pub async fn write_zeroes_allocated(&self, offset: u64, len: u64) -> Result<(), ClientError> {
+        self.zero(offset, len, true).await
+    }
+
+    async fn zero(&self, offset: u64, len: u64, keep_allocated: bool) -> Result<(), ClientError> {
         self.check(offset, len)?;
         if self.is_read_only() {
             return Err(ClientError::ReadOnly(self.inner.path.clone()));
         }
-        let clone = self.inner.info.read().clone_source.is_some();
+        if self.is_clone() {
+            return self.write_zero_data(offset, len).await;
+        }
+        let (chunk, _) = self.geometry();
+        let seg = self.inner.info.read().segment_size;
+        // A chunk per part, 32 parts at a time: a whole volume is a few hundred requests.
+        let mut last = None;
+        for group in IoTracker::new(offset, len, chunk, chunk).parts().chunks(32) {
+            let mut jobs = Vec::new();
+            for p in group {
+                let Some(s) = self.segment_once(p.offset / seg, &mut last).await? else {
+                    continue;
+                };
+                let req = ChunkRequest {
+                    zero: true,
+                    keep_allocated,
+                    sn: self.inner.snap_seq.load(Ordering::Acquire),
+                    ..self.locate(&s, *p)
+                };
+                jobs.push(self.send(Op::Write, p.offset / seg, req));
+            }
+            for r in futures::future::join_all(jobs).await {
+                r?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Discards the range: it reads as zeros after, its space given back on every replica (as
+    /// [`Volume::write_zeroes`]). On a clone, where that would mean writing zeros, nothing is
+    /// done (discard is advisory).
+    pub async fn discard(&self, offset: u64, len: u64) -> Result<(), ClientError> {
+        self.check(offset, len)?;
+        if self.is_read_only() {
+            return Err(ClientError::ReadOnly(self.inner.path.clone()));
+        }
+        if self.is_clone() {
+            return Ok(());
+        }
+        self.write_zeroes(offset, len).await
+    }
+
+    /// Whether the volume is a clone not flattened yet (its unwritten ranges read its source).
+    pub fn is_clone(&self) -> bool {
+        self.inner.info.read().clone_source.is_some()
+    }
+
+    /// The allocation of `[offset, offset+len)`: runs of (length, hole) in order, a hole being
+    /// a range that reads as zeros without holding data (never written, discarded or zeroed).
+    /// A clone's ranges all count as data.
+    pub async fn extents(&self, offset: u64, len: u64) -> Result<Vec<(u64, bool)>, ClientError> {
+        self.check(offset, len)?;
+        let mut out: Vec<(u64, bool)> = Vec::new();
+        let mut push = |n: u64, hole: bool| match out.last_mut() {
+            Some(last) if last.1 == hole => last.0 += n,
+            _ if n > 0 => out.push((n, hole)),
+            _ => {}
+        };
+        if self.is_clone() || len == 0 {
+            push(len, false);
+            return Ok(out);
+        }
+        let (chunk, _) = self.geometry();
+        let seg = self.inner.info.read().segment_size;
+        let mut last = None;
+        for p in IoTracker::new(offset, len, chunk, chunk).parts() {
+            let Some(s) = self.segment_once(p.offset / seg, &mut last).await? else {
+                push(p.len, true);
+                continue;
+            };
+            let req = self.locate(&s, *p);
+            let base = req.offset;
+            let answer = self.send(Op::Extents, p.offset / seg, req).await?;
+            let data = answer.map(|r| r.data).unwrap_or_default();
+            let mut at = base;
+            for pair in data.chunks_exact(16) {
+                let o = u64::from_le_bytes(pair[..8].try_into().expect("8 bytes"));
+                let l = u64::from_le_bytes(pair[8..].try_into().expect("8 bytes"));
+                push(o.saturating_sub(at), true);
+                push(l, false);
+                at = o + l;
+            }
+            push((base + p.len).saturating_sub(at), true);
+        }
+        Ok(out)
+    }
+
+    /// Zeros written as data (a clone's ranges, whose holes would read the source).
+    async fn write_zero_data(&self, offset: u64, len: u64) -> Result<(), ClientError> {
+        let clone = self.is_clone();
         let (chunk, max) = self.geometry();
         let seg = self.inner.info.read().segment_size;
         let zeros = Bytes::from(vec![0u8; max as usize]);
         // Sixteen parts at a time: zeroing a whole device must not build it all in memory.
+        let mut last = None;
         for group in IoTracker::new(offset, len, chunk, max).parts().chunks(16) {
             let mut jobs = Vec::new();
             for p in group {
                 // A clone's unwritten segment reads its source: zeros must be written there.
-                if !clone && self.segment(p.offset / seg, false).await?.is_none() {
+                if !clone
+                    && self
+                        .segment_once(p.offset / seg, &mut last)
+                        .await?
+                        .is_none()
+                {
                     continue;
                 }
                 jobs.push(self.write_part(*p, zeros.slice(..p.len as usize)));
@@ -396,6 +507,23 @@ impl Volume {
         )
     }
 
+    /// [`Volume::segment`] (not allocating) for parts in offset order: the MDS is asked once
+    /// per segment, even one that is not allocated (which the cache does not keep).
+    async fn segment_once(
+        &self,
+        index: u64,
+        last: &mut Option<(u64, Option<Arc<Segment>>)>,
+    ) -> Result<Option<Arc<Segment>>, ClientError> {
+        if let Some((i, s)) = last.as_ref()
+            && *i == index
+        {
+            return Ok(s.clone());
+        }
+        let s = self.segment(index, false).await?;
+        *last = Some((index, s.clone()));
+        Ok(s)
+    }
+
     /// The segment with `index`, from the cache or the MDS (allocated when `allocate`).
     async fn segment(
         &self,
@@ -404,6 +532,12 @@ impl Volume {
     ) -> Result<Option<Arc<Segment>>, ClientError> {
         if let Some(s) = self.inner.cache.segment(index) {
             return Ok(Some(s));
+        }
+        // The writer of a volume that is not a clone allocates its segments itself (a clone's
+        // are also allocated by a flatten): one it learnt is not allocated stays so.
+        let sole_allocator = !self.is_read_only() && !self.is_clone();
+        if !allocate && sole_allocator && self.inner.cache.is_absent(index) {
+            return Ok(None);
         }
         let (seg, owner) = (
             self.inner.info.read().segment_size,
@@ -415,6 +549,9 @@ impl Volume {
             .segment(&self.inner.path, &owner, index * seg, allocate)
             .await?;
         let Some(s) = got else {
+            if sole_allocator {
+                self.inner.cache.put_absent(index);
+            }
             return Ok(None);
         };
         let pool = s.logical_pool_id;
@@ -620,7 +757,7 @@ impl Volume {
         segment: u64,
         mut req: ChunkRequest,
     ) -> Result<Option<ChunkResponse>, ClientError> {
-        let write = op != Op::Read;
+        let write = matches!(op, Op::Write | Op::Fill);
         let (pool, copyset) = (req.logical_pool_id, req.copyset_id);
         let inner = &self.inner;
         let mut policy = RetryPolicy::default();
@@ -651,6 +788,18 @@ impl Volume {
                             Op::Write => c.write_chunk(req.clone()).await,
                             Op::Read => c.read_chunk(req.clone()).await,
                             Op::Fill => c.recover_chunk(req.clone()).await,
+                            Op::Extents => c
+                                .get_chunk_info(GetChunkInfoRequest {
+                                    logical_pool_id: req.logical_pool_id,
+                                    copyset_id: req.copyset_id,
+                                    chunk_id: req.chunk_id,
+                                    ticket: req.ticket.clone(),
+                                    grant: req.grant.clone(),
+                                    extent_offset: req.offset,
+                                    extent_length: u64::from(req.size),
+                                })
+                                .await
+                                .map(|r| r.map(extents_answer)),
                         }
                     };
                     match tokio::time::timeout(policy.timeout(), call).await {
@@ -827,6 +976,22 @@ impl Volume {
     }
 }
 
+/// A GetChunkInfo answer as the chunk answers `send` handles: its data extents packed into
+/// `data`.
+fn extents_answer(r: GetChunkInfoResponse) -> ChunkResponse {
+    ChunkResponse {
+        status: r.status,
+        redirect: r.redirect,
+        data: r
+            .data_extents
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect::<Vec<u8>>()
+            .into(),
+        ..Default::default()
+    }
+}
+
 /// Keeps the session alive (every third of the lease, at least every second), picks up size,
 /// QoS, snapshot and clone changes, and reopens (taking the session over, new epoch) when the
 /// lease was lost. A new snapshot's number is taken at once and said back in a refresh right
@@ -891,6 +1056,8 @@ async fn refresh_loop(inner: std::sync::Weak<Inner>, lease: Duration) {
                         inner.snap_seq.store(i.snap_seq, Ordering::Release);
                         *inner.session.write() = s.session_id;
                         *inner.ticket.write() = ticket;
+                        // Another writer may have held it meanwhile.
+                        inner.cache.clear_absent();
                         inner.epoch.store(s.epoch, Ordering::Release);
                     }
                     Err(e) => {

@@ -2,8 +2,10 @@
 //!
 //! A chunk file written for the first time would allocate its blocks (file-system metadata
 //! updates on every first write). The pool holds files already written end to end once with
-//! zeroes: taking one is a `rename` into the copyset's directory, deleting a chunk renames it
-//! back (after clearing its meta page). A background thread keeps the pool at its target size;
+//! zeroes: taking one is a `rename` into the copyset's directory. Deleting a chunk gives its
+//! file back: while the pool is short of its target the file's data is made to read as zeros
+//! (unwritten extents, nothing written) and it rejoins the pool; otherwise it is deleted and its
+//! space goes back to the file system. A background thread keeps the pool at its target size;
 //! when the pool is empty a file is formatted synchronously.
 //!
 //! Files are named `<n>` inside the pool directory; formatting writes `<n>.tmp` and renames it
@@ -190,11 +192,19 @@ impl Shared {
     }
 
     fn give(&self, path: &Path, meta_page: u64) -> io::Result<()> {
-        {
+        // A full pool, or a file whose old data cannot be zeroed cheaply: deleted, its space
+        // back to the file system (a chunk taken later must never read another's data).
+        let keep = self.len() < self.opts.target && {
             let f = OpenOptions::new().write(true).open(path)?;
             f.write_all_at(&vec![0u8; meta_page as usize], 0)?;
+            let zeroed = zero_range(&f, meta_page, self.opts.file_size - meta_page);
             f.sync_data()?;
             crate::pagecache::drop_cached(&f)?;
+            zeroed
+        };
+        if !keep {
+            std::fs::remove_file(path)?;
+            return sync_dir(path);
         }
         let n = self.next.fetch_add(1, Ordering::Relaxed);
         let dest = self.dir.join(n.to_string());
@@ -216,6 +226,21 @@ impl Drop for ChunkFilePool {
     }
 }
 
+/// Makes `len` bytes at `offset` read as zeros and stay allocated (unwritten extents: a
+/// metadata change, nothing written). `false` where the file system cannot.
+fn zero_range(f: &File, offset: u64, len: u64) -> bool {
+    use std::os::fd::AsRawFd;
+    // SAFETY: a plain syscall on an open descriptor; it touches no memory of ours.
+    unsafe {
+        libc::fallocate(
+            f.as_raw_fd(),
+            libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
+            offset as libc::off_t,
+            len as libc::off_t,
+        ) == 0
+    }
+}
+
 /// fsyncs the directory holding `path`, making a rename into or out of it durable.
 pub fn sync_dir(path: &Path) -> io::Result<()> {
     match path.parent() {
@@ -227,6 +252,33 @@ pub fn sync_dir(path: &Path) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A file given back to a pool short of its target reads as zeros when taken again: a new
+    /// chunk never reads a deleted one's data.
+    #[test]
+    fn a_file_given_back_holds_no_old_data() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let opts = PoolOptions {
+            file_size: 64 << 10,
+            // Never reached while the test runs: every file given back is kept.
+            target: 100_000,
+        };
+        let pool = ChunkFilePool::open(&dir.path().join("pool"), opts).unwrap();
+        let chunk = dir.path().join("chunk_1");
+        pool.take(&chunk).unwrap();
+        std::fs::write(&chunk, vec![7u8; 64 << 10]).unwrap();
+        let ino = std::fs::metadata(&chunk).unwrap().ino();
+        pool.give(&chunk, 4096).unwrap();
+        let found = (0..1000).find_map(|i| {
+            let d = dir.path().join(format!("c{i}"));
+            pool.take(&d).unwrap();
+            (std::fs::metadata(&d).unwrap().ino() == ino).then(|| std::fs::read(&d).unwrap())
+        });
+        let data = found.expect("the file given back is taken again");
+        assert_eq!(data.len(), 64 << 10);
+        assert!(data.iter().all(|&b| b == 0), "its old data is gone");
+    }
 
     #[test]
     fn fills_takes_and_recycles() {

@@ -170,6 +170,23 @@ fn command_pb(c: &ChunkCommand) -> pb::ChunkCommand {
                 live: live.clone(),
             })
         }
+        ChunkCommand::Zero {
+            volume,
+            chunk_id,
+            sn,
+            offset,
+            len,
+            epoch,
+            keep_allocated,
+        } => C::Zero(pb::ZeroCommand {
+            volume: *volume,
+            chunk_id: *chunk_id,
+            sn: *sn,
+            offset: *offset,
+            length: *len,
+            epoch: *epoch,
+            keep_allocated: *keep_allocated,
+        }),
     };
     pb::ChunkCommand {
         command: Some(command),
@@ -219,6 +236,15 @@ fn command_of(c: pb::ChunkCommand) -> Result<ChunkCommand, CodecError> {
             C::DeleteSnapshots(d) => ChunkCommand::DeleteSnapshots {
                 chunk_id: d.chunk_id,
                 live: d.live,
+            },
+            C::Zero(z) => ChunkCommand::Zero {
+                volume: z.volume,
+                chunk_id: z.chunk_id,
+                sn: z.sn,
+                offset: z.offset,
+                len: z.length,
+                epoch: z.epoch,
+                keep_allocated: z.keep_allocated,
             },
         },
     )
@@ -608,6 +634,15 @@ mod tests {
             ChunkCommand::DeleteSnapshots {
                 chunk_id: 8,
                 live: vec![1, 4, 9],
+            },
+            ChunkCommand::Zero {
+                volume: 5,
+                chunk_id: 7,
+                sn: 2,
+                offset: 4096,
+                len: 1 << 20,
+                epoch: 4,
+                keep_allocated: true,
             },
         ];
         let mut out = vec![

@@ -297,6 +297,23 @@ pub struct WriteOp<'a> {
     pub clone: bool,
 }
 
+/// A range of a chunk made to read as zeros ([`DataStore::zero`]).
+#[derive(Debug, Clone, Copy)]
+pub struct ZeroOp {
+    /// The volume (0: none named).
+    pub volume: u64,
+    /// Chunk id.
+    pub id: u64,
+    /// Sequence number of the volume's newest snapshot the writer knows (0: none).
+    pub sn: u64,
+    /// Offset in the chunk.
+    pub offset: u64,
+    /// Length.
+    pub len: u64,
+    /// Epoch of the writer.
+    pub epoch: u64,
+}
+
 /// One file of a chunk, for raft snapshot images: the chunk itself, or one of its COW files.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FileRef {
@@ -327,6 +344,46 @@ impl std::fmt::Debug for DataStore {
 
 /// Opens a chunk (or COW) file for reading and writing, without readahead (see
 /// [`crate::pagecache`]).
+/// `fallocate(mode)` over `len` bytes at `offset` of `file`, a mode that makes them read as
+/// zeros (a punched hole, or unwritten extents); zeros written where the file system has no
+/// such mode.
+fn zero_range(file: &File, mode: libc::c_int, offset: u64, len: u64) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: a plain syscall on an open descriptor; it touches no memory of ours.
+    let rc = unsafe {
+        libc::fallocate(
+            file.as_raw_fd(),
+            mode,
+            offset as libc::off_t,
+            len as libc::off_t,
+        )
+    };
+    if rc == 0 {
+        return Ok(());
+    }
+    let e = std::io::Error::last_os_error();
+    match e.raw_os_error() {
+        Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) => pagecache::write_zeroes(file, offset, len),
+        _ => Err(e),
+    }
+}
+
+/// `lseek` with SEEK_DATA or SEEK_HOLE from `at`; `None` when no data lies at or after `at`.
+fn seek(file: &File, at: u64, whence: libc::c_int) -> std::io::Result<Option<u64>> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: a plain syscall on an open descriptor; it touches no memory of ours.
+    let rc = unsafe { libc::lseek(file.as_raw_fd(), at as libc::off_t, whence) };
+    if rc >= 0 {
+        return Ok(Some(rc as u64));
+    }
+    let e = std::io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::ENXIO) {
+        Ok(None)
+    } else {
+        Err(e)
+    }
+}
+
 fn open_chunk_file(path: &Path) -> std::io::Result<File> {
     let file = OpenOptions::new().read(true).write(true).open(path)?;
     pagecache::random_access(&file)?;
@@ -563,6 +620,86 @@ impl DataStore {
         let len = w.data.len() as u64;
         self.check(w.offset, len)?;
         let chunk = self.get_or_create(w)?;
+        self.modify(&chunk, w, len, |file| {
+            pagecache::write_at(file, w.data, META_PAGE + w.offset)
+        })
+    }
+
+    /// Makes a range of a chunk read as zeros, as a write of zeros would (fencing, volume,
+    /// COW and clone units alike), without writing them: a hole is punched in the chunk file
+    /// (its blocks go back to the file system), or with `keep_allocated` the range becomes
+    /// unwritten extents (allocated, reading zeros). A chunk that does not exist reads as
+    /// zeros already and stays so. File systems that can do neither get zeros written.
+    pub fn zero(&self, z: &ZeroOp, keep_allocated: bool) -> Result<(), DataStoreError> {
+        self.check(z.offset, z.len)?;
+        let chunk = match self.get(z.id) {
+            Ok(c) => c,
+            Err(DataStoreError::NotExist(_)) => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        let w = WriteOp {
+            volume: z.volume,
+            id: z.id,
+            sn: z.sn,
+            offset: z.offset,
+            data: &[],
+            epoch: z.epoch,
+            clone: false,
+        };
+        let mode = if keep_allocated {
+            libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
+        } else {
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
+        };
+        self.modify(&chunk, &w, z.len, |file| {
+            zero_range(file, mode, META_PAGE + z.offset, z.len)
+        })
+    }
+
+    /// The ranges of chunk `id` within `offset..offset + len` that hold data, as
+    /// (offset, len) in the chunk, from the file system's extents (SEEK_DATA/SEEK_HOLE): the
+    /// rest reads as zeros. `None`: the chunk does not exist (all of it reads as zeros).
+    pub fn data_ranges(
+        &self,
+        id: u64,
+        offset: u64,
+        len: u64,
+    ) -> Result<Option<Vec<(u64, u64)>>, DataStoreError> {
+        self.check(offset, len)?;
+        let chunk = match self.get(id) {
+            Ok(c) => c,
+            Err(DataStoreError::NotExist(_)) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let (lo, hi) = (META_PAGE + offset, META_PAGE + offset + len);
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        let mut at = lo;
+        while at < hi {
+            let Some(data) = seek(&chunk.file, at, libc::SEEK_DATA)? else {
+                break;
+            };
+            if data >= hi {
+                break;
+            }
+            let end = seek(&chunk.file, data, libc::SEEK_HOLE)?
+                .unwrap_or(hi)
+                .min(hi);
+            out.push((data - META_PAGE, end - data));
+            at = end;
+        }
+        Ok(Some(out))
+    }
+
+    /// The checks and bookkeeping of a write of `len` bytes at `w.offset` into `chunk` (fencing,
+    /// volume, the units it overwrites copied into the newest COW file first, clone units
+    /// marked filled), around `body`, which changes the chunk file's data.
+    fn modify(
+        &self,
+        chunk: &Chunk,
+        w: &WriteOp<'_>,
+        len: u64,
+        body: impl FnOnce(&File) -> std::io::Result<()>,
+    ) -> Result<(), DataStoreError> {
         let mut guard = chunk.state.lock();
         let st = &mut *guard;
         if w.volume != 0 && st.meta.volume != 0 && st.meta.volume != w.volume {
@@ -623,7 +760,7 @@ impl DataStore {
             // The common case: nothing to keep in order with the data, which goes in unlocked.
             drop(guard);
         }
-        pagecache::write_at(&chunk.file, w.data, META_PAGE + w.offset)?;
+        body(&chunk.file)?;
         Ok(())
     }
 
@@ -1009,7 +1146,7 @@ impl DataStore {
         chunk
             .file
             .write_all_at(&st.meta.encode(st.filled.as_ref()), 0)?;
-        pagecache::write_at(&chunk.file, data, META_PAGE)?;
+        pagecache::write_sparse(&chunk.file, data, META_PAGE)?;
         Ok(())
     }
 
@@ -1245,6 +1382,142 @@ mod tests {
         b
     }
 
+    /// Allocated bytes of chunk `id`'s file.
+    fn allocated(ds: &DataStore, id: u64) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(ds.chunk_path(id)).unwrap().blocks() * 512
+    }
+
+    fn zero(
+        ds: &DataStore,
+        id: u64,
+        sn: u64,
+        offset: u64,
+        len: u64,
+        epoch: u64,
+    ) -> Result<(), DataStoreError> {
+        let z = ZeroOp {
+            volume: 0,
+            id,
+            sn,
+            offset,
+            len,
+            epoch,
+        };
+        ds.zero(&z, false)
+    }
+
+    #[test]
+    fn zeroing_punches_holes_keeps_fencing_and_snapshots() {
+        let dir = tempfile::tempdir().unwrap();
+        let ds = store(dir.path());
+        // A chunk that does not exist stays so.
+        zero(&ds, 9, 0, 0, CHUNK, 1).unwrap();
+        assert!(ds.chunk_meta(9).is_none());
+        assert_eq!(ds.data_ranges(9, 0, CHUNK).unwrap(), None);
+        ds.write_chunk(1, 0, 0, &vec![5u8; CHUNK as usize], 2)
+            .unwrap();
+        ds.sync().unwrap();
+        let full = allocated(&ds, 1);
+        assert!(full >= CHUNK, "written end to end: {full}");
+        // A range in the middle: zeros there, the rest kept, the blocks freed.
+        zero(&ds, 1, 0, 8192, 16384, 2).unwrap();
+        assert_eq!(read(&ds, 1, 0, 4096, 4096), page(5));
+        assert_eq!(read(&ds, 1, 0, 8192, 16384), vec![0u8; 16384]);
+        assert_eq!(read(&ds, 1, 0, 24576, 4096), page(5));
+        assert_eq!(allocated(&ds, 1), full - 16384);
+        assert_eq!(
+            ds.data_ranges(1, 0, CHUNK).unwrap(),
+            Some(vec![(0, 8192), (24576, CHUNK - 24576)])
+        );
+        assert_eq!(
+            ds.data_ranges(1, 8192, 8192).unwrap(),
+            Some(vec![]),
+            "a range inside the hole holds no data"
+        );
+        // Fencing as a write: an older epoch is refused and changes nothing.
+        assert!(matches!(
+            zero(&ds, 1, 0, 0, 4096, 1),
+            Err(DataStoreError::EpochTooOld { got: 1, have: 2 })
+        ));
+        assert_eq!(read(&ds, 1, 0, 0, 4096), page(5));
+        // Misaligned and out-of-chunk ranges are refused.
+        assert!(matches!(
+            zero(&ds, 1, 0, 100, 4096, 2),
+            Err(DataStoreError::Invalid(_))
+        ));
+        assert!(matches!(
+            zero(&ds, 1, 0, 0, CHUNK + 4096, 2),
+            Err(DataStoreError::Invalid(_))
+        ));
+        // After a snapshot (sn 1), zeroing copies what it covers first: the snapshot keeps it.
+        zero(&ds, 1, 1, 0, CHUNK, 2).unwrap();
+        assert_eq!(read(&ds, 1, 0, 0, 4096), vec![0u8; 4096]);
+        assert_eq!(read(&ds, 1, 1, 0, 4096), page(5));
+        assert_eq!(read(&ds, 1, 1, 8192, 4096), vec![0u8; 4096]);
+        assert_eq!(ds.data_ranges(1, 0, CHUNK).unwrap(), Some(vec![]));
+        assert_eq!(allocated(&ds, 1), META_PAGE, "only the meta page is left");
+        // Zeros that stay allocated (NBD's NO_HOLE): written, then zeroed in place.
+        ds.write_chunk(1, 1, 0, &vec![6u8; CHUNK as usize], 2)
+            .unwrap();
+        ds.sync().unwrap();
+        let z = ZeroOp {
+            volume: 0,
+            id: 1,
+            sn: 1,
+            offset: 0,
+            len: CHUNK,
+            epoch: 2,
+        };
+        ds.zero(&z, true).unwrap();
+        assert_eq!(read(&ds, 1, 0, 0, 4096), vec![0u8; 4096]);
+        assert!(allocated(&ds, 1) >= CHUNK, "the blocks stay allocated");
+        // Reopened: the chunk is there, its data zeros, its epoch kept.
+        drop(ds);
+        let ds = store(dir.path());
+        assert_eq!(
+            read(&ds, 1, 0, 0, CHUNK as usize),
+            vec![0u8; CHUNK as usize]
+        );
+        assert_eq!(ds.chunk_meta(1).unwrap().epoch, 2);
+    }
+
+    #[test]
+    fn a_deleted_chunk_never_lends_its_data_to_the_next() {
+        let dir = tempfile::tempdir().unwrap();
+        let ds = store(dir.path());
+        // Wait for the pool to be full, then delete more chunks than it keeps.
+        assert!(
+            (0..500).any(|_| {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+                ds.pool.len() == 2
+            }),
+            "the pool fills"
+        );
+        for id in 1..=4 {
+            ds.write_chunk(id, 0, 0, &vec![id as u8; CHUNK as usize], 1)
+                .unwrap();
+        }
+        for id in 1..=4 {
+            ds.delete_chunk(id).unwrap();
+        }
+        // Four deleted with a target of two (the refill may add one file meanwhile, and be
+        // formatting another): the rest went back to the file system.
+        let files = std::fs::read_dir(dir.path().join("pool")).unwrap().count();
+        assert!(
+            files <= 4,
+            "deleted files beyond the pool's target are gone: {files}"
+        );
+        // Chunks made from recycled files read zeros where they were not written.
+        for id in 11..=14 {
+            ds.write_chunk(id, 0, 0, &page(9), 1).unwrap();
+            assert_eq!(
+                read(&ds, id, 0, 4096, (CHUNK - 4096) as usize),
+                vec![0u8; (CHUNK - 4096) as usize]
+            );
+        }
+    }
+
     #[test]
     fn snapshots_copy_on_write_and_read_back() {
         let dir = tempfile::tempdir().unwrap();
@@ -1290,13 +1563,11 @@ mod tests {
         assert_eq!(at(1), cat(1, 1, 0));
         ds.delete_snapshots(1, &[1]).unwrap(); // idempotent
         assert_eq!(at(1), cat(1, 1, 0));
-        let free = ds.pool.len();
         ds.delete_snapshots(1, &[]).unwrap();
         assert!(ds.cow_tags(1).is_empty());
-        assert_eq!(
-            ds.pool.len(),
-            free + 1,
-            "the COW file went back to the pool"
+        assert!(
+            !ds.dir.join(cow_name(1, 1)).exists(),
+            "the COW file went back to the pool (or away)"
         );
         assert_eq!(at(0), cat(3, 5, 7));
     }

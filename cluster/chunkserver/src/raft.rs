@@ -80,6 +80,24 @@ pub enum ChunkCommand {
         /// Sequence numbers of the volume's live snapshots.
         live: Vec<u64>,
     },
+    /// Makes `len` bytes at `offset` of a chunk read as zeros by punching a hole (TRIM,
+    /// WRITE_ZEROES): fencing, volume and snapshots as a write; nothing written.
+    Zero {
+        /// The volume (0: auth off).
+        volume: u64,
+        /// Chunk id.
+        chunk_id: u64,
+        /// Sequence number of the newest snapshot the writer knows.
+        sn: u64,
+        /// Offset in the chunk.
+        offset: u64,
+        /// Length.
+        len: u64,
+        /// Epoch of the writer.
+        epoch: u64,
+        /// The range stays allocated (unwritten extents) instead of a hole.
+        keep_allocated: bool,
+    },
 }
 
 /// Result of applying a command: a chunk status code (`curve.chunk.ChunkStatus`).

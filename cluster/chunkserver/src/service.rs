@@ -232,13 +232,40 @@ impl ChunkService for ChunkServerServices {
             Ok(a) => a,
             Err(s) => return Ok(Response::new(reply(s))),
         };
-        if req.data.len() != req.size as usize || !self.check(req.offset, u64::from(req.size)) {
+        let sent = if req.zero { 0 } else { req.size as usize };
+        if req.data.len() != sent
+            || !self.check(req.offset, u64::from(req.size))
+            || (req.zero && req.clone)
+        {
             return Ok(Response::new(reply(ChunkStatus::InvalidRequest)));
         }
         let started = std::time::Instant::now();
         let (pool, copyset, bytes) = (req.logical_pool_id, req.copyset_id, u64::from(req.size));
         let data = std::mem::take(&mut req.data);
-        let cmd = if req.clone {
+        if req.zero {
+            // Zeroing a chunk that does not exist changes nothing: answered as a read would be
+            // (once this leader has applied all it acknowledged), with nothing through raft.
+            let Some(node) = self.node(req.logical_pool_id, req.copyset_id) else {
+                return Ok(Response::new(reply(ChunkStatus::CopysetNotexist)));
+            };
+            if let Err(r) = self.linearizable(&node).await {
+                return Ok(Response::new(r));
+            }
+            if node.store().chunk_meta(req.chunk_id).is_none() {
+                return Ok(Response::new(reply(ChunkStatus::Success)));
+            }
+        }
+        let cmd = if req.zero {
+            ChunkCommand::Zero {
+                volume: allowed.volume,
+                chunk_id: req.chunk_id,
+                sn: req.sn,
+                offset: req.offset,
+                len: u64::from(req.size),
+                epoch: allowed.epoch,
+                keep_allocated: req.keep_allocated,
+            }
+        } else if req.clone {
             ChunkCommand::WriteClone {
                 volume: allowed.volume,
                 chunk_id: req.chunk_id,
@@ -370,8 +397,36 @@ impl ChunkService for ChunkServerServices {
                 ..Default::default()
             }));
         }
+        let data_extents = if req.extent_length == 0 {
+            Vec::new()
+        } else {
+            if !self.check(req.extent_offset, req.extent_length) {
+                return Ok(Response::new(GetChunkInfoResponse {
+                    status: ChunkStatus::InvalidRequest as i32,
+                    ..Default::default()
+                }));
+            }
+            match node
+                .store()
+                .data_ranges(req.chunk_id, req.extent_offset, req.extent_length)
+            {
+                Ok(r) => r
+                    .unwrap_or_default()
+                    .into_iter()
+                    .flat_map(|(o, l)| [o, l])
+                    .collect(),
+                Err(e) => {
+                    tracing::warn!(error = %e, chunk = req.chunk_id, "extents");
+                    return Ok(Response::new(GetChunkInfoResponse {
+                        status: ChunkStatus::DiskFail as i32,
+                        ..Default::default()
+                    }));
+                }
+            }
+        };
         Ok(Response::new(GetChunkInfoResponse {
             status: ChunkStatus::Success as i32,
+            data_extents,
             chunk_sn: node
                 .store()
                 .chunk_meta(req.chunk_id)

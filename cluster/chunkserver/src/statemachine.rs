@@ -50,7 +50,9 @@ fn data_len(cmd: &ChunkCommand) -> usize {
         | ChunkCommand::WriteOf { data, .. }
         | ChunkCommand::WriteClone { data, .. }
         | ChunkCommand::Fill { data, .. } => data.len(),
-        ChunkCommand::Delete { .. } | ChunkCommand::DeleteSnapshots { .. } => 0,
+        ChunkCommand::Delete { .. }
+        | ChunkCommand::DeleteSnapshots { .. }
+        | ChunkCommand::Zero { .. } => 0,
     }
 }
 
@@ -61,6 +63,7 @@ fn lane_of(cmd: &ChunkCommand) -> usize {
         | ChunkCommand::WriteClone { chunk_id, .. }
         | ChunkCommand::Fill { chunk_id, .. }
         | ChunkCommand::DeleteSnapshots { chunk_id, .. }
+        | ChunkCommand::Zero { chunk_id, .. }
         | ChunkCommand::Delete { chunk_id } => *chunk_id,
     };
     (id.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 60) as usize % APPLY_WORKERS
@@ -185,6 +188,25 @@ impl CopysetStateMachine {
             ChunkCommand::DeleteSnapshots { chunk_id, live } => {
                 self.inner.store.delete_snapshots(*chunk_id, live)
             }
+            ChunkCommand::Zero {
+                volume,
+                chunk_id,
+                sn,
+                offset,
+                len,
+                epoch,
+                keep_allocated,
+            } => self.inner.store.zero(
+                &crate::datastore::ZeroOp {
+                    volume: *volume,
+                    id: *chunk_id,
+                    sn: *sn,
+                    offset: *offset,
+                    len: *len,
+                    epoch: *epoch,
+                },
+                *keep_allocated,
+            ),
             ChunkCommand::Delete { chunk_id } => match self.inner.store.delete_chunk(*chunk_id) {
                 Err(DataStoreError::NotExist(_)) => Ok(()),
                 r => r,

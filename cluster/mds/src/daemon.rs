@@ -411,6 +411,7 @@ async fn one_chunk_info(
             chunk_id: chunk,
             ticket: ticket.clone(),
             grant: grant.clone(),
+            ..Default::default()
         };
         match c.get_chunk_info(req).await.map(|r| r.into_inner()) {
             Ok(r) if r.status == 0 => return r.chunk_sn,

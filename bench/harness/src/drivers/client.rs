@@ -124,8 +124,9 @@ impl Engine for ClientEngine {
                 Op::WriteZeroes { offset, len } => {
                     v.write_zeroes(offset, u64::from(len)).await.map(|_| None)
                 }
-                // Acknowledged writes are durable; discard is advisory.
-                Op::Flush | Op::Trim { .. } => Ok(None),
+                Op::Trim { offset, len } => v.discard(offset, u64::from(len)).await.map(|_| None),
+                // Acknowledged writes are durable.
+                Op::Flush => Ok(None),
             };
             let _ = tx.send(Completion {
                 tag,
