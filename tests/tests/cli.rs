@@ -458,4 +458,49 @@ fn an_export_never_deletes_what_is_not_a_socket() {
     ]);
     assert!(uri.contains("stale.sock"), "{uri}");
     assert!(p.curve_ok(&["export", "list"]).contains("stale.sock"));
+    // A live socket (another server listening) is refused and left to it, on both frontends.
+    let live = p.path("live.sock");
+    let _other = std::os::unix::net::UnixListener::bind(&live).unwrap();
+    for (frontend, target) in [
+        ("--nbd", format!("unix:{}", live.display())),
+        ("--vhost-user-blk", live.display().to_string()),
+    ] {
+        let out = p.curve(&[
+            "export", "add", "--volume", "mem:1M", frontend, &target, "--name", "l",
+        ]);
+        assert!(!out.status.success(), "{frontend} {target}");
+        let err = stderr_of(&out);
+        assert!(
+            err.contains("in use") || err.contains("another server is listening"),
+            "{frontend}: {err}"
+        );
+        assert!(
+            std::os::unix::net::UnixStream::connect(&live).is_ok(),
+            "still theirs"
+        );
+    }
+}
+
+/// nebd-server's own sockets (control, part1) in its run dir: a file that is not a socket
+/// there is refused at start-up, never deleted.
+#[test]
+fn nebd_server_never_deletes_a_file_at_its_socket_paths() {
+    for name in ["control.sock", "nebd.sock"] {
+        let dir = tempfile::tempdir().unwrap();
+        let run = dir.path().join("run");
+        std::fs::create_dir(&run).unwrap();
+        std::fs::write(run.join(name), "precious").unwrap();
+        let log = dir.path().join("log");
+        let mut cmd = std::process::Command::new(curve_tests::bin("nebd-server"));
+        cmd.arg("--run-dir").arg(&run);
+        let mut d = Daemon::spawn(cmd, &log);
+        let code = d.wait(Duration::from_secs(30));
+        let err = std::fs::read_to_string(&log).unwrap_or_default();
+        assert!(
+            code.is_some_and(|c| c != 0),
+            "{name}: it should refuse to start (waited 30 s): {err}"
+        );
+        assert!(err.contains("is not a socket"), "{name}: {err}");
+        assert_eq!(std::fs::read_to_string(run.join(name)).unwrap(), "precious");
+    }
 }

@@ -409,3 +409,32 @@ fn playground_fio_verify_and_faults_invisible() {
         "daemons left behind"
     );
 }
+
+/// A playground whose ports another process holds refuses to start, with a message naming the
+/// port, and starts nothing (before, it adopted another cluster's MDS on its port).
+#[test]
+fn a_playground_refuses_ports_in_use() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    for taken in [port, port + 2, port + 14] {
+        let Ok(_held) = std::net::TcpListener::bind(("127.0.0.1", taken)) else {
+            continue; // someone else's: the point stands, the next port tells it
+        };
+        let out = Command::new(bin("curve"))
+            .args(["playground", "up", "--dir"])
+            .arg(dir.path())
+            .args(["--size", "1G", "--port", &port.to_string()])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success(),
+            "started with port {taken} taken: {err}"
+        );
+        assert!(
+            err.contains(&format!("port {taken} on 127.0.0.1 is in use")) && err.contains("--port"),
+            "{err}"
+        );
+        assert!(!dir.path().join("mds").exists(), "no daemon started");
+    }
+}

@@ -64,7 +64,7 @@ struct Args {
 }
 
 fn main() -> anyhow::Result<()> {
-    private_files();
+    let nofile = curve_metrics::process::daemon_setup();
     let a = Args::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -74,6 +74,7 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    tracing::info!(open_files = nofile, "open-file limit");
     if !matches!(a.page_size, 512 | 4096) || a.chunk_size == 0 || a.chunk_size % a.page_size != 0 {
         anyhow::bail!("--chunk-size must be a multiple of --page-size (512 or 4096)");
     }
@@ -118,11 +119,4 @@ fn main() -> anyhow::Result<()> {
             _ = int.recv() => {}
         }
     }))
-}
-
-/// Files and directories this process creates are its owner's only (0600, 0700): volume data,
-/// raft logs, metadata, identities. Sockets meant for consumers are widened explicitly.
-fn private_files() {
-    // SAFETY: umask only changes this process's file creation mask.
-    unsafe { libc::umask(0o077) };
 }

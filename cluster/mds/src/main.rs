@@ -98,7 +98,7 @@ fn parse_size(s: &str) -> Result<u64, String> {
 }
 
 fn main() -> anyhow::Result<()> {
-    private_files();
+    let nofile = curve_metrics::process::daemon_setup();
     let a = Args::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -107,6 +107,7 @@ fn main() -> anyhow::Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .init();
+    tracing::info!(open_files = nofile, "open-file limit");
     let topology = match &a.topology {
         Some(p) => TopologySpec::parse(
             &std::fs::read_to_string(p)
@@ -185,11 +186,4 @@ fn main() -> anyhow::Result<()> {
             _ = term.recv() => {}
         }
     }))
-}
-
-/// Files and directories this process creates are its owner's only (0600, 0700): volume data,
-/// raft logs, metadata, identities. Sockets meant for consumers are widened explicitly.
-fn private_files() {
-    // SAFETY: umask only changes this process's file creation mask.
-    unsafe { libc::umask(0o077) };
 }

@@ -249,15 +249,41 @@ pool = \"pool1\"
 ";
 
 /// Runs the playground in the foreground.
+/// The ports a playground on `port` serves on (MDS, chunkservers, metrics).
+fn ports(port: u16) -> Vec<u16> {
+    [0, 1, 2, 3, 10, 11, 12, 13, 14]
+        .iter()
+        .map(|i| port.saturating_add(*i))
+        .collect()
+}
+
+/// Refuses to start when another process listens on one of the playground's ports: its
+/// daemons would fail to bind, and an MDS found listening there is another cluster's.
+fn ports_free(port: u16) -> Result<(), String> {
+    if port > u16::MAX - 14 {
+        return Err(format!("--port {port}: the playground needs PORT..PORT+14"));
+    }
+    for p in ports(port) {
+        if let Err(e) = std::net::TcpListener::bind(("127.0.0.1", p)) {
+            return Err(format!(
+                "port {p} on 127.0.0.1 is in use ({e}): another cluster or service holds it; \
+                 the playground needs ports {port}..{} (choose others with --port)",
+                port + 14
+            ));
+        }
+    }
+    Ok(())
+}
+
 pub fn up(o: &Options) -> Result<(), String> {
     // Everything under DIR (volume data, logs, state) is the user's only; the daemons say the
-    // same of what they create.
-    // SAFETY: umask only changes this process's file creation mask.
-    unsafe { libc::umask(0o077) };
+    // same of what they create (and raise their open-file limits, as this does for them).
+    curve_metrics::process::daemon_setup();
     let dir = &o.dir;
     std::fs::create_dir_all(dir.join("logs")).map_err(|e| format!("{}: {e}", dir.display()))?;
     let dir = dir.canonicalize().map_err(|e| e.to_string())?;
     let _lock = lock(&dir)?;
+    ports_free(o.port)?;
     // A nebd-server upgraded live (`curve playground upgrade`) is started by the old one,
     // which then exits: its successor is reparented to us, and supervised like our own child.
     // SAFETY: prctl only marks this process as a subreaper.

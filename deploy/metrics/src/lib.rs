@@ -8,6 +8,8 @@
 //!  serve(addr) ── GET /metrics ── on_scrape hooks, then text::encode(registry)
 //! ```
 
+pub mod process;
+
 use std::sync::Arc;
 use std::time::Duration;
 

@@ -181,6 +181,16 @@ impl Server {
                     ),
                 ));
             }
+            // A live server answers; a stale socket left by a killed one refuses.
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::AddrInUse,
+                    format!(
+                        "{}: another server is listening on this socket (left alone)",
+                        path.display()
+                    ),
+                ));
+            }
             std::fs::remove_file(path)?;
         }
         let listener = UnixListener::bind(path)?;

@@ -293,6 +293,21 @@ impl Drop for RunDirLock {
     }
 }
 
+/// Removes the socket a dead server left at `path`; anything else there is refused, never
+/// deleted.
+fn remove_stale_socket(path: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path)
+            .with_context(|| format!("cannot remove the stale socket {}", path.display())),
+        Ok(_) => bail!(
+            "{} exists and is not a socket: left alone (move it away, or use another --run-dir)",
+            path.display()
+        ),
+        Err(_) => Ok(()),
+    }
+}
+
 fn lock_run_dir(run_dir: &Path) -> anyhow::Result<RunDirLock> {
     std::fs::create_dir_all(run_dir)
         .with_context(|| format!("cannot create run dir {}", run_dir.display()))?;
@@ -329,7 +344,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     prepare_run_dir(&config)?;
     let socket = control::control_socket(&config.run_dir);
     // We hold the lock, so a socket file left here belongs to a dead server.
-    let _ = std::fs::remove_file(&socket);
+    remove_stale_socket(&socket)?;
     let control = std::os::unix::net::UnixListener::bind(&socket)
         .with_context(|| format!("cannot bind control socket {}", socket.display()))?;
     share_socket(&socket, config.socket_group)?;
@@ -339,7 +354,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     exports.restore().await;
     let path = config.run_dir.join(PART1_SOCKET);
     // We hold the run dir lock: a socket file here is left by a dead server.
-    let _ = std::fs::remove_file(&path);
+    remove_stale_socket(&path)?;
     let part1 = std::os::unix::net::UnixListener::bind(&path)
         .with_context(|| format!("cannot bind part1 socket {}", path.display()))?;
     share_socket(&path, config.socket_group)?;

@@ -72,7 +72,7 @@ fn next_args() -> Vec<std::ffi::OsString> {
 }
 
 fn main() -> anyhow::Result<()> {
-    private_files();
+    let nofile = curve_metrics::process::daemon_setup();
     let args = Args::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -82,6 +82,7 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    tracing::info!(open_files = nofile, "open-file limit");
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("nebd-ctl")
@@ -118,11 +119,4 @@ async fn shutdown_signal() {
         _ = term.recv() => {}
         _ = int.recv() => {}
     }
-}
-
-/// Files and directories this process creates are its owner's only (0600, 0700): volume data,
-/// raft logs, metadata, identities. Sockets meant for consumers are widened explicitly.
-fn private_files() {
-    // SAFETY: umask only changes this process's file creation mask.
-    unsafe { libc::umask(0o077) };
 }
