@@ -107,13 +107,32 @@ impl CurveDevice {
     }
 }
 
+/// Sessions of dropped devices whose close is still on its way to the MDS.
+static CLOSING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Waits (up to `timeout`) until the sessions of every device dropped so far are closed at
+/// the MDS: a process about to exit calls it, so its volumes are free at once rather than
+/// after their leases. Whether they all were.
+pub async fn closes_done(timeout: std::time::Duration) -> bool {
+    let deadline = std::time::Instant::now() + timeout;
+    while CLOSING.load(std::sync::atomic::Ordering::Acquire) > 0 {
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    true
+}
+
 impl Drop for CurveDevice {
     fn drop(&mut self) {
         let v = self.volume.clone();
+        CLOSING.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         runtime().spawn(async move {
             if let Err(e) = v.close().await {
                 tracing::warn!(error = %e, "closing the volume");
             }
+            CLOSING.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
         });
     }
 }

@@ -204,8 +204,9 @@ impl Volume {
         state: SessionState,
     ) -> Result<Self, ClientError> {
         let mds = MdsClient::with_key(opts.mds.clone(), opts.key.clone());
-        let r = mds.refresh(path, &state.session_id).await?;
+        // Stat first: a failed adopt must not have renewed a lease nobody keeps then.
         let info = mds.stat(path).await?;
+        let r = mds.refresh(path, &state.session_id).await?;
         let state = SessionState {
             ticket: if r.ticket.is_empty() {
                 state.ticket
@@ -1059,6 +1060,13 @@ async fn refresh_loop(inner: std::sync::Weak<Inner>, lease: Duration) {
                         // Another writer may have held it meanwhile.
                         inner.cache.clear_absent();
                         inner.epoch.store(s.epoch, Ordering::Release);
+                    }
+                    Err(e) if e.status() == Some(MdsStatus::Occupied) => {
+                        // Another client holds it now: it is theirs. Taking it back when their
+                        // lease lapses would fence a writer that did nothing wrong.
+                        tracing::error!(path = %inner.path, error = %e, "session lost to another client; the volume is closed here");
+                        inner.closed.store(true, Ordering::Release);
+                        return;
                     }
                     Err(e) => {
                         tracing::error!(path = %inner.path, error = %e, "session lost; reopen failed")

@@ -5,7 +5,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use curve_tests::cluster::MiniCluster;
-use curve_tests::{Part2, bin, require_tool, run_ok};
+use curve_tests::{Part2, bin, require_tool, run_ok, wait_until};
 
 /// root's key of the cluster the test runs (authentication is on).
 static KEY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
@@ -324,4 +324,97 @@ fn live_upgrades_of_part2_keep_the_cluster_session_under_fio_verify() {
             .collect::<Vec<_>>()
             .join("\n")
     );
+}
+
+/// Clients that stop close their sessions: a volume is free for another client at once, not
+/// after its 20 s lease. nebd-server stopped with SIGTERM, and `curve bench --driver client`
+/// interrupted with Ctrl-C (SIGINT) in the middle of its run.
+#[test]
+fn stopped_clients_free_their_volumes_at_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cluster = MiniCluster::start(tmp.path(), 1, false);
+    let _ = KEY.set(cluster.key());
+    let mds = cluster.mds_addrs()[0].clone();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let client = cluster.mds_client();
+    for v in ["/p", "/b"] {
+        rt.block_on(client.create(
+            v,
+            curve_proto::mds::FileType::Volume,
+            1 << 30,
+            4096,
+            "curve",
+        ))
+        .unwrap();
+    }
+    // Opened by another host right after the client stopped: no OCCUPIED.
+    let free_now = |path: &str| {
+        let (_, s, _) = rt
+            .block_on(client.open(path, "curve", "another-host"))
+            .unwrap_or_else(|e| panic!("{path} should be free at once: {e}"));
+        rt.block_on(client.close(path, &s.session_id)).unwrap();
+    };
+
+    let part2 = Part2::start_with(&["--mds", &mds, "--key-file", &cluster.key()]);
+    let sock = part2.run_dir().join("p.sock");
+    part2.curve_ok(&[
+        "export",
+        "add",
+        "--volume",
+        "curve:/p",
+        "--nbd",
+        &format!("unix:{}", sock.display()),
+        "--name",
+        "p",
+    ]);
+    assert!(
+        rt.block_on(client.open("/p", "curve", "another-host"))
+            .is_err(),
+        "held while exported"
+    );
+    part2.signal(libc::SIGTERM);
+    assert!(
+        wait_until(Duration::from_secs(30), || !curve_tests::pid_alive(
+            part2.pid()
+        )),
+        "nebd-server stops on SIGTERM (waited 30 s)"
+    );
+    free_now("/p");
+
+    let log = tmp.path().join("bench.log");
+    let mut cmd = Command::new(bin("curve"));
+    cmd.env("CURVE_KEY_FILE", cluster.key())
+        .args(["--mds", &mds, "bench", "--driver", "client"])
+        .args([
+            "--target",
+            "curve:/b",
+            "-w",
+            "randwrite",
+            "-q",
+            "4",
+            "-t",
+            "120",
+        ]);
+    let mut bench = curve_tests::Daemon::spawn(cmd, &log);
+    // Writing: its first write allocated a segment (asked without taking the volume).
+    let writing = wait_until(Duration::from_secs(60), || {
+        rt.block_on(client.segment("/b", "curve", 0, false))
+            .is_ok_and(|s| s.is_some())
+    });
+    assert!(
+        writing,
+        "the bench writes to its volume (waited 60 s): {}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    assert!(
+        rt.block_on(client.open("/b", "curve", "another-host"))
+            .is_err_and(|e| e.status() == Some(curve_proto::mds::MdsStatus::Occupied)),
+        "held while the bench runs"
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    bench.signal(libc::SIGINT);
+    let code = bench.wait(Duration::from_secs(60));
+    let out = std::fs::read_to_string(&log).unwrap_or_default();
+    assert_eq!(code, Some(0), "an interrupted bench ends cleanly: {out}");
+    free_now("/b");
 }

@@ -86,6 +86,7 @@ fn job(
     let deadline = spec.time.map(|t| start + t);
     let more = |issued: u64| {
         !stop.load(Ordering::Relaxed)
+            && !INTERRUPTED.load(Ordering::Relaxed)
             && spec.io_count.is_none_or(|n| issued < n)
             && deadline.is_none_or(|d| Instant::now() < d)
     };
@@ -146,6 +147,16 @@ fn job(
         }
     }
     Ok(rec)
+}
+
+/// Set by [`interrupt`]: every running job stops issuing and drains.
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+/// Ends the runs in progress early, as if their time were up: their jobs drain what is in
+/// flight, the driver closes (a volume's session at the MDS), and the summary covers what ran.
+/// Only stores to an atomic: safe in a signal handler (Ctrl-C).
+pub fn interrupt() {
+    INTERRUPTED.store(true, Ordering::Relaxed);
 }
 
 /// Runs `spec` on `driver`; `head` names the run in the summary (driver, target).

@@ -947,6 +947,16 @@ fn bench(
         size: b.size,
         progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
     };
+    // Ctrl-C or SIGTERM ends the run early, through the driver's close (a client volume's
+    // session closed, not left to its lease).
+    extern "C" fn on_signal(_: libc::c_int) {
+        curve_bench::runner::interrupt();
+    }
+    // SAFETY: installing a handler that only stores to an atomic.
+    unsafe {
+        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+    }
     let summary = curve_bench::run(driver, &spec, (name, &b.target))?;
     match b.format {
         Format::Json => println!("{}", serde_json::to_string_pretty(&summary).expect("json")),

@@ -388,7 +388,8 @@ pub(crate) async fn serve_until(
     let _ = std::fs::remove_file(control::control_socket(&state.config.run_dir));
     let _ = std::fs::remove_file(state.config.run_dir.join(PART1_SOCKET));
     state.exports.shutdown(Duration::from_secs(5)).await;
-    tracing::info!("nebd-server stopped");
+    let closed = crate::volume::close_cluster_sessions(Duration::from_secs(5)).await;
+    tracing::info!(sessions_closed = closed, "nebd-server stopped");
 }
 
 /// Modes of the run directory, and this process's identity at the MDS.

@@ -61,6 +61,43 @@ pub fn cluster_sessions() -> Vec<(String, curve_client::SessionState)> {
         .collect()
 }
 
+/// Closes the MDS session of every cluster volume still open (a clean stop: the volumes are
+/// free for another client at once, not after their leases), waiting up to `timeout` in all.
+/// Returns how many closed.
+pub async fn close_cluster_sessions(timeout: std::time::Duration) -> usize {
+    let open: Vec<_> = {
+        let mut open = OPEN_CLUSTER.lock();
+        std::mem::take(&mut *open)
+            .into_iter()
+            .filter_map(|w| w.upgrade())
+            .collect()
+    };
+    let volumes: Vec<curve_client::Volume> = open.iter().map(|d| d.volume().clone()).collect();
+    // On the client's runtime, where the volumes' connections live.
+    let closing = curve_client::device::runtime().spawn(async move {
+        let mut closed = 0;
+        for v in volumes {
+            match v.close().await {
+                Ok(()) => closed += 1,
+                Err(e) => tracing::warn!(volume = v.path(), error = %e, "closing the session"),
+            }
+        }
+        closed
+    });
+    let started = std::time::Instant::now();
+    let closed = match tokio::time::timeout(timeout, closing).await {
+        Ok(Ok(closed)) => closed,
+        _ => 0,
+    };
+    // And those of devices dropped just before (their exports went away first).
+    if !curve_client::device::closes_done(timeout.saturating_sub(started.elapsed())).await
+        || closed < open.len()
+    {
+        tracing::warn!("the MDS did not confirm every session closed in {timeout:?}");
+    }
+    closed
+}
+
 /// Sessions to continue instead of opening (see [`cluster_sessions`]).
 pub fn adopt_sessions(sessions: Vec<(String, curve_client::SessionState)>) {
     HANDED_OVER.lock().extend(sessions);
