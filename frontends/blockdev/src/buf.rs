@@ -93,22 +93,26 @@ const CLASSES: usize = 14;
 #[derive(Debug)]
 pub struct BufPool {
     free: [Vec<AlignedBuf>; CLASSES],
-    /// Bytes a class may keep cached.
-    per_class_bytes: usize,
+    /// Bytes the pool may keep cached, all classes together.
+    max_bytes: usize,
+    /// Bytes cached now.
+    cached: usize,
 }
 
 impl Default for BufPool {
+    /// 8 MiB cached: a queue's memory when idle stays small whatever it served.
     fn default() -> Self {
-        Self::new(64 << 20)
+        Self::new(8 << 20)
     }
 }
 
 impl BufPool {
-    /// A pool that caches up to `per_class_bytes` of buffers in each size class.
-    pub fn new(per_class_bytes: usize) -> Self {
+    /// A pool that caches up to `max_bytes` of buffers (all size classes together).
+    pub fn new(max_bytes: usize) -> Self {
         BufPool {
             free: Default::default(),
-            per_class_bytes,
+            max_bytes,
+            cached: 0,
         }
     }
 
@@ -121,9 +125,13 @@ impl BufPool {
     pub fn take(&mut self, len: usize) -> AlignedBuf {
         match Self::class_of(len) {
             Some(class) => {
-                let mut buf = self.free[class]
-                    .pop()
-                    .unwrap_or_else(|| AlignedBuf::new(ALIGN << class));
+                let mut buf = match self.free[class].pop() {
+                    Some(b) => {
+                        self.cached -= b.capacity();
+                        b
+                    }
+                    None => AlignedBuf::new(ALIGN << class),
+                };
                 buf.set_len(len);
                 buf
             }
@@ -138,9 +146,9 @@ impl BufPool {
             return;
         }
         if let Some(class) = Self::class_of(cap) {
-            let list = &mut self.free[class];
-            if (list.len() + 1) * cap <= self.per_class_bytes {
-                list.push(buf);
+            if self.cached + cap <= self.max_bytes {
+                self.cached += cap;
+                self.free[class].push(buf);
             }
         }
     }
@@ -172,5 +180,10 @@ mod tests {
         assert_eq!(b.as_ptr(), p);
         let huge = pool.take(64 << 20);
         assert_eq!(huge.len(), 64 << 20);
+        // What it caches is bounded, all classes together.
+        for len in [512 << 10, 512 << 10, 256 << 10, 4096] {
+            pool.give(AlignedBuf::new(len));
+        }
+        assert!(pool.cached <= 1 << 20, "{}", pool.cached);
     }
 }

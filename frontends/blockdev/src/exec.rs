@@ -177,6 +177,8 @@ pub struct OutQueue {
     q: std::collections::VecDeque<Reply>,
     /// Bytes of the front reply already written.
     written: usize,
+    /// Bytes of the replies queued, written or not.
+    bytes: usize,
 }
 
 const MAX_IOVECS: usize = 64;
@@ -184,7 +186,13 @@ const MAX_IOVECS: usize = 64;
 impl OutQueue {
     /// Queues a reply.
     pub fn push(&mut self, r: Reply) {
+        self.bytes += r.len();
         self.q.push_back(r);
+    }
+
+    /// Bytes of the replies not yet fully written (their data buffers are held until then).
+    pub fn bytes(&self) -> usize {
+        self.bytes - self.written
     }
 
     /// Replies not yet fully written.
@@ -238,6 +246,7 @@ impl OutQueue {
                 break;
             }
             n -= len;
+            self.bytes -= len;
             let r = self.q.pop_front().expect("front exists");
             if let Some(buf) = r.data {
                 pool.give(buf);

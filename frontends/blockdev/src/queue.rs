@@ -64,6 +64,13 @@ pub trait QueueSource<'a> {
         0
     }
 
+    /// Bytes of request and reply payloads the source holds now: buffers of requests in
+    /// flight, of a request being read, of answers not yet sent. [`serve_within`] takes no new
+    /// request while they are over its budget (the socket is not read: backpressure).
+    fn held_bytes(&self) -> usize {
+        0
+    }
+
     /// No more requests will come (hang-up, disconnect command, aborted queue).
     fn finished(&self) -> bool;
 
@@ -79,6 +86,88 @@ pub fn serve<'a, S: QueueSource<'a>>(
     notifier: &Arc<Notifier>,
     max_queued: usize,
 ) -> Result<(), S::Error> {
+    serve_within(source, notifier, max_queued, &Budget::unlimited())
+}
+
+/// Bytes of payload the queues of a process may hold: each queue up to `per_queue`, all
+/// together up to `total` (see [`QueueSource::held_bytes`]). A queue over either takes no new
+/// request until its own requests finish; a queue holding nothing may always take one, so
+/// every queue makes progress, and memory stays under `total` plus one request per queue.
+#[derive(Debug)]
+pub struct Budget {
+    /// Bytes one queue may hold.
+    pub per_queue: usize,
+    /// Bytes all queues sharing this budget may hold.
+    pub total: usize,
+    held: std::sync::atomic::AtomicUsize,
+}
+
+impl Budget {
+    /// A budget of `per_queue` bytes per queue and `total` for all.
+    pub const fn new(per_queue: usize, total: usize) -> Self {
+        Budget {
+            per_queue,
+            total,
+            held: std::sync::atomic::AtomicUsize::new(0),
+        }
+    }
+
+    /// No limit.
+    pub const fn unlimited() -> Self {
+        Self::new(usize::MAX, usize::MAX)
+    }
+
+    /// Bytes all queues hold now.
+    pub fn held(&self) -> usize {
+        self.held.load(Ordering::Relaxed)
+    }
+
+    fn over(&self, own: usize) -> bool {
+        own >= self.per_queue || self.held() >= self.total
+    }
+}
+
+/// The budget every socket queue of a process shares (NBD and part1 connections, whose
+/// clients may pipeline as much as they like): 64 MiB a connection (two of NBD's largest
+/// writes), 512 MiB for all.
+pub static SOCKET_QUEUES: Budget = Budget::new(64 << 20, 512 << 20);
+
+/// [`serve`], with the payload bytes the source holds kept within `budget`.
+pub fn serve_within<'a, S: QueueSource<'a>>(
+    source: &mut S,
+    notifier: &Arc<Notifier>,
+    max_queued: usize,
+    budget: &Budget,
+) -> Result<(), S::Error> {
+    // What this queue has counted into the shared total (given back when the loop ends).
+    struct Counted<'b>(&'b Budget, usize);
+    impl Counted<'_> {
+        fn set(&mut self, now: usize) {
+            if now > self.1 {
+                self.0.held.fetch_add(now - self.1, Ordering::Relaxed);
+            } else {
+                self.0.held.fetch_sub(self.1 - now, Ordering::Relaxed);
+            }
+            self.1 = now;
+        }
+    }
+    impl Drop for Counted<'_> {
+        fn drop(&mut self) {
+            self.set(0);
+        }
+    }
+    let mut counted = Counted(budget, 0);
+    // Requests that may be taken now: none while over the budget with requests of our own in
+    // flight (their answers make room), else up to `max_queued` in flight or unsent.
+    let room_now = |source: &S, inflight: usize, counted: &mut Counted<'_>| {
+        counted.set(source.held_bytes());
+        let busy = inflight + source.unsent();
+        if busy > 0 && counted.0.over(counted.1) {
+            0
+        } else {
+            max_queued.saturating_sub(busy)
+        }
+    };
     let mut inflight: FuturesUnordered<RequestFuture<'a, S::Done>> = FuturesUnordered::new();
     let waker = Waker::from(notifier.clone());
     let mut cx = Context::from_waker(&waker);
@@ -86,7 +175,7 @@ pub fn serve<'a, S: QueueSource<'a>>(
     let mut fresh = Vec::new();
     loop {
         let stopping = notifier.cancelled.load(Ordering::Acquire) || source.finished();
-        let room = max_queued.saturating_sub(inflight.len() + source.unsent());
+        let room = room_now(source, inflight.len(), &mut counted);
         let mut progress = false;
         if !stopping && room > 0 {
             progress |= source.take(room, &mut fresh)?;
@@ -108,7 +197,7 @@ pub fn serve<'a, S: QueueSource<'a>>(
         if progress {
             poller.progressed();
         } else if stopping || !poller.keep_polling() {
-            let room = max_queued.saturating_sub(inflight.len() + source.unsent());
+            let room = room_now(source, inflight.len(), &mut counted);
             source.park(notifier, !stopping && room > 0)?;
         }
     }

@@ -111,10 +111,13 @@ enum Output {
 
 pub(crate) struct Done {
     cookie: u64,
+    /// Payload bytes the request held ([`Connection::held_bytes`]).
+    bytes: usize,
     result: Result<Output, IoError>,
 }
 
 async fn execute(dev: &dyn BlockDevice, cookie: u64, exec: Exec) -> Done {
+    let bytes = exec.bytes();
     let result = match exec {
         Exec::Read { offset, mut buf } => match dev.read(offset, &mut buf).await {
             Ok(()) => Ok(Output::Read { offset, buf }),
@@ -147,7 +150,21 @@ async fn execute(dev: &dyn BlockDevice, cookie: u64, exec: Exec) -> Done {
             }),
         Exec::Cache => Ok(Output::None),
     };
-    Done { cookie, result }
+    Done {
+        cookie,
+        bytes,
+        result,
+    }
+}
+
+impl Exec {
+    /// Bytes of its buffer.
+    fn bytes(&self) -> usize {
+        match self {
+            Exec::Read { buf, .. } | Exec::Write { buf, .. } => buf.len(),
+            _ => 0,
+        }
+    }
 }
 
 /// A write whose header has been read and whose payload is still arriving.
@@ -173,6 +190,8 @@ pub(crate) struct Connection<'a> {
     pending: Option<PendingWrite>,
     out: OutQueue,
     pool: BufPool,
+    /// Payload bytes of the requests in flight.
+    inflight_bytes: usize,
     /// No more requests are read (NBD_CMD_DISC, EOF or cancellation).
     closing: bool,
 }
@@ -195,6 +214,7 @@ impl<'a> Connection<'a> {
             pending: None,
             out: OutQueue::default(),
             pool: BufPool::default(),
+            inflight_bytes: 0,
             closing: false,
         }
     }
@@ -224,7 +244,7 @@ impl<'a> Connection<'a> {
         mut self,
         notifier: &Arc<Notifier>,
     ) -> Result<Option<Parked<StdStream>>, ConnError> {
-        queue::serve(&mut self, notifier, MAX_QUEUED)?;
+        queue::serve_within(&mut self, notifier, MAX_QUEUED, &queue::SOCKET_QUEUES)?;
         if !notifier.is_handing_over() || self.closing {
             return Ok(None);
         }
@@ -410,6 +430,7 @@ impl<'a> Connection<'a> {
     }
 
     fn complete(&mut self, done: Done) {
+        self.inflight_bytes -= done.bytes;
         let cookie = done.cookie;
         let output = match done.result {
             Ok(o) => o,
@@ -470,9 +491,21 @@ impl<'a> QueueSource<'a> for Connection<'a> {
                 break;
             };
             moved = true;
+            self.inflight_bytes += exec.bytes();
             out.push(Box::pin(execute(self.dev, cookie, exec)));
         }
         Ok(moved)
+    }
+
+    fn held_bytes(&self) -> usize {
+        let pending = match &self.pending {
+            Some(PendingWrite {
+                target: Ok((_, buf)),
+                ..
+            }) => buf.len(),
+            _ => 0,
+        };
+        self.inflight_bytes + pending + self.out.bytes()
     }
 
     fn complete(&mut self, done: Done) {

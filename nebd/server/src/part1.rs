@@ -29,6 +29,8 @@ const MAX_QUEUED: usize = 512;
 #[derive(Debug)]
 pub struct Done {
     id: u64,
+    /// Payload bytes the request held (see [`Part1Conn`]'s budget).
+    bytes: usize,
     result: Result<Option<AlignedBuf>, IoError>,
     /// Buffer to give back to the pool (write payloads).
     spent: Option<AlignedBuf>,
@@ -47,6 +49,8 @@ pub struct Part1Conn {
     pending: Option<(RequestHeader, AlignedBuf, usize)>,
     out: OutQueue,
     pool: BufPool,
+    /// Payload bytes of the requests in flight.
+    inflight_bytes: usize,
     closing: bool,
 }
 
@@ -72,6 +76,7 @@ impl Part1Conn {
             pending: None,
             out: OutQueue::default(),
             pool: BufPool::default(),
+            inflight_bytes: 0,
             closing: false,
         }
     }
@@ -79,7 +84,7 @@ impl Part1Conn {
     /// Serves the connection until part1 hangs up or `notifier` is cancelled.
     pub fn serve(mut self, notifier: &Arc<Notifier>) -> io::Result<()> {
         exec::batch_scheduling();
-        queue::serve(&mut self, notifier, MAX_QUEUED)
+        queue::serve_within(&mut self, notifier, MAX_QUEUED, &queue::SOCKET_QUEUES)
     }
 
     fn fill(&mut self) -> io::Result<bool> {
@@ -239,10 +244,12 @@ impl Part1Conn {
             return None;
         }
         let read_buf = (op == Op::Read).then(|| self.pool.take(h.length as usize));
+        self.inflight_bytes += payload.len() + read_buf.as_ref().map_or(0, |b| b.len());
         Some(Box::pin(execute(dev, h, op, payload, read_buf)))
     }
 
     fn complete(&mut self, done: Done) {
+        self.inflight_bytes -= done.bytes;
         if let Some(b) = done.spent {
             self.pool.give(b);
         }
@@ -298,6 +305,11 @@ impl QueueSource<'static> for Part1Conn {
         self.out.len()
     }
 
+    fn held_bytes(&self) -> usize {
+        let pending = self.pending.as_ref().map_or(0, |(_, b, _)| b.len());
+        self.inflight_bytes + pending + self.out.bytes()
+    }
+
     fn finished(&self) -> bool {
         self.closing
     }
@@ -319,6 +331,7 @@ async fn execute(
     payload: AlignedBuf,
     read_buf: Option<AlignedBuf>,
 ) -> Done {
+    let bytes = payload.len() + read_buf.as_ref().map_or(0, |b| b.len());
     let (result, spent) = match (op, read_buf) {
         (Op::Read, Some(mut buf)) => {
             let r = dev.read(h.offset, &mut buf).await;
@@ -337,6 +350,7 @@ async fn execute(
     };
     Done {
         id: h.id,
+        bytes,
         result,
         spent,
     }
