@@ -145,11 +145,11 @@ impl BufPool {
         if !cap.is_power_of_two() {
             return;
         }
-        if let Some(class) = Self::class_of(cap) {
-            if self.cached + cap <= self.max_bytes {
-                self.cached += cap;
-                self.free[class].push(buf);
-            }
+        if let Some(class) = Self::class_of(cap)
+            && self.cached + cap <= self.max_bytes
+        {
+            self.cached += cap;
+            self.free[class].push(buf);
         }
     }
 }
