@@ -15,7 +15,9 @@
 //!                                       request was built; otherwise fenced: fail
 //!  NOSPACE, INVALID_REQUEST             fail
 //!  DISK_FAIL, CRC_FAIL, BACKWARD        retry, fail after 20 attempts
-//!  anything else                        back off (10 ms .. 500 ms), warn every 50 attempts
+//!  anything else                        back off (10 ms .. 500 ms), warn every 50 attempts;
+//!                                       from the 3rd, ask the peers who leads (a peer that
+//!                                       keeps failing is not asked forever)
 //!  transport error                      ask the peers who leads, back off (1 ms .. 200 ms)
 //!  timeout                              double the timeout (1 s .. 16 s), ask who leads
 //!  no address known                     wait 100 ms, ask the MDS
@@ -25,6 +27,8 @@ use std::time::Duration;
 
 use curve_proto::chunk::ChunkStatus;
 
+/// Failed attempts on one peer after which the others are asked who leads.
+pub const KEEPS_FAILING: u32 = 3;
 /// Attempts after which persistent disk-side failures are reported.
 pub const MAX_DISK_FAILURES: u32 = 20;
 /// Attempts with fresh credentials before a refusal of them is reported.
@@ -259,12 +263,19 @@ impl RetryPolicy {
             {
                 Action::Fail(Failure::Status(status as i32))
             }
+            // A peer that keeps failing (a raft stopped on a full or failing disk may still
+            // think it leads) is not asked forever: after a few tries, the others are asked
+            // who leads (then the MDS).
             _ => {
                 let wait = jitter(self.backoff.max(ms(10)));
                 self.backoff = (self.backoff * 2).min(ms(500));
                 Action::Retry {
                     wait,
-                    next: Next::Resend,
+                    next: if self.attempts >= KEEPS_FAILING {
+                        Next::FindLeader
+                    } else {
+                        Next::Resend
+                    },
                 }
             }
         }
@@ -290,6 +301,28 @@ mod tests {
         match a {
             Action::Retry { wait, .. } => wait,
             other => panic!("not a retry: {other:?}"),
+        }
+    }
+
+    /// A peer answering FAILURE_UNKNOWN again and again (its raft stopped on a full disk,
+    /// still believing it leads) is resent to twice, then the others are asked who leads.
+    #[test]
+    fn a_peer_that_keeps_failing_is_not_asked_forever() {
+        let mut p = RetryPolicy::default();
+        let next = |p: &mut RetryPolicy| match p.next(
+            &answered(ChunkStatus::FailureUnknown),
+            true,
+            1,
+            1,
+            same,
+        ) {
+            Action::Retry { next, .. } => next,
+            other => panic!("not a retry: {other:?}"),
+        };
+        assert_eq!(next(&mut p), Next::Resend);
+        assert_eq!(next(&mut p), Next::Resend);
+        for _ in 0..10 {
+            assert_eq!(next(&mut p), Next::FindLeader);
         }
     }
 
@@ -414,7 +447,7 @@ mod tests {
             assert!(matches!(
                 p.next(&answered(ChunkStatus::DiskFail), true, 1, 1, same),
                 Action::Retry {
-                    next: Next::Resend,
+                    next: Next::Resend | Next::FindLeader,
                     ..
                 }
             ));

@@ -31,6 +31,7 @@ use crate::auth::ChunkAuth;
 use crate::chunkfilepool::{ChunkFilePool, PoolOptions};
 use crate::copyset::{CopysetNode, CopysetNodeManager, CopysetOptions};
 use crate::datastore::META_PAGE;
+use crate::disk::DiskWatch;
 use crate::identity::{self, Identity};
 use crate::service::ChunkServerServices;
 
@@ -57,6 +58,8 @@ pub struct Config {
     pub max_inflight: usize,
     /// host:port of the Prometheus endpoint (`GET /metrics`), if any.
     pub metrics_listen: Option<String>,
+    /// Free space kept on the data disk, percent ([`crate::disk`]).
+    pub disk_reserve_percent: u8,
 }
 
 struct Mds {
@@ -120,23 +123,8 @@ fn lock_data_dir(dir: &std::path::Path) -> anyhow::Result<std::fs::File> {
     Ok(f)
 }
 
-fn disk_usage(dir: &std::path::Path) -> (u64, u64) {
-    let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()) else {
-        return (0, 0);
-    };
-    // SAFETY: statvfs writes into the zeroed struct we pass, for a valid C string.
-    unsafe {
-        let mut s: libc::statvfs = std::mem::zeroed();
-        if libc::statvfs(c.as_ptr(), &mut s) != 0 {
-            return (0, 0);
-        }
-        let total = s.f_blocks * s.f_frsize;
-        (total, total - s.f_bavail * s.f_frsize)
-    }
-}
-
 async fn register(cfg: &Config, mds: &mut Mds) -> anyhow::Result<Identity> {
-    let (capacity, _) = disk_usage(&cfg.data_dir);
+    let (capacity, _) = crate::disk::usage(&cfg.data_dir);
     loop {
         if let Some(c) = mds.client().await {
             let req = RegisterRequest {
@@ -245,18 +233,20 @@ async fn heartbeat_loop(
     mut mds: Mds,
     svc: ChunkServerServices,
     auth: Option<Arc<ChunkAuth>>,
+    disk: Arc<DiskWatch>,
 ) {
     let ring = cfg.copyset.ring.clone();
     let mut tick = tokio::time::interval(cfg.heartbeat);
     loop {
         tick.tick().await;
-        let (capacity, used) = disk_usage(&cfg.data_dir);
+        let disk_state = disk.state();
         let req = HeartbeatRequest {
             chunkserver_id: identity.id,
             token: identity.token.clone(),
             address: cfg.listen.clone(),
-            disk_capacity: capacity,
-            disk_used: used,
+            disk_capacity: disk_state.capacity,
+            disk_used: disk_state.used,
+            disk_full: disk_state.full,
             copysets: manager.list().iter().map(|n| copyset_info(n)).collect(),
         };
         let Some(c) = mds.client().await else {
@@ -299,6 +289,111 @@ async fn heartbeat_loop(
                 match execute(&svc, ring.as_ref(), &node, &change).await {
                     Ok(()) => tracing::info!(?change, "configuration change done"),
                     Err(e) => tracing::warn!(?change, error = %e, "configuration change failed"),
+                }
+            });
+        }
+    }
+}
+
+/// The follower best placed to lead `node` now: the voters other than us, most caught up
+/// first.
+fn followers_by_progress(node: &CopysetNode) -> Vec<Peer> {
+    let m = node.raft.metrics().borrow().clone();
+    let matched = |id: u32| {
+        m.replication
+            .as_ref()
+            .and_then(|r| r.get(&u64::from(id)).cloned().flatten())
+            .map_or(0, |l| l.index)
+    };
+    let mut peers: Vec<Peer> = node
+        .view()
+        .peers
+        .into_iter()
+        .filter(|p| u64::from(p.chunkserver_id) != m.id)
+        .collect();
+    peers.sort_by_key(|p| std::cmp::Reverse(matched(p.chunkserver_id)));
+    peers
+}
+
+/// Watches the data disk ([`crate::disk`]): when it fills past the reserve, this chunkserver
+/// stops campaigning and hands the leadership of every copyset it leads to a follower (the
+/// most caught up that takes it); when space is back, it campaigns again.
+async fn disk_loop(
+    disk: Arc<DiskWatch>,
+    manager: Arc<CopysetNodeManager>,
+    svc: ChunkServerServices,
+    ring: Option<curve_auth::SharedKeyring>,
+) {
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    let mut last_try = std::collections::HashMap::<(u32, u32), tokio::time::Instant>::new();
+    loop {
+        tick.tick().await;
+        let (state, changed) = disk.check();
+        let nodes = manager.list();
+        if changed {
+            if state.full {
+                tracing::error!(
+                    free = state.capacity - state.used,
+                    capacity = state.capacity,
+                    reserve_percent = disk.reserve_percent(),
+                    "data disk full: leaderships move to followers, no new writes here"
+                );
+            } else {
+                tracing::info!(
+                    free = state.capacity - state.used,
+                    "data disk has space again: taking writes and leaderships"
+                );
+                last_try.clear();
+            }
+            for n in &nodes {
+                n.raft.runtime_config().elect(!state.full);
+            }
+        }
+        if !state.full {
+            continue;
+        }
+        for node in nodes {
+            let me = node.raft.metrics().borrow().id;
+            if node.raft.metrics().borrow().current_leader != Some(me) {
+                continue;
+            }
+            let key = (node.pool, node.copyset);
+            let now = tokio::time::Instant::now();
+            if last_try
+                .get(&key)
+                .is_some_and(|t| now < *t + Duration::from_secs(2))
+            {
+                continue;
+            }
+            last_try.insert(key, now);
+            let (svc, ring) = (svc.clone(), ring.clone());
+            tokio::spawn(async move {
+                for peer in followers_by_progress(&node) {
+                    let change = ConfigChange {
+                        key: None,
+                        r#type: ConfigChangeType::TransferLeader as i32,
+                        peer: Some(peer.clone()),
+                        old_peer: None,
+                        epoch: 0,
+                    };
+                    match execute(&svc, ring.as_ref(), &node, &change).await {
+                        Ok(()) => {
+                            tracing::info!(
+                                pool = node.pool,
+                                copyset = node.copyset,
+                                to = peer.chunkserver_id,
+                                "leadership handed over: the data disk is full"
+                            );
+                            return;
+                        }
+                        Err(e) => tracing::warn!(
+                            pool = node.pool,
+                            copyset = node.copyset,
+                            to = peer.chunkserver_id,
+                            error = %e,
+                            "cannot hand the leadership over"
+                        ),
+                    }
                 }
             });
         }
@@ -352,7 +447,10 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         .ring
         .clone()
         .map(|r| Arc::new(ChunkAuth::new(r)));
-    let mut svc = ChunkServerServices::with_limit(manager.clone(), cfg.max_inflight);
+    let disk = Arc::new(DiskWatch::new(&cfg.data_dir, cfg.disk_reserve_percent));
+    disk.check();
+    let mut svc =
+        ChunkServerServices::with_limit(manager.clone(), cfg.max_inflight).with_disk(disk.clone());
     if let Some(a) = &auth {
         svc = svc.with_auth(a.clone());
     } else {
@@ -367,6 +465,13 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         mds,
         svc.clone(),
         auth,
+        disk.clone(),
+    ));
+    let watch = tokio::spawn(disk_loop(
+        disk,
+        manager.clone(),
+        svc.clone(),
+        cfg.copyset.ring.clone(),
     ));
     curve_auth::tls::server()?
         .layer(crate::metrics::grpc_layer())
@@ -377,6 +482,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         .serve_with_incoming_shutdown(crate::service::incoming(listener), shutdown)
         .await?;
     hb.abort();
+    watch.abort();
     manager.shutdown().await;
     tracing::info!("chunkserver stopped");
     Ok(())

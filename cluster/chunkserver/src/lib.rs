@@ -23,6 +23,7 @@ pub mod codec;
 pub mod copyset;
 pub mod daemon;
 pub mod datastore;
+pub mod disk;
 pub mod identity;
 pub mod legacylog;
 pub mod logstream;

@@ -44,6 +44,10 @@ struct Args {
     /// Chunk requests in flight beyond which OVERLOAD is answered (clients back off).
     #[arg(long, default_value_t = curve_chunkserver::service::DEFAULT_MAX_INFLIGHT)]
     max_inflight: usize,
+    /// Free space kept on the data disk, percent of its file system: below it the disk is full
+    /// (this chunkserver hands its leaderships to followers and takes no new writes).
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u8).range(0..=50))]
+    disk_reserve_percent: u8,
     /// Serve Prometheus metrics at http://ADDR/metrics (host:port).
     #[arg(long)]
     metrics_listen: Option<String>,
@@ -100,6 +104,7 @@ fn main() -> anyhow::Result<()> {
         pool_target: a.pool_target,
         heartbeat: Duration::from_millis(a.heartbeat_ms),
         max_inflight: a.max_inflight,
+        disk_reserve_percent: a.disk_reserve_percent,
         metrics_listen: a.metrics_listen,
     };
     let workers = a.worker_threads.map_or_else(

@@ -38,6 +38,8 @@ pub struct ChunkServerServices {
     max_inflight: usize,
     /// Ticket and cluster-key checks (auth on).
     auth: Option<Arc<ChunkAuth>>,
+    /// The data disk's free space (a full disk takes no new writes here).
+    disk: Option<Arc<crate::disk::DiskWatch>>,
 }
 
 /// Counts one chunk request in flight while it lives.
@@ -65,7 +67,15 @@ impl ChunkServerServices {
             inflight: Arc::default(),
             max_inflight,
             auth: None,
+            disk: None,
         }
+    }
+
+    /// Watches the data disk: while it is full, writes here are redirected to the copysets'
+    /// other replicas (their leadership moves there), then refused with NOSPACE.
+    pub fn with_disk(mut self, disk: Arc<crate::disk::DiskWatch>) -> Self {
+        self.disk = Some(disk);
+        self
     }
 
     /// Turns authentication on: tickets and grants on chunk requests, the cluster key on
@@ -178,6 +188,15 @@ impl ChunkServerServices {
         let Some(node) = self.node(req.logical_pool_id, req.copyset_id) else {
             return reply(ChunkStatus::CopysetNotexist);
         };
+        if let Some(full_for) = self.disk.as_ref().and_then(|d| d.full_for()) {
+            // Our disk is full: the leadership moves to a follower (the disk watcher does it);
+            // the client asks the others meanwhile. If none takes it, the cluster is full.
+            return if full_for < crate::disk::REDIRECT_WHILE_FULL {
+                reply(ChunkStatus::Redirected)
+            } else {
+                reply(ChunkStatus::Nospace)
+            };
+        }
         // During a leadership transfer new writes wait a little, then retry on the leader.
         for _ in 0..400 {
             if !node.transferring.load(std::sync::atomic::Ordering::Acquire) {
@@ -192,6 +211,12 @@ impl ChunkServerServices {
                 ..Default::default()
             },
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => redirect(&f),
+            Err(RaftError::Fatal(e)) => {
+                // This replica's raft stopped (a storage error: a full or failed disk). It
+                // leads nothing now, whatever it last knew: the client asks the others.
+                tracing::warn!(error = %e, "write on a stopped raft");
+                reply(ChunkStatus::Redirected)
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "write failed");
                 reply(ChunkStatus::FailureUnknown)
@@ -210,6 +235,10 @@ impl ChunkServerServices {
         match node.raft.ensure_linearizable().await {
             Ok(_) => Ok(()),
             Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => Err(redirect(&f)),
+            Err(RaftError::Fatal(e)) => {
+                tracing::warn!(error = %e, "read on a stopped raft");
+                Err(reply(ChunkStatus::Redirected))
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "read index failed");
                 Err(reply(ChunkStatus::FailureUnknown))
@@ -893,6 +922,12 @@ impl CliService for ChunkServerServices {
         };
         let target = u64::from(peer.chunkserver_id);
         let m = node.raft.metrics().borrow().clone();
+        if target == m.id && self.disk.as_ref().is_some_and(|d| d.is_full()) {
+            return Ok(Response::new(cli(
+                CliStatus::CliFailed,
+                "the target's disk is full: it takes no leadership",
+            )));
+        }
         if target == m.id {
             // We are the target, and caught up (the leader checked): one election, then wait
             // for it; another only after an election timeout, never a stream of them (each

@@ -50,8 +50,18 @@ impl Default for Timeouts {
 struct ChunkserverRt {
     rec: ChunkserverRecord,
     last_seen: Instant,
-    disk_capacity: u64,
-    disk_used: u64,
+    disk: Disk,
+}
+
+/// A chunkserver's data disk, as its heartbeats report it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Disk {
+    /// Bytes of its file system.
+    pub capacity: u64,
+    /// Bytes used.
+    pub used: u64,
+    /// Below the chunkserver's reserve: it leads nothing and takes no writes.
+    pub full: bool,
 }
 
 #[derive(Debug)]
@@ -168,8 +178,7 @@ impl Cluster {
                     ChunkserverRt {
                         rec,
                         last_seen: now,
-                        disk_capacity: 0,
-                        disk_used: 0,
+                        disk: Disk::default(),
                     },
                 );
             } else if key.starts_with("cp/") {
@@ -230,8 +239,10 @@ impl Cluster {
             ChunkserverRt {
                 rec: rec.clone(),
                 last_seen: Instant::now(),
-                disk_capacity: r.disk_capacity,
-                disk_used: 0,
+                disk: Disk {
+                    capacity: r.disk_capacity,
+                    ..Disk::default()
+                },
             },
         );
         Ok((rec.clone(), vec![Op::Put(cs_key(id), json(&rec))]))
@@ -255,8 +266,26 @@ impl Cluster {
             ));
         };
         cs.last_seen = now;
-        cs.disk_capacity = r.disk_capacity;
-        cs.disk_used = r.disk_used;
+        let was_full = cs.disk.full;
+        cs.disk = Disk {
+            capacity: r.disk_capacity,
+            used: r.disk_used,
+            full: r.disk_full,
+        };
+        if r.disk_full != was_full {
+            tracing::warn!(
+                chunkserver = r.chunkserver_id,
+                full = r.disk_full,
+                used = r.disk_used,
+                capacity = r.disk_capacity,
+                "a chunkserver's data disk is {}",
+                if r.disk_full {
+                    "full"
+                } else {
+                    "no longer full"
+                }
+            );
+        }
         let me = r.chunkserver_id;
         let mut out = HeartbeatOutcome::default();
         for info in &r.copysets {
@@ -374,6 +403,7 @@ impl Cluster {
                 zone: c.rec.zone.clone(),
                 pool: c.rec.pool,
                 state: self.liveness(c.rec.id, now),
+                full: c.disk.full,
             })
             .collect();
         // Balance only on a settled, fresh view: no change in flight, the last balance change
@@ -580,10 +610,7 @@ impl Cluster {
     }
 
     /// All chunkservers with liveness, copysets held and led, disk.
-    pub fn chunkservers(
-        &self,
-        now: Instant,
-    ) -> Vec<(ChunkserverRecord, Liveness, u32, u32, u64, u64)> {
+    pub fn chunkservers(&self, now: Instant) -> Vec<(ChunkserverRecord, Liveness, u32, u32, Disk)> {
         self.chunkservers
             .values()
             .map(|c| {
@@ -603,8 +630,7 @@ impl Cluster {
                     self.liveness(id, now),
                     held as u32,
                     led as u32,
-                    c.disk_capacity,
-                    c.disk_used,
+                    c.disk,
                 )
             })
             .collect()

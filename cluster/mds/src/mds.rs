@@ -888,7 +888,7 @@ impl MdsService for Services {
                         .cluster
                         .chunkservers(now)
                         .into_iter()
-                        .map(|(c, state, held, led, cap, used)| ChunkserverInfo {
+                        .map(|(c, state, held, led, disk)| ChunkserverInfo {
                             id: c.id,
                             address: c.address,
                             zone: c.zone,
@@ -900,8 +900,9 @@ impl MdsService for Services {
                             } as i32,
                             copysets: held,
                             leaders: led,
-                            disk_capacity: cap,
-                            disk_used: used,
+                            disk_capacity: disk.capacity,
+                            disk_used: disk.used,
+                            disk_full: disk.full,
                         })
                         .collect(),
                     copysets: st

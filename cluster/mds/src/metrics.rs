@@ -1,7 +1,7 @@
 //! The MDS's Prometheus metrics (`--metrics-listen`): gRPC requests by method and status with
 //! their latency (a layer on the server), and, read from the leader's state at each scrape,
-//! whether this MDS leads, chunkservers by state, copysets healthy and degraded, operators in
-//! flight and open sessions.
+//! whether this MDS leads, chunkservers by state and with a full disk, copysets healthy and
+//! degraded, operators in flight and open sessions.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -36,6 +36,10 @@ pub fn register(m: &Metrics, role: Arc<Role>) -> GrpcMetrics {
         "curve_mds_operators",
         "Configuration changes (add, remove, transfer leader) in flight",
     );
+    let disks_full = m.gauge(
+        "curve_mds_chunkservers_disk_full",
+        "Chunkservers whose data disk is below its reserve (no writes, no leaderships there)",
+    );
     let sessions = m.gauge("curve_mds_sessions", "Volumes open (live sessions)");
     let files = m.gauge("curve_mds_files", "Files and directories in the namespace");
     m.on_scrape(move || {
@@ -65,6 +69,13 @@ pub fn register(m: &Metrics, role: Arc<Role>) -> GrpcMetrics {
         operators
             .get_or_create(&vec![])
             .set(st.cluster.operators() as i64);
+        disks_full.get_or_create(&vec![]).set(
+            st.cluster
+                .chunkservers(now)
+                .iter()
+                .filter(|c| c.4.full)
+                .count() as i64,
+        );
         sessions
             .get_or_create(&vec![])
             .set(st.sessions.open_files(now).len() as i64);

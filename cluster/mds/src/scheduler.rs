@@ -33,6 +33,8 @@ pub struct CsView {
     pub pool: u32,
     /// Liveness.
     pub state: Liveness,
+    /// Its data disk is full: it takes no new copyset and no leadership.
+    pub full: bool,
 }
 
 /// A copyset as the scheduler sees it.
@@ -113,7 +115,7 @@ pub fn schedule(
     let state = |id: u32| cs.get(&id).map(|c| c.state).unwrap_or(Liveness::Offline);
     let mut load: BTreeMap<u32, usize> = chunkservers
         .iter()
-        .filter(|c| c.state == Liveness::Online)
+        .filter(|c| c.state == Liveness::Online && !c.full)
         .map(|c| (c.id, 0))
         .collect();
     let mut leaders = load.clone();
@@ -278,6 +280,7 @@ mod tests {
                 zone: z.to_string(),
                 pool: 1,
                 state: *s,
+                full: false,
             })
             .collect()
     }
@@ -383,6 +386,33 @@ mod tests {
         sets[d[0].copyset as usize - 1].peers.push(4);
         let d = schedule(&c, &sets, &HashSet::new(), 0, &OPTS);
         assert_eq!(d[0].change, Change::RemovePeer(3));
+    }
+
+    /// A chunkserver whose disk is full takes neither copysets nor leaderships.
+    #[test]
+    fn a_full_chunkserver_takes_nothing() {
+        let mut c = css(&[
+            (1, "a", Online),
+            (2, "b", Online),
+            (3, "c", Online),
+            (4, "c", Online),
+        ]);
+        c[3].full = true;
+        let sets: Vec<_> = (1..=4).map(|i| cp(i, &[1, 2, 3], 1)).collect();
+        let d = schedule(&c, &sets, &HashSet::new(), 0, &OPTS);
+        assert!(
+            d.iter()
+                .all(|d| !matches!(d.change, Change::AddPeer(4) | Change::TransferLeader(4))),
+            "{d:?}"
+        );
+        c[1].full = true;
+        c[2].full = true;
+        let d = schedule(&c, &sets, &HashSet::new(), 0, &OPTS);
+        assert!(
+            d.iter()
+                .all(|d| !matches!(d.change, Change::TransferLeader(_))),
+            "no leadership goes to a full disk: {d:?}"
+        );
     }
 
     /// Leaders move only off copysets without client I/O lately: a transfer under I/O would

@@ -42,7 +42,11 @@ pub async fn summary(c: &MdsClient) -> Result<Value, MdsError> {
             "state": OnlineState::try_from(c.state).map(|s| s.as_str_name().to_lowercase()).unwrap_or_default(),
             "copysets": c.copysets,
             "leaders": c.leaders,
+            "disk_capacity": c.disk_capacity,
+            "disk_used": c.disk_used,
+            "disk_full": c.disk_full,
         })).collect::<Vec<_>>(),
+        "disks_full": t.chunkservers.iter().filter(|c| c.disk_full).map(|c| c.id).collect::<Vec<_>>(),
         "chunkservers_online": online,
         "copysets": t.copysets.len(),
         "copysets_healthy": healthy,
@@ -61,15 +65,23 @@ pub fn print_summary(s: &Value) {
         css.len()
     );
     for c in css {
+        let gib = |v: &Value| v.as_u64().unwrap_or(0) as f64 / f64::from(1 << 30);
         println!(
-            "  {:>3}  {:<21} {:<8} {:<8} {:<8} copysets {:>3}  leaders {:>3}",
+            "  {:>3}  {:<21} {:<8} {:<8} {:<8} copysets {:>3}  leaders {:>3}  disk {:.1}/{:.1} GiB{}",
             c["id"],
             c["address"].as_str().unwrap_or(""),
             c["zone"].as_str().unwrap_or(""),
             c["server"].as_str().unwrap_or(""),
             c["state"].as_str().unwrap_or(""),
             c["copysets"],
-            c["leaders"]
+            c["leaders"],
+            gib(&c["disk_used"]),
+            gib(&c["disk_capacity"]),
+            if c["disk_full"].as_bool() == Some(true) {
+                "  DISK FULL (below its reserve: no writes, no leaderships)"
+            } else {
+                ""
+            }
         );
     }
     println!(

@@ -1,0 +1,184 @@
+//! One chunkserver's data disk fills up (a small tmpfs, filled by another file) while fio
+//! writes and verifies through part2: the full chunkserver hands the leadership of its copysets
+//! to followers and takes no writes, the two healthy replicas serve on (fio: 0 errors, verify
+//! clean), `curve cluster status` names the full disk; freed, it is reported as such again.
+//! Before, its raft cores quit with ENOSPC while it kept claiming leadership, and the client
+//! retried it forever.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use curve_tests::cluster::MiniCluster;
+use curve_tests::{Part2, bin, require_tool, run_ok, wait_until};
+
+/// A tmpfs mounted for the test; unmounted when dropped (after the daemons on it stopped:
+/// declare it before them).
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(path: &Path, size: &str) -> Self {
+        std::fs::create_dir_all(path).unwrap();
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(path)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "this test mounts a small tmpfs as a chunkserver's disk (it runs as root, as CI \
+             does): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Tmpfs(path.to_owned())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// (capacity, available) bytes of the file system at `p`.
+fn space(p: &Path) -> (u64, u64) {
+    let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: statvfs fills the zeroed struct we pass, for a valid C string.
+    unsafe {
+        let mut s: libc::statvfs = std::mem::zeroed();
+        assert_eq!(libc::statvfs(c.as_ptr(), &mut s), 0);
+        (s.f_blocks * s.f_frsize, s.f_bavail * s.f_frsize)
+    }
+}
+
+/// `curve cluster status --format json`: the chunkserver at `addr`.
+fn chunkserver_status(mds: &str, key: &str, addr: &str) -> serde_json::Value {
+    let out = run_ok(
+        Command::new(bin("curve"))
+            .env("CURVE_KEY_FILE", key)
+            .args(["--mds", mds, "cluster", "status", "--format", "json"]),
+    );
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    v["chunkservers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["address"] == addr)
+        .cloned()
+        .unwrap_or_default()
+}
+
+#[test]
+fn a_full_disk_moves_its_leaderships_and_writes_go_on() {
+    require_tool("fio");
+    let tmp = tempfile::tempdir().unwrap();
+    // The first chunkserver's data dir is a 1 GiB tmpfs.
+    let disk = Tmpfs::mount(&tmp.path().join("cs1"), "1g");
+    let cluster = MiniCluster::start(tmp.path(), 1, false);
+    let mds = cluster.mds_addrs()[0].clone();
+    let key = cluster.key();
+    let cs1 = cluster.chunkservers[0].addr.clone();
+    let part2 = Part2::start_with(&["--mds", &mds, "--key-file", &key]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(cluster.mds_client().create(
+        "/d",
+        curve_proto::mds::FileType::Volume,
+        1 << 30,
+        4096,
+        "curve",
+    ))
+    .unwrap();
+    let sock = part2.run_dir().join("d.sock");
+    let uri = part2
+        .curve_ok(&[
+            "export",
+            "add",
+            "--volume",
+            "curve:/d",
+            "--nbd",
+            &format!("unix:{}", sock.display()),
+            "--name",
+            "d",
+        ])
+        .trim()
+        .to_string();
+    // The MDS balances leaders over the chunkservers of a quiet cluster: cs1 gets some.
+    let mut status = serde_json::Value::Null;
+    let leads = wait_until(Duration::from_secs(90), || {
+        status = chunkserver_status(&mds, &key, &cs1);
+        status["leaders"].as_u64().unwrap_or(0) > 0
+    });
+    assert!(leads, "cs1 leads some copysets (waited 90 s): {status}");
+    assert_eq!(status["disk_full"], false, "{status}");
+
+    let fio = std::thread::spawn(move || {
+        run_ok(Command::new("fio").args([
+            "--name=fill",
+            "--ioengine=nbd",
+            &format!("--uri={uri}"),
+            "--rw=randwrite",
+            "--bs=64k",
+            "--iodepth=8",
+            "--size=256M",
+            "--time_based",
+            "--runtime=40",
+            "--verify=crc32c",
+            "--verify_state_save=0",
+            "--do_verify=1",
+            "--verify_fatal=1",
+        ]))
+    });
+    std::thread::sleep(Duration::from_secs(8));
+    // Another file takes the disk down to 2% free (the reserve is 5%).
+    let (capacity, avail) = space(&disk.0);
+    let ballast = disk.0.join("ballast");
+    let f = std::fs::File::create(&ballast).unwrap();
+    let len = avail.saturating_sub(capacity / 50);
+    // SAFETY: fallocate on a file we own.
+    let rc = unsafe { libc::fallocate(std::os::fd::AsRawFd::as_raw_fd(&f), 0, 0, len as i64) };
+    assert_eq!(
+        rc,
+        0,
+        "fallocate {len}: {}",
+        std::io::Error::last_os_error()
+    );
+    drop(f);
+    println!(
+        "disk of cs1 filled: {} MiB free of {} MiB",
+        space(&disk.0).1 >> 20,
+        capacity >> 20
+    );
+
+    let mut last = serde_json::Value::Null;
+    let reported = wait_until(Duration::from_secs(30), || {
+        last = chunkserver_status(&mds, &key, &cs1);
+        last["disk_full"] == true && last["leaders"] == 0
+    });
+    assert!(
+        reported,
+        "cluster status names cs1's disk full and cs1 leads nothing (waited 30 s): {last}"
+    );
+    let text = run_ok(
+        Command::new(bin("curve"))
+            .env("CURVE_KEY_FILE", &key)
+            .args(["--mds", &mds, "cluster", "status"]),
+    );
+    assert!(text.contains("DISK FULL"), "{text}");
+
+    let out = fio.join().unwrap();
+    assert!(out.contains("err= 0"), "fio: {out}");
+    assert!(!out.contains("verify: bad"), "fio: {out}");
+
+    // Space back: reported so, and cs1 campaigns again.
+    std::fs::remove_file(&ballast).unwrap();
+    let freed = wait_until(Duration::from_secs(30), || {
+        last = chunkserver_status(&mds, &key, &cs1);
+        last["disk_full"] == false
+    });
+    assert!(
+        freed,
+        "cs1's disk is reported free again (waited 30 s): {last}"
+    );
+    drop(part2);
+    drop(cluster);
+}
