@@ -208,3 +208,56 @@ fn random_bytes_never_stop_the_server() {
     assert_serves(&sock, "vol");
     assert!(!p2.log().contains("panicked"), "{}", p2.log());
 }
+
+/// An export takes 64 connections: the next is refused with NBD_REP_ERR_POLICY and a message
+/// saying why (nbdinfo fails), so one client opening connections cannot run the server's file
+/// descriptors down; the others keep serving, and one closed makes room again.
+#[test]
+fn connections_past_an_exports_limit_are_refused_clearly() {
+    let (p2, sock) = setup();
+    let uri = format!("nbd+unix:///vol?socket={}", sock.display());
+    let mut held: Vec<Client> = (0..64)
+        .map(|_| {
+            Client::open(&sock, "vol", false)
+                .expect("under the limit")
+                .0
+        })
+        .collect();
+    // Counted once in transmission: give the last ones a moment to start.
+    let mut said = String::new();
+    let refused = curve_tests::wait_until(std::time::Duration::from_secs(10), || {
+        let mut c = Client::connect(&sock).unwrap();
+        let mut d = 3u32.to_be_bytes().to_vec();
+        d.extend_from_slice(b"vol");
+        d.extend_from_slice(&0u16.to_be_bytes());
+        c.send_option(opt::GO, &d).unwrap();
+        let r = c.read_option_replies().unwrap();
+        said = String::from_utf8_lossy(&r[0].data).into_owned();
+        r[0].kind == rep::ERR_POLICY
+    });
+    assert!(refused, "the 65th connection is refused: {said}");
+    assert!(said.contains("64 connections, its limit"), "{said}");
+    let out = std::process::Command::new("nbdinfo")
+        .arg(&uri)
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "nbdinfo is refused too");
+    // The connections held still serve.
+    let c = &mut held[63];
+    c.request(cmd::READ, 0, 9, 0, 4096, &[]).unwrap();
+    assert_eq!(c.reply(4096).unwrap().error, 0);
+    drop(held);
+    assert!(
+        curve_tests::wait_until(std::time::Duration::from_secs(10), || {
+            std::process::Command::new("nbdinfo")
+                .arg(&uri)
+                .output()
+                .unwrap()
+                .status
+                .success()
+        }),
+        "room again once they close"
+    );
+    assert_serves(&sock, "vol");
+    drop(p2);
+}

@@ -25,6 +25,7 @@ impl Exports for FuzzExports {
                     min_block: 1,
                     preferred_block: 4096,
                     max_block: 1 << 25,
+                    refused: None,
                 },
             )
         })

@@ -23,6 +23,9 @@ pub struct ExportSummary {
     pub preferred_block: u32,
     /// Maximum block size.
     pub max_block: u32,
+    /// Why no new connection may start transmission now (the export or the server is at its
+    /// connection limit): NBD_OPT_GO is answered NBD_REP_ERR_POLICY with this message.
+    pub refused: Option<String>,
 }
 
 /// The set of exports a listener offers.
@@ -99,6 +102,8 @@ impl Negotiation {
         };
         match parsed {
             NbdOption::ExportName(name) => match exports.find(&name) {
+                // The old style has no error reply: the connection is closed.
+                Some((_, summary)) if summary.refused.is_some() => Outcome::Close,
                 Some((export, summary)) => {
                     let flags = self.flags(&summary);
                     out.extend_from_slice(&summary.size.to_be_bytes());
@@ -143,6 +148,10 @@ impl Negotiation {
                     );
                     return Outcome::Continue;
                 };
+                if go && let Some(why) = &summary.refused {
+                    error(out, option, rep::ERR_POLICY, why);
+                    return Outcome::Continue;
+                }
                 // A client that does not ask for block sizes assumes a minimum of 1.
                 if go && summary.min_block > 1 && !requests.contains(&info::BLOCK_SIZE) {
                     error(
@@ -272,6 +281,7 @@ mod tests {
                         min_block: 1,
                         preferred_block: 4096,
                         max_block: 1 << 25,
+                        refused: None,
                     },
                 )
             })
@@ -358,6 +368,52 @@ mod tests {
         let flags = u16::from_be_bytes(r[0].2[10..12].try_into().unwrap());
         assert_ne!(flags & proto::tflag::SEND_DF, 0);
         assert_eq!(r.last().unwrap().1, rep::ACK);
+    }
+
+    /// An export at its connection limit.
+    struct Full;
+    impl Exports for Full {
+        type Export = u8;
+        fn find(&self, name: &str) -> Option<(u8, ExportSummary)> {
+            One.find(name).map(|(e, s)| {
+                (
+                    e,
+                    ExportSummary {
+                        refused: Some("export \"vol\" has 64 connections, its limit".into()),
+                        ..s
+                    },
+                )
+            })
+        }
+        fn list(&self) -> Vec<(String, String)> {
+            One.list()
+        }
+    }
+
+    /// A connection past the limit is refused with NBD_REP_ERR_POLICY and the reason (GO), or
+    /// closed (the old-style EXPORT_NAME has no error reply); INFO still answers.
+    #[test]
+    fn an_export_at_its_connection_limit_refuses_go_with_the_reason() {
+        let mut n = Negotiation::new(proto::CLIENT_FIXED_NEWSTYLE);
+        let mut out = Vec::new();
+        assert_eq!(
+            n.handle(opt::GO, &go("vol"), &Full, &mut out),
+            Outcome::Continue
+        );
+        let r = replies(&out);
+        assert_eq!(r[0].1, rep::ERR_POLICY);
+        assert!(String::from_utf8_lossy(&r[0].2).contains("its limit"));
+        out.clear();
+        assert_eq!(
+            n.handle(opt::INFO, &go("vol"), &Full, &mut out),
+            Outcome::Continue
+        );
+        assert_eq!(replies(&out).last().unwrap().1, rep::ACK);
+        out.clear();
+        assert_eq!(
+            n.handle(opt::EXPORT_NAME, b"vol", &Full, &mut out),
+            Outcome::Close
+        );
     }
 
     #[test]

@@ -186,8 +186,56 @@ impl Export {
             min_block,
             preferred_block: info.optimal_io_size.max(min_block),
             max_block: info.max_io_size.clamp(min_block, MAX_BLOCK),
+            refused: self.refusal(),
         }
     }
+
+    /// Why a new connection may not start now: this export at [`MAX_CONNECTIONS_PER_EXPORT`],
+    /// or the server at [`max_connections`] (file descriptors run out past it, and with them
+    /// every other socket of the process).
+    fn refusal(&self) -> Option<String> {
+        let mine = self.connections();
+        let all = LIVE_CONNECTIONS.load(Ordering::Relaxed);
+        if mine >= MAX_CONNECTIONS_PER_EXPORT {
+            Some(format!(
+                "export {:?} has {mine} connections, its limit: close some first",
+                self.name
+            ))
+        } else if all >= max_connections() {
+            Some(format!(
+                "the server has {all} NBD connections, its limit for its open-file limit: \
+                 close some first"
+            ))
+        } else {
+            None
+        }
+    }
+}
+
+/// Connections in transmission one export takes at most.
+pub const MAX_CONNECTIONS_PER_EXPORT: usize = 64;
+
+/// Connections in transmission now, every export of every server of this process.
+static LIVE_CONNECTIONS: AtomicUsize = AtomicUsize::new(0);
+
+/// Connections in transmission the process takes at most: a quarter of its open-file limit
+/// (a connection holds a socket and an eventfd; chunk connections, files and the control
+/// socket need the rest), at least 16.
+pub fn max_connections() -> usize {
+    static MAX: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *MAX.get_or_init(|| {
+        let mut l = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit with a pointer to a local struct.
+        let soft = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) } == 0 {
+            l.rlim_cur
+        } else {
+            1024
+        };
+        (soft / 4).clamp(16, 1 << 20) as usize
+    })
 }
 
 type ExportTable = RwLock<HashMap<String, Arc<Export>>>;
@@ -771,6 +819,7 @@ fn transmit(
     curve_blockdev::exec::batch_scheduling();
     let export = t.export;
     export.connections.fetch_add(1, Ordering::Relaxed);
+    LIVE_CONNECTIONS.fetch_add(1, Ordering::Relaxed);
     let summary = export.summary();
     let limits = Limits {
         size: summary.size,
@@ -795,6 +844,7 @@ fn transmit(
         }
     };
     export.connections.fetch_sub(1, Ordering::Relaxed);
+    LIVE_CONNECTIONS.fetch_sub(1, Ordering::Relaxed);
     parked
 }
 
@@ -811,6 +861,7 @@ pub(crate) fn serve_kernel_connection(
     curve_blockdev::exec::batch_scheduling();
     let summary = export.summary();
     export.connections.fetch_add(1, Ordering::Relaxed);
+    LIVE_CONNECTIONS.fetch_add(1, Ordering::Relaxed);
     let limits = Limits {
         size: summary.size,
         min_block: summary.min_block,
@@ -836,6 +887,7 @@ pub(crate) fn serve_kernel_connection(
         }
     };
     export.connections.fetch_sub(1, Ordering::Relaxed);
+    LIVE_CONNECTIONS.fetch_sub(1, Ordering::Relaxed);
     parked
 }
 
