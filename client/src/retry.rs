@@ -19,7 +19,8 @@
 //!                                       from the 3rd, ask the peers who leads (a peer that
 //!                                       keeps failing is not asked forever)
 //!  transport error                      ask the peers who leads, back off (1 ms .. 200 ms)
-//!  timeout                              double the timeout (1 s .. 16 s), ask who leads
+//!  timeout                              ask who leads; from the 3rd, double the timeout
+//!                                       (1 s .. 16 s)
 //!  no address known                     wait 100 ms, ask the MDS
 //! ```
 
@@ -107,6 +108,7 @@ pub enum Action {
 #[derive(Debug, Clone)]
 pub struct RetryPolicy {
     attempts: u32,
+    timeouts: u32,
     timeout: Duration,
     backoff: Duration,
 }
@@ -115,6 +117,7 @@ impl Default for RetryPolicy {
     fn default() -> Self {
         RetryPolicy {
             attempts: 0,
+            timeouts: 0,
             timeout: Duration::from_secs(1),
             backoff: Duration::from_millis(1),
         }
@@ -164,7 +167,12 @@ impl RetryPolicy {
                 }
             }
             Outcome::TimedOut => {
-                self.timeout = (self.timeout * 2).min(Duration::from_secs(16));
+                // The first timeouts are a stopped or cut-off leader more often than a slow
+                // one: ask who leads now, at the same timeout; only then wait longer.
+                self.timeouts += 1;
+                if self.timeouts > 2 {
+                    self.timeout = (self.timeout * 2).min(Duration::from_secs(16));
+                }
                 Action::Retry {
                     wait: Duration::ZERO,
                     next: Next::FindLeader,
@@ -359,10 +367,10 @@ mod tests {
     }
 
     #[test]
-    fn timeouts_double_up_to_16_s_and_ask_who_leads() {
+    fn timeouts_double_from_the_third_up_to_16_s_and_ask_who_leads() {
         let mut p = RetryPolicy::default();
         assert_eq!(p.timeout(), Duration::from_secs(1));
-        for want in [2, 4, 8, 16, 16] {
+        for want in [1, 1, 2, 4, 8, 16, 16] {
             assert_eq!(
                 p.next(&Outcome::TimedOut, true, 1, 1, same),
                 Action::Retry {

@@ -893,11 +893,26 @@ impl Volume {
         failed: &str,
     ) {
         let inner = &self.inner;
-        if let Some(l) = inner
-            .conns
-            .find_leader(pool, copyset, &route.peers, Some(failed))
-            .await
-        {
+        // The others may still name the peer that failed us (a leader just killed or stopped:
+        // they elect another within an election timeout). Ask again shortly rather than
+        // send it a request that waits for a timeout; after a second, believe them.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+        let mut named = None;
+        loop {
+            match inner
+                .conns
+                .find_leader(pool, copyset, &route.peers, Some(failed))
+                .await
+            {
+                Some(l) if l != failed || tokio::time::Instant::now() >= deadline => {
+                    named = Some(l);
+                    break;
+                }
+                Some(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                None => break,
+            }
+        }
+        if let Some(l) = named {
             inner.cache.set_leader(pool, copyset, &l);
             return;
         }

@@ -1,0 +1,144 @@
+//! Failover of a copyset's leader under writes, through the client library: the leader of the
+//! copyset being written is killed (-9), then the next one stopped (SIGSTOP). Every write
+//! completes (no error), every acknowledged write reads back, and the longest stall of each
+//! fault is printed (the figures in docs/benchmarks.md).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use curve_client::chunk::Connections;
+use curve_client::{Volume, VolumeOptions};
+use curve_tests::cluster::MiniCluster;
+use parking_lot::Mutex;
+
+/// When each write started and how long it took.
+type Log = Arc<Mutex<Vec<(Instant, Duration)>>>;
+
+/// The longest write that was in flight at some point after `from` and started before `to`.
+fn stall(log: &Log, from: Instant, to: Instant) -> Duration {
+    log.lock()
+        .iter()
+        .filter(|(s, d)| *s + *d >= from && *s < to)
+        .map(|(_, d)| *d)
+        .max()
+        .unwrap_or_default()
+}
+
+/// The index (in `cluster.chunkservers`) of the leader of the copyset holding the volume's
+/// first chunk.
+fn leader_of_first_chunk(cluster: &MiniCluster, rt: &tokio::runtime::Runtime) -> usize {
+    let mds = cluster.mds_client();
+    let seg = rt
+        .block_on(mds.segment("/f", "curve", 0, false))
+        .unwrap()
+        .expect("written");
+    let copyset = seg.chunks[0].copyset_id;
+    let mut found = None;
+    curve_tests::wait_until(Duration::from_secs(30), || {
+        let t = rt.block_on(mds.topology()).unwrap();
+        let leader = t
+            .copysets
+            .iter()
+            .find(|c| c.copyset_id == copyset)
+            .and_then(|c| c.leader.clone());
+        found = leader.and_then(|l| {
+            cluster
+                .chunkservers
+                .iter()
+                .position(|c| c.addr == l.address && c.daemon.is_some())
+        });
+        found.is_some()
+    });
+    found.expect("the copyset has a live leader")
+}
+
+#[test]
+fn leader_faults_stall_writes_briefly_and_lose_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cluster = MiniCluster::start(tmp.path(), 1, false);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(cluster.mds_client().create(
+        "/f",
+        curve_proto::mds::FileType::Volume,
+        1 << 30,
+        4096,
+        "curve",
+    ))
+    .unwrap();
+    let key = Arc::new(curve_auth::UserKey::load(&cluster.admin_key).unwrap());
+    let opts = VolumeOptions::new(cluster.mds_addrs(), "curve").with_key(Some(key));
+    let volume = rt
+        .block_on(Volume::open("/f", opts, Arc::new(Connections::default())))
+        .unwrap();
+    let log: Log = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    // 64 blocks of the first chunk, each holding the number of its last write.
+    let writer = {
+        let (v, log, stop) = (volume.clone(), log.clone(), stop.clone());
+        rt.spawn(async move {
+            let mut last = [0u64; 64];
+            let mut n = 1u64;
+            while !stop.load(Ordering::Relaxed) && n < 1_000_000 {
+                let block = (n % 64) as usize;
+                let mut data = vec![0u8; 4096];
+                data[..8].copy_from_slice(&n.to_le_bytes());
+                let started = Instant::now();
+                v.write(block as u64 * 4096, &data).await?;
+                log.lock().push((started, started.elapsed()));
+                last[block] = n;
+                n += 1;
+            }
+            Ok::<_, curve_client::ClientError>(last)
+        })
+    };
+    std::thread::sleep(Duration::from_secs(3));
+
+    // kill -9 of the leader; it comes back 5 s later.
+    let i = leader_of_first_chunk(&cluster, &rt);
+    let t0 = Instant::now();
+    cluster.chunkservers[i].kill9();
+    std::thread::sleep(Duration::from_secs(5));
+    let killed = stall(&log, t0, Instant::now());
+    cluster.chunkservers[i].restart();
+    cluster.wait_healthy(Duration::from_secs(120));
+    std::thread::sleep(Duration::from_secs(2));
+
+    // SIGSTOP of the leader now; SIGCONT 5 s later.
+    let i = leader_of_first_chunk(&cluster, &rt);
+    let pid = cluster.chunkservers[i].daemon.as_ref().unwrap().pid() as i32;
+    let t1 = Instant::now();
+    // SAFETY: signals a chunkserver this test started.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    std::thread::sleep(Duration::from_secs(5));
+    let stopped = stall(&log, t1, Instant::now());
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    std::thread::sleep(Duration::from_secs(2));
+
+    stop.store(true, Ordering::Relaxed);
+    let last = rt
+        .block_on(writer)
+        .unwrap()
+        .expect("every write completed: no error through both faults");
+    let writes = log.lock().len();
+    println!(
+        "failover under QD1 4K writes ({writes} writes): longest stall kill -9 {:.0} ms, \
+         SIGSTOP {:.0} ms",
+        killed.as_secs_f64() * 1e3,
+        stopped.as_secs_f64() * 1e3
+    );
+    // Every acknowledged write is there.
+    for (block, n) in last.iter().enumerate() {
+        let mut b = vec![0u8; 4096];
+        rt.block_on(volume.read(block as u64 * 4096, &mut b))
+            .unwrap();
+        assert_eq!(
+            u64::from_le_bytes(b[..8].try_into().unwrap()),
+            *n,
+            "block {block}"
+        );
+    }
+    // Sanity only (the figure is what counts): a fault is a pause, not an outage.
+    assert!(killed < Duration::from_secs(15) && stopped < Duration::from_secs(15));
+}
