@@ -97,6 +97,12 @@ impl Default for CopysetOptions {
 }
 
 /// One copyset on this chunkserver.
+/// Bytes of client writes a copyset's leader takes in flight; past them new writes are answered
+/// OVERLOAD (the client backs off) until the replicas catch up: a cluster pushed past what its
+/// disks and network carry slows its clients down instead of growing queues and logs until
+/// replication times out.
+pub const MAX_WRITING_BYTES: u64 = 64 << 20;
+
 pub struct CopysetNode {
     /// Logical pool.
     pub pool: u32,
@@ -110,6 +116,9 @@ pub struct CopysetNode {
     /// A leadership transfer is under way: new writes wait (the client retries) so that the
     /// target can catch up with the log.
     pub transferring: std::sync::atomic::AtomicBool,
+    /// Bytes of client writes submitted to raft and not answered yet (see
+    /// [`MAX_WRITING_BYTES`]).
+    pub writing: std::sync::atomic::AtomicU64,
     /// While leader: when a quorum last acknowledged it (from its metrics, as received).
     quorum_ack: Arc<parking_lot::Mutex<Option<std::time::Instant>>>,
     /// How long after a quorum's acknowledgement the leader may serve reads alone (half the
@@ -217,6 +226,8 @@ impl CopysetNode {
                 pool,
                 copyset,
                 ring: opts.ring.clone(),
+                budget: log.append_budget(),
+                append_timeout: std::time::Duration::from_millis(opts.heartbeat_ms),
             },
             log,
             sm.clone(),
@@ -261,6 +272,7 @@ impl CopysetNode {
             sm,
             metrics: crate::metrics::IoMetrics::copyset(pool, copyset),
             transferring: Default::default(),
+            writing: Default::default(),
             quorum_ack,
             lease: std::time::Duration::from_millis(opts.election_ms.0 / 2),
         })

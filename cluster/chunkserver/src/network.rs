@@ -13,6 +13,7 @@ use openraft::raft::{
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use std::sync::Arc;
 
 use curve_proto::raft::raft_service_client::RaftServiceClient;
 use curve_proto::raft::{Encoding, RaftRequest, RaftResponse};
@@ -29,6 +30,10 @@ pub struct CopysetNetwork {
     pub copyset: u32,
     /// The cluster keyring (auth on).
     pub ring: Option<curve_auth::SharedKeyring>,
+    /// What one AppendEntries carries, adapted to how long they take.
+    pub budget: Arc<crate::raftlog::AppendBudget>,
+    /// openraft's timeout of an AppendEntries (its heartbeat interval).
+    pub append_timeout: std::time::Duration,
 }
 
 /// A connection to one peer of a copyset.
@@ -40,6 +45,38 @@ pub struct PeerConnection {
     addr: String,
     client: Option<RaftServiceClient<tonic::transport::Channel>>,
     ring: Option<curve_auth::SharedKeyring>,
+    budget: Arc<crate::raftlog::AppendBudget>,
+    append_timeout: std::time::Duration,
+}
+
+/// An AppendEntries with entries in flight: how long it takes tells the copyset's budget
+/// ([`crate::raftlog::AppendBudget`]); dropped unfinished (openraft abandoned it at its
+/// timeout), it shrinks it.
+struct Timed<'a> {
+    budget: &'a crate::raftlog::AppendBudget,
+    timeout: std::time::Duration,
+    started: std::time::Instant,
+    done: bool,
+}
+
+impl Timed<'_> {
+    fn finished(mut self) {
+        self.done = true;
+        let took = self.started.elapsed();
+        if took > self.timeout / 2 {
+            self.budget.shrink();
+        } else if took < self.timeout / 4 {
+            self.budget.grow();
+        }
+    }
+}
+
+impl Drop for Timed<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            self.budget.shrink();
+        }
+    }
 }
 
 impl RaftNetworkFactory<TypeConfig> for CopysetNetwork {
@@ -53,6 +90,8 @@ impl RaftNetworkFactory<TypeConfig> for CopysetNetwork {
             addr: node.addr.clone(),
             client: None,
             ring: self.ring.clone(),
+            budget: self.budget.clone(),
+            append_timeout: self.append_timeout,
         }
     }
 }
@@ -186,10 +225,20 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
         if !self.protobuf() {
             return self.call_bincode(Kind::Append, &req).await;
         }
+        let budget = self.budget.clone();
+        let timed = (!req.entries.is_empty()).then(|| Timed {
+            budget: &budget,
+            timeout: self.append_timeout,
+            started: std::time::Instant::now(),
+            done: false,
+        });
         let reply = self
             .send(Kind::Append, codec::encode_append(&req), Encoding::Protobuf)
-            .await?;
-        let answer = codec::decode_append_reply(reply.payload).map_err(|e| network(&e))?;
+            .await;
+        if let Some(t) = timed {
+            t.finished();
+        }
+        let answer = codec::decode_append_reply(reply?.payload).map_err(|e| network(&e))?;
         answer.map_err(|e| unreachable(&e))
     }
 

@@ -130,6 +130,8 @@ struct Inner {
     state: Mutex<State>,
     /// Bytes of records appended since the log was opened.
     appended: std::sync::atomic::AtomicU64,
+    /// Bytes one AppendEntries carries now ([`AppendBudget`]).
+    append_budget: Arc<AppendBudget>,
 }
 
 impl Group for Inner {
@@ -227,6 +229,7 @@ impl RaftLog {
                     recent: Recent::default(),
                 }),
                 appended: Default::default(),
+                append_budget: Arc::default(),
             }))
         })?;
         Ok(RaftLog { inner })
@@ -486,11 +489,61 @@ impl RaftLogReader<TypeConfig> for RaftLog {
         start: u64,
         end: u64,
     ) -> Result<Vec<Entry<TypeConfig>>, StorageError> {
-        self.read_limited(start..end, MAX_APPEND_BYTES)
+        self.read_limited(start..end, self.inner.append_budget.get())
     }
 }
 
-/// Payload bytes per AppendEntries (at least one entry): the 1 MiB writes a client keeps in
+/// The bytes one AppendEntries of a copyset carries, fitted to openraft's timeout for it (the
+/// heartbeat interval, whatever is sent): the network halves it when an AppendEntries took
+/// more than half that timeout or was abandoned at it, and grows it by a quarter when one
+/// took less than a quarter. So replication under load sends what gets through in time
+/// instead of retrying, forever, a batch that never does (a livelock seen with MiB batches
+/// and 166 ms).
+#[derive(Debug)]
+pub struct AppendBudget(std::sync::atomic::AtomicU64);
+
+/// The least an AppendEntries is cut to (it always carries at least one entry).
+pub const MIN_APPEND_BYTES: u64 = 128 << 10;
+
+impl Default for AppendBudget {
+    fn default() -> Self {
+        AppendBudget(std::sync::atomic::AtomicU64::new(MAX_APPEND_BYTES))
+    }
+}
+
+impl AppendBudget {
+    /// Bytes the next AppendEntries may carry.
+    pub fn get(&self) -> u64 {
+        self.0.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// An AppendEntries was slow or abandoned: half as much next time.
+    pub fn shrink(&self) {
+        let _ = self.0.fetch_update(
+            std::sync::atomic::Ordering::Relaxed,
+            std::sync::atomic::Ordering::Relaxed,
+            |b| Some((b / 2).max(MIN_APPEND_BYTES)),
+        );
+    }
+
+    /// An AppendEntries went through quickly: a quarter more next time.
+    pub fn grow(&self) {
+        let _ = self.0.fetch_update(
+            std::sync::atomic::Ordering::Relaxed,
+            std::sync::atomic::Ordering::Relaxed,
+            |b| Some((b + b / 4).min(MAX_APPEND_BYTES)),
+        );
+    }
+}
+
+impl RaftLog {
+    /// The copyset's AppendEntries budget, which its network adapts.
+    pub fn append_budget(&self) -> Arc<AppendBudget> {
+        self.inner.append_budget.clone()
+    }
+}
+
+/// Payload bytes per AppendEntries at most (at least one entry): the 1 MiB writes a client keeps in
 /// flight go to a follower together, with one fsync there, instead of one RPC and one fsync
 /// each (openraft 0.9 has one AppendEntries in flight per follower); and catching up a follower
 /// is still a stream of RPCs that each fit in the heartbeat-interval timeout.
@@ -957,6 +1010,22 @@ mod tests {
         let got = log.read_limited(5..20, 1).unwrap();
         assert_eq!(got.len(), 1);
         assert_eq!(got[0].log_id.index, 5);
+        // Slow AppendEntries halve the batches, down to a floor; quick ones grow them back.
+        let budget = log.append_budget();
+        for _ in 0..10 {
+            budget.shrink();
+        }
+        assert_eq!(budget.get(), MIN_APPEND_BYTES);
+        let got = block_on(log.limited_get_log_entries(1, 100)).unwrap();
+        assert_eq!(got.len() as u64, MIN_APPEND_BYTES / (100 << 10));
+        for _ in 0..40 {
+            budget.grow();
+        }
+        assert_eq!(budget.get(), MAX_APPEND_BYTES);
+        assert_eq!(
+            block_on(log.limited_get_log_entries(1, 100)).unwrap().len() as u64,
+            n
+        );
     }
 
     #[test]

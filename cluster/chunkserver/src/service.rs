@@ -197,6 +197,27 @@ impl ChunkServerServices {
                 reply(ChunkStatus::Nospace)
             };
         }
+        // Past what the copyset has in flight: OVERLOAD, the client backs off (one write is
+        // always taken, whatever its size).
+        let bytes = match &cmd {
+            ChunkCommand::Write { data, .. }
+            | ChunkCommand::WriteOf { data, .. }
+            | ChunkCommand::WriteClone { data, .. }
+            | ChunkCommand::Fill { data, .. } => data.len() as u64,
+            _ => 0,
+        };
+        use std::sync::atomic::Ordering;
+        let before = node.writing.fetch_add(bytes, Ordering::AcqRel);
+        struct Writing<'a>(&'a std::sync::atomic::AtomicU64, u64);
+        impl Drop for Writing<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(self.1, Ordering::AcqRel);
+            }
+        }
+        let _writing = Writing(&node.writing, bytes);
+        if before > 0 && before + bytes > crate::copyset::MAX_WRITING_BYTES {
+            return reply(ChunkStatus::Overload);
+        }
         // During a leadership transfer new writes wait a little, then retry on the leader.
         for _ in 0..400 {
             if !node.transferring.load(std::sync::atomic::Ordering::Acquire) {
