@@ -6,6 +6,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use std::sync::Arc;
+
+use crate::netbed::NetBed;
 use crate::{Daemon, bin, require_tool, wait_until};
 
 /// A loopback port whose successor is free too, below the ephemeral range, different per
@@ -85,17 +88,41 @@ pub struct Mds {
     pub dir: PathBuf,
     args: Vec<String>,
     starts: u32,
+    host: Option<(Arc<NetBed>, usize)>,
+}
+
+/// A host of a [`NetBed`] a daemon runs in (none: this one, on loopback).
+pub type OnHost = Option<(Arc<NetBed>, usize)>;
+
+/// The command running `program` where `host` says, and the address it serves on there.
+fn placed(host: &OnHost, program: &str) -> (Command, String) {
+    match host {
+        None => (
+            Command::new(bin(program)),
+            format!("127.0.0.1:{}", free_port()),
+        ),
+        Some((bed, i)) => (
+            bed.command(*i, &bin(program)),
+            format!("{}:{}", bed.hosts[*i].ip, free_port()),
+        ),
+    }
 }
 
 impl Mds {
     /// Starts an MDS with its data under `dir`, with extra `args` (`--etcd ...`, timeouts).
     pub fn start(dir: &Path, args: &[&str]) -> Self {
+        Self::start_on(dir, args, None)
+    }
+
+    /// As [`Mds::start`], in a host of a [`NetBed`].
+    pub fn start_on(dir: &Path, args: &[&str], host: OnHost) -> Self {
         let mut m = Mds {
             daemon: None,
-            addr: format!("127.0.0.1:{}", free_port()),
+            addr: placed(&host, "curve-mds").1,
             dir: dir.to_owned(),
             args: args.iter().map(|s| s.to_string()).collect(),
             starts: 0,
+            host,
         };
         m.restart();
         m
@@ -104,7 +131,7 @@ impl Mds {
     /// Starts it (again) on the same address and data directory.
     pub fn restart(&mut self) {
         self.starts += 1;
-        let mut cmd = Command::new(bin("curve-mds"));
+        let mut cmd = placed(&self.host, "curve-mds").0;
         cmd.args(["--listen", &self.addr, "--data-dir"])
             .arg(&self.dir)
             .args(&self.args)
@@ -146,11 +173,24 @@ pub struct Chunkserver {
     pub dir: PathBuf,
     args: Vec<String>,
     starts: u32,
+    host: OnHost,
 }
 
 impl Chunkserver {
     /// Starts a chunkserver in `zone` on server `server`, registering with `mds`.
     pub fn start(dir: &Path, mds: &[String], zone: &str, server: &str, extra: &[&str]) -> Self {
+        Self::start_on(dir, mds, zone, server, extra, None)
+    }
+
+    /// As [`Chunkserver::start`], in a host of a [`NetBed`].
+    pub fn start_on(
+        dir: &Path,
+        mds: &[String],
+        zone: &str,
+        server: &str,
+        extra: &[&str],
+        host: OnHost,
+    ) -> Self {
         let mut args: Vec<String> = vec![
             "--mds".into(),
             mds.join(","),
@@ -162,10 +202,11 @@ impl Chunkserver {
         args.extend(extra.iter().map(|s| s.to_string()));
         let mut c = Chunkserver {
             daemon: None,
-            addr: format!("127.0.0.1:{}", free_port()),
+            addr: placed(&host, "curve-chunkserver").1,
             dir: dir.to_owned(),
             args,
             starts: 0,
+            host,
         };
         c.restart();
         c
@@ -174,7 +215,7 @@ impl Chunkserver {
     /// Starts it (again).
     pub fn restart(&mut self) {
         self.starts += 1;
-        let mut cmd = Command::new(bin("curve-chunkserver"));
+        let mut cmd = placed(&self.host, "curve-chunkserver").0;
         cmd.args(["--listen", &self.addr, "--data-dir"])
             .arg(&self.dir)
             .args(&self.args)
@@ -217,6 +258,8 @@ pub struct MiniCluster {
     pub metrics: Vec<String>,
     /// The TLS directory every daemon serves with (when asked): `--tls-dir` for clients.
     pub tls_dir: Option<PathBuf>,
+    /// The netns bed its daemons run in, if any.
+    pub bed: Option<Arc<NetBed>>,
 }
 
 /// What a [`MiniCluster`] adds to its defaults.
@@ -228,6 +271,9 @@ pub struct Extras {
     pub metrics: bool,
     /// Every daemon speaks TLS (a CA and a certificate made in DIR/tls).
     pub tls: bool,
+    /// Each daemon in a host of its own: the MDS in the bed's first, chunkserver i in host
+    /// i + 1 (one MDS, no etcd).
+    pub bed: Option<Arc<NetBed>>,
 }
 
 /// Makes a cluster keyring and root's key under `dir/keys` (0700; the files 0600).
@@ -279,6 +325,10 @@ impl MiniCluster {
         } else {
             Vec::new()
         };
+        assert!(
+            extras.bed.is_none() || (n_mds == 1 && !etcd),
+            "a bed cluster has one MDS"
+        );
         let etcd = (etcd || n_mds > 1).then(|| Etcd::start(dir));
         let mut topo = String::from(
             "[[pool]]\nname = \"pool1\"\nreplicas = 3\ncopysets_per_chunkserver = 4\n",
@@ -322,7 +372,8 @@ impl MiniCluster {
                 if let Some(m) = metrics.get(i) {
                     args.extend(["--metrics-listen", m]);
                 }
-                Mds::start(&dir.join(format!("mds{i}")), &args)
+                let host = extras.bed.clone().map(|b| (b, i));
+                Mds::start_on(&dir.join(format!("mds{i}")), &args, host)
             })
             .collect();
         let addrs: Vec<String> = mds.iter().map(|m| m.addr.clone()).collect();
@@ -341,12 +392,13 @@ impl MiniCluster {
                     extra.extend(["--metrics-listen", m]);
                 }
                 extra.extend(tls_args.iter().map(String::as_str));
-                Chunkserver::start(
+                Chunkserver::start_on(
                     &dir.join(format!("cs{i}")),
                     &addrs,
                     &format!("z{i}"),
                     &format!("s{i}"),
                     &extra,
+                    extras.bed.clone().map(|b| (b, n_mds + i - 1)),
                 )
             })
             .collect();
@@ -358,9 +410,15 @@ impl MiniCluster {
             cluster_key,
             metrics,
             tls_dir,
+            bed: extras.bed.clone(),
         };
         c.wait_healthy(Duration::from_secs(120));
         c
+    }
+
+    /// The bed its daemons run in (see [`Extras::bed`]).
+    pub fn bed(&self) -> &NetBed {
+        self.bed.as_deref().expect("a cluster on a netns bed")
     }
 
     /// The MDS addresses.

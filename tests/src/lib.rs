@@ -9,6 +9,7 @@
 pub mod cluster;
 pub mod guest;
 pub mod nbd;
+pub mod netbed;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};

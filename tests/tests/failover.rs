@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use curve_client::chunk::Connections;
 use curve_client::{Volume, VolumeOptions};
 use curve_tests::cluster::MiniCluster;
+use curve_tests::netbed::NetBed;
 use parking_lot::Mutex;
 
 /// When each write started and how long it took.
@@ -53,10 +54,21 @@ fn leader_of_first_chunk(cluster: &MiniCluster, rt: &tokio::runtime::Runtime) ->
     found.expect("the copyset has a live leader")
 }
 
-#[test]
-fn leader_faults_stall_writes_briefly_and_lose_nothing() {
-    let tmp = tempfile::tempdir().unwrap();
-    let mut cluster = MiniCluster::start(tmp.path(), 1, false);
+/// A fault done to (and undone on) the chunkserver leading the written copyset.
+#[derive(Debug, Clone, Copy)]
+enum Fault {
+    /// kill -9, restarted after.
+    Kill,
+    /// SIGSTOP, SIGCONT after.
+    Stop,
+    /// Its host cut off the network (a netns bed), connected again after.
+    Partition,
+}
+
+/// QD1 4K writes to the first chunk of a fresh volume while each fault in turn hits the
+/// leader of its copyset for 5 s: returns the longest stall of each. Fails on any write error
+/// or any acknowledged write missing after.
+fn stalls_under(cluster: &mut MiniCluster, faults: &[Fault]) -> Vec<(Fault, Duration)> {
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(cluster.mds_client().create(
         "/f",
@@ -93,41 +105,45 @@ fn leader_faults_stall_writes_briefly_and_lose_nothing() {
         })
     };
     std::thread::sleep(Duration::from_secs(3));
-
-    // kill -9 of the leader; it comes back 5 s later.
-    let i = leader_of_first_chunk(&cluster, &rt);
-    let t0 = Instant::now();
-    cluster.chunkservers[i].kill9();
-    std::thread::sleep(Duration::from_secs(5));
-    let killed = stall(&log, t0, Instant::now());
-    cluster.chunkservers[i].restart();
-    cluster.wait_healthy(Duration::from_secs(120));
-    std::thread::sleep(Duration::from_secs(2));
-
-    // SIGSTOP of the leader now; SIGCONT 5 s later.
-    let i = leader_of_first_chunk(&cluster, &rt);
-    let pid = cluster.chunkservers[i].daemon.as_ref().unwrap().pid() as i32;
-    let t1 = Instant::now();
-    // SAFETY: signals a chunkserver this test started.
-    unsafe { libc::kill(pid, libc::SIGSTOP) };
-    std::thread::sleep(Duration::from_secs(5));
-    let stopped = stall(&log, t1, Instant::now());
-    // SAFETY: as above.
-    unsafe { libc::kill(pid, libc::SIGCONT) };
-    std::thread::sleep(Duration::from_secs(2));
-
+    let mut out = Vec::new();
+    for fault in faults {
+        let i = leader_of_first_chunk(cluster, &rt);
+        let pid = cluster.chunkservers[i].daemon.as_ref().unwrap().pid() as i32;
+        let t0 = Instant::now();
+        match fault {
+            Fault::Kill => cluster.chunkservers[i].kill9(),
+            // SAFETY: signals a chunkserver this test started.
+            Fault::Stop => unsafe {
+                libc::kill(pid, libc::SIGSTOP);
+            },
+            Fault::Partition => cluster.bed().partition(i + 1),
+        }
+        std::thread::sleep(Duration::from_secs(5));
+        out.push((*fault, stall(&log, t0, Instant::now())));
+        match fault {
+            Fault::Kill => cluster.chunkservers[i].restart(),
+            // SAFETY: as above.
+            Fault::Stop => unsafe {
+                libc::kill(pid, libc::SIGCONT);
+            },
+            Fault::Partition => cluster.bed().heal(i + 1),
+        }
+        cluster.wait_healthy(Duration::from_secs(120));
+        std::thread::sleep(Duration::from_secs(2));
+    }
     stop.store(true, Ordering::Relaxed);
     let last = rt
         .block_on(writer)
         .unwrap()
-        .expect("every write completed: no error through both faults");
+        .expect("every write completed: no error through the faults");
     let writes = log.lock().len();
-    println!(
-        "failover under QD1 4K writes ({writes} writes): longest stall kill -9 {:.0} ms, \
-         SIGSTOP {:.0} ms",
-        killed.as_secs_f64() * 1e3,
-        stopped.as_secs_f64() * 1e3
-    );
+    for (fault, d) in &out {
+        println!(
+            "failover under QD1 4K writes ({writes} writes): longest stall, {fault:?} of the \
+             leader: {:.0} ms",
+            d.as_secs_f64() * 1e3
+        );
+    }
     // Every acknowledged write is there.
     for (block, n) in last.iter().enumerate() {
         let mut b = vec![0u8; 4096];
@@ -139,8 +155,34 @@ fn leader_faults_stall_writes_briefly_and_lose_nothing() {
             "block {block}"
         );
     }
-    // Sanity only (the figure is what counts): a fault is a pause, not an outage.
-    assert!(killed < Duration::from_secs(15) && stopped < Duration::from_secs(15));
+    // Sanity only (the figures are what counts): a fault is a pause, not an outage.
+    for (fault, d) in &out {
+        assert!(*d < Duration::from_secs(15), "{fault:?}: {d:?}");
+    }
+    out
+}
+
+#[test]
+fn leader_faults_stall_writes_briefly_and_lose_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cluster = MiniCluster::start(tmp.path(), 1, false);
+    stalls_under(&mut cluster, &[Fault::Kill, Fault::Stop]);
+}
+
+/// The cluster as four hosts (network namespaces: the MDS, three chunkservers), the leader's
+/// host cut off the network: the others elect a leader, the client finds it.
+#[test]
+fn a_partitioned_leader_in_a_netns_bed_stalls_writes_briefly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bed = Arc::new(NetBed::new(4));
+    let extras = curve_tests::cluster::Extras {
+        bed: Some(bed.clone()),
+        ..Default::default()
+    };
+    let mut cluster = MiniCluster::start_with(tmp.path(), 1, false, &extras);
+    stalls_under(&mut cluster, &[Fault::Partition, Fault::Kill, Fault::Stop]);
+    drop(cluster);
+    drop(bed);
 }
 
 /// Six writers put 16 MiB writes in flight on the same chunk (96 MiB on one copyset, past
