@@ -23,7 +23,7 @@ use parking_lot::Mutex;
 use tonic::{Request, Response, Status};
 
 /// Registration and heartbeats: ids in registration order, tokens checked, and configuration
-/// changes handed to whichever chunkserver reports itself leader of the copyset.
+/// changes handed to whichever chunkserver reports itself leader of the copyset, until done.
 #[derive(Default, Clone)]
 struct FakeMds {
     registered: Arc<Mutex<Vec<(u32, String, String)>>>, // id, address, token
@@ -71,8 +71,17 @@ impl HeartbeatService for FakeMds {
                     .is_some_and(|l| l.chunkserver_id == r.chunkserver_id)
             });
             if let Some(c) = leads {
-                *self.peers.lock() = c.peers.iter().map(|p| p.chunkserver_id).collect();
-                changes = std::mem::take(&mut *self.changes.lock());
+                let peers: Vec<u32> = c.peers.iter().map(|p| p.chunkserver_id).collect();
+                // As the MDS does: a change is sent again until the copyset reports it done
+                // (a leader may lose its leadership before it can execute one).
+                let mut pending = self.changes.lock();
+                pending.retain(|ch| {
+                    ch.peer
+                        .as_ref()
+                        .is_none_or(|p| !peers.contains(&p.chunkserver_id))
+                });
+                changes = pending.clone();
+                *self.peers.lock() = peers;
             }
         }
         Ok(Response::new(HeartbeatResponse {
