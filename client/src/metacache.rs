@@ -25,6 +25,8 @@ pub struct MetaCache {
     /// Segments the MDS said are not allocated, kept only by a session's writer: the only
     /// client that allocates them (cleared when the session is taken over).
     absent: RwLock<std::collections::HashSet<u64>>,
+    /// Bumped by every change of `segments`: an "absent" answer asked for before one is stale.
+    generation: std::sync::atomic::AtomicU64,
     copysets: RwLock<HashMap<(u32, u32), CopysetRoute>>,
 }
 
@@ -36,6 +38,8 @@ impl MetaCache {
 
     /// Forgets a segment (its grants are refetched with it).
     pub fn drop_segment(&self, index: u64) {
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         self.segments.write().remove(&index);
         self.absent.write().remove(&index);
     }
@@ -43,6 +47,8 @@ impl MetaCache {
     /// Caches a segment.
     pub fn put_segment(&self, index: u64, s: Segment) -> Arc<Segment> {
         let s = Arc::new(s);
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         self.absent.write().remove(&index);
         self.segments.write().insert(index, s.clone());
         s
@@ -53,9 +59,19 @@ impl MetaCache {
         self.absent.read().contains(&index)
     }
 
-    /// Records that the segment is not allocated.
-    pub fn put_absent(&self, index: u64) {
-        self.absent.write().insert(index);
+    /// The current generation of the segment map (taken before asking the MDS).
+    pub fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Records that the segment is not allocated, as the MDS answered a question asked at
+    /// `generation`: ignored if a segment was cached or dropped since (the answer may be
+    /// older than an allocation).
+    pub fn put_absent(&self, index: u64, generation: u64) {
+        let mut absent = self.absent.write();
+        if self.generation() == generation && !self.segments.read().contains_key(&index) {
+            absent.insert(index);
+        }
     }
 
     /// Forgets every segment known not to be allocated (another writer may have allocated

@@ -432,7 +432,7 @@ impl Volume {
 
     /// The allocation of `[offset, offset+len)`: runs of (length, hole) in order, a hole being
     /// a range that reads as zeros without holding data (never written, discarded or zeroed).
-    /// A clone's ranges all count as data.
+    /// A clone's or a snapshot's ranges all count as data.
     pub async fn extents(&self, offset: u64, len: u64) -> Result<Vec<(u64, bool)>, ClientError> {
         self.check(offset, len)?;
         let mut out: Vec<(u64, bool)> = Vec::new();
@@ -441,7 +441,8 @@ impl Volume {
             _ if n > 0 => out.push((n, hole)),
             _ => {}
         };
-        if self.is_clone() || len == 0 {
+        // A snapshot's data may be in COW files where the volume now has holes: all data.
+        if self.is_clone() || self.read_snap() != 0 || len == 0 {
             push(len, false);
             return Ok(out);
         }
@@ -544,6 +545,7 @@ impl Volume {
             self.inner.info.read().segment_size,
             self.inner.opts.owner.clone(),
         );
+        let generation = self.inner.cache.generation();
         let got = self
             .inner
             .mds
@@ -551,7 +553,7 @@ impl Volume {
             .await?;
         let Some(s) = got else {
             if sole_allocator {
-                self.inner.cache.put_absent(index);
+                self.inner.cache.put_absent(index, generation);
             }
             return Ok(None);
         };
@@ -873,11 +875,16 @@ impl Volume {
                             self.renew_grant(segment, write, &mut req).await;
                         }
                         Next::Leader(l) => inner.cache.set_leader(pool, copyset, &l),
-                        Next::FindLeader => self.find_leader(pool, copyset, &route, failed).await,
+                        Next::FindLeader => {
+                            let unreachable =
+                                matches!(outcome, Outcome::Transport | Outcome::TimedOut);
+                            self.find_leader(pool, copyset, &route, failed, unreachable)
+                                .await
+                        }
                         Next::RefreshRoute => self.refresh_route(pool, copyset).await,
                         Next::RefreshRouteAndFindLeader => {
                             self.refresh_route(pool, copyset).await;
-                            self.find_leader(pool, copyset, &route, failed).await;
+                            self.find_leader(pool, copyset, &route, failed, false).await;
                         }
                     }
                 }
@@ -891,12 +898,19 @@ impl Volume {
         copyset: u32,
         route: &crate::metacache::CopysetRoute,
         failed: &str,
+        unreachable: bool,
     ) {
         let inner = &self.inner;
-        // The others may still name the peer that failed us (a leader just killed or stopped:
-        // they elect another within an election timeout). Ask again shortly rather than
-        // send it a request that waits for a timeout; after a second, believe them.
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+        // The others may still name a peer we could not reach (a leader just killed, stopped
+        // or cut off: they elect another within an election timeout). Ask again shortly rather
+        // than send it a request that waits for a timeout; after a second, believe them. A
+        // peer that answered (with a failure) is believed at once.
+        let patience = if unreachable {
+            Duration::from_secs(1)
+        } else {
+            Duration::ZERO
+        };
+        let deadline = tokio::time::Instant::now() + patience;
         let mut named = None;
         loop {
             match inner

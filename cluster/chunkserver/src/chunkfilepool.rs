@@ -72,6 +72,16 @@ impl ChunkFilePool {
                 std::fs::remove_file(entry.path())?;
                 continue;
             }
+            // Versions before this one gave deleted chunks back with their data: whatever a
+            // file held reads as zeros now (a metadata change), or the file goes.
+            let zeroed = OpenOptions::new()
+                .write(true)
+                .open(entry.path())
+                .is_ok_and(|f| zero_range(&f, 0, opts.file_size));
+            if !zeroed {
+                std::fs::remove_file(entry.path())?;
+                continue;
+            }
             max = max.max(n + 1);
             free.push(entry.path());
         }
@@ -304,17 +314,24 @@ mod tests {
         pool.give(&dest, 4096).unwrap();
         assert!(!dest.exists());
         drop(pool);
-        // Reopened, it finds its files again; a leftover .tmp is discarded.
+        // Reopened, it finds its files again; a leftover .tmp is discarded; a file an older
+        // version gave back with its data is zeroed.
         std::fs::write(dir.path().join("pool/99.tmp"), b"half").unwrap();
+        let old = std::fs::read_dir(dir.path().join("pool"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|p| p.extension().is_none())
+            .unwrap();
+        std::fs::write(&old, vec![9u8; 64 << 10]).unwrap();
         let pool = ChunkFilePool::open(&dir.path().join("pool"), opts).unwrap();
         assert!(pool.len() >= 3);
         assert!(!dir.path().join("pool/99.tmp").exists());
-        // Every file in the pool starts with a zeroed meta page.
+        // Every file in the pool reads as zeros.
         for _ in 0..pool.len() {
             let d = dir.path().join("c");
             pool.take(&d).unwrap();
             let b = std::fs::read(&d).unwrap();
-            assert!(b[..4096].iter().all(|&x| x == 0));
+            assert!(b.iter().all(|&x| x == 0));
             std::fs::remove_file(&d).unwrap();
         }
         // Empty: take formats synchronously.

@@ -345,9 +345,10 @@ async fn disk_loop(
                 );
                 last_try.clear();
             }
-            for n in &nodes {
-                n.raft.runtime_config().elect(!state.full);
-            }
+        }
+        // Every tick: copysets opened or created since, and a disk found full at start.
+        for n in &nodes {
+            n.raft.runtime_config().elect(!state.full);
         }
         if !state.full {
             continue;

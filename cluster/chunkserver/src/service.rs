@@ -188,7 +188,23 @@ impl ChunkServerServices {
         let Some(node) = self.node(req.logical_pool_id, req.copyset_id) else {
             return reply(ChunkStatus::CopysetNotexist);
         };
-        if let Some(full_for) = self.disk.as_ref().and_then(|d| d.full_for()) {
+        // What frees space (deletes, discards) still goes through: its log entries are small,
+        // and the reserve is kept for them.
+        let frees = matches!(
+            cmd,
+            ChunkCommand::Delete { .. }
+                | ChunkCommand::DeleteSnapshots { .. }
+                | ChunkCommand::Zero {
+                    keep_allocated: false,
+                    ..
+                }
+        );
+        if let Some(full_for) = self
+            .disk
+            .as_ref()
+            .and_then(|d| d.full_for())
+            .filter(|_| !frees)
+        {
             // Our disk is full: the leadership moves to a follower (the disk watcher does it);
             // the client asks the others meanwhile. If none takes it, the cluster is full.
             return if full_for < crate::disk::REDIRECT_WHILE_FULL {

@@ -122,7 +122,9 @@ impl Budget {
         self.held.load(Ordering::Relaxed)
     }
 
-    fn over(&self, own: usize) -> bool {
+    /// Whether a queue holding `own` bytes is over this budget (its own share or the total):
+    /// a source's `take` stops there too, between the requests of one read from its socket.
+    pub fn over(&self, own: usize) -> bool {
         own >= self.per_queue || self.held() >= self.total
     }
 }

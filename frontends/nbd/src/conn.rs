@@ -493,6 +493,11 @@ impl<'a> QueueSource<'a> for Connection<'a> {
             moved = true;
             self.inflight_bytes += exec.bytes();
             out.push(Box::pin(execute(self.dev, cookie, exec)));
+            // Reads ask for their buffers in a few header bytes: stop at the budget here too,
+            // not only between loop passes.
+            if queue::SOCKET_QUEUES.over(self.held_bytes()) {
+                break;
+            }
         }
         Ok(moved)
     }

@@ -284,6 +284,10 @@ impl QueueSource<'static> for Part1Conn {
             };
             moved = true;
             out.push(fut);
+            // Reads ask for their buffers in a few header bytes: stop at the budget here too.
+            if queue::SOCKET_QUEUES.over(self.held_bytes()) {
+                break;
+            }
         }
         Ok(moved)
     }
