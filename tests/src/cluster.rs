@@ -416,6 +416,35 @@ impl MiniCluster {
         c
     }
 
+    /// Creates a volume of `size` bytes owned by `curve` (blocking).
+    pub fn create_volume(&self, path: &str, size: u64) {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(self.mds_client().create(
+            path,
+            curve_proto::mds::FileType::Volume,
+            size,
+            4096,
+            "curve",
+        ))
+        .unwrap_or_else(|e| panic!("create {path}: {e}"));
+    }
+
+    /// Opens a volume through the client library as root (on the caller's runtime).
+    pub async fn open_volume(&self, path: &str) -> curve_client::Volume {
+        let key = std::sync::Arc::new(curve_auth::UserKey::load(&self.admin_key).unwrap());
+        let opts = curve_client::VolumeOptions::new(self.mds_addrs(), "curve").with_key(Some(key));
+        curve_client::Volume::open(
+            path,
+            opts,
+            Arc::new(curve_client::chunk::Connections::default()),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("open {path}: {e}"))
+    }
+
     /// The bed its daemons run in (see [`Extras::bed`]).
     pub fn bed(&self) -> &NetBed {
         self.bed.as_deref().expect("a cluster on a netns bed")

@@ -294,6 +294,23 @@ impl Part2 {
         .to_owned()
     }
 
+    /// Exports `volume` (a spec: `curve:/PATH`, `mem:SIZE`, ...) over NBD on the Unix socket
+    /// `NAME.sock` in the run dir; returns its URI and the socket.
+    pub fn export_nbd(&self, name: &str, volume: &str) -> (String, PathBuf) {
+        let sock = self.socket(name);
+        let uri = self.curve_ok(&[
+            "export",
+            "add",
+            "--volume",
+            volume,
+            "--nbd",
+            &format!("unix:{}", sock.display()),
+            "--name",
+            name,
+        ]);
+        (uri.trim().to_owned(), sock)
+    }
+
     /// Socket path of an export created by [`Part2::export_mem`].
     pub fn socket(&self, name: &str) -> PathBuf {
         self.run_dir().join(format!("{name}.sock"))

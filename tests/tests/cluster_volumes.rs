@@ -338,14 +338,7 @@ fn stopped_clients_free_their_volumes_at_once() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let client = cluster.mds_client();
     for v in ["/p", "/b"] {
-        rt.block_on(client.create(
-            v,
-            curve_proto::mds::FileType::Volume,
-            1 << 30,
-            4096,
-            "curve",
-        ))
-        .unwrap();
+        cluster.create_volume(v, 1 << 30);
     }
     // Opened by another host right after the client stopped: no OCCUPIED.
     let free_now = |path: &str| {
@@ -356,17 +349,7 @@ fn stopped_clients_free_their_volumes_at_once() {
     };
 
     let part2 = Part2::start_with(&["--mds", &mds, "--key-file", &cluster.key()]);
-    let sock = part2.run_dir().join("p.sock");
-    part2.curve_ok(&[
-        "export",
-        "add",
-        "--volume",
-        "curve:/p",
-        "--nbd",
-        &format!("unix:{}", sock.display()),
-        "--name",
-        "p",
-    ]);
+    part2.export_nbd("p", "curve:/p");
     assert!(
         rt.block_on(client.open("/p", "curve", "another-host"))
             .is_err(),
@@ -440,32 +423,14 @@ fn pipelined_maximum_size_writes_keep_nebd_server_memory_bounded() {
     let cluster = MiniCluster::start(tmp.path(), 1, false);
     let mds = cluster.mds_addrs()[0].clone();
     let part2 = Part2::start_with(&["--mds", &mds, "--key-file", &cluster.key()]);
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(cluster.mds_client().create(
-        "/m",
-        curve_proto::mds::FileType::Volume,
-        1 << 30,
-        4096,
-        "curve",
-    ))
-    .unwrap();
-    let sock = part2.run_dir().join("m.sock");
-    part2.curve_ok(&[
-        "export",
-        "add",
-        "--volume",
-        "curve:/m",
-        "--nbd",
-        &format!("unix:{}", sock.display()),
-        "--name",
-        "m",
-    ]);
+    cluster.create_volume("/m", 1 << 30);
+    let (_, sock) = part2.export_nbd("m", "curve:/m");
     let base = peak_rss(part2.pid());
     let (mut c, _, _) = curve_tests::nbd::Client::open(&sock, "m", false).unwrap();
     c.sock
         .set_read_timeout(Some(Duration::from_secs(300)))
         .unwrap();
-    const WRITES: u64 = 24;
+    const WRITES: u64 = 12;
     const LEN: usize = 32 << 20;
     let mut w = c.sock.try_clone().unwrap();
     let writer = std::thread::spawn(move || {
@@ -500,7 +465,7 @@ fn pipelined_maximum_size_writes_keep_nebd_server_memory_bounded() {
         base >> 20
     );
     // The connection's budget (64 MiB) plus the request that crossed it, the client's copy
-    // of what is in flight and its gRPC buffers: well under 384 MiB. Unbounded, the 768 MiB
+    // of what is in flight and its gRPC buffers: well under 384 MiB. Unbounded, the 384 MiB
     // sent would all be held, twice.
     assert!(peak < 384 << 20, "peak RSS {} MiB", peak >> 20);
 }

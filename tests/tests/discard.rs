@@ -101,29 +101,8 @@ fn trim_and_write_zeroes_of_a_whole_volume_give_the_space_back_on_every_replica(
     let cluster = MiniCluster::start(tmp.path(), 1, false);
     let mds = cluster.mds_addrs()[0].clone();
     let part2 = Part2::start_with(&["--mds", &mds, "--key-file", &cluster.key()]);
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(cluster.mds_client().create(
-        "/v",
-        curve_proto::mds::FileType::Volume,
-        10 * GIB,
-        4096,
-        "curve",
-    ))
-    .unwrap();
-    let sock = part2.run_dir().join("v.sock");
-    let uri = part2
-        .curve_ok(&[
-            "export",
-            "add",
-            "--volume",
-            "curve:/v",
-            "--nbd",
-            &format!("unix:{}", sock.display()),
-            "--name",
-            "v",
-        ])
-        .trim()
-        .to_string();
+    cluster.create_volume("/v", 10 * GIB);
+    let (uri, _) = part2.export_nbd("v", "curve:/v");
     let replicas: Vec<&Path> = cluster
         .chunkservers
         .iter()

@@ -79,29 +79,8 @@ fn a_full_disk_moves_its_leaderships_and_writes_go_on() {
     let key = cluster.key();
     let cs1 = cluster.chunkservers[0].addr.clone();
     let part2 = Part2::start_with(&["--mds", &mds, "--key-file", &key]);
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(cluster.mds_client().create(
-        "/d",
-        curve_proto::mds::FileType::Volume,
-        1 << 30,
-        4096,
-        "curve",
-    ))
-    .unwrap();
-    let sock = part2.run_dir().join("d.sock");
-    let uri = part2
-        .curve_ok(&[
-            "export",
-            "add",
-            "--volume",
-            "curve:/d",
-            "--nbd",
-            &format!("unix:{}", sock.display()),
-            "--name",
-            "d",
-        ])
-        .trim()
-        .to_string();
+    cluster.create_volume("/d", 1 << 30);
+    let (uri, _) = part2.export_nbd("d", "curve:/d");
     // The MDS balances leaders over the chunkservers of a quiet cluster: cs1 gets some.
     let mut status = serde_json::Value::Null;
     let leads = wait_until(Duration::from_secs(90), || {

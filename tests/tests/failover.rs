@@ -7,8 +7,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use curve_client::chunk::Connections;
-use curve_client::{Volume, VolumeOptions};
 use curve_tests::cluster::MiniCluster;
 use curve_tests::netbed::NetBed;
 use parking_lot::Mutex;
@@ -70,19 +68,8 @@ enum Fault {
 /// or any acknowledged write missing after.
 fn stalls_under(cluster: &mut MiniCluster, faults: &[Fault]) -> Vec<(Fault, Duration)> {
     let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(cluster.mds_client().create(
-        "/f",
-        curve_proto::mds::FileType::Volume,
-        1 << 30,
-        4096,
-        "curve",
-    ))
-    .unwrap();
-    let key = Arc::new(curve_auth::UserKey::load(&cluster.admin_key).unwrap());
-    let opts = VolumeOptions::new(cluster.mds_addrs(), "curve").with_key(Some(key));
-    let volume = rt
-        .block_on(Volume::open("/f", opts, Arc::new(Connections::default())))
-        .unwrap();
+    cluster.create_volume("/f", 1 << 30);
+    let volume = rt.block_on(cluster.open_volume("/f"));
     let log: Log = Arc::default();
     let stop = Arc::new(AtomicBool::new(false));
     // 64 blocks of the first chunk, each holding the number of its last write.
@@ -202,19 +189,8 @@ fn an_overloaded_copyset_pushes_back_and_every_write_completes() {
         },
     );
     let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(cluster.mds_client().create(
-        "/o",
-        curve_proto::mds::FileType::Volume,
-        1 << 30,
-        4096,
-        "curve",
-    ))
-    .unwrap();
-    let key = Arc::new(curve_auth::UserKey::load(&cluster.admin_key).unwrap());
-    let opts = VolumeOptions::new(cluster.mds_addrs(), "curve").with_key(Some(key));
-    let volume = rt
-        .block_on(Volume::open("/o", opts, Arc::new(Connections::default())))
-        .unwrap();
+    cluster.create_volume("/o", 1 << 30);
+    let volume = rt.block_on(cluster.open_volume("/o"));
     const CHUNK: usize = 16 << 20;
     let writers: Vec<_> = (1..=6u8)
         .map(|w| {
