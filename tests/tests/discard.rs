@@ -137,14 +137,19 @@ fn trim_and_write_zeroes_of_a_whole_volume_give_the_space_back_on_every_replica(
         "never written: {m:?}"
     );
 
+    // The whole volume discarded or zeroed by `cmd`: timed, the space back on every replica,
+    // zeros where the data was.
+    let clear_all = |cmd: &str, what: &str| {
+        let t = Instant::now();
+        qemu_io(&uri, &per_gib(cmd));
+        println!("{what} of 10 GiB: {:.2} s", t.elapsed().as_secs_f64());
+        given_back(&held, what);
+        for at in spots {
+            qemu_io(&uri, &[&format!("read -P 0 {at} 32M")]);
+        }
+    };
     // TRIM of the whole volume.
-    let t = Instant::now();
-    qemu_io(&uri, &per_gib("discard"));
-    println!("TRIM of 10 GiB: {:.2} s", t.elapsed().as_secs_f64());
-    given_back(&held, "TRIM");
-    for at in spots {
-        qemu_io(&uri, &[&format!("read -P 0 {at} 32M")]);
-    }
+    clear_all("discard", "TRIM");
     let m = map(&uri);
     assert!(
         m.iter()
@@ -158,13 +163,7 @@ fn trim_and_write_zeroes_of_a_whole_volume_give_the_space_back_on_every_replica(
         qemu_io(&uri, &[&format!("read -P 0xcd {at} 32M")]);
     }
     assert!(held().iter().all(|b| *b >= 96 << 20));
-    let t = Instant::now();
-    qemu_io(&uri, &per_gib("write -z -u"));
-    println!("WRITE_ZEROES of 10 GiB: {:.2} s", t.elapsed().as_secs_f64());
-    given_back(&held, "WRITE_ZEROES");
-    for at in spots {
-        qemu_io(&uri, &[&format!("read -P 0 {at} 32M")]);
-    }
+    clear_all("write -z -u", "WRITE_ZEROES");
     // A fast zero (NBD_CMD_FLAG_FAST_ZERO) is taken: zeroing costs no data here.
     qemu_io(&uri, &["write -z -n -u 1M 1M"]);
     // Zeroes past the end are refused; the export keeps serving.
