@@ -35,45 +35,89 @@ pub fn listening(addr: &str) -> bool {
     .is_ok()
 }
 
-/// A single-member etcd on loopback.
+/// etcd (Debian's `etcd-server`): one member on loopback, or a cluster with one member in each
+/// of some hosts of a [`NetBed`].
 #[derive(Debug)]
 pub struct Etcd {
-    /// The process.
-    pub daemon: Daemon,
-    /// host:port of its client endpoint.
+    /// The member processes.
+    pub daemons: Vec<Daemon>,
+    /// host:port of every member's client endpoint, comma-separated (what `--etcd` takes).
     pub endpoint: String,
 }
 
 impl Etcd {
-    /// Starts etcd with its data in `dir`.
+    /// Starts a one-member etcd on loopback with its data in `dir`.
     pub fn start(dir: &Path) -> Self {
-        let etcd = require_tool("etcd");
         let (client, peer) = (free_port(), free_port());
-        let endpoint = format!("127.0.0.1:{client}");
-        let mut cmd = Command::new(etcd);
-        cmd.args(["--name", "test", "--data-dir"])
-            .arg(dir.join("etcd"))
-            .args([
-                "--listen-client-urls",
-                &format!("http://{endpoint}"),
-                "--advertise-client-urls",
-                &format!("http://{endpoint}"),
-                "--listen-peer-urls",
-                &format!("http://127.0.0.1:{peer}"),
-                "--initial-advertise-peer-urls",
-                &format!("http://127.0.0.1:{peer}"),
-                "--initial-cluster",
-                &format!("test=http://127.0.0.1:{peer}"),
-                "--log-level",
-                "warn",
-            ]);
-        let daemon = Daemon::spawn(cmd, &dir.join("etcd.log"));
-        assert!(
-            wait_until(Duration::from_secs(20), || listening(&endpoint)),
-            "etcd did not start: {}",
-            std::fs::read_to_string(dir.join("etcd.log")).unwrap_or_default()
-        );
-        Etcd { daemon, endpoint }
+        Self::start_members(
+            dir,
+            &[(None, format!("127.0.0.1:{client}"), format!("127.0.0.1:{peer}"))],
+        )
+    }
+
+    /// Starts a cluster of one member in each of `hosts` of `bed`, with data under `dir`.
+    pub fn start_on(dir: &Path, bed: &Arc<NetBed>, hosts: &[usize]) -> Self {
+        let members: Vec<(OnHost, String, String)> = hosts
+            .iter()
+            .map(|&i| {
+                let ip = &bed.hosts[i].ip;
+                (
+                    Some((bed.clone(), i)),
+                    format!("{ip}:{}", free_port()),
+                    format!("{ip}:{}", free_port()),
+                )
+            })
+            .collect();
+        Self::start_members(dir, &members)
+    }
+
+    /// Starts one member per (host, client address, peer address).
+    fn start_members(dir: &Path, members: &[(OnHost, String, String)]) -> Self {
+        let etcd = require_tool("etcd");
+        let initial: Vec<String> = members
+            .iter()
+            .enumerate()
+            .map(|(n, (_, _, peer))| format!("e{n}=http://{peer}"))
+            .collect();
+        let mut daemons = Vec::new();
+        for (n, (host, client, peer)) in members.iter().enumerate() {
+            let mut cmd = match host {
+                None => Command::new(&etcd),
+                Some((bed, i)) => bed.command(*i, &etcd),
+            };
+            cmd.args(["--name", &format!("e{n}"), "--data-dir"])
+                .arg(dir.join(format!("etcd{n}")))
+                .args([
+                    "--listen-client-urls",
+                    &format!("http://{client}"),
+                    "--advertise-client-urls",
+                    &format!("http://{client}"),
+                    "--listen-peer-urls",
+                    &format!("http://{peer}"),
+                    "--initial-advertise-peer-urls",
+                    &format!("http://{peer}"),
+                    "--initial-cluster",
+                    &initial.join(","),
+                    "--initial-cluster-state",
+                    "new",
+                    "--log-level",
+                    "warn",
+                ]);
+            daemons.push(Daemon::spawn(cmd, &dir.join(format!("etcd{n}.log"))));
+        }
+        for (n, (_, client, _)) in members.iter().enumerate() {
+            assert!(
+                wait_until(Duration::from_secs(30), || listening(client)),
+                "etcd member e{n} did not start: {}",
+                std::fs::read_to_string(dir.join(format!("etcd{n}.log"))).unwrap_or_default()
+            );
+        }
+        let endpoint = members
+            .iter()
+            .map(|(_, c, _)| c.as_str())
+            .collect::<Vec<_>>()
+            .join(",");
+        Etcd { daemons, endpoint }
     }
 }
 
@@ -271,8 +315,10 @@ pub struct Extras {
     pub metrics: bool,
     /// Every daemon speaks TLS (a CA and a certificate made in DIR/tls).
     pub tls: bool,
-    /// Each daemon in a host of its own: the MDS in the bed's first, chunkserver i in host
-    /// i + 1 (one MDS, no etcd).
+    /// The daemons in hosts of a bed. With one MDS (no etcd): the MDS in the bed's first
+    /// host, chunkserver i in host i + 1. With three MDS: `deploy/topology-3hosts.toml` made
+    /// real, host i (0..3) runs an etcd member, MDS i and chunkserver i. Further hosts are
+    /// the test's, for clients (part2).
     pub bed: Option<Arc<NetBed>>,
 }
 
@@ -325,11 +371,24 @@ impl MiniCluster {
         } else {
             Vec::new()
         };
+        // Where the daemons run: MDS i in host mds_host(i), chunkserver i (0..3) in host
+        // cs_host(i).
+        let three_hosts = extras.bed.is_some() && n_mds > 1;
         assert!(
-            extras.bed.is_none() || (n_mds == 1 && !etcd),
-            "a bed cluster has one MDS"
+            extras.bed.is_none() || (n_mds == 1 && !etcd) || n_mds == 3,
+            "a bed cluster has one MDS (no etcd) or three (one per host, on etcd)"
         );
-        let etcd = (etcd || n_mds > 1).then(|| Etcd::start(dir));
+        let mds_host = |i: usize| extras.bed.clone().map(|b| (b, i));
+        let cs_host = |i: usize| {
+            extras
+                .bed
+                .clone()
+                .map(|b| (b, if three_hosts { i } else { i + 1 }))
+        };
+        let etcd = (etcd || n_mds > 1).then(|| match &extras.bed {
+            Some(bed) => Etcd::start_on(dir, bed, &[0, 1, 2]),
+            None => Etcd::start(dir),
+        });
         let mut topo = String::from(
             "[[pool]]\nname = \"pool1\"\nreplicas = 3\ncopysets_per_chunkserver = 4\n",
         );
@@ -372,8 +431,7 @@ impl MiniCluster {
                 if let Some(m) = metrics.get(i) {
                     args.extend(["--metrics-listen", m]);
                 }
-                let host = extras.bed.clone().map(|b| (b, i));
-                Mds::start_on(&dir.join(format!("mds{i}")), &args, host)
+                Mds::start_on(&dir.join(format!("mds{i}")), &args, mds_host(i))
             })
             .collect();
         let addrs: Vec<String> = mds.iter().map(|m| m.addr.clone()).collect();
@@ -398,7 +456,7 @@ impl MiniCluster {
                     &format!("z{i}"),
                     &format!("s{i}"),
                     &extra,
-                    extras.bed.clone().map(|b| (b, n_mds + i - 1)),
+                    cs_host(i - 1),
                 )
             })
             .collect();
@@ -443,6 +501,40 @@ impl MiniCluster {
         )
         .await
         .unwrap_or_else(|e| panic!("open {path}: {e}"))
+    }
+
+    /// The index (in `chunkservers`) of the live leader of the copyset holding the written
+    /// chunk of volume `path` (owned by `curve`) at `offset`; waits up to 30 s for one.
+    pub fn leader_of(&self, path: &str, offset: u64) -> usize {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let mds = self.mds_client();
+        let seg = rt
+            .block_on(mds.segment(path, "curve", offset, false))
+            .unwrap_or_else(|e| panic!("segment of {path} at {offset}: {e}"))
+            .unwrap_or_else(|| panic!("{path} is written at {offset}"));
+        let chunk_size = rt.block_on(mds.stat(path)).unwrap().chunk_size;
+        let copyset = seg.chunks[((offset - seg.offset) / chunk_size) as usize].copyset_id;
+        let mut found = None;
+        wait_until(Duration::from_secs(30), || {
+            let Ok(t) = rt.block_on(mds.topology()) else {
+                return false;
+            };
+            let leader = t
+                .copysets
+                .iter()
+                .find(|c| c.copyset_id == copyset)
+                .and_then(|c| c.leader.clone());
+            found = leader.and_then(|l| {
+                self.chunkservers
+                    .iter()
+                    .position(|c| c.addr == l.address && c.daemon.is_some())
+            });
+            found.is_some()
+        });
+        found.unwrap_or_else(|| panic!("copyset {copyset} has no live leader (waited 30 s)"))
     }
 
     /// The bed its daemons run in (see [`Extras::bed`]).

@@ -132,6 +132,7 @@ pub struct Part2 {
     pub dir: tempfile::TempDir,
     args: Vec<String>,
     incarnation: u32,
+    host: cluster::OnHost,
     /// The nebd-server that took over in a live upgrade (not our child: killed by pid).
     upgraded: Option<u32>,
 }
@@ -153,17 +154,24 @@ impl Part2 {
 
     /// Starts nebd-server with extra arguments.
     pub fn start_with(args: &[&str]) -> Self {
+        Self::start_on(args, None)
+    }
+
+    /// As [`Part2::start_with`], in a host of a [`netbed::NetBed`] (its run directory, and so
+    /// its Unix sockets, are on the file system the test shares).
+    pub fn start_on(args: &[&str], host: cluster::OnHost) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("curve-test-")
             .tempdir()
             .expect("temp dir");
         let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-        let daemon = spawn_part2(dir.path(), &args, 0);
+        let daemon = spawn_part2(dir.path(), &args, 0, &host);
         Part2 {
             daemon,
             dir,
             args,
             incarnation: 0,
+            host,
             upgraded: None,
         }
     }
@@ -181,7 +189,7 @@ impl Part2 {
         }
         let t = Instant::now();
         self.incarnation += 1;
-        self.daemon = spawn_part2(self.dir.path(), &self.args, self.incarnation);
+        self.daemon = spawn_part2(self.dir.path(), &self.args, self.incarnation, &self.host);
         t.elapsed()
     }
 
@@ -330,8 +338,11 @@ fn log_name(incarnation: u32) -> String {
     }
 }
 
-fn spawn_part2(dir: &Path, args: &[String], incarnation: u32) -> Daemon {
-    let mut cmd = Command::new(bin("nebd-server"));
+fn spawn_part2(dir: &Path, args: &[String], incarnation: u32, host: &cluster::OnHost) -> Daemon {
+    let mut cmd = match host {
+        None => Command::new(bin("nebd-server")),
+        Some((bed, i)) => bed.command(*i, &bin("nebd-server")),
+    };
     cmd.arg("--run-dir")
         .arg(dir.join("run"))
         .args(args)

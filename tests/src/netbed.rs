@@ -2,6 +2,10 @@
 //! address on a private /24, all joined by a bridge that the test process (in the root
 //! namespace) is on too. Daemons run in a host with `ip netns exec`; a host is partitioned by
 //! taking its link down (both directions, as a pulled cable), and healed by bringing it up.
+//! A host can also lose packets (nftables drops a share of what it sends and receives, at
+//! random) or sit behind a slow link (a token bucket on both ends of its link: bandwidth, and
+//! the queueing delay of a congested link). This kernel has no netem, so a fixed delay is not
+//! among the faults; a slow link delays whatever queues behind it.
 //! Traffic stays in namespaces this bed created (the rules of these machines), and everything
 //! is deleted when the bed is dropped, even after a failed test.
 
@@ -101,6 +105,87 @@ impl NetBed {
     pub fn heal(&self, i: usize) {
         ip(&["link", "set", &self.hosts[i].link, "up"]);
     }
+
+    /// Host `i` drops `percent` of the packets it sends and of those it receives, at random
+    /// (nftables, Debian's `nftables`), until [`NetBed::clear`].
+    pub fn loss(&self, i: usize, percent: u32) {
+        let ns = &self.hosts[i].ns;
+        let nft = |rule: &str| {
+            let out = Command::new("ip")
+                .args(["netns", "exec", ns, "nft", rule])
+                .output()
+                .expect("nft (Debian's nftables)");
+            assert!(
+                out.status.success(),
+                "nft {rule}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        nft("add table inet curvebed");
+        for (chain, hook) in [("in", "input"), ("out", "output")] {
+            nft(&format!(
+                "add chain inet curvebed {chain} {{ type filter hook {hook} priority 0; }}"
+            ));
+            nft(&format!(
+                "add rule inet curvebed {chain} numgen random mod 100 < {percent} drop"
+            ));
+        }
+    }
+
+    /// Host `i`'s link carries `rate` (tc's syntax: `8mbit`) each way, with a queue of up to
+    /// `latency` (`200ms`) behind it, until [`NetBed::clear`].
+    pub fn slow(&self, i: usize, rate: &str, latency: &str) {
+        let tbf = ["root", "tbf", "rate", rate, "burst", "32kb", "latency", latency];
+        let mut root = vec!["qdisc", "replace", "dev", &self.hosts[i].link];
+        root.extend(tbf);
+        tc(None, &root);
+        let inner = self.inner_link(i);
+        let mut host = vec!["qdisc", "replace", "dev", &inner];
+        host.extend(tbf);
+        tc(Some(&self.hosts[i].ns), &host);
+    }
+
+    /// Undoes [`NetBed::loss`] and [`NetBed::slow`] on host `i`.
+    pub fn clear(&self, i: usize) {
+        let ns = &self.hosts[i].ns;
+        let _ = Command::new("ip")
+            .args(["netns", "exec", ns, "nft", "delete table inet curvebed"])
+            .output();
+        let _ = Command::new("tc")
+            .args(["qdisc", "del", "dev", &self.hosts[i].link, "root"])
+            .output();
+        let _ = Command::new("ip")
+            .args(["netns", "exec", ns, "tc", "qdisc", "del", "dev"])
+            .arg(self.inner_link(i))
+            .arg("root")
+            .output();
+    }
+
+    /// The host's end of its link.
+    fn inner_link(&self, i: usize) -> String {
+        // The root end is `<tag>r<h>`, the host's `<tag>n<h>`.
+        let l = &self.hosts[i].link;
+        let at = l.rfind('r').expect("link name");
+        format!("{}n{}", &l[..at], &l[at + 1..])
+    }
+}
+
+fn tc(ns: Option<&str>, args: &[&str]) {
+    let mut c = match ns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns, "tc"]);
+            c
+        }
+        None => Command::new("tc"),
+    };
+    let out = c.args(args).output().expect("tc (iproute2)");
+    assert!(
+        out.status.success(),
+        "tc {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 impl Drop for NetBed {

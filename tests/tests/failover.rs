@@ -24,34 +24,6 @@ fn stall(log: &Log, from: Instant, to: Instant) -> Duration {
         .unwrap_or_default()
 }
 
-/// The index (in `cluster.chunkservers`) of the leader of the copyset holding the volume's
-/// first chunk.
-fn leader_of_first_chunk(cluster: &MiniCluster, rt: &tokio::runtime::Runtime) -> usize {
-    let mds = cluster.mds_client();
-    let seg = rt
-        .block_on(mds.segment("/f", "curve", 0, false))
-        .unwrap()
-        .expect("written");
-    let copyset = seg.chunks[0].copyset_id;
-    let mut found = None;
-    curve_tests::wait_until(Duration::from_secs(30), || {
-        let t = rt.block_on(mds.topology()).unwrap();
-        let leader = t
-            .copysets
-            .iter()
-            .find(|c| c.copyset_id == copyset)
-            .and_then(|c| c.leader.clone());
-        found = leader.and_then(|l| {
-            cluster
-                .chunkservers
-                .iter()
-                .position(|c| c.addr == l.address && c.daemon.is_some())
-        });
-        found.is_some()
-    });
-    found.expect("the copyset has a live leader")
-}
-
 /// A fault done to (and undone on) the chunkserver leading the written copyset.
 #[derive(Debug, Clone, Copy)]
 enum Fault {
@@ -94,7 +66,7 @@ fn stalls_under(cluster: &mut MiniCluster, faults: &[Fault]) -> Vec<(Fault, Dura
     std::thread::sleep(Duration::from_secs(3));
     let mut out = Vec::new();
     for fault in faults {
-        let i = leader_of_first_chunk(cluster, &rt);
+        let i = cluster.leader_of("/f", 0);
         let pid = cluster.chunkservers[i].daemon.as_ref().unwrap().pid() as i32;
         let t0 = Instant::now();
         match fault {

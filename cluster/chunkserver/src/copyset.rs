@@ -8,7 +8,7 @@ use std::sync::Arc;
 use openraft::{BasicNode, Raft};
 use parking_lot::RwLock;
 
-use crate::chunkfilepool::ChunkFilePool;
+use crate::chunkfilepool::{ChunkFilePool, sync_dir};
 use crate::datastore::DataStore;
 use crate::logstream::LogStream;
 use crate::network::CopysetNetwork;
@@ -318,6 +318,9 @@ pub struct CopysetNodeManager {
     creating: tokio::sync::Mutex<()>,
 }
 
+/// Prefix of a copyset directory being deleted.
+const TRASH: &str = "trash_";
+
 fn copyset_dir(dir: &Path, pool: u32, copyset: u32) -> PathBuf {
     dir.join(format!("{pool}_{copyset}"))
 }
@@ -356,6 +359,11 @@ impl CopysetNodeManager {
         for entry in std::fs::read_dir(&self.dir).map_err(|e| e.to_string())? {
             let entry = entry.map_err(|e| e.to_string())?;
             let name = entry.file_name();
+            if name.to_str().is_some_and(|n| n.starts_with(TRASH)) {
+                // A deletion a crash interrupted.
+                std::fs::remove_dir_all(entry.path()).map_err(|e| e.to_string())?;
+                continue;
+            }
             let Some((pool, copyset)) = name
                 .to_str()
                 .and_then(|n| n.split_once('_'))
@@ -376,7 +384,60 @@ impl CopysetNodeManager {
             self.nodes.write().insert((pool, copyset), Arc::new(node));
             n += 1;
         }
+        // Log entries of replicas deleted before a crash let their truncation be written.
+        for group in self.stream.closed_groups() {
+            tracing::info!(group, "raft log entries of a deleted copyset replica dropped");
+            self.stream
+                .drop_group(group)
+                .map_err(|e| format!("raft log group {group}: {e}"))?;
+        }
         Ok(n)
+    }
+
+    /// Deletes this replica of copyset `pool`_`copyset`, which the MDS took out of the copyset
+    /// (its configuration at `epoch` no longer names this chunkserver): the raft node stops,
+    /// the directory is renamed to the trash (atomic: a crash leaves no half replica), the
+    /// replica's log entries are forgotten, and the files are deleted, which gives their space
+    /// back. Refused while this replica leads, or counts itself a voter at `epoch` or later.
+    /// Returns whether there was a replica.
+    pub async fn remove(&self, pool: u32, copyset: u32, epoch: u64) -> Result<bool, String> {
+        let _one_at_a_time = self.creating.lock().await;
+        let Some(node) = self.get(pool, copyset) else {
+            return Ok(false);
+        };
+        let v = node.view();
+        let voter = v
+            .peers
+            .iter()
+            .any(|p| u64::from(p.chunkserver_id) == self.node_id);
+        if v.is_leader() || (voter && v.epoch >= epoch) {
+            return Err(format!(
+                "copyset {pool}_{copyset} still counts this chunkserver a peer at epoch {} \
+                 (asked to delete it at {epoch})",
+                v.epoch
+            ));
+        }
+        self.nodes.write().remove(&(pool, copyset));
+        let _ = node.raft.shutdown().await;
+        drop(node);
+        let dir = copyset_dir(&self.dir, pool, copyset);
+        let trash = self.dir.join(format!("{TRASH}{pool}_{copyset}"));
+        let stream = self.stream.clone();
+        let group = crate::raftlog::group_id(pool, copyset);
+        tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+            if trash.exists() {
+                std::fs::remove_dir_all(&trash)?;
+            }
+            std::fs::rename(&dir, &trash)?;
+            sync_dir(trash.parent().expect("in the copysets dir"))?;
+            stream.drop_group(group)?;
+            std::fs::remove_dir_all(&trash)
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("deleting copyset {pool}_{copyset}: {e}"))?;
+        tracing::info!(pool, copyset, epoch, "copyset replica deleted");
+        Ok(true)
     }
 
     /// Creates a copyset replica with the given peers (chunkserver id -> address).

@@ -276,6 +276,18 @@ async fn heartbeat_loop(
                 reply.epochs.iter().map(|e| (e.volume, e.epoch)).collect();
             a.raise(&epochs);
         }
+        for removal in reply.removals {
+            let Some(key) = removal.key else {
+                continue;
+            };
+            let manager = manager.clone();
+            tokio::spawn(async move {
+                let (pool, copyset) = (key.logical_pool_id, key.copyset_id);
+                if let Err(e) = manager.remove(pool, copyset, removal.epoch).await {
+                    tracing::warn!(pool, copyset, error = %e, "copyset replica not deleted");
+                }
+            });
+        }
         for change in reply.changes {
             let Some(key) = change.key else {
                 continue;

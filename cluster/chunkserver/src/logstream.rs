@@ -379,6 +379,42 @@ impl LogStream {
         self.nudge();
     }
 
+    /// Forgets group `id` for good (its copyset replica is deleted): a truncation from index 0
+    /// is written (synced), so that a replay drops its entries too, and they stop pinning
+    /// segments. An open group must close first: waits up to 10 s for its last handle to go.
+    pub(crate) fn drop_group(&self, id: u64) -> io::Result<()> {
+        let mut waited = 0;
+        loop {
+            let mut groups = self.inner.groups.lock();
+            if !groups.open.contains_key(&id) {
+                groups.closed.remove(&id);
+                break;
+            }
+            drop(groups);
+            if waited == 1000 {
+                return Err(io::Error::other(format!(
+                    "raft log group {id} did not close within 10 s"
+                )));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+            waited += 1;
+        }
+        self.write(id, Kind::Truncate, &[(0, Payload::None)], Then::Sync)?;
+        self.nudge();
+        Ok(())
+    }
+
+    /// The groups with entries in the stream that nothing has open.
+    pub(crate) fn closed_groups(&self) -> Vec<u64> {
+        let groups = self.inner.groups.lock();
+        groups
+            .closed
+            .iter()
+            .filter(|(_, locs)| !locs.is_empty())
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
     /// Writes records of group `group`, in order, and returns where each went.
     pub(crate) fn write(
         &self,

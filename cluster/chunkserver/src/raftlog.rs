@@ -784,6 +784,37 @@ mod tests {
         assert!(got.iter().all(|e| data_of(e).iter().all(|x| *x == 3)));
     }
 
+    /// A deleted copyset's log: its entries are gone from the stream for good (after a
+    /// restart too, so a replica created again later starts empty), they stop pinning
+    /// segments, and the other group keeps its own.
+    #[test]
+    fn a_dropped_group_is_gone_after_restarts_and_frees_its_segments() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut disk = Disk::new(dir.path(), 4096);
+        let (a, b) = (disk.log(1), disk.log(2));
+        for i in 1..40 {
+            write(&a, [sized(i, 1, 100)]);
+        }
+        write(&b, [sized(1, 2, 100)]);
+        let before = disk.segments();
+        drop(a);
+        disk.stream().drop_group(1).unwrap();
+        assert!(disk.stream().closed_groups().is_empty());
+        disk.stream().collect().unwrap();
+        assert!(
+            disk.segments() < before,
+            "its segments are freed: {} then {}",
+            before,
+            disk.segments()
+        );
+        drop(b);
+        disk.restart();
+        assert_eq!(disk.stream().closed_groups(), vec![2]);
+        let (mut a, mut b) = (disk.log(1), disk.log(2));
+        assert!(indexes(&mut a).is_empty());
+        assert_eq!(indexes(&mut b), vec![1]);
+    }
+
     /// A truncation written and synced, then a crash before any new entry: the cut entries
     /// stay cut; entries of a newer term written in their place are the ones read back.
     #[test]

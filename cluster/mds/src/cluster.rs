@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use curve_proto::common::{CopysetKey, Peer};
 use curve_proto::heartbeat::{
-    ConfigChange, ConfigChangeType, HeartbeatRequest, HeartbeatStatus, RegisterRequest,
+    ConfigChange, ConfigChangeType, CopysetInfo, CopysetRemoval, HeartbeatRequest, HeartbeatStatus, RegisterRequest,
 };
 
 use crate::scheduler::{self, Change, CopysetView, CsView, Decision, Liveness, Reason};
@@ -91,6 +91,8 @@ pub struct Operator {
 pub struct HeartbeatOutcome {
     /// Changes for the reporting chunkserver to execute.
     pub changes: Vec<ConfigChange>,
+    /// Replicas of the reporting chunkserver to delete: no longer peers of their copysets.
+    pub removals: Vec<CopysetRemoval>,
     /// Store operations for what changed.
     pub ops: Vec<Op>,
 }
@@ -107,7 +109,13 @@ pub struct Cluster {
     pub timeouts: Timeouts,
     /// When the last balance change was decided: balancing waits for a settled view.
     last_balance: Option<Instant>,
+    /// When this MDS loaded the cluster (took the lead): replicas are deleted only after an
+    /// operator's timeout, when no change a previous leader decided can still be running.
+    loaded: Instant,
 }
+
+/// A chunkserver whose data disk is this full (percent used) takes no new copyset.
+const CROWDED_PERCENT: u128 = 85;
 
 /// Balance changes are at least this far apart, so that every leader has reported the
 /// outcome of the last one before the next is decided (no oscillation on stale views).
@@ -167,6 +175,7 @@ impl Cluster {
             operators: HashMap::new(),
             timeouts,
             last_balance: None,
+            loaded: now,
         };
         for (k, v) in pairs {
             let key = String::from_utf8_lossy(k);
@@ -289,7 +298,24 @@ impl Cluster {
         let me = r.chunkserver_id;
         let mut out = HeartbeatOutcome::default();
         for info in &r.copysets {
-            let (Some(key), Some(leader)) = (&info.key, &info.leader) else {
+            let Some(key) = &info.key else {
+                continue;
+            };
+            if let Some(epoch) = self.removable(me, info, now) {
+                tracing::info!(
+                    chunkserver = me,
+                    pool = key.logical_pool_id,
+                    copyset = key.copyset_id,
+                    epoch,
+                    "a replica no longer in its copyset is deleted"
+                );
+                out.removals.push(CopysetRemoval {
+                    key: Some(key.clone()),
+                    epoch,
+                });
+                continue;
+            }
+            let Some(leader) = &info.leader else {
                 continue;
             };
             if leader.chunkserver_id != me {
@@ -361,6 +387,31 @@ impl Cluster {
         Ok(out)
     }
 
+    /// The epoch of copyset `info.key`'s configuration without chunkserver `me`, when `me`'s
+    /// replica (as it reports) is behind that configuration and may be deleted: the copyset
+    /// has its replicas and a leader that reported lately, no change is in flight on it, and
+    /// this MDS has led for longer than an operator may run (an AddPeer of a previous
+    /// leader's, whose new replica is not in the configuration yet, has ended).
+    fn removable(&self, me: u32, info: &CopysetInfo, now: Instant) -> Option<u64> {
+        let key = info.key.as_ref()?;
+        let key = (key.logical_pool_id, key.copyset_id);
+        let c = self.copysets.get(&key)?;
+        let replicas = self
+            .spec
+            .pool
+            .get((c.rec.pool as usize).checked_sub(1)?)?
+            .replicas;
+        let names_me = info.peers.iter().any(|p| p.chunkserver_id == me);
+        let behind = info.epoch < c.rec.epoch || (info.epoch == c.rec.epoch && !names_me);
+        let settled = !self.operators.contains_key(&key)
+            && c.rec.peers.len() >= replicas
+            && c.leader.is_some_and(|l| l != me && c.rec.peers.contains(&l))
+            && c.reported
+                .is_some_and(|t| now < t + self.timeouts.unstable)
+            && now >= self.loaded + self.timeouts.operator;
+        (!c.rec.peers.contains(&me) && behind && settled).then_some(c.rec.epoch)
+    }
+
     /// Drops operators that are done (as reported) or timed out.
     fn settle(&mut self, now: Instant) {
         let copysets = &self.copysets;
@@ -404,6 +455,8 @@ impl Cluster {
                 pool: c.rec.pool,
                 state: self.liveness(c.rec.id, now),
                 full: c.disk.full,
+                crowded: c.disk.capacity > 0
+                    && c.disk.used as u128 * 100 >= c.disk.capacity as u128 * CROWDED_PERCENT,
             })
             .collect();
         // Balance only on a settled, fresh view: no change in flight, the last balance change

@@ -1278,7 +1278,7 @@ impl HeartbeatService for Services {
             .update(|st| {
                 st.cluster
                     .heartbeat(&r, Instant::now())
-                    .map(|o| (o.changes, o.ops))
+                    .map(|o| ((o.changes, o.removals), o.ops))
             })
             .await;
         let Ok(out) = done else {
@@ -1288,9 +1288,10 @@ impl HeartbeatService for Services {
             }));
         };
         Ok(Response::new(match out {
-            Ok(changes) => HeartbeatResponse {
+            Ok((changes, removals)) => HeartbeatResponse {
                 status: HeartbeatStatus::HbOk as i32,
                 changes,
+                removals,
                 epochs: if mds.opts.auth.is_some() {
                     let st = mds.state.lock();
                     st.sessions

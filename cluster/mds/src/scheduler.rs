@@ -3,6 +3,9 @@
 //! ```text
 //!  recovery        a copyset with an offline peer gets a new peer on a healthy chunkserver
 //!                  (another zone when one is free), then the dead peer is removed
+//!  disk full       the same for a peer whose data disk is full, a few copysets at a time
+//!                  and only where another chunkserver has room: the removed replica is
+//!                  deleted there (see `Cluster::removable`), which gives its space back
 //!  copyset balance a chunkserver with fewer copysets than others (one that joined) takes a
 //!                  copyset from the most loaded one: add there, then remove the extra peer
 //!  leader balance  leadership moves from chunkservers leading more to ones leading fewer
@@ -33,8 +36,12 @@ pub struct CsView {
     pub pool: u32,
     /// Liveness.
     pub state: Liveness,
-    /// Its data disk is full: it takes no new copyset and no leadership.
+    /// Its data disk is full: it takes no new copyset and no leadership, and its replicas
+    /// move to chunkservers with room.
     pub full: bool,
+    /// Its data disk is nearly full: it takes no new copyset (so that replicas moved off a
+    /// full disk do not come straight back once it has room again).
+    pub crowded: bool,
 }
 
 /// A copyset as the scheduler sees it.
@@ -74,6 +81,8 @@ pub enum Reason {
     CopysetBalance,
     /// Spreading leaders over chunkservers.
     LeaderBalance,
+    /// Moving a replica off a full disk (counts as a balance change: a few at a time).
+    DiskFull,
 }
 
 /// A decision: a change to one copyset.
@@ -119,6 +128,8 @@ pub fn schedule(
         .map(|c| (c.id, 0))
         .collect();
     let mut leaders = load.clone();
+    let full = |id: u32| cs.get(&id).is_some_and(|c| c.full);
+    let mut full_budget = opts.max_balance_ops.saturating_sub(balance_in_flight);
     for c in copysets {
         for p in &c.peers {
             if let Some(n) = load.get_mut(p) {
@@ -152,8 +163,8 @@ pub fn schedule(
             .filter(|p| state(*p) == Liveness::Offline)
             .collect();
         if c.peers.len() > opts.replicas {
-            // The dead first; else the peer whose removal leaves the most zones, then the
-            // most loaded (never the leader: it executes the change).
+            // The dead first, then one on a full disk; else the peer whose removal leaves the
+            // most zones, then the most loaded (never the leader: it executes the change).
             let zones_without = |p: u32| {
                 c.peers
                     .iter()
@@ -162,7 +173,8 @@ pub fn schedule(
                     .collect::<HashSet<_>>()
                     .len()
             };
-            let victim = offline.first().copied().or_else(|| {
+            let on_full_disk = c.peers.iter().copied().find(|p| *p != leader && full(*p));
+            let victim = offline.first().copied().or(on_full_disk).or_else(|| {
                 c.peers
                     .iter()
                     .copied()
@@ -184,6 +196,17 @@ pub fn schedule(
             continue;
         }
         if offline.is_empty() && c.peers.len() == opts.replicas {
+            // A replica on a full disk moves where there is room (its leadership is gone
+            // already: a full chunkserver hands it over).
+            if let Some(f) = c.peers.iter().copied().find(|p| *p != leader && full(*p))
+                && full_budget > 0
+                && let Some(t) = target(c, &cs, &load, Some(f))
+                && cs.get(&t).is_some_and(|v| !v.crowded)
+            {
+                full_budget -= 1;
+                *load.get_mut(&t).expect("online") += 1;
+                out.push(decide(c, Change::AddPeer(t), Reason::DiskFull));
+            }
             continue;
         }
         if let Some(t) = target(c, &cs, &load, None) {
@@ -195,12 +218,18 @@ pub fn schedule(
         return out;
     }
     let mut budget = opts.max_balance_ops.saturating_sub(balance_in_flight);
+    // Copyset balance takes no chunkserver that is nearly full as a target.
+    let roomy: BTreeMap<u32, usize> = load
+        .iter()
+        .filter(|(id, _)| cs.get(id).is_some_and(|c| !c.crowded))
+        .map(|(id, n)| (*id, *n))
+        .collect();
     // Copyset balance: the least loaded online chunkserver takes one copyset of the most
     // loaded one (of its pool).
     let free = |c: &CopysetView| !busy.contains(&(c.pool, c.id));
     if budget > 0
         && let (Some((&min_cs, &min)), Some((&max_cs, &max))) = (
-            load.iter().min_by_key(|(id, n)| (**n, **id)),
+            roomy.iter().min_by_key(|(id, n)| (**n, **id)),
             load.iter().max_by_key(|(id, n)| (**n, u32::MAX - **id)),
         )
         && max > min + 1
@@ -281,6 +310,7 @@ mod tests {
                 pool: 1,
                 state: *s,
                 full: false,
+                crowded: false,
             })
             .collect()
     }
@@ -412,6 +442,55 @@ mod tests {
             d.iter()
                 .all(|d| !matches!(d.change, Change::TransferLeader(_))),
             "no leadership goes to a full disk: {d:?}"
+        );
+    }
+
+    /// Replicas on a full disk move to a chunkserver with room, a few at a time (the balance
+    /// budget), then the full one is removed; with no room anywhere nothing moves, and a
+    /// nearly full chunkserver takes nothing.
+    #[test]
+    fn replicas_move_off_a_full_disk_where_there_is_room() {
+        let mut c = css(&[
+            (1, "a", Online),
+            (2, "b", Online),
+            (3, "c", Online),
+            (4, "c", Online),
+        ]);
+        c[2].full = true;
+        let sets: Vec<_> = (1..=6).map(|i| cp(i, &[1, 2, 3], 1)).collect();
+        let d = schedule(&c, &sets, &HashSet::new(), 0, &OPTS);
+        assert_eq!(d.len(), OPTS.max_balance_ops, "{d:?}");
+        assert!(
+            d.iter()
+                .all(|d| d.change == Change::AddPeer(4) && d.reason == Reason::DiskFull),
+            "{d:?}"
+        );
+        assert!(
+            schedule(&c, &sets, &HashSet::new(), OPTS.max_balance_ops, &OPTS).is_empty(),
+            "the budget holds"
+        );
+        // Added: the full one goes, not the leader nor the new one.
+        let mut sets = sets;
+        sets[0].peers.push(4);
+        let d = schedule(&c, &sets, &HashSet::new(), OPTS.max_balance_ops, &OPTS);
+        assert_eq!(d[0].copyset, 1);
+        assert_eq!(d[0].change, Change::RemovePeer(3));
+        assert_eq!(d[0].reason, Reason::Recovery);
+        // No room: 4 nearly full.
+        c[3].crowded = true;
+        let sets: Vec<_> = (1..=6).map(|i| cp(i, &[1, 2, 3], 1)).collect();
+        let d = schedule(&c, &sets, &HashSet::new(), 0, &OPTS);
+        assert!(
+            d.iter().all(|d| !matches!(d.change, Change::AddPeer(_))),
+            "{d:?}"
+        );
+        // A crowded chunkserver takes no copyset for balance either.
+        c[2].full = false;
+        let sets: Vec<_> = (1..=4).map(|i| cp(i, &[1, 2, 3], 1)).collect();
+        let d = schedule(&c, &sets, &HashSet::new(), 0, &OPTS);
+        assert!(
+            d.iter().all(|d| d.change != Change::AddPeer(4)),
+            "{d:?}"
         );
     }
 

@@ -1,0 +1,147 @@
+//! `deploy/topology-3hosts.toml` made real: three hosts (network namespaces on a bridge), each
+//! running an etcd member, an MDS and a chunkserver, and part2 on a fourth host exporting a
+//! volume over NBD to fio, which writes and verifies while faults hit the hosts one after the
+//! other: kill -9 and SIGSTOP of the leader of the written copyset, a partition of its host
+//! (with that host's MDS and etcd member), packet loss and a slow link there, and a partition
+//! of part2's own host. fio sees pauses only: no error, every block verifies, and the longest
+//! write of each fault (QD1: its stall) is printed — the figures in docs/benchmarks.md.
+
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use curve_tests::cluster::{Extras, MiniCluster};
+use curve_tests::netbed::NetBed;
+use curve_tests::{Part2, require_tool, run_ok};
+
+/// What is done to a host (or a daemon in it) while fio runs.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Fault {
+    /// kill -9 of the leader's chunkserver, restarted after.
+    Kill,
+    /// SIGSTOP of the leader's chunkserver, SIGCONT after.
+    Stop,
+    /// The leader's host (chunkserver, MDS, etcd member) off the network.
+    Partition,
+    /// The leader's host drops 10% of its packets each way.
+    Loss,
+    /// The leader's host behind a 1 Mbit/s link with a 500 ms queue.
+    SlowLink,
+    /// part2's host off the network: nothing can be served, fio waits.
+    PartitionPart2,
+}
+
+/// fio's JSON report of one job: (writes, longest write, errors).
+fn fio_report(json: &str) -> (u64, Duration, u64) {
+    // fio may print notes before the JSON.
+    let v: serde_json::Value =
+        serde_json::from_str(&json[json.find('{').expect("fio's JSON")..]).expect("fio's JSON");
+    let job = &v["jobs"][0];
+    (
+        job["write"]["total_ios"].as_u64().unwrap(),
+        Duration::from_nanos(job["write"]["lat_ns"]["max"].as_u64().unwrap()),
+        job["error"].as_u64().unwrap(),
+    )
+}
+
+#[test]
+fn three_hosts_and_part2_on_a_fourth_ride_out_every_fault_under_fio_verify() {
+    require_tool("fio");
+    require_tool("nft");
+    let tmp = tempfile::tempdir().unwrap();
+    let bed = Arc::new(NetBed::new(4));
+    let extras = Extras {
+        bed: Some(bed.clone()),
+        ..Default::default()
+    };
+    let mut cluster = MiniCluster::start_with(tmp.path(), 3, true, &extras);
+    let mds = cluster.mds_addrs().join(",");
+    let key = cluster.key();
+    let part2 = Part2::start_on(
+        &["--mds", &mds, "--key-file", &key],
+        Some((bed.clone(), 3)),
+    );
+    cluster.create_volume("/v", 1 << 30);
+    let (uri, _) = part2.export_nbd("v", "curve:/v");
+
+    let faults = [
+        Fault::Kill,
+        Fault::Stop,
+        Fault::Partition,
+        Fault::Loss,
+        Fault::SlowLink,
+        Fault::PartitionPart2,
+    ];
+    let mut figures = Vec::new();
+    for (n, fault) in faults.iter().enumerate() {
+        // Each fault gets a chunk of its own (one copyset), written QD1 for 14 s and then
+        // verified; the fault lasts 5 s from the 4th second.
+        let offset = n as u64 * (16 << 20);
+        let fio = {
+            let uri = uri.clone();
+            std::thread::spawn(move || {
+                run_ok(Command::new("fio").args([
+                    "--name=fault",
+                    "--ioengine=nbd",
+                    &format!("--uri={uri}"),
+                    "--rw=randwrite",
+                    "--bs=4k",
+                    "--iodepth=1",
+                    &format!("--offset={offset}"),
+                    "--size=16M",
+                    "--time_based",
+                    "--runtime=14",
+                    "--verify=crc32c",
+                    "--verify_state_save=0",
+                    "--do_verify=1",
+                    "--verify_fatal=1",
+                    "--output-format=json",
+                ]))
+            })
+        };
+        std::thread::sleep(Duration::from_secs(4));
+        let i = cluster.leader_of("/v", offset);
+        let pid = cluster.chunkservers[i].daemon.as_ref().unwrap().pid() as i32;
+        let t0 = Instant::now();
+        match fault {
+            Fault::Kill => cluster.chunkservers[i].kill9(),
+            // SAFETY: signals a chunkserver this test started.
+            Fault::Stop => unsafe {
+                libc::kill(pid, libc::SIGSTOP);
+            },
+            Fault::Partition => bed.partition(i),
+            Fault::Loss => bed.loss(i, 10),
+            Fault::SlowLink => bed.slow(i, "1mbit", "500ms"),
+            Fault::PartitionPart2 => bed.partition(3),
+        }
+        std::thread::sleep(Duration::from_secs(5).saturating_sub(t0.elapsed()));
+        match fault {
+            Fault::Kill => cluster.chunkservers[i].restart(),
+            // SAFETY: as above.
+            Fault::Stop => unsafe {
+                libc::kill(pid, libc::SIGCONT);
+            },
+            Fault::Partition => bed.heal(i),
+            Fault::Loss | Fault::SlowLink => bed.clear(i),
+            Fault::PartitionPart2 => bed.heal(3),
+        }
+        let out = fio.join().expect("fio ran: no error, every block verified");
+        let (writes, longest, errors) = fio_report(&out);
+        assert_eq!(errors, 0, "{fault:?}: {out}");
+        println!(
+            "3 hosts + part2 on a 4th, fio QD1 4K randwrite + verify: {fault:?} of host {}: \
+             {writes} writes in 14 s, longest write {:.0} ms",
+            if *fault == Fault::PartitionPart2 { 3 } else { i },
+            longest.as_secs_f64() * 1e3
+        );
+        figures.push((*fault, longest));
+        cluster.wait_healthy(Duration::from_secs(120));
+    }
+    // Sanity only (the figures are what counts): each fault is a pause, not an outage.
+    for (fault, d) in &figures {
+        assert!(*d < Duration::from_secs(15), "{fault:?}: {d:?}");
+    }
+    drop(part2);
+    drop(cluster);
+    drop(bed);
+}
