@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use curve_tests::cluster::MiniCluster;
+use curve_tests::cluster::{Chunkserver, Extras, MiniCluster};
 use curve_tests::{Part2, bin, require_tool, run_ok, wait_until};
 
 /// A tmpfs mounted for the test; unmounted when dropped (after the daemons on it stopped:
@@ -68,6 +68,45 @@ fn chunkserver_status(mds: &str, key: &str, addr: &str) -> serde_json::Value {
         .unwrap_or_default()
 }
 
+/// Fills the file system at `dir` down to 2% free with a file `dir/ballast`.
+fn fill(dir: &Path) -> PathBuf {
+    let (capacity, avail) = space(dir);
+    let ballast = dir.join("ballast");
+    let f = std::fs::File::create(&ballast).unwrap();
+    let len = avail.saturating_sub(capacity / 50);
+    // SAFETY: fallocate on a file we own.
+    let rc = unsafe { libc::fallocate(std::os::fd::AsRawFd::as_raw_fd(&f), 0, 0, len as i64) };
+    assert_eq!(
+        rc,
+        0,
+        "fallocate {len}: {}",
+        std::io::Error::last_os_error()
+    );
+    println!(
+        "{} filled: {} MiB free of {} MiB",
+        dir.display(),
+        space(dir).1 >> 20,
+        capacity >> 20
+    );
+    ballast
+}
+
+/// The copyset replicas in a chunkserver's data directory.
+fn replicas_in(dir: &Path) -> usize {
+    std::fs::read_dir(dir.join("copysets"))
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .filter(|e| {
+                    e.file_name()
+                        .to_str()
+                        .and_then(|n| n.split_once('_'))
+                        .is_some_and(|(p, c)| p.parse::<u32>().is_ok() && c.parse::<u32>().is_ok())
+                })
+                .count()
+        })
+        .unwrap_or(0)
+}
+
 #[test]
 fn a_full_disk_moves_its_leaderships_and_writes_go_on() {
     require_tool("fio");
@@ -109,24 +148,7 @@ fn a_full_disk_moves_its_leaderships_and_writes_go_on() {
     });
     std::thread::sleep(Duration::from_secs(8));
     // Another file takes the disk down to 2% free (the reserve is 5%).
-    let (capacity, avail) = space(&disk.0);
-    let ballast = disk.0.join("ballast");
-    let f = std::fs::File::create(&ballast).unwrap();
-    let len = avail.saturating_sub(capacity / 50);
-    // SAFETY: fallocate on a file we own.
-    let rc = unsafe { libc::fallocate(std::os::fd::AsRawFd::as_raw_fd(&f), 0, 0, len as i64) };
-    assert_eq!(
-        rc,
-        0,
-        "fallocate {len}: {}",
-        std::io::Error::last_os_error()
-    );
-    drop(f);
-    println!(
-        "disk of cs1 filled: {} MiB free of {} MiB",
-        space(&disk.0).1 >> 20,
-        capacity >> 20
-    );
+    let ballast = fill(&disk.0);
 
     let mut last = serde_json::Value::Null;
     let reported = wait_until(Duration::from_secs(30), || {
@@ -159,5 +181,109 @@ fn a_full_disk_moves_its_leaderships_and_writes_go_on() {
         "cs1's disk is reported free again (waited 30 s): {last}"
     );
     drop(part2);
+    drop(cluster);
+}
+
+/// With a fourth chunkserver that has room (in cs1's zone), the replicas on cs1's full disk
+/// move there: the MDS adds the new peer, removes cs1's, and cs1 deletes its replicas, which
+/// gives the space back; fio's data, written before and while they move, verifies.
+#[test]
+fn replicas_move_off_a_full_disk_and_give_its_space_back() {
+    require_tool("fio");
+    let tmp = tempfile::tempdir().unwrap();
+    let disk = Tmpfs::mount(&tmp.path().join("cs1"), "1g");
+    // Replicas are deleted once the MDS has led for an operator's timeout.
+    let extras = Extras {
+        mds_args: vec!["--operator-timeout-ms".into(), "20000".into()],
+        ..Default::default()
+    };
+    let cluster = MiniCluster::start_with(tmp.path(), 1, false, &extras);
+    let mds = cluster.mds_addrs()[0].clone();
+    let key = cluster.key();
+    let ck = cluster.cluster_key.display().to_string();
+    let cs4 = Chunkserver::start(
+        &tmp.path().join("cs4"),
+        &cluster.mds_addrs(),
+        "z1",
+        "s1",
+        &[
+            "--pool-target",
+            "2",
+            "--heartbeat-ms",
+            "300",
+            "--cluster-key-file",
+            &ck,
+        ],
+    );
+    let part2 = Part2::start_with(&["--mds", &mds, "--key-file", &key]);
+    cluster.create_volume("/m", 1 << 30);
+    let (uri, _) = part2.export_nbd("m", "curve:/m");
+    let fio = |rw: &str, runtime: u32| {
+        let mut c = Command::new("fio");
+        c.args([
+            "--name=move",
+            "--ioengine=nbd",
+            &format!("--uri={uri}"),
+            &format!("--rw={rw}"),
+            "--bs=64k",
+            "--iodepth=8",
+            "--size=192M",
+            "--verify=crc32c",
+            "--verify_state_save=0",
+            "--verify_fatal=1",
+        ]);
+        if runtime > 0 {
+            c.args(["--time_based", &format!("--runtime={runtime}")]);
+        }
+        c
+    };
+    // Data on every copyset (192 MiB: 12 chunks).
+    run_ok(&mut fio("write", 0));
+    let before = replicas_in(&disk.0);
+    assert!(before > 0, "cs1 holds replicas");
+    let writer = {
+        let mut c = fio("randwrite", 40);
+        c.arg("--do_verify=1");
+        std::thread::spawn(move || run_ok(&mut c))
+    };
+    let ballast = fill(&disk.0);
+    let cs1 = cluster.chunkservers[0].addr.clone();
+    let mut last = serde_json::Value::Null;
+    let moved = wait_until(Duration::from_secs(240), || {
+        last = chunkserver_status(&mds, &key, &cs1);
+        last["copysets"] == 0 && replicas_in(&disk.0) == 0
+    });
+    assert!(
+        moved,
+        "every replica left cs1 and was deleted there (waited 240 s): {last}, {} replica \
+         directories left\n{}",
+        replicas_in(&disk.0),
+        cluster.mds[0].log()
+    );
+    let (capacity, avail) = space(&disk.0);
+    println!(
+        "cs1's {before} replicas moved off its full disk: {} MiB free of {} MiB",
+        avail >> 20,
+        capacity >> 20
+    );
+    assert!(
+        avail > capacity / 20,
+        "the space is back: {avail} of {capacity} bytes free"
+    );
+    let out = writer.join().unwrap();
+    assert!(out.contains("err= 0"), "fio: {out}");
+    // Written and verified again on the new placement.
+    let mut again = fio("randwrite", 10);
+    again.arg("--do_verify=1");
+    let out = run_ok(&mut again);
+    assert!(out.contains("err= 0"), "fio: {out}");
+    let status = chunkserver_status(&mds, &key, &cs4.addr);
+    assert!(
+        status["copysets"].as_u64().unwrap_or(0) > 0,
+        "cs4 took the replicas: {status}"
+    );
+    std::fs::remove_file(&ballast).unwrap();
+    drop(part2);
+    drop(cs4);
     drop(cluster);
 }

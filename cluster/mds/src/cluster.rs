@@ -837,6 +837,22 @@ mod tests {
                 .changes
                 .is_empty()
         );
+        // The new peer's empty replica, not in the configuration yet, is not deleted while
+        // the change is in flight.
+        let target = [&a, &b, &d, &e]
+            .into_iter()
+            .find(|x| x.id == t)
+            .unwrap()
+            .clone();
+        let empty = CopysetInfo {
+            leader: None,
+            ..info(&[], 0)
+        };
+        assert!(
+            hb(&mut c, &target, late, vec![empty])
+                .removals
+                .is_empty()
+        );
         c.prepared(1, 1);
         let out = hb(&mut c, &leader, late, vec![info(&peers, 1)]);
         assert_eq!(out.changes.len(), 1);
@@ -859,5 +875,31 @@ mod tests {
         // A stale report (older epoch) changes nothing.
         let out = hb(&mut c, &leader, late, vec![info(&peers, 1)]);
         assert!(out.ops.is_empty());
+        // The dead peer removed (epoch 3), it comes back reporting its old replica: it is
+        // told to delete it. The peers are not, nor anyone while this MDS has led for less
+        // than an operator's timeout.
+        c.schedule(late, false);
+        let three: Vec<u32> = four.iter().copied().filter(|p| *p != peers[2]).collect();
+        hb(&mut c, &leader, late, vec![info(&three, 3)]);
+        assert!(c.operator(1, 1).is_none());
+        let back = [&a, &b, &d, &e]
+            .into_iter()
+            .find(|x| x.id == peers[2])
+            .unwrap()
+            .clone();
+        let early = t0 + Duration::from_secs(1);
+        assert!(
+            hb(&mut c, &back, early, vec![info(&peers, 1)])
+                .removals
+                .is_empty()
+        );
+        let out = hb(&mut c, &back, late, vec![info(&peers, 1)]);
+        assert_eq!(out.removals.len(), 1);
+        assert_eq!(out.removals[0].epoch, 3);
+        assert!(
+            hb(&mut c, &target, late, vec![info(&three, 3)])
+                .removals
+                .is_empty()
+        );
     }
 }
