@@ -51,7 +51,11 @@ impl Etcd {
         let (client, peer) = (free_port(), free_port());
         Self::start_members(
             dir,
-            &[(None, format!("127.0.0.1:{client}"), format!("127.0.0.1:{peer}"))],
+            &[(
+                None,
+                format!("127.0.0.1:{client}"),
+                format!("127.0.0.1:{peer}"),
+            )],
         )
     }
 
@@ -535,6 +539,23 @@ impl MiniCluster {
             found.is_some()
         });
         found.unwrap_or_else(|| panic!("copyset {copyset} has no live leader (waited 30 s)"))
+    }
+
+    /// The index (in `mds`) of the MDS that leads now (the one that answers).
+    pub fn mds_leader(&self) -> usize {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let c = self.mds_client();
+        let addr = rt.block_on(async {
+            c.topology().await.expect("an MDS leads");
+            c.current().await
+        });
+        self.mds
+            .iter()
+            .position(|m| m.addr == addr)
+            .expect("one of ours")
     }
 
     /// The bed its daemons run in (see [`Extras::bed`]).

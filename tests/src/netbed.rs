@@ -135,7 +135,9 @@ impl NetBed {
     /// Host `i`'s link carries `rate` (tc's syntax: `8mbit`) each way, with a queue of up to
     /// `latency` (`200ms`) behind it, until [`NetBed::clear`].
     pub fn slow(&self, i: usize, rate: &str, latency: &str) {
-        let tbf = ["root", "tbf", "rate", rate, "burst", "32kb", "latency", latency];
+        let tbf = [
+            "root", "tbf", "rate", rate, "burst", "32kb", "latency", latency,
+        ];
         let mut root = vec!["qdisc", "replace", "dev", &self.hosts[i].link];
         root.extend(tbf);
         tc(None, &root);

@@ -2,8 +2,8 @@
 //! running an etcd member, an MDS and a chunkserver, and part2 on a fourth host exporting a
 //! volume over NBD to fio, which writes and verifies while faults hit the hosts one after the
 //! other: kill -9 and SIGSTOP of the leader of the written copyset, a partition of its host
-//! (with that host's MDS and etcd member), packet loss and a slow link there, and a partition
-//! of part2's own host. fio sees pauses only: no error, every block verifies, and the longest
+//! (with that host's MDS and etcd member), packet loss and a slow link there, a partition of
+//! the leading MDS's host, and a partition of part2's own host. fio sees pauses only: no error, every block verifies, and the longest
 //! write of each fault (QD1: its stall) is printed — the figures in docs/benchmarks.md.
 
 use std::process::Command;
@@ -29,6 +29,8 @@ enum Fault {
     SlowLink,
     /// part2's host off the network: nothing can be served, fio waits.
     PartitionPart2,
+    /// The leading MDS's host (MDS, etcd member, chunkserver) off the network.
+    PartitionMdsLeader,
 }
 
 /// fio's JSON report of one job: (writes, longest write, errors).
@@ -57,10 +59,7 @@ fn three_hosts_and_part2_on_a_fourth_ride_out_every_fault_under_fio_verify() {
     let mut cluster = MiniCluster::start_with(tmp.path(), 3, true, &extras);
     let mds = cluster.mds_addrs().join(",");
     let key = cluster.key();
-    let part2 = Part2::start_on(
-        &["--mds", &mds, "--key-file", &key],
-        Some((bed.clone(), 3)),
-    );
+    let part2 = Part2::start_on(&["--mds", &mds, "--key-file", &key], Some((bed.clone(), 3)));
     cluster.create_volume("/v", 1 << 30);
     let (uri, _) = part2.export_nbd("v", "curve:/v");
 
@@ -70,6 +69,7 @@ fn three_hosts_and_part2_on_a_fourth_ride_out_every_fault_under_fio_verify() {
         Fault::Partition,
         Fault::Loss,
         Fault::SlowLink,
+        Fault::PartitionMdsLeader,
         Fault::PartitionPart2,
     ];
     let mut figures = Vec::new();
@@ -100,8 +100,16 @@ fn three_hosts_and_part2_on_a_fourth_ride_out_every_fault_under_fio_verify() {
             })
         };
         std::thread::sleep(Duration::from_secs(4));
-        let i = cluster.leader_of("/v", offset);
-        let pid = cluster.chunkservers[i].daemon.as_ref().unwrap().pid() as i32;
+        let i = match fault {
+            Fault::PartitionMdsLeader => cluster.mds_leader(),
+            Fault::PartitionPart2 => 3,
+            _ => cluster.leader_of("/v", offset),
+        };
+        let pid = cluster.chunkservers[i.min(2)]
+            .daemon
+            .as_ref()
+            .unwrap()
+            .pid() as i32;
         let t0 = Instant::now();
         match fault {
             Fault::Kill => cluster.chunkservers[i].kill9(),
@@ -109,10 +117,11 @@ fn three_hosts_and_part2_on_a_fourth_ride_out_every_fault_under_fio_verify() {
             Fault::Stop => unsafe {
                 libc::kill(pid, libc::SIGSTOP);
             },
-            Fault::Partition => bed.partition(i),
+            Fault::Partition | Fault::PartitionMdsLeader | Fault::PartitionPart2 => {
+                bed.partition(i)
+            }
             Fault::Loss => bed.loss(i, 10),
             Fault::SlowLink => bed.slow(i, "1mbit", "500ms"),
-            Fault::PartitionPart2 => bed.partition(3),
         }
         std::thread::sleep(Duration::from_secs(5).saturating_sub(t0.elapsed()));
         match fault {
@@ -121,9 +130,16 @@ fn three_hosts_and_part2_on_a_fourth_ride_out_every_fault_under_fio_verify() {
             Fault::Stop => unsafe {
                 libc::kill(pid, libc::SIGCONT);
             },
-            Fault::Partition => bed.heal(i),
+            Fault::Partition | Fault::PartitionMdsLeader | Fault::PartitionPart2 => bed.heal(i),
             Fault::Loss | Fault::SlowLink => bed.clear(i),
-            Fault::PartitionPart2 => bed.heal(3),
+        }
+        // The supervisor's part: an MDS that lost its leadership lease while cut off exits
+        // (by design: it stops answering as a leader); it is started again.
+        for m in &mut cluster.mds {
+            if m.daemon.as_mut().is_some_and(|d| !d.running()) {
+                println!("{fault:?}: the MDS at {} exited; restarted", m.addr);
+                m.restart();
+            }
         }
         let out = fio.join().expect("fio ran: no error, every block verified");
         let (writes, longest, errors) = fio_report(&out);
@@ -131,7 +147,7 @@ fn three_hosts_and_part2_on_a_fourth_ride_out_every_fault_under_fio_verify() {
         println!(
             "3 hosts + part2 on a 4th, fio QD1 4K randwrite + verify: {fault:?} of host {}: \
              {writes} writes in 14 s, longest write {:.0} ms",
-            if *fault == Fault::PartitionPart2 { 3 } else { i },
+            i,
             longest.as_secs_f64() * 1e3
         );
         figures.push((*fault, longest));

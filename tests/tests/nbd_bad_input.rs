@@ -261,3 +261,87 @@ fn connections_past_an_exports_limit_are_refused_clearly() {
     assert_serves(&sock, "vol");
     drop(p2);
 }
+
+/// Clients holding every file descriptor nebd-server may open (a limit of 64, and 200
+/// connections to an export that never negotiate): the control socket still answers — a
+/// descriptor kept in reserve is given to it — and the export serves again once they go.
+#[test]
+fn the_control_socket_answers_when_clients_hold_every_descriptor() {
+    use std::os::unix::process::CommandExt;
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let mut cmd = std::process::Command::new(curve_tests::bin("nebd-server"));
+    cmd.arg("--run-dir").arg(&run);
+    // SAFETY: setrlimit in the child before exec; async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            let lim = libc::rlimit {
+                rlim_cur: 64,
+                rlim_max: 64,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let log = dir.path().join("nebd-server.log");
+    let _daemon = curve_tests::Daemon::spawn(cmd, &log);
+    let curve = |args: &[&str]| {
+        // `timeout`: a control socket that never answers fails the test instead of hanging it.
+        std::process::Command::new("timeout")
+            .arg("20")
+            .arg(curve_tests::bin("curve"))
+            .arg("--run-dir")
+            .arg(&run)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    assert!(
+        curve_tests::wait_until(std::time::Duration::from_secs(20), || {
+            curve(&["export", "list"]).status.success()
+        }),
+        "nebd-server answers"
+    );
+    let sock = run.join("e.sock");
+    let out = curve(&[
+        "export",
+        "add",
+        "--volume",
+        "mem:8M",
+        "--nbd",
+        &format!("unix:{}", sock.display()),
+        "--name",
+        "e",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let held: Vec<std::os::unix::net::UnixStream> = (0..200)
+        .filter_map(|_| std::os::unix::net::UnixStream::connect(&sock).ok())
+        .collect();
+    let ran_out = curve_tests::wait_until(std::time::Duration::from_secs(20), || {
+        std::fs::read_to_string(&log).is_ok_and(|l| l.contains("Too many open files"))
+    });
+    assert!(
+        ran_out,
+        "{} connections exhaust nebd-server's 64 descriptors",
+        held.len()
+    );
+    let out = curve(&["export", "list"]);
+    assert!(
+        out.status.success(),
+        "the control socket answers with every descriptor taken: {out:?}\n{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains('e'));
+    // And again: the spare descriptor is taken back after each such connection.
+    let out = curve(&["export", "list"]);
+    assert!(out.status.success(), "{out:?}");
+    drop(held);
+    assert!(
+        curve_tests::wait_until(std::time::Duration::from_secs(20), || {
+            std::panic::catch_unwind(|| assert_serves(&sock, "e")).is_ok()
+        }),
+        "the export serves again once the clients went"
+    );
+}

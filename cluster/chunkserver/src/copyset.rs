@@ -386,7 +386,10 @@ impl CopysetNodeManager {
         }
         // Log entries of replicas deleted before a crash let their truncation be written.
         for group in self.stream.closed_groups() {
-            tracing::info!(group, "raft log entries of a deleted copyset replica dropped");
+            tracing::info!(
+                group,
+                "raft log entries of a deleted copyset replica dropped"
+            );
             self.stream
                 .drop_group(group)
                 .map_err(|e| format!("raft log group {group}: {e}"))?;

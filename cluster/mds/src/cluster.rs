@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 
 use curve_proto::common::{CopysetKey, Peer};
 use curve_proto::heartbeat::{
-    ConfigChange, ConfigChangeType, CopysetInfo, CopysetRemoval, HeartbeatRequest, HeartbeatStatus, RegisterRequest,
+    ConfigChange, ConfigChangeType, CopysetInfo, CopysetRemoval, HeartbeatRequest, HeartbeatStatus,
+    RegisterRequest,
 };
 
 use crate::scheduler::{self, Change, CopysetView, CsView, Decision, Liveness, Reason};
@@ -405,9 +406,9 @@ impl Cluster {
         let behind = info.epoch < c.rec.epoch || (info.epoch == c.rec.epoch && !names_me);
         let settled = !self.operators.contains_key(&key)
             && c.rec.peers.len() >= replicas
-            && c.leader.is_some_and(|l| l != me && c.rec.peers.contains(&l))
-            && c.reported
-                .is_some_and(|t| now < t + self.timeouts.unstable)
+            && c.leader
+                .is_some_and(|l| l != me && c.rec.peers.contains(&l))
+            && c.reported.is_some_and(|t| now < t + self.timeouts.unstable)
             && now >= self.loaded + self.timeouts.operator;
         (!c.rec.peers.contains(&me) && behind && settled).then_some(c.rec.epoch)
     }
@@ -848,11 +849,7 @@ mod tests {
             leader: None,
             ..info(&[], 0)
         };
-        assert!(
-            hb(&mut c, &target, late, vec![empty])
-                .removals
-                .is_empty()
-        );
+        assert!(hb(&mut c, &target, late, vec![empty]).removals.is_empty());
         c.prepared(1, 1);
         let out = hb(&mut c, &leader, late, vec![info(&peers, 1)]);
         assert_eq!(out.changes.len(), 1);

@@ -132,21 +132,6 @@ async fn become_leader(cfg: Config, role: Arc<Role>) -> anyhow::Result<()> {
         };
         let store = crate::etcd::EtcdStore::new(&client, &cfg.etcd_prefix);
         let election = crate::etcd::Election::new(&client, &format!("{}election", cfg.etcd_prefix));
-        let lease = loop {
-            match election
-                .lease(cfg.election_ttl, || {
-                    tracing::error!("lost the MDS lease: exiting");
-                    std::process::exit(3);
-                })
-                .await
-            {
-                Ok(l) => break l,
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot reach etcd; retrying");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                }
-            }
-        };
         // Track the leader for NOT_LEADER answers while campaigning.
         let watcher = {
             let (election, role) = (election.clone(), role.clone());
@@ -159,8 +144,57 @@ async fn become_leader(cfg: Config, role: Arc<Role>) -> anyhow::Result<()> {
                 }
             })
         };
-        tracing::info!(lease, "campaigning for the MDS leadership");
-        let key = election.campaign(lease, &cfg.listen).await?;
+        // A lease that lapses while this MDS leads ends the process (its supervisor restarts
+        // it; writes are fenced anyway). One that lapses while it only campaigns (etcd out of
+        // reach a while: a partition, a member down) is replaced, and the campaign starts over.
+        const CAMPAIGNING: u8 = 0;
+        const ELECTED: u8 = 1;
+        const LAPSED: u8 = 2;
+        let key = loop {
+            let state = Arc::new(std::sync::atomic::AtomicU8::new(CAMPAIGNING));
+            let lapsed = Arc::new(tokio::sync::Notify::new());
+            let lease = loop {
+                let (state, lapsed) = (state.clone(), lapsed.clone());
+                match election
+                    .lease(cfg.election_ttl, move || {
+                        if state.swap(LAPSED, std::sync::atomic::Ordering::SeqCst) == ELECTED {
+                            tracing::error!("lost the MDS lease: exiting");
+                            std::process::exit(3);
+                        }
+                        lapsed.notify_one();
+                    })
+                    .await
+                {
+                    Ok(l) => break l,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot reach etcd; retrying");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                }
+            };
+            tracing::info!(lease, "campaigning for the MDS leadership");
+            tokio::select! {
+                key = election.campaign(lease, &cfg.listen) => {
+                    let key = key?;
+                    if state
+                        .compare_exchange(
+                            CAMPAIGNING,
+                            ELECTED,
+                            std::sync::atomic::Ordering::SeqCst,
+                            std::sync::atomic::Ordering::SeqCst,
+                        )
+                        .is_ok()
+                    {
+                        break key;
+                    }
+                }
+                _ = lapsed.notified() => {}
+            }
+            tracing::warn!(
+                lease,
+                "the campaign's lease lapsed before it won: campaigning again with a new one"
+            );
+        };
         watcher.abort();
         store.fence_with(key);
         tracing::info!("elected MDS leader");

@@ -488,10 +488,7 @@ mod tests {
         c[2].full = false;
         let sets: Vec<_> = (1..=4).map(|i| cp(i, &[1, 2, 3], 1)).collect();
         let d = schedule(&c, &sets, &HashSet::new(), 0, &OPTS);
-        assert!(
-            d.iter().all(|d| d.change != Change::AddPeer(4)),
-            "{d:?}"
-        );
+        assert!(d.iter().all(|d| d.change != Change::AddPeer(4)), "{d:?}");
     }
 
     /// Leaders move only off copysets without client I/O lately: a transfer under I/O would

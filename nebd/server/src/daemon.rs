@@ -495,6 +495,10 @@ pub(crate) fn start(
     tokio::spawn({
         let state = state.clone();
         async move {
+            // A descriptor kept in reserve: when the process runs out (clients holding every
+            // one), it is given up for a control connection, served alone, so that the
+            // operator can still see and act on what is going on.
+            let mut spare = std::fs::File::open("/dev/null").ok();
             loop {
                 if *watch.borrow_and_update() {
                     tokio::select! {
@@ -507,9 +511,30 @@ pub(crate) fn start(
                     _ = watch.changed() => continue,
                     r = listener.accept() => match r {
                         Ok(x) => x,
+                        Err(e) if out_of_descriptors(&e) && spare.is_some() => {
+                            tracing::warn!(
+                                error = %e,
+                                "out of file descriptors: a control connection gets the spare one"
+                            );
+                            drop(spare.take());
+                            if let Ok(Ok((stream, _))) =
+                                tokio::time::timeout(Duration::from_secs(1), listener.accept()).await
+                            {
+                                let served = tokio::time::timeout(
+                                    Duration::from_secs(30),
+                                    serve_control(stream, &state, &stop),
+                                );
+                                let _ = served.await;
+                            }
+                            spare = std::fs::File::open("/dev/null").ok();
+                            continue;
+                        }
                         Err(e) => {
                             tracing::warn!(error = %e, "control accept failed");
                             tokio::time::sleep(Duration::from_millis(50)).await;
+                            if spare.is_none() {
+                                spare = std::fs::File::open("/dev/null").ok();
+                            }
                             continue;
                         }
                     },
@@ -525,6 +550,11 @@ pub(crate) fn start(
         }
     });
     Ok(state)
+}
+
+/// Whether an accept failed for want of file descriptors (the process's or the system's).
+fn out_of_descriptors(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
 }
 
 async fn serve_control(
