@@ -9,9 +9,11 @@
 //!  metacache  segment -> chunk ids + copysets, copyset -> peers + leader
 //!  chunk      connections to chunkservers, leader discovery (GetLeader)
 //!  qos        per-volume token buckets (IOPS and bandwidth, read/write/total, burst)
+//!  budget     bytes in flight, per volume and per process: over them callers wait
 //!  device     CurveDevice: a Volume as a curve_blockdev::BlockDevice, for every frontend
 //! ```
 
+pub mod budget;
 pub mod chunk;
 pub mod device;
 pub mod iotracker;

@@ -23,6 +23,7 @@ use curve_proto::chunk::{
 use curve_proto::mds::{FileInfo, MdsStatus, Segment};
 use parking_lot::RwLock;
 
+use crate::budget::{self, ByteBudget};
 use crate::chunk::Connections;
 use crate::iotracker::{IoTracker, Part};
 use crate::mds::{MdsClient, MdsError};
@@ -62,6 +63,9 @@ pub struct VolumeOptions {
     /// A clone open for writing copies its source in the background at this many bytes per
     /// second (the seed's CloneManager), then flattens it; 0: never.
     pub fill_rate: u64,
+    /// Bytes of reads and writes in flight on this volume; more wait (besides the process's
+    /// budget, [`crate::budget::PROCESS`]).
+    pub max_inflight_bytes: u64,
 }
 
 impl VolumeOptions {
@@ -83,6 +87,7 @@ impl VolumeOptions {
             key: None,
             fill: false,
             fill_rate: 8 << 20,
+            max_inflight_bytes: crate::budget::VOLUME_DEFAULT,
         }
     }
 
@@ -144,6 +149,8 @@ struct Inner {
     cache: MetaCache,
     conns: Arc<Connections>,
     qos: Limiter,
+    /// Bytes in flight on this volume.
+    budget: ByteBudget,
     closed: AtomicBool,
     /// Serialises `close` with the refresh loop's reopen: a refresh that was in flight while
     /// the volume closed must not open the session again.
@@ -241,6 +248,7 @@ impl Volume {
                 cache: MetaCache::default(),
                 conns,
                 qos: Limiter::default(),
+                budget: ByteBudget::new(opts.max_inflight_bytes),
                 closed: AtomicBool::new(false),
                 session_op: tokio::sync::Mutex::new(()),
                 opts,
@@ -310,6 +318,17 @@ impl Volume {
         self.inner.info.read().length
     }
 
+    /// This volume's budget of bytes in flight (what it holds now, its peak).
+    pub fn inflight(&self) -> &ByteBudget {
+        &self.inner.budget
+    }
+
+    /// Holds `bytes` of the volume's budget, then of the process's (always in that order).
+    async fn hold(&self, bytes: u64) -> (budget::Held<'_>, budget::Held<'static>) {
+        let own = self.inner.budget.take(bytes).await;
+        (own, budget::PROCESS.take(bytes).await)
+    }
+
     fn check(&self, offset: u64, len: u64) -> Result<(), ClientError> {
         let size = self.size();
         match offset.checked_add(len) {
@@ -322,6 +341,7 @@ impl Volume {
     pub async fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), ClientError> {
         self.check(offset, buf.len() as u64)?;
         self.inner.qos.admit(false, buf.len() as u64).await;
+        let _held = self.hold(buf.len() as u64).await;
         let (chunk, max) = self.geometry();
         let mut tracker = IoTracker::new(offset, buf.len() as u64, chunk, max);
         let parts = tracker.parts().to_vec();
@@ -352,6 +372,7 @@ impl Volume {
             return Err(ClientError::ReadOnly(self.inner.path.clone()));
         }
         self.inner.qos.admit(true, buf.len() as u64).await;
+        let _held = self.hold(buf.len() as u64).await;
         let (chunk, max) = self.geometry();
         let mut tracker = IoTracker::new(offset, buf.len() as u64, chunk, max);
         let results = futures::future::join_all(tracker.parts().iter().map(|p| {

@@ -494,10 +494,23 @@ impl MiniCluster {
         .unwrap_or_else(|e| panic!("create {path}: {e}"));
     }
 
+    /// Client options for this cluster as root (the admin key).
+    pub fn volume_options(&self) -> curve_client::VolumeOptions {
+        let key = std::sync::Arc::new(curve_auth::UserKey::load(&self.admin_key).unwrap());
+        curve_client::VolumeOptions::new(self.mds_addrs(), "curve").with_key(Some(key))
+    }
+
     /// Opens a volume through the client library as root (on the caller's runtime).
     pub async fn open_volume(&self, path: &str) -> curve_client::Volume {
-        let key = std::sync::Arc::new(curve_auth::UserKey::load(&self.admin_key).unwrap());
-        let opts = curve_client::VolumeOptions::new(self.mds_addrs(), "curve").with_key(Some(key));
+        self.open_volume_with(path, self.volume_options()).await
+    }
+
+    /// [`MiniCluster::open_volume`] with `opts`.
+    pub async fn open_volume_with(
+        &self,
+        path: &str,
+        opts: curve_client::VolumeOptions,
+    ) -> curve_client::Volume {
         curve_client::Volume::open(
             path,
             opts,

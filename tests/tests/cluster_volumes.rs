@@ -469,3 +469,70 @@ fn pipelined_maximum_size_writes_keep_nebd_server_memory_bounded() {
     // sent would all be held, twice.
     assert!(peak < 384 << 20, "peak RSS {} MiB", peak >> 20);
 }
+
+/// A caller of the client library that issues without bound (48 concurrent 1 MiB writes, then
+/// 48 reads) is held to the volume's budget of bytes in flight: with 8 MiB, at most 8 MiB is
+/// ever in flight and every request completes (backpressure, no error) with its data intact;
+/// the same load on a volume with the default budget puts all 48 MiB in flight at once.
+#[test]
+fn the_client_holds_no_more_than_its_budget_in_flight() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cluster = MiniCluster::start(tmp.path(), 1, false);
+    cluster.create_volume("/small", 256 << 20);
+    cluster.create_volume("/default", 256 << 20);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut opts = cluster.volume_options();
+    opts.max_inflight_bytes = 8 << 20;
+    let small = rt.block_on(cluster.open_volume_with("/small", opts));
+    let default = rt.block_on(cluster.open_volume("/default"));
+    const N: u64 = 48;
+    let pattern = |i: u64| vec![(i as u8).wrapping_mul(7).wrapping_add(1); 1 << 20];
+    for v in [&small, &default] {
+        let writes = (0..N).map(|i| {
+            let v = v.clone();
+            async move { v.write(i << 20, &pattern(i)).await }
+        });
+        let done = rt.block_on(async {
+            tokio::time::timeout(Duration::from_secs(300), futures::future::join_all(writes))
+                .await
+                .expect("48 writes of 1 MiB within 300 s")
+        });
+        for (i, r) in done.into_iter().enumerate() {
+            r.unwrap_or_else(|e| panic!("{}: write {i}: {e}", v.path()));
+        }
+        let reads = (0..N).map(|i| {
+            let v = v.clone();
+            async move {
+                let mut buf = vec![0u8; 1 << 20];
+                v.read(i << 20, &mut buf).await.map(|_| buf)
+            }
+        });
+        let done = rt.block_on(async {
+            tokio::time::timeout(Duration::from_secs(300), futures::future::join_all(reads))
+                .await
+                .expect("48 reads of 1 MiB within 300 s")
+        });
+        for (i, r) in done.into_iter().enumerate() {
+            let buf = r.unwrap_or_else(|e| panic!("{}: read {i}: {e}", v.path()));
+            assert!(
+                buf == pattern(i as u64),
+                "{}: block {i} reads back",
+                v.path()
+            );
+        }
+        assert_eq!(v.inflight().held(), 0, "{}: nothing held after", v.path());
+    }
+    let (peak_small, peak_default) = (small.inflight().peak(), default.inflight().peak());
+    println!("peak bytes in flight: budget 8 MiB {peak_small}, default budget {peak_default}");
+    assert!(peak_small <= 8 << 20, "the 8 MiB budget held: {peak_small}");
+    assert_eq!(
+        peak_default,
+        N << 20,
+        "without a small budget all 48 MiB go at once"
+    );
+    assert!(curve_client::budget::PROCESS.peak() <= curve_client::budget::PROCESS.total());
+    rt.block_on(async {
+        small.close().await.unwrap();
+        default.close().await.unwrap();
+    });
+}

@@ -30,8 +30,7 @@ fn runtime() -> tokio::runtime::Runtime {
 }
 
 fn options(cluster: &MiniCluster) -> VolumeOptions {
-    let key = curve_auth::UserKey::load(&cluster.admin_key).unwrap();
-    let mut o = VolumeOptions::new(cluster.mds_addrs(), "").with_key(Some(Arc::new(key)));
+    let mut o = cluster.volume_options();
     o.fill_rate = 0; // the tests flatten explicitly
     o
 }
