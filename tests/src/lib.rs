@@ -10,6 +10,7 @@ pub mod cluster;
 pub mod guest;
 pub mod nbd;
 pub mod netbed;
+pub mod wire;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};

@@ -4,8 +4,9 @@
 //! taking its link down (both directions, as a pulled cable), and healed by bringing it up.
 //! A host can also lose packets (nftables drops a share of what it sends and receives, at
 //! random) or sit behind a slow link (a token bucket on both ends of its link: bandwidth, and
-//! the queueing delay of a congested link). This kernel has no netem, so a fixed delay is not
-//! among the faults; a slow link delays whatever queues behind it.
+//! the queueing delay of a congested link), or behind a delay line (every frame held a fixed
+//! time each way: this kernel has no netem, so the frames go through this process,
+//! [`crate::wire`]).
 //! Traffic stays in namespaces this bed created (the rules of these machines), and everything
 //! is deleted when the bed is dropped, even after a failed test.
 
@@ -28,6 +29,8 @@ pub struct NetBed {
     /// The hosts.
     pub hosts: Vec<Host>,
     bridge: String,
+    /// Delay lines in place, by host.
+    wires: parking_lot::Mutex<std::collections::HashMap<usize, crate::wire::Wire>>,
 }
 
 fn ip(args: &[&str]) {
@@ -56,6 +59,7 @@ impl NetBed {
         let mut bed = NetBed {
             hosts: Vec::new(),
             bridge: bridge.clone(),
+            wires: Default::default(),
         };
         ip(&["link", "add", &bridge, "type", "bridge"]);
         ip(&["addr", "add", &format!("{subnet}.254/24"), "dev", &bridge]);
@@ -147,8 +151,25 @@ impl NetBed {
         tc(Some(&self.hosts[i].ns), &host);
     }
 
-    /// Undoes [`NetBed::loss`] and [`NetBed::slow`] on host `i`.
+    /// Every frame host `i` sends or receives is held `delay` on its way (a delay line in this
+    /// process takes the place of its link's bridge port), until [`NetBed::clear`].
+    pub fn delay(&self, i: usize, delay: std::time::Duration) {
+        let mut wires = self.wires.lock();
+        assert!(!wires.contains_key(&i), "host {i} has a delay line already");
+        let link = &self.hosts[i].link;
+        let tap = link.replacen('r', "d", 1);
+        ip(&["link", "set", link, "nomaster"]);
+        wires.insert(i, crate::wire::Wire::start(link, &tap, delay));
+        ip(&["link", "set", &tap, "master", &self.bridge]);
+        ip(&["link", "set", &tap, "up"]);
+    }
+
+    /// Undoes [`NetBed::loss`], [`NetBed::slow`] and [`NetBed::delay`] on host `i`.
     pub fn clear(&self, i: usize) {
+        if let Some(wire) = self.wires.lock().remove(&i) {
+            drop(wire); // its TAP device goes with it
+            ip(&["link", "set", &self.hosts[i].link, "master", &self.bridge]);
+        }
         let ns = &self.hosts[i].ns;
         let _ = Command::new("ip")
             .args(["netns", "exec", ns, "nft", "delete table inet curvebed"])
@@ -192,6 +213,7 @@ fn tc(ns: Option<&str>, args: &[&str]) {
 
 impl Drop for NetBed {
     fn drop(&mut self) {
+        self.wires.lock().clear();
         for h in &self.hosts {
             let _ = Command::new("ip").args(["netns", "del", &h.ns]).status();
         }

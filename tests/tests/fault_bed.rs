@@ -2,10 +2,14 @@
 //! running an etcd member, an MDS and a chunkserver, and part2 on a fourth host exporting a
 //! volume over NBD to fio, which writes and verifies while faults hit the hosts one after the
 //! other: kill -9 and SIGSTOP of the leader of the written copyset, a partition of its host
-//! (with that host's MDS and etcd member), packet loss and a slow link there, a partition of
-//! the leading MDS's host, and a partition of part2's own host. fio sees pauses only: no error, every block verifies, and the longest
-//! write of each fault (QD1: its stall) is printed — the figures in docs/benchmarks.md.
+//! (with that host's MDS and etcd member), packet loss, a slow link and a 100 ms delay each way
+//! there, a partition of the leading MDS's host, and a partition of part2's own host. fio sees
+//! pauses only: no error, every block verifies, and the longest write of each fault (QD1: its
+//! stall) is printed — the figures in docs/benchmarks.md. And the bed's delay line on its own:
+//! every frame held, bulk data whole.
 
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
 use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -27,6 +31,8 @@ enum Fault {
     Loss,
     /// The leader's host behind a 1 Mbit/s link with a 500 ms queue.
     SlowLink,
+    /// Every frame to and from the leader's host held 100 ms.
+    Delay,
     /// part2's host off the network: nothing can be served, fio waits.
     PartitionPart2,
     /// The leading MDS's host (MDS, etcd member, chunkserver) off the network.
@@ -69,6 +75,7 @@ fn three_hosts_and_part2_on_a_fourth_ride_out_every_fault_under_fio_verify() {
         Fault::Partition,
         Fault::Loss,
         Fault::SlowLink,
+        Fault::Delay,
         Fault::PartitionMdsLeader,
         Fault::PartitionPart2,
     ];
@@ -122,6 +129,7 @@ fn three_hosts_and_part2_on_a_fourth_ride_out_every_fault_under_fio_verify() {
             }
             Fault::Loss => bed.loss(i, 10),
             Fault::SlowLink => bed.slow(i, "1mbit", "500ms"),
+            Fault::Delay => bed.delay(i, Duration::from_millis(100)),
         }
         std::thread::sleep(Duration::from_secs(5).saturating_sub(t0.elapsed()));
         match fault {
@@ -131,7 +139,7 @@ fn three_hosts_and_part2_on_a_fourth_ride_out_every_fault_under_fio_verify() {
                 libc::kill(pid, libc::SIGCONT);
             },
             Fault::Partition | Fault::PartitionMdsLeader | Fault::PartitionPart2 => bed.heal(i),
-            Fault::Loss | Fault::SlowLink => bed.clear(i),
+            Fault::Loss | Fault::SlowLink | Fault::Delay => bed.clear(i),
         }
         // The supervisor's part: an MDS that lost its leadership lease while cut off exits
         // (by design: it stops answering as a leader); it is started again.
@@ -160,4 +168,97 @@ fn three_hosts_and_part2_on_a_fourth_ride_out_every_fault_under_fio_verify() {
     drop(part2);
     drop(cluster);
     drop(bed);
+}
+
+/// A listener in host `ns` of the bed (the thread enters the namespace to bind it).
+fn listen_in(ns: &str, ip: &str) -> TcpListener {
+    let (ns, ip) = (ns.to_string(), ip.to_string());
+    std::thread::spawn(move || {
+        let f = std::fs::File::open(format!("/var/run/netns/{ns}")).expect("the bed's netns");
+        // SAFETY: moves only this thread into the namespace.
+        let r = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) };
+        assert_eq!(r, 0, "setns: {}", std::io::Error::last_os_error());
+        TcpListener::bind((ip.as_str(), 0)).expect("bind in the host")
+    })
+    .join()
+    .unwrap()
+}
+
+/// The longest of 10 round trips of one byte on `s`.
+fn round_trips(s: &mut TcpStream) -> Duration {
+    let mut worst = Duration::ZERO;
+    for _ in 0..10 {
+        let t = Instant::now();
+        s.write_all(b"x").unwrap();
+        let mut b = [0u8];
+        s.read_exact(&mut b).unwrap();
+        worst = worst.max(t.elapsed());
+    }
+    worst
+}
+
+#[test]
+fn the_delay_line_holds_every_frame_and_carries_bulk_data_whole() {
+    let bed = NetBed::new(1);
+    let listener = listen_in(&bed.hosts[0].ns, &bed.hosts[0].ip);
+    let addr = listener.local_addr().unwrap();
+    // The host echoes: bytes back one for one, or a bulk payload's checksum.
+    let server = std::thread::spawn(move || {
+        for _ in 0..2 {
+            let (mut c, _) = listener.accept().unwrap();
+            let mut b = [0u8; 1 << 16];
+            let mut sum = 0u64;
+            loop {
+                let n = c.read(&mut b).unwrap();
+                if n == 0 {
+                    break;
+                }
+                if n == 1 && b[0] == b'x' {
+                    c.write_all(b"x").unwrap();
+                    continue;
+                }
+                sum = b[..n]
+                    .iter()
+                    .fold(sum, |s, &x| s.wrapping_mul(31).wrapping_add(x as u64));
+            }
+            let _ = c.write_all(&sum.to_le_bytes());
+        }
+    });
+    let timeout = Some(Duration::from_secs(30));
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(10)).unwrap();
+    s.set_read_timeout(timeout).unwrap();
+    s.set_nodelay(true).unwrap();
+    let direct = round_trips(&mut s);
+    bed.delay(0, Duration::from_millis(100));
+    let delayed = round_trips(&mut s);
+    // Each frame held 100 ms each way: no round trip under 200 ms.
+    println!("longest round trip: direct {direct:?}, through a 100 ms delay line {delayed:?}");
+    assert!(delayed >= Duration::from_millis(200), "{delayed:?}");
+    drop(s);
+    // 16 MiB over the delayed link (segmentation offload passes the line): every byte arrives.
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(10)).unwrap();
+    s.set_read_timeout(timeout).unwrap();
+    let data: Vec<u8> = (0..16u32 << 20)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    let want = data
+        .iter()
+        .fold(0u64, |s, &x| s.wrapping_mul(31).wrapping_add(x as u64));
+    s.write_all(&data).unwrap();
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut got = [0u8; 8];
+    s.read_exact(&mut got).unwrap();
+    assert_eq!(
+        u64::from_le_bytes(got),
+        want,
+        "16 MiB through the delay line"
+    );
+    server.join().unwrap();
+    bed.clear(0);
+    // The host's link is back on the bridge.
+    let listener = listen_in(&bed.hosts[0].ns, &bed.hosts[0].ip);
+    let addr = listener.local_addr().unwrap();
+    let t = std::thread::spawn(move || listener.accept().map(|_| ()));
+    TcpStream::connect_timeout(&addr, Duration::from_secs(10)).expect("connected after clear");
+    t.join().unwrap().unwrap();
 }

@@ -119,6 +119,10 @@ pub struct CopysetNode {
     /// Bytes of client writes submitted to raft and not answered yet (see
     /// [`MAX_WRITING_BYTES`]).
     pub writing: std::sync::atomic::AtomicU64,
+    /// The leader lost its quorum and steps down (see [`check_quorum`]): its AppendEntries
+    /// are held back so that the followers' leases run out, and writes and reads here are
+    /// redirected at once.
+    pub stepping_down: Arc<std::sync::atomic::AtomicBool>,
     /// While leader: when a quorum last acknowledged it (from its metrics, as received).
     quorum_ack: Arc<parking_lot::Mutex<Option<std::time::Instant>>>,
     /// How long after a quorum's acknowledgement the leader may serve reads alone (half the
@@ -219,6 +223,7 @@ impl CopysetNode {
         }
         .validate()
         .map_err(|e| e.to_string())?;
+        let stepping_down: Arc<std::sync::atomic::AtomicBool> = Arc::default();
         let raft = Raft::new(
             node_id,
             Arc::new(config),
@@ -228,6 +233,7 @@ impl CopysetNode {
                 ring: opts.ring.clone(),
                 budget: log.append_budget(),
                 append_timeout: std::time::Duration::from_millis(opts.heartbeat_ms),
+                hold: stepping_down.clone(),
             },
             log,
             sm.clone(),
@@ -265,6 +271,13 @@ impl CopysetNode {
                 }
             });
         }
+        tokio::spawn(check_quorum(
+            Arc::downgrade(&raft),
+            quorum_ack.clone(),
+            stepping_down.clone(),
+            opts.clone(),
+            (pool, copyset),
+        ));
         Ok(CopysetNode {
             pool,
             copyset,
@@ -273,6 +286,7 @@ impl CopysetNode {
             metrics: crate::metrics::IoMetrics::copyset(pool, copyset),
             transferring: Default::default(),
             writing: Default::default(),
+            stepping_down,
             quorum_ack,
             lease: std::time::Duration::from_millis(opts.election_ms.0 / 2),
         })
@@ -281,7 +295,7 @@ impl CopysetNode {
     /// Whether this replica leads under a valid lease: a quorum acknowledged it recently
     /// enough that no other leader can exist, so it may answer reads without a round trip.
     pub fn lease_valid(&self) -> bool {
-        if self.transferring.load(std::sync::atomic::Ordering::Acquire) {
+        if self.transferring.load(std::sync::atomic::Ordering::Acquire) || self.stepping_down() {
             return false;
         }
         self.quorum_ack
@@ -289,9 +303,78 @@ impl CopysetNode {
             .is_some_and(|t| t.elapsed() < self.lease)
     }
 
+    /// Whether this replica is giving up a leadership it cannot use (no quorum reached it).
+    pub fn stepping_down(&self) -> bool {
+        self.stepping_down
+            .load(std::sync::atomic::Ordering::Acquire)
+    }
+
     /// The chunks of this copyset on this replica.
     pub fn store(&self) -> &Arc<DataStore> {
         self.sm.store()
+    }
+}
+
+/// CheckQuorum, as etcd's raft has it and openraft 0.9 has not: a leader that no quorum has
+/// acknowledged for three minimum election timeouts steps down. Without it a leader whose
+/// links are slow — every AppendEntries answered after openraft's timeout (its heartbeat
+/// interval), yet delivered, so the followers keep it — holds the copyset without committing
+/// anything for as long as the links stay slow. Stepping down, it sends nothing for up to twice
+/// that time (replication is held back in the network, writes and reads are redirected): the
+/// followers' leases run out and one that reaches the other leads; or, if none can, it goes on.
+async fn check_quorum(
+    raft: std::sync::Weak<Raft<TypeConfig>>,
+    quorum_ack: Arc<parking_lot::Mutex<Option<std::time::Instant>>>,
+    stepping_down: Arc<std::sync::atomic::AtomicBool>,
+    opts: CopysetOptions,
+    (pool, copyset): (u32, u32),
+) {
+    use std::sync::atomic::Ordering;
+    use std::time::{Duration, Instant};
+    let stale = Duration::from_millis(3 * opts.election_ms.0);
+    let period = Duration::from_millis(2 * opts.heartbeat_ms);
+    let mut leader_since: Option<(u64, Instant)> = None;
+    loop {
+        tokio::time::sleep(period).await;
+        let Some(r) = raft.upgrade() else { return };
+        let m = r.metrics().borrow().clone();
+        let others = m
+            .membership_config
+            .membership()
+            .voter_ids()
+            .filter(|v| *v != m.id)
+            .count();
+        if m.current_leader != Some(m.id) || others == 0 {
+            leader_since = None;
+            continue;
+        }
+        let since = match leader_since {
+            Some((term, at)) if term == m.current_term => at,
+            _ => {
+                let at = Instant::now();
+                leader_since = Some((m.current_term, at));
+                at
+            }
+        };
+        let acked = quorum_ack.lock().map_or(since, |a| a.max(since));
+        if acked.elapsed() < stale {
+            continue;
+        }
+        tracing::warn!(
+            pool,
+            copyset,
+            term = m.current_term,
+            since_ms = acked.elapsed().as_millis() as u64,
+            "no quorum acknowledged this leader: stepping down for a replica that reaches the others"
+        );
+        stepping_down.store(true, Ordering::Release);
+        let deadline = Instant::now() + 2 * stale;
+        while Instant::now() < deadline && r.metrics().borrow().current_leader == Some(m.id) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        stepping_down.store(false, Ordering::Release);
+        leader_since = None;
+        drop(r);
     }
 }
 

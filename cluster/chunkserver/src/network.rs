@@ -34,6 +34,9 @@ pub struct CopysetNetwork {
     pub budget: Arc<crate::raftlog::AppendBudget>,
     /// openraft's timeout of an AppendEntries (its heartbeat interval).
     pub append_timeout: std::time::Duration,
+    /// Set: the leader steps down, its AppendEntries are not sent (see
+    /// [`crate::copyset::CopysetNode::stepping_down`]).
+    pub hold: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// A connection to one peer of a copyset.
@@ -47,6 +50,7 @@ pub struct PeerConnection {
     ring: Option<curve_auth::SharedKeyring>,
     budget: Arc<crate::raftlog::AppendBudget>,
     append_timeout: std::time::Duration,
+    hold: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// An AppendEntries with entries in flight: how long it takes tells the copyset's budget
@@ -92,6 +96,7 @@ impl RaftNetworkFactory<TypeConfig> for CopysetNetwork {
             ring: self.ring.clone(),
             budget: self.budget.clone(),
             append_timeout: self.append_timeout,
+            hold: self.hold.clone(),
         }
     }
 }
@@ -222,6 +227,11 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
         req: AppendEntriesRequest<TypeConfig>,
         _option: RPCOption,
     ) -> Result<AppendEntriesResponse<u64>, RPCError<u64, BasicNode, RaftError<u64>>> {
+        if self.hold.load(std::sync::atomic::Ordering::Acquire) {
+            return Err(unreachable(&std::io::Error::other(
+                "held back: this leader is stepping down (no quorum reached it)",
+            )));
+        }
         if !self.protobuf() {
             return self.call_bincode(Kind::Append, &req).await;
         }

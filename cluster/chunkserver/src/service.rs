@@ -234,6 +234,9 @@ impl ChunkServerServices {
         if before > 0 && before + bytes > crate::copyset::MAX_WRITING_BYTES {
             return reply(ChunkStatus::Overload);
         }
+        if node.stepping_down() {
+            return reply(ChunkStatus::Redirected);
+        }
         // During a leadership transfer new writes wait a little, then retry on the leader.
         for _ in 0..400 {
             if !node.transferring.load(std::sync::atomic::Ordering::Acquire) {
@@ -268,6 +271,9 @@ impl ChunkServerServices {
         // and every write it acknowledged is applied (writes answer after apply).
         if node.lease_valid() {
             return Ok(());
+        }
+        if node.stepping_down() {
+            return Err(reply(ChunkStatus::Redirected));
         }
         match node.raft.ensure_linearizable().await {
             Ok(_) => Ok(()),
