@@ -149,6 +149,15 @@ fn three_hosts_and_part2_on_a_fourth_ride_out_every_fault_under_fio_verify() {
                 m.restart();
             }
         }
+        if *fault == Fault::Delay {
+            // Its round trips (200 ms) outlast openraft's AppendEntries timeout (the heartbeat
+            // interval): nothing it sends is acknowledged in time, and it gives way.
+            let log = cluster.chunkservers[i].log();
+            assert!(
+                log.contains("no quorum acknowledged this leader"),
+                "the leader behind the delay line stepped down: {log}"
+            );
+        }
         let out = fio.join().expect("fio ran: no error, every block verified");
         let (writes, longest, errors) = fio_report(&out);
         assert_eq!(errors, 0, "{fault:?}: {out}");
