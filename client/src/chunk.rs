@@ -36,6 +36,14 @@ impl Connections {
         ch
     }
 
+    /// Forgets the connection to `addr`: the next request opens a new one. After a timeout,
+    /// the old one may be deep in TCP's retransmission backoff (a link that was down: the
+    /// next retransmission seconds away), while a new connection is tried at once; requests
+    /// still on the old one finish there.
+    pub fn reset(&self, addr: &str) {
+        self.channels.lock().remove(addr);
+    }
+
     /// A ChunkService client of `addr`.
     pub fn chunk(&self, addr: &str) -> ChunkServiceClient<Channel> {
         ChunkServiceClient::new(self.channel(addr))
@@ -62,10 +70,14 @@ impl Connections {
                 }),
             )
             .await;
-            if let Ok(Ok(r)) = r
-                && let Some(l) = r.into_inner().leader.filter(|l| !l.address.is_empty())
-            {
-                return Some(l.address);
+            match r {
+                Ok(Ok(r)) => {
+                    if let Some(l) = r.into_inner().leader.filter(|l| !l.address.is_empty()) {
+                        return Some(l.address);
+                    }
+                }
+                Err(_) => self.reset(&p.address),
+                Ok(Err(_)) => {}
             }
         }
         None

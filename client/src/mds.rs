@@ -13,17 +13,28 @@ use tonic::transport::Channel;
 /// Calls `$method` (`$name` on the wire) with `$req` through [`MdsClient::call`] (leader
 /// following, failover), signed afresh for every attempt when the client has a key.
 macro_rules! rpc {
-    ($self:ident, $method:ident, $name:literal, $req:expr) => {{
+    ($self:ident, $method:ident, $name:literal, $req:expr) => {
+        rpc!($self, $method, $name, $req, SLOW_ATTEMPT)
+    };
+    ($self:ident, $method:ident, $name:literal, $req:expr, $attempt:expr) => {{
         let req = $req;
         let key = $self.key.clone();
         $self
-            .call(|mut c| {
+            .call_within($attempt, |mut c| {
                 let req = curve_auth::user_request(key.as_deref(), $name, req.clone());
                 async move { c.$method(req).await }
             })
             .await
     }};
 }
+
+/// How long one attempt of an MDS call may take (then the next goes on a new connection, to
+/// the next MDS): volume and snapshot operations.
+const SLOW_ATTEMPT: Duration = Duration::from_secs(10);
+/// The same for the lookups the I/O path waits on (segments, copysets, session refreshes,
+/// stat): a connection that was cut off may be seconds from its next TCP retransmission,
+/// and a new one is tried at once.
+const QUICK_ATTEMPT: Duration = Duration::from_secs(2);
 
 /// Why an MDS call failed.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -148,6 +159,16 @@ impl MdsClient {
         F: Fn(MdsServiceClient<Channel>) -> Fut,
         Fut: Future<Output = Result<tonic::Response<R>, tonic::Status>>,
     {
+        self.call_within(SLOW_ATTEMPT, f).await
+    }
+
+    /// [`MdsClient::call`], each attempt given up after `attempt`.
+    pub async fn call_within<R, F, Fut>(&self, attempt: Duration, f: F) -> Result<R, MdsError>
+    where
+        R: Reply,
+        F: Fn(MdsServiceClient<Channel>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<R>, tonic::Status>>,
+    {
         if self.addrs.is_empty() {
             return Err(MdsError::Unavailable("no MDS address".into()));
         }
@@ -161,13 +182,19 @@ impl MdsClient {
                     let addr = &self.addrs[c.index % self.addrs.len()];
                     let ep = curve_auth::tls::endpoint(addr)
                         .map_err(|e| MdsError::Unavailable(e.to_string()))?
-                        .connect_timeout(Duration::from_secs(1))
-                        .timeout(Duration::from_secs(10));
+                        .connect_timeout(Duration::from_secs(1));
                     c.client = Some(MdsServiceClient::new(ep.connect_lazy()));
                 }
                 c.client.clone().expect("set above")
             };
-            match f(client).await {
+            let answer = tokio::time::timeout(attempt, f(client))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(tonic::Status::deadline_exceeded(format!(
+                        "no answer in {attempt:?}"
+                    )))
+                });
+            match answer {
                 Ok(r) => {
                     let r = r.into_inner();
                     if r.status() == MdsStatus::NotLeader as i32 {
@@ -183,6 +210,7 @@ impl MdsClient {
                     }
                 }
                 Err(s) => {
+                    tracing::debug!(error = %s, "MDS call failed; trying the next");
                     last = s.to_string();
                     self.switch(None).await;
                 }
@@ -229,7 +257,7 @@ impl MdsClient {
             path: path.into(),
             owner: String::new(),
         };
-        Ok(rpc!(self, stat_file, "StatFile", req)?
+        Ok(rpc!(self, stat_file, "StatFile", req, QUICK_ATTEMPT)?
             .info
             .unwrap_or_default())
     }
@@ -355,7 +383,7 @@ impl MdsClient {
             snap_seq,
             fill,
         };
-        rpc!(self, refresh_session, "RefreshSession", req)
+        rpc!(self, refresh_session, "RefreshSession", req, QUICK_ATTEMPT)
     }
 
     /// Takes snapshot `name` of the volume at `path`; answers once the volume's writer (if
@@ -458,7 +486,7 @@ impl MdsClient {
             allocate,
             owner: owner.into(),
         };
-        match rpc!(self, get_or_allocate_segment, "GetOrAllocateSegment", req) {
+        match rpc!(self, get_or_allocate_segment, "GetOrAllocateSegment", req, QUICK_ATTEMPT) {
             Ok(r) => Ok(r.segment),
             Err(e) if !allocate && e.status() == Some(MdsStatus::Unallocated) => Ok(None),
             Err(e) => Err(e),
@@ -471,7 +499,7 @@ impl MdsClient {
             logical_pool_id: pool,
             copyset_ids: ids.to_vec(),
         };
-        Ok(rpc!(self, get_copysets, "GetCopysets", req)?.copysets)
+        Ok(rpc!(self, get_copysets, "GetCopysets", req, QUICK_ATTEMPT)?.copysets)
     }
 
     /// Chunkservers, copysets and operators in flight.

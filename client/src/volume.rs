@@ -845,6 +845,7 @@ impl Volume {
                         }
                         Err(_) => {
                             tracing::debug!(%leader, timeout = ?policy.timeout(), "chunk request timed out");
+                            inner.conns.reset(leader);
                             (Outcome::TimedOut, None)
                         }
                     }
@@ -885,6 +886,7 @@ impl Volume {
                             "chunk request still failing; retrying"
                         );
                     }
+                    tracing::debug!(pool, copyset, ?outcome, ?next, ?wait, "chunk request: retrying");
                     if !wait.is_zero() {
                         tokio::time::sleep(wait).await;
                     }

@@ -79,8 +79,16 @@ fn three_hosts_and_part2_on_a_fourth_ride_out_every_fault_under_fio_verify() {
         Fault::PartitionMdsLeader,
         Fault::PartitionPart2,
     ];
+    // CURVE_FAULTS=Kill,Delay runs only those (when looking into one).
+    let only = std::env::var("CURVE_FAULTS").ok();
     let mut figures = Vec::new();
     for (n, fault) in faults.iter().enumerate() {
+        if only
+            .as_ref()
+            .is_some_and(|o| !o.split(',').any(|f| f == format!("{fault:?}")))
+        {
+            continue;
+        }
         // Each fault gets a chunk of its own (one copyset), written QD1 for 14 s and then
         // verified; the fault lasts 5 s from the 4th second.
         let offset = n as u64 * (16 << 20);
@@ -118,6 +126,10 @@ fn three_hosts_and_part2_on_a_fourth_ride_out_every_fault_under_fio_verify() {
             .unwrap()
             .pid() as i32;
         let t0 = Instant::now();
+        let logs = std::env::var_os("CURVE_FAULTS_LOGS").is_some();
+        if logs {
+            println!("{} {fault:?} of host {i}", utc_now());
+        }
         match fault {
             Fault::Kill => cluster.chunkservers[i].kill9(),
             // SAFETY: signals a chunkserver this test started.
@@ -140,6 +152,9 @@ fn three_hosts_and_part2_on_a_fourth_ride_out_every_fault_under_fio_verify() {
             },
             Fault::Partition | Fault::PartitionMdsLeader | Fault::PartitionPart2 => bed.heal(i),
             Fault::Loss | Fault::SlowLink | Fault::Delay => bed.clear(i),
+        }
+        if logs {
+            println!("{} {fault:?} undone", utc_now());
         }
         // The supervisor's part: an MDS that lost its leadership lease while cut off exits
         // (by design: it stops answering as a leader); it is started again.
@@ -168,6 +183,9 @@ fn three_hosts_and_part2_on_a_fourth_ride_out_every_fault_under_fio_verify() {
             longest.as_secs_f64() * 1e3
         );
         figures.push((*fault, longest));
+        if logs {
+            println!("== part2's log\n{}", part2.log());
+        }
         cluster.wait_healthy(Duration::from_secs(120));
     }
     // Sanity only (the figures are what counts): each fault is a pause, not an outage.
@@ -177,6 +195,21 @@ fn three_hosts_and_part2_on_a_fourth_ride_out_every_fault_under_fio_verify() {
     drop(part2);
     drop(cluster);
     drop(bed);
+}
+
+/// The time of day (UTC) as the daemons' logs write it.
+fn utc_now() -> String {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    let s = t.as_secs() % 86400;
+    format!(
+        "{:02}:{:02}:{:02}.{:03}",
+        s / 3600,
+        s / 60 % 60,
+        s % 60,
+        t.subsec_millis()
+    )
 }
 
 /// A listener in host `ns` of the bed (the thread enters the namespace to bind it).
