@@ -486,7 +486,13 @@ impl MdsClient {
             allocate,
             owner: owner.into(),
         };
-        match rpc!(self, get_or_allocate_segment, "GetOrAllocateSegment", req, QUICK_ATTEMPT) {
+        match rpc!(
+            self,
+            get_or_allocate_segment,
+            "GetOrAllocateSegment",
+            req,
+            QUICK_ATTEMPT
+        ) {
             Ok(r) => Ok(r.segment),
             Err(e) if !allocate && e.status() == Some(MdsStatus::Unallocated) => Ok(None),
             Err(e) => Err(e),

@@ -886,7 +886,14 @@ impl Volume {
                             "chunk request still failing; retrying"
                         );
                     }
-                    tracing::debug!(pool, copyset, ?outcome, ?next, ?wait, "chunk request: retrying");
+                    tracing::debug!(
+                        pool,
+                        copyset,
+                        ?outcome,
+                        ?next,
+                        ?wait,
+                        "chunk request: retrying"
+                    );
                     if !wait.is_zero() {
                         tokio::time::sleep(wait).await;
                     }

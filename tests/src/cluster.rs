@@ -104,6 +104,10 @@ impl Etcd {
                     &initial.join(","),
                     "--initial-cluster-state",
                     "new",
+                    // A member cut off and back must not depose the leader with the term it
+                    // raised alone (etcd 3.5's default; 3.4, Debian's, has it off): without
+                    // it, a healed partition stalled the MDS's lease keep-alive past its TTL.
+                    "--pre-vote",
                     "--log-level",
                     "warn",
                 ]);

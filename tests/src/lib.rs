@@ -344,13 +344,10 @@ fn spawn_part2(dir: &Path, args: &[String], incarnation: u32, host: &cluster::On
         None => Command::new(bin("nebd-server")),
         Some((bed, i)) => bed.command(*i, &bin("nebd-server")),
     };
-    cmd.arg("--run-dir")
-        .arg(dir.join("run"))
-        .args(args)
-        .env(
-            "RUST_LOG",
-            std::env::var("CURVE_PART2_LOG").unwrap_or_else(|_| "info,curve_nbd=debug".into()),
-        );
+    cmd.arg("--run-dir").arg(dir.join("run")).args(args).env(
+        "RUST_LOG",
+        std::env::var("CURVE_PART2_LOG").unwrap_or_else(|_| "info,curve_nbd=debug".into()),
+    );
     let mut daemon = Daemon::spawn(cmd, &dir.join(log_name(incarnation)));
     let sock = dir.join("run/control.sock");
     let up = wait_until(Duration::from_secs(20), || {

@@ -161,6 +161,19 @@ fn three_hosts_and_part2_on_a_fourth_ride_out_every_fault_under_fio_verify() {
         for m in &mut cluster.mds {
             if m.daemon.as_mut().is_some_and(|d| !d.running()) {
                 println!("{fault:?}: the MDS at {} exited; restarted", m.addr);
+                if logs {
+                    let log = m.log();
+                    let tail: Vec<&str> = log
+                        .lines()
+                        .filter(|l| !l.contains(" INFO ") && !l.starts_with(' '))
+                        .rev()
+                        .take(8)
+                        .collect();
+                    println!(
+                        "== its log, last lines but INFO\n{}",
+                        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                    );
+                }
                 m.restart();
             }
         }

@@ -39,9 +39,16 @@ pub async fn connect(endpoints: &[String]) -> Result<Client, StoreError> {
     if eps.is_empty() {
         return Err(StoreError::Backend("no etcd endpoint".into()));
     }
+    // A member cut off from the others must not hold our requests (or the lease keep-alive
+    // stream) until the request timeout: it answers "no leader" at once (require_leader). A
+    // connection to a member that went silent is found dead by HTTP/2 pings (every 6 s: etcd
+    // closes connections that ping more often than its --grpc-keepalive-min-time, 5 s).
     let opts = ConnectOptions::new()
-        .with_connect_timeout(Duration::from_secs(2))
-        .with_timeout(Duration::from_secs(5));
+        .with_connect_timeout(Duration::from_secs(1))
+        .with_timeout(Duration::from_secs(5))
+        .with_keep_alive(Duration::from_secs(6), Duration::from_secs(2))
+        .with_keep_alive_while_idle(true)
+        .with_require_leader(true);
     Client::connect(eps, Some(opts)).await.map_err(backend)
 }
 
@@ -281,10 +288,24 @@ impl Election {
                         rev: l.rev(),
                     });
                 }
-                Err(err) if retryable(&err) => {
+                // A campaign outlives connections (a member restarted, partitioned or closing
+                // ours): only a refusal ends it; anything else is tried again.
+                Err(etcd_client::Error::GRpcStatus(s))
+                    if matches!(
+                        s.code(),
+                        tonic::Code::InvalidArgument
+                            | tonic::Code::PermissionDenied
+                            | tonic::Code::Unauthenticated
+                    ) =>
+                {
+                    return Err(backend(etcd_client::Error::GRpcStatus(s)));
+                }
+                Err(err) => {
+                    if !retryable(&err) {
+                        tracing::warn!(error = %err, "campaign interrupted; campaigning again");
+                    }
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
-                Err(err) => return Err(backend(err)),
             }
         }
     }
