@@ -191,6 +191,8 @@ impl EtcdStore {
 pub struct Election {
     client: Client,
     name: Vec<u8>,
+    /// The etcd endpoints: a lease keep-alive that failed goes on over a new connection.
+    endpoints: Vec<String>,
 }
 
 impl std::fmt::Debug for Election {
@@ -214,10 +216,11 @@ fn retryable(e: &etcd_client::Error) -> bool {
 
 impl Election {
     /// An election called `name` on etcd.
-    pub fn new(client: &Client, name: &str) -> Self {
+    pub fn new(client: &Client, name: &str, endpoints: &[String]) -> Self {
         Election {
             client: client.clone(),
             name: name.as_bytes().to_vec(),
+            endpoints: endpoints.to_vec(),
         }
     }
 
@@ -233,6 +236,7 @@ impl Election {
         let id = lease.grant(ttl_s, None).await.map_err(backend)?.id();
         let every = Duration::from_millis((ttl_s as u64 * 1000 / 3).max(100));
         let ttl = Duration::from_secs(ttl_s as u64);
+        let endpoints = self.endpoints.clone();
         tokio::spawn(async move {
             let mut last_ok = tokio::time::Instant::now();
             loop {
@@ -256,6 +260,12 @@ impl Election {
                     },
                     Ok(Err(e)) => tracing::warn!(error = %e, "lease keep-alive failed"),
                     Err(_) => tracing::warn!("lease keep-alive timed out"),
+                }
+                // The connection it went on may lead to a member that is cut off (silent until
+                // an HTTP/2 ping fails, seconds from now): go on over a new one, which reaches
+                // the members that answer.
+                if let Ok(c) = connect(&endpoints).await {
+                    lease = c.lease_client();
                 }
                 // Give up before etcd does (half a second early, at least half the TTL): a new
                 // leader may be elected as soon as the lease expires there. Writes are fenced
