@@ -311,7 +311,7 @@ impl Cluster {
                     "a replica no longer in its copyset is deleted"
                 );
                 out.removals.push(CopysetRemoval {
-                    key: Some(key.clone()),
+                    key: Some(*key),
                     epoch,
                 });
                 continue;
