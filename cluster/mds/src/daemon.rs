@@ -131,11 +131,8 @@ async fn become_leader(cfg: Config, role: Arc<Role>) -> anyhow::Result<()> {
             }
         };
         let store = crate::etcd::EtcdStore::new(&client, &cfg.etcd_prefix);
-        let election = crate::etcd::Election::new(
-            &client,
-            &format!("{}election", cfg.etcd_prefix),
-            &cfg.etcd,
-        );
+        let election =
+            crate::etcd::Election::new(&client, &format!("{}election", cfg.etcd_prefix), &cfg.etcd);
         // Track the leader for NOT_LEADER answers while campaigning.
         let watcher = {
             let (election, role) = (election.clone(), role.clone());
