@@ -16,6 +16,8 @@ use tonic::transport::Channel;
 #[derive(Debug, Default)]
 pub struct Connections {
     channels: Mutex<HashMap<String, Channel>>,
+    /// When each address last answered anything.
+    answered: Mutex<HashMap<String, std::time::Instant>>,
 }
 
 impl Connections {
@@ -36,11 +38,27 @@ impl Connections {
         ch
     }
 
-    /// Forgets the connection to `addr`: the next request opens a new one. After a timeout,
-    /// the old one may be deep in TCP's retransmission backoff (a link that was down: the
-    /// next retransmission seconds away), while a new connection is tried at once; requests
-    /// still on the old one finish there.
-    pub fn reset(&self, addr: &str) {
+    /// Notes that `addr` answered.
+    pub fn answered(&self, addr: &str) {
+        let now = std::time::Instant::now();
+        let mut m = self.answered.lock();
+        match m.get_mut(addr) {
+            Some(t) => *t = now,
+            None => {
+                m.insert(addr.to_string(), now);
+            }
+        }
+    }
+
+    /// Forgets the connection to `addr` if nothing came back on it since `since` (the start of
+    /// a request that timed out): the next request opens a new one. The silent one may be deep
+    /// in TCP's retransmission backoff (a link that was down: the next retransmission seconds
+    /// away), while a new connection is tried at once; requests still on it finish there. A
+    /// connection that answers other requests is only slow (a loaded server), and is kept.
+    pub fn reset_if_silent(&self, addr: &str, since: std::time::Instant) {
+        if self.answered.lock().get(addr).is_some_and(|t| *t >= since) {
+            return;
+        }
         self.channels.lock().remove(addr);
     }
 
@@ -61,6 +79,7 @@ impl Connections {
     ) -> Option<String> {
         for p in peers.iter().filter(|p| Some(p.address.as_str()) != failed) {
             let mut c = CliServiceClient::new(self.channel(&p.address));
+            let asked = std::time::Instant::now();
             let r = tokio::time::timeout(
                 Duration::from_millis(500),
                 c.get_leader(CliRequest {
@@ -72,11 +91,12 @@ impl Connections {
             .await;
             match r {
                 Ok(Ok(r)) => {
+                    self.answered(&p.address);
                     if let Some(l) = r.into_inner().leader.filter(|l| !l.address.is_empty()) {
                         return Some(l.address);
                     }
                 }
-                Err(_) => self.reset(&p.address),
+                Err(_) => self.reset_if_silent(&p.address, asked),
                 Ok(Err(_)) => {}
             }
         }

@@ -34,7 +34,7 @@ const SLOW_ATTEMPT: Duration = Duration::from_secs(10);
 /// The same for the lookups the I/O path waits on (segments, copysets, session refreshes,
 /// stat): a connection that was cut off may be seconds from its next TCP retransmission,
 /// and a new one is tried at once.
-const QUICK_ATTEMPT: Duration = Duration::from_secs(2);
+const QUICK_ATTEMPT: Duration = Duration::from_secs(4);
 
 /// Why an MDS call failed.
 #[derive(Debug, Clone, thiserror::Error)]

@@ -826,8 +826,10 @@ impl Volume {
                                 .map(|r| r.map(extents_answer)),
                         }
                     };
+                    let sent = std::time::Instant::now();
                     match tokio::time::timeout(policy.timeout(), call).await {
                         Ok(Ok(r)) => {
+                            inner.conns.answered(leader);
                             let r = r.into_inner();
                             let status = ChunkStatus::try_from(r.status)
                                 .unwrap_or(ChunkStatus::FailureUnknown);
@@ -845,7 +847,7 @@ impl Volume {
                         }
                         Err(_) => {
                             tracing::debug!(%leader, timeout = ?policy.timeout(), "chunk request timed out");
-                            inner.conns.reset(leader);
+                            inner.conns.reset_if_silent(leader, sent);
                             (Outcome::TimedOut, None)
                         }
                     }
