@@ -70,18 +70,27 @@ fn chunkserver_status(mds: &str, key: &str, addr: &str) -> serde_json::Value {
 
 /// Fills the file system at `dir` down to 2% free with a file `dir/ballast`.
 fn fill(dir: &Path) -> PathBuf {
-    let (capacity, avail) = space(dir);
     let ballast = dir.join("ballast");
     let f = std::fs::File::create(&ballast).unwrap();
-    let len = avail.saturating_sub(capacity / 50);
-    // SAFETY: fallocate on a file we own.
-    let rc = unsafe { libc::fallocate(std::os::fd::AsRawFd::as_raw_fd(&f), 0, 0, len as i64) };
-    assert_eq!(
-        rc,
-        0,
-        "fallocate {len}: {}",
-        std::io::Error::last_os_error()
-    );
+    // The chunkserver writes meanwhile: what was free a moment ago may not be now. Try again
+    // with what is free then (each try leaving a little more).
+    let mut capacity = 0;
+    for attempt in 0..50u64 {
+        let (c, avail) = space(dir);
+        capacity = c;
+        let len = avail.saturating_sub(capacity / 50 + attempt * (capacity / 1000));
+        // SAFETY: fallocate on a file we own.
+        let rc = unsafe { libc::fallocate(std::os::fd::AsRawFd::as_raw_fd(&f), 0, 0, len as i64) };
+        if rc == 0 {
+            break;
+        }
+        let e = std::io::Error::last_os_error();
+        assert!(
+            e.raw_os_error() == Some(libc::ENOSPC) && attempt < 49,
+            "fallocate {len}: {e}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
     println!(
         "{} filled: {} MiB free of {} MiB",
         dir.display(),
