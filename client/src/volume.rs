@@ -806,7 +806,7 @@ impl Volume {
             let (outcome, answer) = match &leader {
                 None => (Outcome::NoAddress, None),
                 Some(leader) => {
-                    let mut c = inner.conns.chunk(leader);
+                    let (mut c, answered) = inner.conns.chunk(leader);
                     let call = async {
                         match op {
                             Op::Write => c.write_chunk(req.clone()).await,
@@ -829,7 +829,7 @@ impl Volume {
                     let sent = std::time::Instant::now();
                     match tokio::time::timeout(policy.timeout(), call).await {
                         Ok(Ok(r)) => {
-                            inner.conns.answered(leader);
+                            answered.now();
                             let r = r.into_inner();
                             let status = ChunkStatus::try_from(r.status)
                                 .unwrap_or(ChunkStatus::FailureUnknown);
