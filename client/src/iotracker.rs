@@ -1,13 +1,16 @@
-//! The seed's IoTracker: a user request split at chunk boundaries (and at the largest request
-//! a chunkserver takes) into parts that run in parallel, and the request's one result once
-//! every part has answered — the first failure, else success.
+//! The seed's IoTracker: a user request split at chunk boundaries (and, striped, at stripe
+//! units; and at the largest request a chunkserver takes) into parts that run in parallel,
+//! and the request's one result once every part has answered — the first failure, else
+//! success.
 
 use crate::volume::ClientError;
+use curve_proto::layout::Layout;
 
 /// One part of a user request: a range inside one chunk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Part {
-    /// Offset in the volume.
+    /// Where it is in the volume's chunk space ([`Layout::map`]; unstriped, the volume
+    /// offset).
     pub offset: u64,
     /// Length.
     pub len: u64,
@@ -15,16 +18,17 @@ pub struct Part {
     pub buf_offset: usize,
 }
 
-/// Splits `[offset, offset+len)` at chunk boundaries and at most `max` bytes per part.
-pub fn split(offset: u64, len: u64, chunk_size: u64, max: u64) -> Vec<Part> {
+/// Splits volume range `[offset, offset+len)` where `layout` puts it in chunk space (at chunk
+/// boundaries, and striped at stripe units), at most `max` bytes per part; in volume order.
+pub fn split(offset: u64, len: u64, layout: &Layout, max: u64) -> Vec<Part> {
     let mut parts = Vec::new();
     let mut at = offset;
     let end = offset + len;
     while at < end {
-        let chunk_end = (at / chunk_size + 1) * chunk_size;
-        let n = (end.min(chunk_end) - at).min(max.max(1));
+        let (addr, run) = layout.map(at);
+        let n = (end - at).min(run).min(max.max(1));
         parts.push(Part {
-            offset: at,
+            offset: addr,
             len: n,
             buf_offset: (at - offset) as usize,
         });
@@ -42,10 +46,10 @@ pub struct IoTracker {
 }
 
 impl IoTracker {
-    /// `[offset, offset+len)` split at `chunk_size` boundaries and at most `max` bytes a part.
-    pub fn new(offset: u64, len: u64, chunk_size: u64, max: u64) -> Self {
+    /// `[offset, offset+len)` split as [`split`] does.
+    pub fn new(offset: u64, len: u64, layout: &Layout, max: u64) -> Self {
         IoTracker {
-            parts: split(offset, len, chunk_size, max),
+            parts: split(offset, len, layout, max),
             answered: 0,
             error: None,
         }
@@ -85,7 +89,7 @@ mod tests {
 
     #[test]
     fn split_at_chunks_and_max() {
-        let c = 16 << 20;
+        let (c, cs) = (&Layout::linear(16 << 20), 16u64 << 20);
         assert_eq!(
             split(0, 4096, c, 1 << 20),
             vec![Part {
@@ -94,12 +98,12 @@ mod tests {
                 buf_offset: 0
             }]
         );
-        let p = split(c - 4096, 8192, c, 1 << 20);
+        let p = split(cs - 4096, 8192, c, 1 << 20);
         assert_eq!(p.len(), 2);
-        assert_eq!((p[0].len, p[1].offset, p[1].buf_offset), (4096, c, 4096));
+        assert_eq!((p[0].len, p[1].offset, p[1].buf_offset), (4096, cs, 4096));
         let p = split(512, 3 << 20, c, 1 << 20);
         assert_eq!(p.len(), 3);
-        let p = split(c - 512, 3 << 20, c, 1 << 20);
+        let p = split(cs - 512, 3 << 20, c, 1 << 20);
         assert_eq!(p.len(), 4, "512 B, then 1 MiB, 1 MiB, 1 MiB - 512 B");
         assert_eq!(p.iter().map(|p| p.len).sum::<u64>(), 3 << 20);
         assert!(p.iter().all(|p| p.len <= 1 << 20));
@@ -107,8 +111,38 @@ mod tests {
     }
 
     #[test]
+    fn striped_requests_split_at_stripe_units_and_keep_the_buffer_order() {
+        let l = Layout {
+            chunk_size: 16 << 20,
+            stripe_unit: 64 << 10,
+            stripe_count: 4,
+        };
+        let p = split((64 << 10) - 4096, 200 << 10, &l, 1 << 20);
+        let lens: Vec<u64> = p.iter().map(|p| p.len).collect();
+        assert_eq!(lens, vec![4096, 64 << 10, 64 << 10, 64 << 10, 4096]);
+        let at: Vec<u64> = p.iter().map(|p| p.offset).collect();
+        let chunk = 16u64 << 20;
+        assert_eq!(
+            at,
+            vec![(64 << 10) - 4096, chunk, 2 * chunk, 3 * chunk, 64 << 10],
+            "unit 0's tail, then the next unit of each chunk, then the first chunk again"
+        );
+        let bufs: Vec<usize> = p.iter().map(|p| p.buf_offset).collect();
+        assert_eq!(
+            bufs,
+            vec![
+                0,
+                4096,
+                4096 + (64 << 10),
+                4096 + (128 << 10),
+                4096 + (192 << 10)
+            ]
+        );
+    }
+
+    #[test]
     fn the_first_failure_is_the_result_once_all_answered() {
-        let mut t = IoTracker::new(0, 3 << 20, 16 << 20, 1 << 20);
+        let mut t = IoTracker::new(0, 3 << 20, &Layout::linear(16 << 20), 1 << 20);
         assert_eq!(t.parts().len(), 3);
         t.record(Ok(()));
         assert!(!t.finished());
@@ -116,11 +150,11 @@ mod tests {
         t.record(Err(ClientError::Closed));
         assert!(t.finished());
         assert!(matches!(t.result(), Err(ClientError::Fenced)));
-        let mut t = IoTracker::new(4096, 4096, 16 << 20, 1 << 20);
+        let mut t = IoTracker::new(4096, 4096, &Layout::linear(16 << 20), 1 << 20);
         t.record(Ok(()));
         assert!(t.result().is_ok());
         assert!(
-            IoTracker::new(0, 0, 16 << 20, 1 << 20).finished(),
+            IoTracker::new(0, 0, &Layout::linear(16 << 20), 1 << 20).finished(),
             "nothing to do"
         );
     }

@@ -245,6 +245,31 @@ impl MdsClient {
             length,
             block_size,
             owner: owner.into(),
+            ..Default::default()
+        };
+        Ok(rpc!(self, create_file, "CreateFile", req)?
+            .info
+            .unwrap_or_default())
+    }
+
+    /// Creates a volume striped in units of `stripe_unit` bytes round `stripe_count` chunks
+    /// (`curve_proto::layout`; both 0: not striped).
+    pub async fn create_striped(
+        &self,
+        path: &str,
+        length: u64,
+        block_size: u32,
+        (stripe_unit, stripe_count): (u64, u32),
+        owner: &str,
+    ) -> Result<FileInfo, MdsError> {
+        let req = CreateFileRequest {
+            path: path.into(),
+            r#type: FileType::Volume as i32,
+            length,
+            block_size,
+            owner: owner.into(),
+            stripe_unit,
+            stripe_count,
         };
         Ok(rpc!(self, create_file, "CreateFile", req)?
             .info

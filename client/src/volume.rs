@@ -12,6 +12,7 @@
 //!    -> all parts done -> complete
 //! ```
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
@@ -25,11 +26,12 @@ use parking_lot::RwLock;
 
 use crate::budget::{self, ByteBudget};
 use crate::chunk::Connections;
-use crate::iotracker::{IoTracker, Part};
+use crate::iotracker::{IoTracker, Part, split};
 use crate::mds::{MdsClient, MdsError};
 use crate::metacache::MetaCache;
 use crate::qos::Limiter;
 use crate::retry::{Action, Failure, Next, Outcome, RetryPolicy};
+use curve_proto::layout::Layout;
 
 /// Unit of a clone's fill state (and of snapshots' copy-on-write) on the chunkservers.
 const UNIT: u64 = 4096;
@@ -342,8 +344,8 @@ impl Volume {
         self.check(offset, buf.len() as u64)?;
         self.inner.qos.admit(false, buf.len() as u64).await;
         let _held = self.hold(buf.len() as u64).await;
-        let (chunk, max) = self.geometry();
-        let mut tracker = IoTracker::new(offset, buf.len() as u64, chunk, max);
+        let (layout, max) = self.geometry();
+        let mut tracker = IoTracker::new(offset, buf.len() as u64, &layout, max);
         let parts = tracker.parts().to_vec();
         let results =
             futures::future::join_all(parts.iter().map(|p| self.read_part_full(*p))).await;
@@ -373,8 +375,8 @@ impl Volume {
         }
         self.inner.qos.admit(true, buf.len() as u64).await;
         let _held = self.hold(buf.len() as u64).await;
-        let (chunk, max) = self.geometry();
-        let mut tracker = IoTracker::new(offset, buf.len() as u64, chunk, max);
+        let (layout, max) = self.geometry();
+        let mut tracker = IoTracker::new(offset, buf.len() as u64, &layout, max);
         let results = futures::future::join_all(tracker.parts().iter().map(|p| {
             let data = buf.slice(p.buf_offset..p.buf_offset + p.len as usize);
             self.write_part(*p, data)
@@ -407,11 +409,18 @@ impl Volume {
         if self.is_clone() {
             return self.write_zero_data(offset, len).await;
         }
-        let (chunk, _) = self.geometry();
+        let (layout, _) = self.geometry();
         let seg = self.inner.info.read().segment_size;
-        // A chunk per part, 32 parts at a time: a whole volume is a few hundred requests.
+        // Where the range is in chunk space (order does not matter here), a chunk per part,
+        // 32 parts at a time: a whole volume is a few hundred requests, striped or not.
+        let chunked = Layout::linear(layout.chunk_size);
+        let parts: Vec<Part> = layout
+            .ranges(offset, len)
+            .into_iter()
+            .flat_map(|(at, n)| split(at, n, &chunked, chunked.chunk_size))
+            .collect();
         let mut last = None;
-        for group in IoTracker::new(offset, len, chunk, chunk).parts().chunks(32) {
+        for group in parts.chunks(32) {
             let mut jobs = Vec::new();
             for p in group {
                 let Some(s) = self.segment_once(p.offset / seg, &mut last).await? else {
@@ -467,27 +476,57 @@ impl Volume {
             push(len, false);
             return Ok(out);
         }
-        let (chunk, _) = self.geometry();
-        let seg = self.inner.info.read().segment_size;
+        let (layout, _) = self.geometry();
+        let (seg, cs) = (self.inner.info.read().segment_size, layout.chunk_size);
         let mut last = None;
-        for p in IoTracker::new(offset, len, chunk, chunk).parts() {
-            let Some(s) = self.segment_once(p.offset / seg, &mut last).await? else {
+        // Each chunk's data extents asked once (striped, a chunk holds every stripe_count-th
+        // unit), kept for the chunks of the object set at hand. `None`: not allocated.
+        let mut known: HashMap<u64, Option<Vec<(u64, u64)>>> = HashMap::new();
+        for p in split(offset, len, &layout, cs) {
+            let k = p.offset / cs;
+            if !known.contains_key(&k) {
+                if known.len() > layout.stripe_count as usize {
+                    known.clear();
+                }
+                let got = match self.segment_once(p.offset / seg, &mut last).await? {
+                    None => None,
+                    Some(s) => {
+                        let whole = Part {
+                            offset: k * cs,
+                            len: cs,
+                            buf_offset: 0,
+                        };
+                        let answer = self
+                            .send(Op::Extents, p.offset / seg, self.locate(&s, whole))
+                            .await?;
+                        let data = answer.map(|r| r.data).unwrap_or_default();
+                        Some(
+                            data.chunks_exact(16)
+                                .map(|pair| {
+                                    let n = |b: &[u8]| u64::from_le_bytes(b.try_into().expect("8"));
+                                    (n(&pair[..8]), n(&pair[8..]))
+                                })
+                                .collect(),
+                        )
+                    }
+                };
+                known.insert(k, got);
+            }
+            let (lo, hi) = (p.offset % cs, p.offset % cs + p.len);
+            let Some(extents) = &known[&k] else {
                 push(p.len, true);
                 continue;
             };
-            let req = self.locate(&s, *p);
-            let base = req.offset;
-            let answer = self.send(Op::Extents, p.offset / seg, req).await?;
-            let data = answer.map(|r| r.data).unwrap_or_default();
-            let mut at = base;
-            for pair in data.chunks_exact(16) {
-                let o = u64::from_le_bytes(pair[..8].try_into().expect("8 bytes"));
-                let l = u64::from_le_bytes(pair[8..].try_into().expect("8 bytes"));
-                push(o.saturating_sub(at), true);
-                push(l, false);
-                at = o + l;
+            let mut at = lo;
+            for &(o, l) in extents {
+                let (a, b) = (o.max(lo), (o + l).min(hi));
+                if a < b {
+                    push(a - at, true);
+                    push(b - a, false);
+                    at = b;
+                }
             }
-            push((base + p.len).saturating_sub(at), true);
+            push(hi - at, true);
         }
         Ok(out)
     }
@@ -495,12 +534,18 @@ impl Volume {
     /// Zeros written as data (a clone's ranges, whose holes would read the source).
     async fn write_zero_data(&self, offset: u64, len: u64) -> Result<(), ClientError> {
         let clone = self.is_clone();
-        let (chunk, max) = self.geometry();
+        let (layout, max) = self.geometry();
         let seg = self.inner.info.read().segment_size;
         let zeros = Bytes::from(vec![0u8; max as usize]);
         // Sixteen parts at a time: zeroing a whole device must not build it all in memory.
+        let chunked = Layout::linear(layout.chunk_size);
         let mut last = None;
-        for group in IoTracker::new(offset, len, chunk, max).parts().chunks(16) {
+        let parts: Vec<Part> = layout
+            .ranges(offset, len)
+            .into_iter()
+            .flat_map(|(at, n)| split(at, n, &chunked, max))
+            .collect();
+        for group in parts.chunks(16) {
             let mut jobs = Vec::new();
             for p in group {
                 // A clone's unwritten segment reads its source: zeros must be written there.
@@ -522,10 +567,10 @@ impl Volume {
         Ok(())
     }
 
-    fn geometry(&self) -> (u64, u64) {
-        let i = self.inner.info.read();
+    /// The volume's layout, and the largest request a chunkserver takes.
+    fn geometry(&self) -> (Layout, u64) {
         (
-            i.chunk_size.max(4096),
+            Layout::of(&self.inner.info.read()),
             u64::from(self.inner.opts.max_request),
         )
     }
@@ -731,12 +776,15 @@ impl Volume {
         rate: u64,
         progress: &(dyn Fn(u64, u64) + Send + Sync),
     ) -> Result<(), ClientError> {
-        let total = self.size();
+        // Whole object sets of chunk space, in address order (a clone's layout is its
+        // source's, so a chunk-space range is the same in both).
+        let (layout, max) = self.geometry();
+        let total = layout.span(self.size());
         if self.source().await?.is_none() {
             progress(total, total);
             return Ok(());
         }
-        let (chunk, max) = self.geometry();
+        let (chunked, chunk) = (Layout::linear(layout.chunk_size), layout.chunk_size);
         let started = std::time::Instant::now();
         let mut copied = 0u64;
         let mut at = 0u64;
@@ -748,7 +796,7 @@ impl Volume {
                 break; // flattened meanwhile
             };
             let n = chunk.min(total - at);
-            let parts = crate::iotracker::split(at, n, chunk, max);
+            let parts = split(at, n, &chunked, max);
             let jobs = parts.iter().map(|p| async move {
                 match source.read_part_full(*p).await? {
                     Some(d) => self.fill_part(*p, d).await.map(|_| p.len),

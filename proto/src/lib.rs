@@ -10,6 +10,7 @@
 //!  raft       RaftService: AppendEntries, Vote, InstallSnapshot between chunkservers
 //!  mds        MdsService: namespace, OpenFile/RefreshSession/CloseFile, GetOrAllocateSegment,
 //!             GetCopysets, GetTopology
+//!  layout     what FileInfo's chunk and stripe fields mean: volume offset -> chunk space
 //! ```
 
 #![allow(
@@ -18,6 +19,8 @@
     clippy::pedantic,
     missing_debug_implementations
 )]
+
+pub mod layout;
 
 /// Shared types.
 pub mod common {

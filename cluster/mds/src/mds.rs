@@ -232,6 +232,8 @@ fn info(st: &State, f: &FileRecord) -> FileInfo {
         block_size: f.block_size,
         chunk_size: f.chunk_size,
         segment_size: f.segment_size,
+        stripe_unit: f.stripe_unit,
+        stripe_count: f.stripe_count,
         owner: f.owner.clone(),
         ctime_ms: f.ctime_ms,
         status: if f.deleted.is_some() {
@@ -479,7 +481,15 @@ impl MdsService for Services {
             }
         };
         self.file_change(move |ns| {
-            ns.create(&r.path, kind, r.length, r.block_size, &owner, now_ms())
+            ns.create_striped(
+                &r.path,
+                kind,
+                r.length,
+                r.block_size,
+                (r.stripe_unit, r.stripe_count),
+                &owner,
+                now_ms(),
+            )
         })
         .await
     }

@@ -122,12 +122,29 @@ pub struct FileRecord {
     /// A clone: what it was cloned from, until flattened.
     #[serde(default)]
     pub clone_of: Option<CloneSource>,
+    /// Striping: bytes per stripe unit (0: not striped; `curve_proto::layout`).
+    #[serde(default)]
+    pub stripe_unit: u64,
+    /// Striping: chunks a stripe goes round.
+    #[serde(default)]
+    pub stripe_count: u32,
 }
 
 impl FileRecord {
     /// The sequence number of the newest live snapshot (0: none): what writes carry.
     pub fn snap_seq(&self) -> u64 {
         self.snapshots.last().map_or(0, |s| s.seq)
+    }
+
+    /// How far the volume's chunk space reaches: its length, striped rounded up to whole
+    /// object sets (the last set's chunks hold units past the end too).
+    pub fn span(&self) -> u64 {
+        curve_proto::layout::Layout {
+            chunk_size: self.chunk_size.max(4096),
+            stripe_unit: self.stripe_unit,
+            stripe_count: u64::from(self.stripe_count),
+        }
+        .span(self.length)
     }
 }
 
@@ -373,6 +390,8 @@ impl Namespace {
                     snapshots: Vec::new(),
                     last_seq: 0,
                     clone_of: None,
+                    stripe_unit: 0,
+                    stripe_count: 0,
                 };
                 ops.push(put(file_key(id), &f));
                 self.link(f);
@@ -488,6 +507,29 @@ impl Namespace {
         owner: &str,
         now_ms: u64,
     ) -> Result<(FileRecord, Vec<Op>), NsError> {
+        self.create_striped(path, kind, length, block_size, (0, 0), owner, now_ms)
+    }
+
+    /// [`Namespace::create`] of a volume striped `(stripe unit, stripe count)` ((0, 0): not).
+    #[allow(clippy::too_many_arguments)]
+    pub fn create_striped(
+        &mut self,
+        path: &str,
+        kind: Kind,
+        length: u64,
+        block_size: u32,
+        (stripe_unit, stripe_count): (u64, u32),
+        owner: &str,
+        now_ms: u64,
+    ) -> Result<(FileRecord, Vec<Op>), NsError> {
+        if kind == Kind::Volume {
+            curve_proto::layout::check(
+                self.geometry.chunk_size,
+                stripe_unit,
+                u64::from(stripe_count),
+            )
+            .map_err(NsError::Invalid)?;
+        }
         if owner.is_empty() {
             return Err(NsError::Invalid("an owner is required".into()));
         }
@@ -531,6 +573,12 @@ impl Namespace {
             snapshots: Vec::new(),
             last_seq: 0,
             clone_of: None,
+            stripe_unit: if kind == Kind::Volume { stripe_unit } else { 0 },
+            stripe_count: if kind == Kind::Volume {
+                stripe_count
+            } else {
+                0
+            },
         };
         ops.push(put(file_key(id), &f));
         self.link(f.clone());
@@ -685,8 +733,16 @@ impl Namespace {
                 "{source}: chunks and segments of another size than new volumes'"
             )));
         }
-        let (mut f, mut ops) =
-            self.create(path, Kind::Volume, s.length, s.block_size, owner, now_ms)?;
+        // The source's layout: a chunk-space range is then the same in both.
+        let (mut f, mut ops) = self.create_striped(
+            path,
+            Kind::Volume,
+            s.length,
+            s.block_size,
+            (s.stripe_unit, s.stripe_count),
+            owner,
+            now_ms,
+        )?;
         f.clone_of = Some(CloneSource {
             volume: src,
             seq: snap.seq,
@@ -948,7 +1004,7 @@ impl Namespace {
         if f.kind != Kind::Volume {
             return Err(NsError::NotAVolume(self.path_of(id)));
         }
-        if offset >= f.length {
+        if offset >= f.span() {
             return Err(NsError::Invalid(format!(
                 "offset {offset} beyond the volume ({} bytes)",
                 f.length

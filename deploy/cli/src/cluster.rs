@@ -101,6 +101,8 @@ fn file_json(f: &FileInfo) -> Value {
         "block_size": f.block_size,
         "chunk_size": f.chunk_size,
         "segment_size": f.segment_size,
+        "stripe_unit": f.stripe_unit,
+        "stripe_count": f.stripe_count,
         "owner": f.owner,
         "ctime_ms": f.ctime_ms,
         "deleted": f.status == FileStatus::Deleted as i32,
@@ -167,6 +169,13 @@ fn print_info(f: &FileInfo, space: &curve_proto::mds::SpaceResponse, json_out: b
         f.epoch,
         space.volume_bytes >> 20
     );
+    if f.stripe_count > 1 {
+        println!(
+            "      striped: units of {} KiB round {} chunks",
+            f.stripe_unit >> 10,
+            f.stripe_count
+        );
+    }
     if let Some(c) = &f.clone_source {
         println!("      clone of {}", c.path);
     }
@@ -236,6 +245,8 @@ pub enum VolumeOp {
         size: u64,
         /// 512 or 4096.
         block_size: u32,
+        /// Striping: (stripe unit, stripe count); (0, 0): none.
+        stripe: (u64, u32),
     },
     /// Create a directory.
     Mkdir(String),
@@ -269,12 +280,11 @@ pub async fn volume(
             path,
             size,
             block_size,
-        } => {
-            vec![
-                c.create(&path, FileType::Volume, size, block_size, owner)
-                    .await?,
-            ]
-        }
+            stripe,
+        } => vec![
+            c.create_striped(&path, size, block_size, stripe, owner)
+                .await?,
+        ],
         VolumeOp::Mkdir(path) => vec![c.create(&path, FileType::Directory, 0, 0, owner).await?],
         VolumeOp::List(path) => c.list(&path).await?,
         VolumeOp::Info(path) => {

@@ -159,6 +159,12 @@ enum PlaygroundCommand {
         /// measure what authentication costs (bench/auth_overhead).
         #[arg(long)]
         no_auth: bool,
+        /// Stripe the volume in units of this size (as `curve volume create`).
+        #[arg(long, value_parser = size, requires = "stripe_count")]
+        stripe_unit: Option<u64>,
+        /// Chunks a stripe goes round; with --stripe-unit.
+        #[arg(long, requires = "stripe_unit")]
+        stripe_count: Option<u32>,
     },
     /// Stop the playground running in DIR.
     Down {
@@ -242,6 +248,14 @@ enum VolumeCommand {
         /// Block size: 4096 or 512.
         #[arg(long, default_value_t = 4096)]
         block_size: u32,
+        /// Stripe the volume: its bytes go round --stripe-count chunks (and so copysets and
+        /// their leaders) in units of this size (a power of two from 4K to the chunk size,
+        /// e.g. 1M), so that one sequential stream is spread out. Default: not striped.
+        #[arg(long, value_parser = size, requires = "stripe_count")]
+        stripe_unit: Option<u64>,
+        /// Chunks a stripe goes round (2 to 256); with --stripe-unit.
+        #[arg(long, requires = "stripe_unit")]
+        stripe_count: Option<u32>,
         /// Create a directory instead.
         #[arg(long)]
         directory: bool,
@@ -482,12 +496,15 @@ fn run(cli: Cli) -> Result<(), String> {
             name,
             port,
             no_auth,
+            stripe_unit,
+            stripe_count,
         }) => playground::up(&playground::Options {
             dir,
             size,
             port,
             name,
             auth: !no_auth,
+            stripe: (stripe_unit.unwrap_or(0), stripe_count.unwrap_or(0)),
         })?,
         Command::Playground(PlaygroundCommand::Down { dir }) => playground::down(&dir)?,
         Command::Playground(PlaygroundCommand::Status { dir, format }) => {
@@ -536,6 +553,8 @@ fn run(cli: Cli) -> Result<(), String> {
                     path,
                     size,
                     block_size,
+                    stripe_unit,
+                    stripe_count,
                     directory,
                     format,
                 } => {
@@ -546,6 +565,7 @@ fn run(cli: Cli) -> Result<(), String> {
                             path,
                             size: size.unwrap_or(0),
                             block_size,
+                            stripe: (stripe_unit.unwrap_or(0), stripe_count.unwrap_or(0)),
                         }
                     };
                     volume(op, format)?;

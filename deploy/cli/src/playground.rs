@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use curve_client::MdsClient;
-use curve_proto::mds::{FileType, MdsStatus};
+use curve_proto::mds::MdsStatus;
 use nebd_control::{ControlClient, ExportSpec, Frontend, Request};
 
 /// What `up` starts.
@@ -37,6 +37,8 @@ pub struct Options {
     pub name: String,
     /// Authentication on (the default): keys in DIR/keys.
     pub auth: bool,
+    /// The volume's striping: (stripe unit, stripe count); (0, 0): none.
+    pub stripe: (u64, u32),
 }
 
 static STOP: AtomicBool = AtomicBool::new(false);
@@ -513,7 +515,7 @@ fn serve(
     // The volume (kept across playground restarts).
     let path = format!("/{}", o.name);
     mds.deadline = Duration::from_secs(30);
-    match rt.block_on(mds.create(&path, FileType::Volume, o.size, 4096, "curve")) {
+    match rt.block_on(mds.create_striped(&path, o.size, 4096, o.stripe, "curve")) {
         Ok(_) => {}
         Err(e) if e.status() == Some(MdsStatus::Exists) => {}
         Err(e) => return Err(format!("cannot create {path}: {e}")),
