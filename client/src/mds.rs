@@ -378,6 +378,7 @@ impl MdsClient {
             owner: owner.into(),
             client: client.into(),
             fill,
+            layout_version: curve_proto::layout::VERSION,
         };
         let r = rpc!(self, open_file, "OpenFile", req)?;
         Ok((

@@ -12,6 +12,20 @@
 //! An object set covers the same range in the volume and in chunk space (the mapping permutes
 //! units within it), so a range of whole object sets is its own chunk-space range.
 
+/// The newest layout this code maps, as clients tell the MDS when they open a volume
+/// (`OpenFileRequest.layout_version`): 0 chunks in order, 1 striping.
+pub const VERSION: u32 = 1;
+
+/// Why a client may not open a volume with this layout (`None`: it may): one that maps
+/// layouts up to `client_version` would otherwise read and write a striped volume unstriped.
+pub fn refuse_open(stripe_count: u32, client_version: u32) -> Option<String> {
+    (stripe_count > 1 && client_version < 1).then(|| {
+        "the volume is striped and this client maps no striping (it is older than the \
+         cluster): upgrade it"
+            .to_string()
+    })
+}
+
 /// A volume's layout.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Layout {
@@ -220,6 +234,18 @@ mod tests {
             "sorted, joined"
         );
         assert!(l.ranges(9, 0).is_empty());
+    }
+
+    #[test]
+    fn clients_older_than_striping_may_not_open_striped_volumes() {
+        assert!(refuse_open(4, 0).unwrap().contains("upgrade"));
+        assert_eq!(refuse_open(4, VERSION), None);
+        assert_eq!(refuse_open(0, 0), None);
+        assert_eq!(
+            refuse_open(1, 0),
+            None,
+            "one chunk per stripe: chunks in order"
+        );
     }
 
     #[test]

@@ -97,6 +97,39 @@ async fn namespace_scenario(mds: &mut Mds) {
         status(c.extend("/vms/disk0", 20 * G, "alice").await),
         Some(MdsStatus::Ok)
     );
+    // A striped volume: its layout kept, bad layouts refused, and refused to a client older
+    // than striping (which would read and write it unstriped).
+    let st = c
+        .create_striped("/vms/striped", G, 0, (1 << 20, 4), "alice")
+        .await
+        .unwrap();
+    assert_eq!((st.stripe_unit, st.stripe_count), (1 << 20, 4));
+    for layout in [(3 << 20, 4), (1 << 20, 0), (1 << 20, 1000), (1 << 30, 2)] {
+        assert_eq!(
+            status(c.create_striped("/vms/y", G, 0, layout, "alice").await),
+            Some(MdsStatus::Invalid),
+            "{layout:?}"
+        );
+    }
+    let mut raw = MdsServiceClient::connect(format!("http://{}", mds.addr))
+        .await
+        .unwrap();
+    let old = raw
+        .open_file(curve_proto::mds::OpenFileRequest {
+            path: "/vms/striped".into(),
+            owner: "alice".into(),
+            client: "an old client".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(old.status, MdsStatus::Invalid as i32, "{old:?}");
+    assert!(old.message.contains("upgrade"), "{}", old.message);
+    let (info, s, _) = c.open("/vms/striped", "alice", "new").await.unwrap();
+    assert_eq!(info.stripe_count, 4);
+    c.close("/vms/striped", &s.session_id).await.unwrap();
+
     // Exclusive open, lease refresh, close.
     let (info, s, _) = c.open("/vms/disk0", "alice", "host-a").await.unwrap();
     assert_eq!(info.length, 20 * G);
@@ -194,6 +227,12 @@ async fn namespace_scenario(mds: &mut Mds) {
     let c = MdsClient::new(vec![mds.addr.clone()]);
     assert_eq!(c.stat("/vms/disk0").await.unwrap().length, 20 * G);
     assert_eq!(c.stat("/small").await.unwrap().block_size, 512);
+    let st = c.stat("/vms/striped").await.unwrap();
+    assert_eq!(
+        (st.stripe_unit, st.stripe_count),
+        (1 << 20, 4),
+        "layouts survive"
+    );
     let (_, s, _) = c.open("/vms/disk0", "alice", "host-b").await.unwrap();
     assert_eq!(
         s.epoch, 2,

@@ -354,12 +354,15 @@ fn read_only_open(
     mds: &Mds,
     path: &str,
     owner: &str,
-    fill: bool,
+    (fill, layout_version): (bool, u32),
 ) -> Result<(FileInfo, Vec<u8>), NsError> {
     let (id, snap) = st.ns.resolve(path)?;
     let f = st.ns.get(id).expect("resolved");
     if f.kind != Kind::Volume || f.deleted.is_some() {
         return Err(NsError::NotAVolume(path.into()));
+    }
+    if let Some(why) = curve_proto::layout::refuse_open(f.stripe_count, layout_version) {
+        return Err(NsError::Invalid(format!("{path}: {why}")));
     }
     if owner != "root" && f.owner != owner {
         return Err(NsError::AuthFailed(path.into()));
@@ -646,7 +649,7 @@ impl MdsService for Services {
         if r.fill || r.path.contains('@') {
             return leader_or!(self, OpenFileResponse, mds => async move {
                 let st = mds.state.lock();
-                Ok(match read_only_open(&st, &mds, &r.path, &owner, r.fill) {
+                Ok(match read_only_open(&st, &mds, &r.path, &owner, (r.fill, r.layout_version)) {
                     Ok((i, ticket)) => OpenFileResponse {
                         session: Some(curve_proto::mds::Session {
                             session_id: String::new(),
@@ -673,6 +676,11 @@ impl MdsService for Services {
                     }
                     if owner != "root" && f.owner != owner {
                         return Err(NsError::AuthFailed(r.path.clone()));
+                    }
+                    if let Some(why) =
+                        curve_proto::layout::refuse_open(f.stripe_count, r.layout_version)
+                    {
+                        return Err(NsError::Invalid(format!("{}: {why}", r.path)));
                     }
                     let (session, mut ops) = match st.sessions.open(id, &r.client, now) {
                         Ok(x) => x,
@@ -720,8 +728,9 @@ impl MdsService for Services {
             }
             if r.session_id.is_empty() {
                 // A sessionless (read-only) open renewing its ticket: the caller was checked
-                // against the volume's owner just above.
-                return Ok(match read_only_open(&st, &mds, &r.path, "root", r.fill) {
+                // against the volume's owner just above (and its layout at the open).
+                let layout = curve_proto::layout::VERSION;
+                return Ok(match read_only_open(&st, &mds, &r.path, "root", (r.fill, layout)) {
                     Ok((i, ticket)) => SessionResponse {
                         info: Some(i),
                         lease_ms: lease.as_millis() as u64,
