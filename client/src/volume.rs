@@ -901,6 +901,19 @@ impl Volume {
                     }
                 }
             };
+            // Our own reopen (a lapsed session) raises the chunkservers' epoch floor before its
+            // answer reaches us: an EPOCH_TOO_OLD while it runs waits for it, and is then ours
+            // to resend rather than a fence by another client.
+            if matches!(
+                outcome,
+                Outcome::Answered {
+                    status: ChunkStatus::EpochTooOld,
+                    ..
+                }
+            ) && inner.epoch.load(Ordering::Acquire) == req.epoch
+            {
+                drop(inner.session_op.lock().await);
+            }
             let epoch_now = inner.epoch.load(Ordering::Acquire);
             match policy.next(&outcome, write, req.epoch, epoch_now, jitter) {
                 Action::Done => return Ok(answer),

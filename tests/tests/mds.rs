@@ -441,15 +441,16 @@ async fn an_offline_chunkserver_has_its_copysets_rebuilt_on_the_others() {
     for cs in &t.chunkservers {
         assert_eq!(cs.copysets, 3, "balanced placement: {:?}", t.chunkservers);
     }
-    // One write per copyset, through its leader.
+    // One write per copyset, through its leader (following a redirect: under load the
+    // leadership may move meanwhile).
     let write = |copyset: u32, leader: u32| {
-        let addr = addr_of(leader);
+        let mut addr = addr_of(leader).to_string();
         async move {
-            let mut ch = ChunkServiceClient::connect(format!("http://{addr}"))
-                .await
-                .unwrap();
             let deadline = Instant::now() + Duration::from_secs(10);
             loop {
+                let mut ch = ChunkServiceClient::connect(format!("http://{addr}"))
+                    .await
+                    .unwrap();
                 let r = ch
                     .write_chunk(ChunkRequest {
                         logical_pool_id: 1,
@@ -465,6 +466,9 @@ async fn an_offline_chunkserver_has_its_copysets_rebuilt_on_the_others() {
                     .into_inner();
                 if r.status == ChunkStatus::Success as i32 {
                     return;
+                }
+                if let Some(p) = r.redirect.as_ref().filter(|p| !p.address.is_empty()) {
+                    addr.clone_from(&p.address);
                 }
                 assert!(
                     Instant::now() < deadline,
