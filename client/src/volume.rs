@@ -816,7 +816,18 @@ impl Volume {
             }
         }
         let owner = self.inner.opts.owner.clone();
-        let i = self.inner.mds.flatten(&self.inner.path, &owner).await?;
+        let i = match self.inner.mds.flatten(&self.inner.path, &owner).await {
+            Ok(i) => i,
+            // Another filler (the clone's writer fills in the background) finished first.
+            Err(e) if e.status() == Some(MdsStatus::Invalid) => {
+                let i = self.inner.mds.stat(&self.inner.path).await?;
+                if i.clone_source.is_some() {
+                    return Err(e.into());
+                }
+                i
+            }
+            Err(e) => return Err(e.into()),
+        };
         self.inner.info.write().clone_source = i.clone_source;
         Ok(())
     }
