@@ -590,6 +590,38 @@ impl MiniCluster {
         self.admin_key.display().to_string()
     }
 
+    /// Runs `curve --mds ALL ARGS` with root's key.
+    pub fn curve(&self, args: &[&str]) -> std::process::Output {
+        std::process::Command::new(crate::bin("curve"))
+            .env("CURVE_KEY_FILE", self.key())
+            .args(["--mds", &self.mds_addrs().join(",")])
+            .args(args)
+            .output()
+            .expect("run curve")
+    }
+
+    /// [`MiniCluster::curve`] that must succeed: its stdout.
+    pub fn curve_ok(&self, args: &[&str]) -> String {
+        let out = self.curve(args);
+        assert!(
+            out.status.success(),
+            "curve {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).expect("utf-8")
+    }
+
+    /// [`MiniCluster::curve`] that must fail, saying `what`.
+    pub fn curve_fails_with(&self, args: &[&str], what: &str) {
+        let out = self.curve(args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success(),
+            "curve {args:?} should fail with {what}"
+        );
+        assert!(err.contains(what), "curve {args:?}: {what:?} not in: {err}");
+    }
+
     /// A client of the MDS signing as root.
     pub fn mds_client(&self) -> curve_client::MdsClient {
         curve_client::MdsClient::with_key(

@@ -39,38 +39,6 @@ async fn open(cluster: &MiniCluster, path: &str) -> Result<Volume, ClientError> 
     Volume::open(path, options(cluster), Arc::new(Connections::default())).await
 }
 
-fn curve(cluster: &MiniCluster, args: &[&str]) -> std::process::Output {
-    Command::new(bin("curve"))
-        .env("CURVE_KEY_FILE", cluster.key())
-        .args(["--mds", &cluster.mds_addrs().join(",")])
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn ok(cluster: &MiniCluster, args: &[&str]) -> String {
-    let out = curve(cluster, args);
-    assert!(
-        out.status.success(),
-        "curve {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
-fn fails_with(cluster: &MiniCluster, args: &[&str], what: &str) {
-    let out = curve(cluster, args);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success(),
-        "curve {args:?} should fail with {what}"
-    );
-    assert!(
-        err.contains(what),
-        "curve {args:?}: expected {what:?} in: {err}"
-    );
-}
-
 /// A block's content: its number and the write's number, repeated.
 fn pattern(block: u64, n: u64) -> Vec<u8> {
     let mut v = Vec::with_capacity(BLOCK as usize);
@@ -132,7 +100,7 @@ fn snapshots_under_load_hold_exactly_the_acknowledged_writes() {
     let mds = cluster.mds_client();
     // 48 MiB: three chunks' worth of blocks, written by 8 writers on disjoint blocks.
     const BLOCKS: u64 = 48 << 8;
-    ok(&cluster, &["volume", "create", "/v", "--size", "64M"]);
+    cluster.curve_ok(&["volume", "create", "/v", "--size", "64M"]);
     let v = rt.block_on(open(&cluster, "/v")).unwrap();
     let stop = Arc::new(AtomicBool::new(false));
     let writers: Vec<_> = (0..8u64)
@@ -242,35 +210,28 @@ fn snapshots_under_load_hold_exactly_the_acknowledged_writes() {
     rt.block_on(v.close()).unwrap();
 
     // Bad input, each refused with a clear message.
-    fails_with(
-        &cluster,
+    cluster.curve_fails_with(
         &["snapshot", "create", "/missing", "--name", "x"],
         "NotFound",
     );
-    fails_with(
-        &cluster,
-        &["snapshot", "create", "/v", "--name", "s0"],
-        "Exists",
-    );
-    fails_with(
-        &cluster,
+    cluster.curve_fails_with(&["snapshot", "create", "/v", "--name", "s0"], "Exists");
+    cluster.curve_fails_with(
         &["snapshot", "create", "/v", "--name", "a@b"],
         "snapshot name",
     );
-    fails_with(&cluster, &["snapshot", "delete", "/v@nope"], "NotFound");
-    fails_with(&cluster, &["snapshot", "delete", "/v"], "PATH@NAME");
-    fails_with(&cluster, &["volume", "delete", "/v"], "has snapshots");
-    fails_with(
-        &cluster,
+    cluster.curve_fails_with(&["snapshot", "delete", "/v@nope"], "NotFound");
+    cluster.curve_fails_with(&["snapshot", "delete", "/v"], "PATH@NAME");
+    cluster.curve_fails_with(&["volume", "delete", "/v"], "has snapshots");
+    cluster.curve_fails_with(
         &["volume", "create", "/x@y", "--size", "1G"],
         "names a snapshot",
     );
-    let list = ok(&cluster, &["snapshot", "list", "/v", "--format", "json"]);
+    let list = cluster.curve_ok(&["snapshot", "list", "/v", "--format", "json"]);
     let list: serde_json::Value = serde_json::from_str(&list).unwrap();
     assert_eq!(list.as_array().unwrap().len(), 3, "{list}");
-    let info = ok(&cluster, &["volume", "info", "/v"]);
+    let info = cluster.curve_ok(&["volume", "info", "/v"]);
     assert!(info.contains("/v@s1") && info.contains("holds"), "{info}");
-    let info = ok(&cluster, &["volume", "info", "/v", "--format", "json"]);
+    let info = cluster.curve_ok(&["volume", "info", "/v", "--format", "json"]);
     let info: serde_json::Value = serde_json::from_str(&info).unwrap();
     assert_eq!(
         info[0]["bytes_used"],
@@ -286,14 +247,14 @@ fn snapshots_under_load_hold_exactly_the_acknowledged_writes() {
     let cows = cow_files(tmp.path());
     assert!(cows > 0, "the writes after the snapshots copied chunks");
     for (name, _, _) in &snaps {
-        ok(&cluster, &["snapshot", "delete", &format!("/v@{name}")]);
+        cluster.curve_ok(&["snapshot", "delete", &format!("/v@{name}")]);
     }
     assert_eq!(
         cow_files(tmp.path()),
         0,
         "COW files left after deleting every snapshot"
     );
-    ok(&cluster, &["volume", "delete", "/v", "--force"]);
+    cluster.curve_ok(&["volume", "delete", "/v", "--force"]);
 }
 
 /// Reads block `block` of `v` and returns its write number.
@@ -311,7 +272,7 @@ fn clones_read_their_writes_and_the_snapshot_elsewhere() {
     let rt = runtime();
     // The source: blocks 0..64 of each of 3 chunks written with 1000+block, snapshot s1,
     // then overwritten with 2000+block.
-    ok(&cluster, &["volume", "create", "/src", "--size", "64M"]);
+    cluster.curve_ok(&["volume", "create", "/src", "--size", "64M"]);
     let blocks: Vec<u64> = (0..3u64)
         .flat_map(|c| (0..64).map(move |b| c * 4096 + b * 3))
         .collect();
@@ -320,14 +281,14 @@ fn clones_read_their_writes_and_the_snapshot_elsewhere() {
         rt.block_on(src.write(b * BLOCK, &pattern(*b, 1000 + b)))
             .unwrap();
     }
-    ok(&cluster, &["snapshot", "create", "/src", "--name", "s1"]);
+    cluster.curve_ok(&["snapshot", "create", "/src", "--name", "s1"]);
     for b in &blocks {
         rt.block_on(src.write(b * BLOCK, &pattern(*b, 2000 + b)))
             .unwrap();
     }
     // 20 clones, each writing its own blocks.
     for i in 0..20 {
-        ok(&cluster, &["volume", "clone", "/src@s1", &format!("/c{i}")]);
+        cluster.curve_ok(&["volume", "clone", "/src@s1", &format!("/c{i}")]);
     }
     let clones: Vec<Volume> = (0..20)
         .map(|i| rt.block_on(open(&cluster, &format!("/c{i}"))).unwrap())
@@ -470,7 +431,7 @@ fn clones_read_their_writes_and_the_snapshot_elsewhere() {
             let mut args = vec!["bench"];
             args.extend(&target);
             args.extend(["-w", w, "-q", "4", "--io-count", "100", "--format", "json"]);
-            let out = curve(&cluster, &args);
+            let out = cluster.curve(&args);
             serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap_or_else(|e| {
                 panic!(
                     "{target:?} {w}: {e}: {}",
@@ -493,24 +454,21 @@ fn clones_read_their_writes_and_the_snapshot_elsewhere() {
     drop(part2);
     // And through `curve bench --driver client`: reads run, writes are refused.
     let bench = |w: &str| {
-        curve(
-            &cluster,
-            &[
-                "bench",
-                "--driver",
-                "client",
-                "--target",
-                "curve:/src@s1",
-                "-w",
-                w,
-                "-q",
-                "4",
-                "--io-count",
-                "200",
-                "--format",
-                "json",
-            ],
-        )
+        cluster.curve(&[
+            "bench",
+            "--driver",
+            "client",
+            "--target",
+            "curve:/src@s1",
+            "-w",
+            w,
+            "-q",
+            "4",
+            "--io-count",
+            "200",
+            "--format",
+            "json",
+        ])
     };
     let out = bench("randread");
     assert!(
@@ -526,7 +484,7 @@ fn clones_read_their_writes_and_the_snapshot_elsewhere() {
 
     // The CloneManager: a clone open for writing copies its source in the background (at a
     // bounded rate) and ends flat by itself.
-    ok(&cluster, &["volume", "clone", "/src@s1", "/bg"]);
+    cluster.curve_ok(&["volume", "clone", "/src@s1", "/bg"]);
     let bg = {
         let mut o = options(&cluster);
         o.fill_rate = 32 << 20;
@@ -549,27 +507,19 @@ fn clones_read_their_writes_and_the_snapshot_elsewhere() {
     rt.block_on(bg.close()).unwrap();
 
     // A clone of a clone's snapshot reads the clone, and through it the source.
-    ok(&cluster, &["snapshot", "create", "/c3", "--name", "t"]);
-    ok(&cluster, &["volume", "clone", "/c3@t", "/cc"]);
+    cluster.curve_ok(&["snapshot", "create", "/c3", "--name", "t"]);
+    cluster.curve_ok(&["volume", "clone", "/c3@t", "/cc"]);
     let cc = rt.block_on(open(&cluster, "/cc")).unwrap();
     assert_eq!(block_of(&rt, &cc, blocks[21]), 5000 + 300 + blocks[21]);
     assert_eq!(block_of(&rt, &cc, blocks[22]), 1000 + blocks[22]);
     assert_eq!(block_of(&rt, &cc, 10003), 5000 + 300 + 10003);
 
     // Bad input around clones.
-    fails_with(&cluster, &["volume", "clone", "/src@s1", "/c0"], "Exists");
-    fails_with(
-        &cluster,
-        &["volume", "clone", "/src@nope", "/n"],
-        "NotFound",
-    );
-    fails_with(
-        &cluster,
-        &["volume", "clone", "/src", "/n"],
-        "clone a snapshot",
-    );
-    fails_with(&cluster, &["snapshot", "delete", "/src@s1"], "has clones");
-    fails_with(&cluster, &["volume", "flatten", "/src"], "not a clone");
+    cluster.curve_fails_with(&["volume", "clone", "/src@s1", "/c0"], "Exists");
+    cluster.curve_fails_with(&["volume", "clone", "/src@nope", "/n"], "NotFound");
+    cluster.curve_fails_with(&["volume", "clone", "/src", "/n"], "clone a snapshot");
+    cluster.curve_fails_with(&["snapshot", "delete", "/src@s1"], "has clones");
+    cluster.curve_fails_with(&["volume", "flatten", "/src"], "not a clone");
 
     // Flatten /c0 while a writer verifies its own writes on it.
     let c0 = clones[0].clone();
@@ -589,7 +539,7 @@ fn clones_read_their_writes_and_the_snapshot_elsewhere() {
             Ok::<u64, ClientError>(n)
         })
     };
-    let out = curve(&cluster, &["volume", "flatten", "/c0"]);
+    let out = cluster.curve(&["volume", "flatten", "/c0"]);
     assert!(
         out.status.success(),
         "{}",
@@ -599,7 +549,7 @@ fn clones_read_their_writes_and_the_snapshot_elsewhere() {
     stop.store(true, Ordering::Relaxed);
     let wrote = rt.block_on(writer).unwrap().unwrap();
     assert!(wrote > 0);
-    let info = ok(&cluster, &["volume", "info", "/c0", "--format", "json"]);
+    let info = cluster.curve_ok(&["volume", "info", "/c0", "--format", "json"]);
     let info: serde_json::Value = serde_json::from_str(&info).unwrap();
     assert!(info[0]["clone_source"].is_null(), "{info}");
     for (k, b) in blocks.iter().enumerate() {
@@ -612,17 +562,14 @@ fn clones_read_their_writes_and_the_snapshot_elsewhere() {
         if i == 3 {
             continue; // /c3@t reads through it: flattened below
         }
-        ok(
-            &cluster,
-            &["volume", "delete", &format!("/c{i}"), "--force"],
-        );
+        cluster.curve_ok(&["volume", "delete", &format!("/c{i}"), "--force"]);
     }
-    fails_with(&cluster, &["snapshot", "delete", "/src@s1"], "/c3@t");
+    cluster.curve_fails_with(&["snapshot", "delete", "/src@s1"], "/c3@t");
     rt.block_on(cc.close()).unwrap();
-    ok(&cluster, &["volume", "delete", "/cc", "--force"]);
-    ok(&cluster, &["snapshot", "delete", "/c3@t"]);
-    ok(&cluster, &["volume", "flatten", "/c3"]);
-    ok(&cluster, &["snapshot", "delete", "/src@s1"]);
+    cluster.curve_ok(&["volume", "delete", "/cc", "--force"]);
+    cluster.curve_ok(&["snapshot", "delete", "/c3@t"]);
+    cluster.curve_ok(&["volume", "flatten", "/c3"]);
+    cluster.curve_ok(&["snapshot", "delete", "/src@s1"]);
     assert_eq!(
         block_of(&rt, &c0, blocks[5]),
         1000 + blocks[5],
@@ -699,7 +646,7 @@ fn kill_9_during_copy_on_write_flatten_and_snapshot_create() {
     let mut cluster = MiniCluster::start(tmp.path(), 1, false);
     let rt = runtime();
     const BLOCKS: u64 = 3 * 4096; // three chunks
-    ok(&cluster, &["volume", "create", "/v", "--size", "64M"]);
+    cluster.curve_ok(&["volume", "create", "/v", "--size", "64M"]);
     let v = rt.block_on(open(&cluster, "/v")).unwrap();
     // Every block of three chunks holds 1_000_000 + block; then snapshot s1.
     let base = |b: u64| 1_000_000 + b;
@@ -713,7 +660,7 @@ fn kill_9_during_copy_on_write_flatten_and_snapshot_create() {
             rt.block_on(v.write(at, piece)).unwrap();
         }
     }
-    ok(&cluster, &["snapshot", "create", "/v", "--name", "s1"]);
+    cluster.curve_ok(&["snapshot", "create", "/v", "--name", "s1"]);
 
     // 1. A COW burst, and kill -9 of the busiest leader in the middle of it.
     let stop = Arc::new(AtomicBool::new(false));
@@ -755,7 +702,7 @@ fn kill_9_during_copy_on_write_flatten_and_snapshot_create() {
     cluster.wait_healthy(Duration::from_secs(120));
 
     // 2. Flatten a clone while its writer runs, with kill -9 of a leader during it.
-    ok(&cluster, &["volume", "clone", "/v@s1", "/c"]);
+    cluster.curve_ok(&["volume", "clone", "/v@s1", "/c"]);
     let c = rt.block_on(open(&cluster, "/c")).unwrap();
     let stop = Arc::new(AtomicBool::new(false));
     let writer = spawn_writer(&rt, &c, 0..BLOCKS, 5_000_000, 100_000, &stop);
@@ -794,7 +741,7 @@ fn kill_9_during_copy_on_write_flatten_and_snapshot_create() {
         );
     }
     rt.block_on(c.close()).unwrap();
-    ok(&cluster, &["snapshot", "delete", "/v@s1"]);
+    cluster.curve_ok(&["snapshot", "delete", "/v@s1"]);
     rt.block_on(c.read(0, &mut buf)).unwrap_err(); // closed
     let c = rt.block_on(open(&cluster, "/c")).unwrap();
     let mut again = vec![0u8; buf.len()];
@@ -825,7 +772,7 @@ fn kill_9_during_copy_on_write_flatten_and_snapshot_create() {
     cluster.mds[0].kill9();
     cluster.mds[0].restart();
     let out = create.join().unwrap();
-    let listed = ok(&cluster, &["snapshot", "list", "/v", "--format", "json"]);
+    let listed = cluster.curve_ok(&["snapshot", "list", "/v", "--format", "json"]);
     let listed: serde_json::Value = serde_json::from_str(&listed).unwrap();
     let exists = listed.as_array().unwrap().iter().any(|s| s["name"] == "k");
     eprintln!(

@@ -15,36 +15,10 @@ use std::path::Path;
 use std::process::Command;
 
 use curve_tests::cluster::MiniCluster;
-use curve_tests::{Part2, bin, require_tool, run_ok};
+use curve_tests::{Part2, require_tool, run_ok};
 
 const KIB: u64 = 1 << 10;
 const MIB: u64 = 1 << 20;
-
-fn curve(cluster: &MiniCluster, args: &[&str]) -> std::process::Output {
-    Command::new(bin("curve"))
-        .env("CURVE_KEY_FILE", cluster.key())
-        .args(["--mds", &cluster.mds_addrs().join(",")])
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn ok(cluster: &MiniCluster, args: &[&str]) -> String {
-    let out = curve(cluster, args);
-    assert!(
-        out.status.success(),
-        "curve {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
-fn fails_with(cluster: &MiniCluster, args: &[&str], what: &str) {
-    let out = curve(cluster, args);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "curve {args:?} should fail");
-    assert!(err.contains(what), "curve {args:?}: {what:?} not in: {err}");
-}
 
 fn qemu_io(uri: &str, cmds: &[String]) -> String {
     let mut c = Command::new("qemu-io");
@@ -134,11 +108,10 @@ fn a_striped_volume_spreads_a_stream_over_chunks_and_serves_every_consumer() {
     ]);
 
     // Layouts that cannot work.
-    fails_with(&cluster, &create("/x", "3K", "4"), "power of two");
-    fails_with(&cluster, &create("/x", "64M", "4"), "chunk size");
-    fails_with(&cluster, &create("/x", "64K", "1000"), "at most 256");
-    fails_with(
-        &cluster,
+    cluster.curve_fails_with(&create("/x", "3K", "4"), "power of two");
+    cluster.curve_fails_with(&create("/x", "64M", "4"), "chunk size");
+    cluster.curve_fails_with(&create("/x", "64K", "1000"), "at most 256");
+    cluster.curve_fails_with(
         &[
             "volume",
             "create",
@@ -153,9 +126,10 @@ fn a_striped_volume_spreads_a_stream_over_chunks_and_serves_every_consumer() {
 
     // 40 MiB in units of 64 KiB round 4 chunks of 16 MiB: a stripe set is 64 MiB, so the
     // volume's last units live in chunk space past 40 MiB.
-    ok(&cluster, &create("/s", "64K", "4"));
+    cluster.curve_ok(&create("/s", "64K", "4"));
     let info: serde_json::Value =
-        serde_json::from_str(&ok(&cluster, &["volume", "info", "/s", "--format", "json"])).unwrap();
+        serde_json::from_str(&cluster.curve_ok(&["volume", "info", "/s", "--format", "json"]))
+            .unwrap();
     assert_eq!(
         (
             info[0]["stripe_unit"].as_u64(),
@@ -164,8 +138,12 @@ fn a_striped_volume_spreads_a_stream_over_chunks_and_serves_every_consumer() {
         (Some(64 * KIB), Some(4)),
         "{info}"
     );
-    assert!(ok(&cluster, &["volume", "info", "/s"]).contains("units of 64 KiB round 4 chunks"));
-    ok(&cluster, &["volume", "create", "/plain", "--size", "40M"]);
+    assert!(
+        cluster
+            .curve_ok(&["volume", "info", "/s"])
+            .contains("units of 64 KiB round 4 chunks")
+    );
+    cluster.curve_ok(&["volume", "create", "/plain", "--size", "40M"]);
     let (s, _) = part2.export_nbd("s", "curve:/s");
     let (plain, _) = part2.export_nbd("plain", "curve:/plain");
 
@@ -242,7 +220,7 @@ fn a_striped_volume_spreads_a_stream_over_chunks_and_serves_every_consumer() {
             format!("write -P 0x55 {} 64K", 64 * KIB),
         ],
     );
-    ok(&cluster, &["snapshot", "create", "/s", "--name", "a"]);
+    cluster.curve_ok(&["snapshot", "create", "/s", "--name", "a"]);
     qemu_io(
         &s,
         &[
@@ -250,7 +228,7 @@ fn a_striped_volume_spreads_a_stream_over_chunks_and_serves_every_consumer() {
             format!("write -P 0x66 {tail} 1M"),
         ],
     );
-    ok(&cluster, &["volume", "clone", "/s@a", "/c"]);
+    cluster.curve_ok(&["volume", "clone", "/s@a", "/c"]);
     let (c, _) = part2.export_nbd("c", "curve:/c");
     let clone_reads_its_own = |c: &str| {
         qemu_io(
@@ -267,7 +245,7 @@ fn a_striped_volume_spreads_a_stream_over_chunks_and_serves_every_consumer() {
     };
     qemu_io(&c, &[format!("write -P 0x77 {} 4K", 40 * MIB - 4096)]);
     clone_reads_its_own(&c);
-    let out = curve(&cluster, &["volume", "flatten", "/c"]);
+    let out = cluster.curve(&["volume", "flatten", "/c"]);
     assert!(
         out.status.success() && String::from_utf8_lossy(&out.stderr).contains("100.0%"),
         "flatten: {}",
@@ -275,7 +253,7 @@ fn a_striped_volume_spreads_a_stream_over_chunks_and_serves_every_consumer() {
     );
     // Flat: the snapshot goes, and the clone, opened again, reads the same without it.
     part2.curve_ok(&["export", "remove", "c"]);
-    ok(&cluster, &["snapshot", "delete", "/s@a"]);
+    cluster.curve_ok(&["snapshot", "delete", "/s@a"]);
     let (c, _) = part2.export_nbd("c", "curve:/c");
     clone_reads_its_own(&c);
     qemu_io(
