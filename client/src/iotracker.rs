@@ -37,6 +37,18 @@ pub fn split(offset: u64, len: u64, layout: &Layout, max: u64) -> Vec<Part> {
     parts
 }
 
+/// The chunk-space parts of volume range `[offset, offset+len)` in address order, not volume
+/// order (for work whose order does not matter: zeroing), at most `max` bytes each; whole
+/// stripe sets go as whole chunks ([`Layout::ranges`]).
+pub fn split_unordered(offset: u64, len: u64, layout: &Layout, max: u64) -> Vec<Part> {
+    let chunked = Layout::linear(layout.chunk_size);
+    layout
+        .ranges(offset, len)
+        .into_iter()
+        .flat_map(|(at, n)| split(at, n, &chunked, max))
+        .collect()
+}
+
 /// One user request in flight: its parts and what they answered.
 #[derive(Debug)]
 pub struct IoTracker {

@@ -26,7 +26,7 @@ use parking_lot::RwLock;
 
 use crate::budget::{self, ByteBudget};
 use crate::chunk::Connections;
-use crate::iotracker::{IoTracker, Part, split};
+use crate::iotracker::{IoTracker, Part, split, split_unordered};
 use crate::mds::{MdsClient, MdsError};
 use crate::metacache::MetaCache;
 use crate::qos::Limiter;
@@ -413,12 +413,7 @@ impl Volume {
         let seg = self.inner.info.read().segment_size;
         // Where the range is in chunk space (order does not matter here), a chunk per part,
         // 32 parts at a time: a whole volume is a few hundred requests, striped or not.
-        let chunked = Layout::linear(layout.chunk_size);
-        let parts: Vec<Part> = layout
-            .ranges(offset, len)
-            .into_iter()
-            .flat_map(|(at, n)| split(at, n, &chunked, chunked.chunk_size))
-            .collect();
+        let parts = split_unordered(offset, len, &layout, layout.chunk_size);
         let mut last = None;
         for group in parts.chunks(32) {
             let mut jobs = Vec::new();
@@ -538,13 +533,8 @@ impl Volume {
         let seg = self.inner.info.read().segment_size;
         let zeros = Bytes::from(vec![0u8; max as usize]);
         // Sixteen parts at a time: zeroing a whole device must not build it all in memory.
-        let chunked = Layout::linear(layout.chunk_size);
         let mut last = None;
-        let parts: Vec<Part> = layout
-            .ranges(offset, len)
-            .into_iter()
-            .flat_map(|(at, n)| split(at, n, &chunked, max))
-            .collect();
+        let parts = split_unordered(offset, len, &layout, max);
         for group in parts.chunks(16) {
             let mut jobs = Vec::new();
             for p in group {
