@@ -473,21 +473,25 @@ fn pipelined_maximum_size_writes_keep_nebd_server_memory_bounded() {
 /// A caller of the client library that issues without bound (48 concurrent 1 MiB writes, then
 /// 48 reads) is held to the volume's budget of bytes in flight: with 8 MiB, at most 8 MiB is
 /// ever in flight and every request completes (backpressure, no error) with its data intact;
-/// the same load on a volume with the default budget puts all 48 MiB in flight at once.
+/// the same load on a volume with a 128 MiB budget puts all 48 MiB in flight at once, and the
+/// default budget (32 MiB) holds it to 32 MiB.
 #[test]
 fn the_client_holds_no_more_than_its_budget_in_flight() {
     let tmp = tempfile::tempdir().unwrap();
     let cluster = MiniCluster::start(tmp.path(), 1, false);
     cluster.create_volume("/small", 256 << 20);
+    cluster.create_volume("/large", 256 << 20);
     cluster.create_volume("/default", 256 << 20);
     let rt = tokio::runtime::Runtime::new().unwrap();
     let mut opts = cluster.volume_options();
     opts.max_inflight_bytes = 8 << 20;
-    let small = rt.block_on(cluster.open_volume_with("/small", opts));
+    let small = rt.block_on(cluster.open_volume_with("/small", opts.clone()));
+    opts.max_inflight_bytes = 128 << 20;
+    let large = rt.block_on(cluster.open_volume_with("/large", opts));
     let default = rt.block_on(cluster.open_volume("/default"));
     const N: u64 = 48;
     let pattern = |i: u64| vec![(i as u8).wrapping_mul(7).wrapping_add(1); 1 << 20];
-    for v in [&small, &default] {
+    for v in [&small, &large, &default] {
         let writes = (0..N).map(|i| {
             let v = v.clone();
             async move { v.write(i << 20, &pattern(i)).await }
@@ -522,17 +526,29 @@ fn the_client_holds_no_more_than_its_budget_in_flight() {
         }
         assert_eq!(v.inflight().held(), 0, "{}: nothing held after", v.path());
     }
-    let (peak_small, peak_default) = (small.inflight().peak(), default.inflight().peak());
-    println!("peak bytes in flight: budget 8 MiB {peak_small}, default budget {peak_default}");
+    let (peak_small, peak_large, peak_default) = (
+        small.inflight().peak(),
+        large.inflight().peak(),
+        default.inflight().peak(),
+    );
+    println!(
+        "peak bytes in flight: budget 8 MiB {peak_small}, 128 MiB {peak_large}, default \
+         {peak_default}"
+    );
     assert!(peak_small <= 8 << 20, "the 8 MiB budget held: {peak_small}");
     assert_eq!(
-        peak_default,
+        peak_large,
         N << 20,
-        "without a small budget all 48 MiB go at once"
+        "with a budget larger than the load all 48 MiB go at once"
+    );
+    assert!(
+        peak_default <= curve_client::budget::VOLUME_DEFAULT && peak_default > 8 << 20,
+        "the default budget held: {peak_default}"
     );
     assert!(curve_client::budget::PROCESS.peak() <= curve_client::budget::PROCESS.total());
     rt.block_on(async {
         small.close().await.unwrap();
+        large.close().await.unwrap();
         default.close().await.unwrap();
     });
 }

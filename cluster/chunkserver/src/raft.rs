@@ -100,6 +100,21 @@ pub enum ChunkCommand {
     },
 }
 
+impl ChunkCommand {
+    /// The payload of a command that carries one.
+    pub fn data_mut(&mut self) -> Option<&mut Bytes> {
+        match self {
+            ChunkCommand::Write { data, .. }
+            | ChunkCommand::WriteOf { data, .. }
+            | ChunkCommand::WriteClone { data, .. }
+            | ChunkCommand::Fill { data, .. } => Some(data),
+            ChunkCommand::Delete { .. }
+            | ChunkCommand::DeleteSnapshots { .. }
+            | ChunkCommand::Zero { .. } => None,
+        }
+    }
+}
+
 /// Result of applying a command: a chunk status code (`curve.chunk.ChunkStatus`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct ChunkResult {

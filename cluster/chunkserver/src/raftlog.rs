@@ -54,6 +54,12 @@ const RECENT_PER_LOG: u64 = 8 << 20;
 /// The same, all logs of the process together.
 const RECENT_PER_PROCESS: u64 = 32 << 20;
 static RECENT_BYTES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+/// Payloads under this size are copied into an allocation of their own when kept: a small
+/// payload is a slice of the buffer its request arrived in (tonic's, 8 KiB at least for a 4K
+/// write; a whole AppendEntries batch of up to 4 MiB on a follower), which it would keep alive,
+/// so the bytes kept would be a fraction of the memory held. Larger ones are most of their
+/// buffer and are shared.
+const COMPACT_BELOW: usize = 64 << 10;
 
 /// The entries a log appended last, kept (their payloads shared, not copied) because the
 /// leader's replication to each follower and every replica's apply read them right after the
@@ -91,6 +97,13 @@ impl Recent {
         }
         RECENT_BYTES.fetch_add(n, Relaxed);
         self.bytes += n;
+        let mut entry = entry;
+        if let openraft::EntryPayload::Normal(cmd) = &mut entry.payload
+            && let Some(data) = cmd.data_mut()
+            && data.len() < COMPACT_BELOW
+        {
+            *data = bytes::Bytes::copy_from_slice(data);
+        }
         if let Some((_, old)) = self.entries.insert(index, (entry, n)) {
             self.bytes -= old;
             RECENT_BYTES.fetch_sub(old, Relaxed);
@@ -1056,6 +1069,48 @@ mod tests {
         assert_eq!(
             block_on(log.limited_get_log_entries(1, 100)).unwrap().len() as u64,
             n
+        );
+    }
+
+    /// A write entry whose payload is `data` (a slice of someone's buffer).
+    fn of(index: u64, data: bytes::Bytes) -> Entry<TypeConfig> {
+        let mut e = blank(index);
+        e.payload = openraft::EntryPayload::Normal(crate::raft::ChunkCommand::Write {
+            chunk_id: 1,
+            sn: 0,
+            offset: 0,
+            data,
+            epoch: 0,
+        });
+        e
+    }
+
+    #[test]
+    fn small_payloads_kept_in_memory_do_not_hold_the_buffer_they_arrived_in() {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = Disk::new(dir.path(), 64 << 20);
+        let log = disk.log(1);
+        // As a follower gets them: a 4K write and a 1 MiB one, slices of one 2 MiB request.
+        let batch = bytes::Bytes::from(vec![7u8; 2 << 20]);
+        let small = batch.slice(4096..8192);
+        let large = batch.slice(1 << 20..2 << 20);
+        write(&log, [of(1, small.clone()), of(2, large.clone())]);
+        let got = log.read(1..3).unwrap();
+        let within = |b: &bytes::Bytes| {
+            let p = b.as_ptr() as usize;
+            let base = batch.as_ptr() as usize;
+            p >= base && p < base + batch.len()
+        };
+        assert_eq!(data_of(&got[0]), small);
+        assert!(
+            !within(&data_of(&got[0])),
+            "the 4K payload was copied out of the 2 MiB buffer"
+        );
+        assert_eq!(data_of(&got[1]), large);
+        assert_eq!(
+            data_of(&got[1]).as_ptr(),
+            large.as_ptr(),
+            "the 1 MiB payload is shared"
         );
     }
 
