@@ -169,6 +169,23 @@ impl MdsClient {
         F: Fn(MdsServiceClient<Channel>) -> Fut,
         Fut: Future<Output = Result<tonic::Response<R>, tonic::Status>>,
     {
+        self.call_noting(attempt, f, &mut false).await
+    }
+
+    /// As [`call_within`](Self::call_within); `unanswered` is set when an attempt got no
+    /// answer (a timeout, a broken connection) and the call was tried again: the MDS may have
+    /// done what the first attempt asked.
+    async fn call_noting<R, F, Fut>(
+        &self,
+        attempt: Duration,
+        f: F,
+        unanswered: &mut bool,
+    ) -> Result<R, MdsError>
+    where
+        R: Reply,
+        F: Fn(MdsServiceClient<Channel>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<R>, tonic::Status>>,
+    {
         if self.addrs.is_empty() {
             return Err(MdsError::Unavailable("no MDS address".into()));
         }
@@ -211,6 +228,7 @@ impl MdsClient {
                 }
                 Err(s) => {
                     tracing::debug!(error = %s, "MDS call failed; trying the next");
+                    *unanswered = true;
                     last = s.to_string();
                     self.switch(None).await;
                 }
@@ -447,7 +465,28 @@ impl MdsClient {
             owner: owner.into(),
             ..Default::default()
         };
-        rpc!(self, delete_snapshot, "DeleteSnapshot", req).map(|_| ())
+        let key = self.key.clone();
+        let mut unanswered = false;
+        let r = self
+            .call_noting(
+                SLOW_ATTEMPT,
+                |mut c| {
+                    let req =
+                        curve_auth::user_request(key.as_deref(), "DeleteSnapshot", req.clone());
+                    async move { c.delete_snapshot(req).await }
+                },
+                &mut unanswered,
+            )
+            .await;
+        match r {
+            // An attempt that timed out (dropping a loaded cluster's chunk data takes a while)
+            // deleted it, and its retry found nothing: the deletion asked for is done.
+            Err(MdsError::Status {
+                status: MdsStatus::NotFound,
+                ..
+            }) if unanswered => Ok(()),
+            r => r.map(|_| ()),
+        }
     }
 
     /// Creates volume `path` as a clone of the snapshot `source` (`PATH@NAME`).

@@ -839,3 +839,39 @@ fn kill_9_during_copy_on_write_flatten_and_snapshot_create() {
 fn writes_before(prev: &HashMap<u64, u64>, b: u64, base: u64) -> u64 {
     prev.get(&b).copied().unwrap_or(base)
 }
+
+/// A `snapshot delete` whose first attempt gets no answer in time (every chunkserver is
+/// stopped, so the MDS waits on them to drop the snapshot's data) is tried again, finds the
+/// snapshot gone — the first attempt deleted it — and succeeds instead of answering NotFound.
+#[test]
+fn a_snapshot_delete_tried_again_after_a_timeout_succeeds() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cluster = MiniCluster::start(tmp.path(), 1, false);
+    cluster.create_volume("/v", 64 << 20);
+    let rt = runtime();
+    let v = rt.block_on(open(&cluster, "/v")).unwrap();
+    rt.block_on(v.write(0, &pattern(0, 1))).unwrap();
+    rt.block_on(v.close()).unwrap();
+    cluster.curve_ok(&["snapshot", "create", "/v", "--name", "s"]);
+    for c in &cluster.chunkservers {
+        c.daemon.as_ref().unwrap().signal(libc::SIGSTOP);
+    }
+    let t0 = Instant::now();
+    let out = cluster.curve(&["snapshot", "delete", "/v@s"]);
+    let took = t0.elapsed();
+    for c in &cluster.chunkservers {
+        c.daemon.as_ref().unwrap().signal(libc::SIGCONT);
+    }
+    assert!(
+        took >= Duration::from_secs(10),
+        "the first attempt waited on the stopped chunkservers until it timed out ({took:?})"
+    );
+    assert!(
+        out.status.success(),
+        "the delete succeeded: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let list = cluster.curve_ok(&["snapshot", "list", "/v", "--format", "json"]);
+    assert!(!list.contains("\"s\""), "the snapshot is gone: {list}");
+    cluster.curve_fails_with(&["snapshot", "delete", "/v@s"], "NotFound");
+}

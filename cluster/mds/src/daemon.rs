@@ -329,6 +329,10 @@ async fn schedule(mds: &Arc<Mds>) {
 /// Chunk operations the MDS has in flight at once (deletions, snapshot deletions, space).
 const CHUNK_OPS_IN_FLIGHT: usize = 16;
 
+/// How long one chunk operation of the MDS (a chunk's or a snapshot's data dropped) waits
+/// for a chunkserver's answer.
+const CHUNK_OP_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Sends a cluster-signed chunk operation to the leader of each chunk's copyset, a few at a
 /// time: with `live` None a DeleteChunk, else a DeleteChunkSnapshotOrCorrectSn keeping the
 /// snapshots `live`. Returns how many chunks it could not reach.
@@ -370,21 +374,28 @@ async fn one_chunk_op(
             live_sns: live.map(<[u64]>::to_vec).unwrap_or_default(),
             ..Default::default()
         };
-        let r = match live {
-            None => {
-                c.delete_chunk(curve_auth::peer_request(ring, "DeleteChunk", req))
+        let call = async {
+            match live {
+                None => {
+                    c.delete_chunk(curve_auth::peer_request(ring, "DeleteChunk", req))
+                        .await
+                }
+                Some(_) => {
+                    c.delete_chunk_snapshot_or_correct_sn(curve_auth::peer_request(
+                        ring,
+                        "DeleteChunkSnapshotOrCorrectSn",
+                        req,
+                    ))
                     .await
+                }
             }
-            Some(_) => {
-                c.delete_chunk_snapshot_or_correct_sn(curve_auth::peer_request(
-                    ring,
-                    "DeleteChunkSnapshotOrCorrectSn",
-                    req,
-                ))
-                .await
-            }
-        }
-        .map(|r| r.into_inner());
+        };
+        // A chunkserver that accepted the connection but does not answer (stopped, hung) is
+        // given up on like one that refused it: the next peer is asked.
+        let r = tokio::time::timeout(CHUNK_OP_TIMEOUT, call)
+            .await
+            .unwrap_or_else(|_| Err(tonic::Status::deadline_exceeded("no answer")))
+            .map(|r| r.into_inner());
         match r {
             Ok(r)
                 if r.status == 0
