@@ -842,7 +842,9 @@ fn writes_before(prev: &HashMap<u64, u64>, b: u64, base: u64) -> u64 {
 
 /// A `snapshot delete` whose first attempt gets no answer in time (every chunkserver is
 /// stopped, so the MDS waits on them to drop the snapshot's data) is tried again, finds the
-/// snapshot gone — the first attempt deleted it — and succeeds instead of answering NotFound.
+/// snapshot gone — the first attempt deleted it — and succeeds instead of answering NotFound;
+/// the MDS goes on dropping the snapshot's data after its caller stopped waiting, so the COW
+/// files go once the chunkservers resume.
 #[test]
 fn a_snapshot_delete_tried_again_after_a_timeout_succeeds() {
     let tmp = tempfile::tempdir().unwrap();
@@ -851,8 +853,14 @@ fn a_snapshot_delete_tried_again_after_a_timeout_succeeds() {
     let rt = runtime();
     let v = rt.block_on(open(&cluster, "/v")).unwrap();
     rt.block_on(v.write(0, &pattern(0, 1))).unwrap();
-    rt.block_on(v.close()).unwrap();
     cluster.curve_ok(&["snapshot", "create", "/v", "--name", "s"]);
+    // Written after the snapshot: the chunk keeps the snapshot's copy in a COW file.
+    rt.block_on(v.write(0, &pattern(0, 2))).unwrap();
+    rt.block_on(v.close()).unwrap();
+    assert!(
+        cow_files(tmp.path()) > 0,
+        "the write after the snapshot made a COW file"
+    );
     for c in &cluster.chunkservers {
         c.daemon.as_ref().unwrap().signal(libc::SIGSTOP);
     }
@@ -874,4 +882,13 @@ fn a_snapshot_delete_tried_again_after_a_timeout_succeeds() {
     let list = cluster.curve_ok(&["snapshot", "list", "/v", "--format", "json"]);
     assert!(!list.contains("\"s\""), "the snapshot is gone: {list}");
     cluster.curve_fails_with(&["snapshot", "delete", "/v@s"], "NotFound");
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while cow_files(tmp.path()) > 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(
+        cow_files(tmp.path()),
+        0,
+        "the snapshot's COW files dropped after the chunkservers resumed (waited 90 s)"
+    );
 }

@@ -331,7 +331,7 @@ const CHUNK_OPS_IN_FLIGHT: usize = 16;
 
 /// How long one chunk operation of the MDS (a chunk's or a snapshot's data dropped) waits
 /// for a chunkserver's answer.
-const CHUNK_OP_TIMEOUT: Duration = Duration::from_secs(5);
+const CHUNK_OP_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Sends a cluster-signed chunk operation to the leader of each chunk's copyset, a few at a
 /// time: with `live` None a DeleteChunk, else a DeleteChunkSnapshotOrCorrectSn keeping the

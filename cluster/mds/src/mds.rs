@@ -1027,7 +1027,23 @@ impl MdsService for Services {
             };
             // Every chunk drops what no live snapshot reads, on every replica (raft).
             let ring = mds.opts.auth.as_ref().map(|a| a.ring.clone());
-            let failed = crate::daemon::chunk_op(work, ring, Some(live)).await;
+            // On a task of its own: a caller that stops waiting (its attempt timed out on a
+            // loaded cluster, and its retry finds the snapshot gone) does not stop the drops.
+            let (p, n) = (path.clone(), name.clone());
+            let failed = tokio::spawn(async move {
+                let failed = crate::daemon::chunk_op(work, ring, Some(live)).await;
+                if failed > 0 {
+                    tracing::warn!(
+                        snapshot = %format!("{p}@{n}"),
+                        failed,
+                        "snapshot deleted; chunks that could not drop its data yet keep it until \
+                         the volume's next snapshot deletion"
+                    );
+                }
+                failed
+            })
+            .await
+            .unwrap_or(usize::MAX);
             if failed > 0 {
                 return Err(format!(
                     "snapshot {path}@{name} is deleted, but {failed} chunks could not drop its \
