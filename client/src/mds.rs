@@ -172,9 +172,9 @@ impl MdsClient {
         self.call_noting(attempt, f, &mut false).await
     }
 
-    /// As [`call_within`](Self::call_within); `unanswered` is set when an attempt got no
-    /// answer (a timeout, a broken connection) and the call was tried again: the MDS may have
-    /// done what the first attempt asked.
+    /// As [`call_within`](Self::call_within); `unanswered` is set when an attempt timed out
+    /// and the call was tried again: the MDS may have done what that attempt asked (a refused
+    /// connection sets nothing: that request never reached an MDS).
     async fn call_noting<R, F, Fut>(
         &self,
         attempt: Duration,
@@ -228,7 +228,7 @@ impl MdsClient {
                 }
                 Err(s) => {
                     tracing::debug!(error = %s, "MDS call failed; trying the next");
-                    *unanswered = true;
+                    *unanswered |= s.code() == tonic::Code::DeadlineExceeded;
                     last = s.to_string();
                     self.switch(None).await;
                 }
