@@ -659,15 +659,7 @@ mod tests {
 
     /// A write entry of `len` bytes of `fill`.
     fn sized(index: u64, fill: u8, len: usize) -> Entry<TypeConfig> {
-        let mut e = blank(index);
-        e.payload = openraft::EntryPayload::Normal(crate::raft::ChunkCommand::Write {
-            chunk_id: 1,
-            sn: 0,
-            offset: 0,
-            data: vec![fill; len].into(),
-            epoch: 0,
-        });
-        e
+        of(index, vec![fill; len].into())
     }
 
     fn filled(index: u64, fill: u8) -> Entry<TypeConfig> {
